@@ -1,0 +1,361 @@
+"""Step 3: read the batch job's `.jsonl.out` results and load the vectors, with each image's S3 URI as metadata,
+into an S3 Vectors index.
+
+    uv run 03_load_result_to_s3_vector_bucket.py
+
+Results are streamed (memory stays flat whatever their size) and loaded at the index's write quota. Every record
+ends loaded or in the report file with its reason. Interrupted, the step resumes where the index last confirmed.
+Exit status: 0 every record loaded; 4 some records failed or are missing (see the report); 1 an AWS error;
+2 a setting or the job-info file is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+
+import orjson
+
+import common
+import vectors
+from common import StepError, ok
+
+SETTINGS = ("AWS_REGION", "VECTOR_BUCKET", "VECTOR_INDEX", "JOB_INFO_FILE", "EXPECTED_BUCKET_OWNER")
+REQUIRED = ("VECTOR_BUCKET", "VECTOR_INDEX")
+EXIT_INCOMPLETE = 4
+CHECKPOINT_SECONDS = 2.0
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reload", action="store_true", help="load everything again, ignoring earlier progress")
+    parser.add_argument("--accept-failures", action="store_true",
+                        help="exit 0 even when some records failed (they are still reported)")
+    parser.add_argument("--report", metavar="FILE", help="where failed records go (load_report_<jobId>.jsonl)")
+    parser.add_argument("--vectors-per-second", type=float, default=2500, help="the index's write quota (2500)")
+    parser.add_argument("--requests-per-second", type=float, default=1000, help="the index's request quota (1000)")
+    parser.add_argument("--threads", type=int, default=4, help="PutVectors requests in flight (4)")
+    parser.add_argument("--verbose", action="store_true", help="print every batch")
+    common.add_settings(parser, SETTINGS)
+    args = parser.parse_args(argv)
+    if args.vectors_per_second <= 0 or args.requests_per_second <= 0 or args.threads < 1:
+        parser.error("--vectors-per-second, --requests-per-second and --threads must be positive")
+    return args
+
+
+def ensure_index(s3vectors, bucket: str, index: str, dimension: int) -> None:
+    """Create the vector bucket and index when missing; refuse an index of another dimension."""
+    try:
+        s3vectors.get_vector_bucket(vectorBucketName=bucket)
+    except s3vectors.exceptions.NotFoundException:
+        print(f"Creating vector bucket {bucket}")
+        try:
+            s3vectors.create_vector_bucket(vectorBucketName=bucket)
+        except s3vectors.exceptions.ConflictException:
+            pass  # created meanwhile
+    try:
+        existing = s3vectors.get_index(vectorBucketName=bucket, indexName=index)["index"]
+    except s3vectors.exceptions.NotFoundException:
+        print(f"Creating index {index} (float32, {dimension} dimensions, cosine)")
+        try:
+            s3vectors.create_index(vectorBucketName=bucket, indexName=index, dataType="float32",
+                                   dimension=dimension, distanceMetric="cosine")
+        except s3vectors.exceptions.ConflictException:
+            pass
+        return
+    if existing["dimension"] != dimension:
+        raise StepError(
+            f"index {index} in {bucket} holds {existing['dimension']}-dimension vectors but the job produced "
+            f"{dimension} — use another VECTOR_INDEX or EMBEDDING_DIMENSION={existing['dimension']}",
+            common.EXIT_USAGE,
+        )
+
+
+def source_uri_of(record: dict) -> str | None:
+    try:
+        return record["modelInput"]["singleEmbeddingParams"]["image"]["source"]["s3Location"]["uri"]
+    except (KeyError, TypeError):
+        return None
+
+
+class Loader:
+    """Turns result lines into PutVectors batches and keeps the account of every record."""
+
+    def __init__(self, job: dict, job_id: str, dimension: int, batcher: vectors.Batcher, report, start: dict):
+        self.job_id = job_id
+        self.dimension = dimension
+        self.batcher = batcher
+        self.report = report
+        self.counts = dict(start.get("counts") or {"total": 0, "success": 0, "error": 0, "inserted": 0})
+
+    def mark(self, file_key: str, offset: int, done: bool = False) -> dict:
+        self.report.flush()
+        return {"file": file_key, "offset": offset, "done": done, "counts": dict(self.counts),
+                "report_bytes": self.report.tell()}
+
+    def fail(self, record_id, uri, code, message, file_key, offset) -> None:
+        self.counts["error"] += 1
+        self.report.write(orjson.dumps({"recordId": record_id, "source_uri": uri, "error_code": code,
+                                        "error_message": message, "file": file_key, "offset": offset}) + b"\n")
+
+    def line(self, raw: bytes, file_key: str, offset: int) -> vectors.Batch | None:
+        """Account for one output line; returns a batch when this line closed one."""
+        if not raw.strip():
+            return None
+        self.counts["total"] += 1
+        try:
+            record = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            self.fail(None, None, "MalformedLine", f"not JSON: {exc}", file_key, offset)
+            return None
+        if not isinstance(record, dict):
+            self.fail(None, None, "MalformedLine", "not a JSON object", file_key, offset)
+            return None
+        record_id, uri = record.get("recordId"), source_uri_of(record)
+        if "error" in record:
+            err = record["error"] if isinstance(record["error"], dict) else {"errorMessage": str(record["error"])}
+            self.fail(record_id, uri, err.get("errorCode", "Error"), err.get("errorMessage", ""), file_key, offset)
+            return None
+        try:
+            embedding = record["modelOutput"]["embeddings"][0]["embedding"]
+            if uri is None:
+                raise KeyError("modelInput image s3Location uri")
+            part = vectors.encode_vector(common.vector_key(uri), embedding, self.dimension,
+                                         {"source_uri": uri, "job_id": self.job_id})
+        except (KeyError, IndexError, TypeError) as exc:
+            self.fail(record_id, uri, "MalformedLine", f"no {exc} in the record", file_key, offset)
+            return None
+        except vectors.VectorError as exc:
+            self.fail(record_id, uri, "InvalidEmbedding", str(exc), file_key, offset)
+            return None
+        self.counts["success"] += 1
+        return self.batcher.add(part, self.mark(file_key, offset))
+
+
+class Checkpoint:
+    """Where the index has confirmed every record up to: batches complete out of order, the mark moves in order."""
+
+    def __init__(self, info: dict, job: dict, path: Path):
+        self.info, self.job, self.path = info, job, path
+        self.done: dict[int, dict] = {}
+        self.next_seq = 0
+        self.inserted = job.get("load", {}).get("counts", {}).get("inserted", 0)
+        self.lock = threading.Lock()
+        self.saved_at = time.monotonic()
+        self.state = dict(job.get("load") or {"files": {}})
+
+    def confirm(self, batch: vectors.Batch) -> None:
+        with self.lock:
+            self.done[batch.seq] = batch
+            while self.next_seq in self.done:
+                confirmed = self.done.pop(self.next_seq)
+                self.next_seq += 1
+                self.inserted += confirmed.count
+                mark = confirmed.mark
+                files = self.state.setdefault("files", {})
+                files[mark["file"]] = {"offset": mark["offset"], "done": mark["done"]}
+                self.state["counts"] = dict(mark["counts"], inserted=self.inserted)
+                self.state["report_bytes"] = mark["report_bytes"]
+
+    def save(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self.saved_at < CHECKPOINT_SECONDS:
+            return
+        with self.lock:
+            self.job["load"] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.state.items()}
+            self.job["load"]["files"] = {k: dict(v) for k, v in self.state.get("files", {}).items()}
+        common.save_job_info(self.path, self.info)
+        self.saved_at = time.monotonic()
+
+
+class Progress:
+    def __init__(self, expected: int, tty: bool):
+        self.expected, self.tty = max(expected, 1), tty
+        self.started = time.monotonic()
+        self.step = 100 if expected <= 2000 else max(100, round(expected / 20, -2))
+        self.next_line = self.step
+
+    def update(self, processed: int, inserted: int) -> None:
+        if self.tty:
+            done = min(1.0, processed / self.expected)
+            rate = inserted / max(time.monotonic() - self.started, 1e-9)
+            bar = "#" * int(done * 30)
+            print(f"\r[{bar:<30}] {done:6.1%} {processed}/{self.expected} records, {inserted} inserted, "
+                  f"{rate:,.0f} vectors/s", end="", flush=True)
+        elif processed >= self.next_line:
+            print(f"Processed {processed} records...")
+            self.next_line = (processed // self.step + 1) * self.step
+
+    def close(self) -> None:
+        if self.tty:
+            print()
+
+
+def output_files(s3, bucket: str, prefix: str, owner: str) -> list[dict]:
+    return [o for o in common.list_objects(s3, bucket, prefix, owner) if o["Key"].endswith(".jsonl.out")]
+
+
+def read_manifest(s3, bucket: str, key: str, owner: str) -> dict | None:
+    try:
+        return orjson.loads(s3.get_object(Bucket=bucket, Key=key, ExpectedBucketOwner=owner)["Body"].read())
+    except s3.exceptions.NoSuchKey:
+        return None
+    except orjson.JSONDecodeError:
+        return None
+
+
+def run(argv) -> int:
+    args = parse_args(argv)
+    config = common.load_config(args, REQUIRED)
+    common.banner("Bedrock Batch Inference - Load Results to Vector Bucket")
+    info = common.load_job_info(config.job_info_file)
+    config = common.in_job_region(config, info)
+    print(f"Loaded job info from {config.job_info_file}")
+    jobs = common.submitted_jobs(info)
+    if not jobs:
+        raise StepError(f"{config.job_info_file} holds no submitted job — run 01_create_job.py again")
+    job = jobs[0]
+    job_id = common.job_id_from_arn(job["job_arn"])
+    print(f"Job Name: {job['job_name']}")
+    print(f"Job ARN: {job['job_arn']}")
+    print(f"Job ID: {job_id}")
+    result_bucket, result_prefix = common.parse_s3_uri(job["output_s3_uri"])
+    print(f"Batch Result Bucket: {result_bucket}")
+
+    bedrock = common.make_client("bedrock", config)
+    s3 = common.make_client("s3", config)
+    s3v = common.make_client("s3vectors", config, max_attempts=4, max_pool_connections=args.threads + 2)
+    owner = common.bucket_owner(config, info["account_id"])
+
+    status = bedrock.get_model_invocation_job(jobIdentifier=job["job_arn"])["status"]
+    if status not in common.TERMINAL_STATUSES:
+        raise StepError(f"job {job['job_name']} is still {status} — wait for it with 02_monitor_job.py --wait",
+                        common.EXIT_USAGE)
+    if status not in common.LOADABLE_STATUSES:
+        raise StepError(f"job {job['job_name']} ended {status}; it produced nothing to load — see 02_monitor_job.py")
+
+    job_prefix = f"{result_prefix}{job_id}/"
+    print(f"Listing output files from {common.s3_uri(result_bucket, job_prefix)}")
+    files = output_files(s3, result_bucket, job_prefix, owner)
+    ok(f"Found {len(files)} output files")
+    if not files:
+        raise StepError(f"no .jsonl.out under {common.s3_uri(result_bucket, job_prefix)} — is RESULT_PREFIX right?")
+
+    dimension = int(job.get("embedding_dimension", config.embedding_dimension))
+    ensure_index(s3v, config.vector_bucket, config.vector_index, dimension)
+
+    if args.reload:
+        job.pop("load", None)
+    state = job.get("load") or {}
+    report_path = Path(args.report or f"load_report_{job_id}.jsonl")
+    report = open(report_path, "r+b" if state and report_path.exists() else "wb")
+    report.truncate(state.get("report_bytes", 0))
+    report.seek(0, 2)
+    if state:
+        print(f"Resuming: {state.get('counts', {}).get('inserted', 0)} vectors already confirmed")
+
+    checkpoint = Checkpoint(info, job, config.job_info_file)
+    limiter = vectors.RateLimiter(args.vectors_per_second, args.requests_per_second)
+    batcher = vectors.Batcher(config.vector_bucket, config.vector_index)
+    loader = Loader(job, job_id, dimension, batcher, report, state)
+    progress = Progress(int(job.get("record_count") or 0), sys.stdout.isatty())
+
+    def on_done(batch: vectors.Batch) -> None:
+        checkpoint.confirm(batch)
+        if args.verbose and batch.count:
+            print(f"✓ Batch {batch.seq + 1}: Inserted {batch.count} vectors")
+
+    print("Inserting vectors to S3 Vectors...")
+    print(f"Vector Bucket: {config.vector_bucket}")
+    print(f"Index Name: {config.vector_index}")
+    print(f"Batch Size: up to {vectors.MAX_VECTORS_PER_PUT} vectors / 20 MiB per request, "
+          f"paced to {args.vectors_per_second:g} vectors/s")
+    sender = vectors.PutVectorsSender(s3v, limiter, threads=args.threads, on_done=on_done)
+    started = time.monotonic()
+    try:
+        for obj in files:
+            key = obj["Key"]
+            done = state.get("files", {}).get(key, {})
+            if done.get("done"):
+                print(f"Already loaded: {key}")
+                continue
+            offset = done.get("offset", 0)
+            name = key.rsplit("/", 1)[-1]
+            print(f"Processing {name}..." + (f" (from byte {offset})" if offset else ""))
+            extra = {"Range": f"bytes={offset}-"} if offset else {}
+            body = s3.get_object(Bucket=result_bucket, Key=key, ExpectedBucketOwner=owner, **extra)["Body"]
+            for raw, end in vectors.read_lines(body, offset):
+                batch = loader.line(raw, key, end)
+                if batch is not None:
+                    sender.submit(batch)
+                    checkpoint.save()
+                progress.update(loader.counts["total"], checkpoint.inserted)
+            sender.submit(batcher.flush(loader.mark(key, obj["Size"], done=True), allow_empty=True))
+            ok(f"Processed {name}")
+        sender.close()
+    except BaseException:
+        # Whatever stopped the load, keep what the index confirmed so the next run resumes there.
+        checkpoint.save(force=True)
+        report.close()
+        raise
+    progress.close()
+    checkpoint.save(force=True)
+    report.close()
+    elapsed = time.monotonic() - started
+    counts = dict(checkpoint.state.get("counts", loader.counts))
+    ok(f"Total vectors inserted: {counts['inserted']} in {elapsed:.1f}s "
+       f"({sender.stats['requests']} requests, {sender.stats['throttled']} throttled)")
+    return summarize(s3, result_bucket, job_prefix, owner, counts, report_path, config, args)
+
+
+def errors_by_code(report_path: Path) -> dict[str, int]:
+    tally: dict[str, int] = {}
+    with open(report_path, "rb") as fh:
+        for line in fh:
+            code = str(orjson.loads(line).get("error_code"))
+            tally[code] = tally.get(code, 0) + 1
+    return tally
+
+
+def summarize(s3, bucket, job_prefix, owner, counts, report_path, config, args) -> int:
+    manifest = read_manifest(s3, bucket, f"{job_prefix}manifest.json.out", owner)
+    common.banner("Summary")
+    print(f"Total Records Processed: {counts['total']}")
+    print(f"Successful: {counts['success']}")
+    print(f"Errors: {counts['error']}")
+    print(f"Vectors Inserted: {counts['inserted']}")
+    print(f"Vector Bucket: {config.vector_bucket}")
+    print(f"Index Name: {config.vector_index}")
+    problems = []
+    if counts["error"]:
+        by_code = ", ".join(f"{code}: {n}" for code, n in sorted(errors_by_code(report_path).items()))
+        problems.append(f"{counts['error']} record(s) failed" + (f" ({by_code})" if by_code else "")
+                        + f" — listed in {report_path}")
+    if manifest is None:
+        print("(manifest.json.out not found: counts not cross-checked)")
+    else:
+        expected = manifest.get("totalRecordCount")
+        if expected is not None and expected != counts["total"]:
+            problems.append(f"manifest.json.out counts {expected} records but the output holds {counts['total']}")
+        else:
+            ok("Counts match manifest.json.out")
+    print(common.RULE)
+    if not problems:
+        report_path.unlink(missing_ok=True)
+        ok("Results loaded successfully!")
+        print("You can now query the vector bucket.")
+        return common.EXIT_OK
+    for problem in problems:
+        print(f"! {problem}")
+    return common.EXIT_OK if args.accept_failures else EXIT_INCOMPLETE
+
+
+def main(argv: list[str] | None = None) -> int:
+    return common.run_main(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

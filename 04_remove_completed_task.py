@@ -1,0 +1,103 @@
+"""Step 4: remove the run's manifests (local and in S3) and the local job file, so nothing is processed twice.
+
+    uv run 04_remove_completed_task.py [--force]
+
+Only what 01_create_job.py created is removed; results in the result bucket and load reports are kept.
+Refuses while the job has not ended, or while its results are not loaded yet, unless --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import common
+from common import StepError, ok
+
+SETTINGS = ("AWS_REGION", "JOB_INFO_FILE", "EXPECTED_BUCKET_OWNER")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--force", action="store_true", help="clean up even if the job runs or is not loaded")
+    common.add_settings(parser, SETTINGS)
+    return parser.parse_args(argv)
+
+
+def loaded(job: dict) -> bool:
+    files = job.get("load", {}).get("files", {})
+    return bool(files) and all(f.get("done") for f in files.values())
+
+
+def check_can_remove(bedrock, job: dict) -> None:
+    status = bedrock.get_model_invocation_job(jobIdentifier=job["job_arn"])["status"]
+    if status not in common.TERMINAL_STATUSES:
+        raise StepError(f"job {job['job_name']} is still {status} — wait for it (02_monitor_job.py --wait) "
+                        "or pass --force")
+    if status in common.LOADABLE_STATUSES and not loaded(job):
+        raise StepError(f"the results of job {job['job_name']} are not loaded yet — run "
+                        "03_load_result_to_s3_vector_bucket.py first, or pass --force")
+
+
+def run(argv) -> int:
+    args = parse_args(argv)
+    config = common.load_config(args)
+    common.banner("Bedrock Batch Inference - Remove Completed Task Files")
+    info = common.load_job_info(config.job_info_file)
+    config = common.in_job_region(config, info)
+    print(f"Loaded job info from {config.job_info_file}")
+    jobs = info["jobs"]
+    for job in jobs:
+        print(f"Job Name: {job['job_name']}")
+        if job.get("job_arn"):
+            print(f"Job ID: {common.job_id_from_arn(job['job_arn'])}")
+    s3 = common.make_client("s3", config)
+    if not args.force:
+        bedrock = common.make_client("bedrock", config)
+        for job in common.submitted_jobs(info):
+            check_can_remove(bedrock, job)
+    owner = common.bucket_owner(config, info["account_id"])
+    bucket = info["source_bucket"]
+
+    print(f"Removing S3 JSONL files from {common.s3_uri(bucket, info.get('source_prefix', ''))}...")
+    removed_s3 = 0
+    for job in jobs:
+        key = job["manifest_s3_key"]
+        if not common.is_own_manifest(key):
+            raise StepError(f"{config.job_info_file} names {key}, which this tool did not create — not deleting it")
+        if common.object_exists(s3, bucket, key, owner):
+            common.delete_object(s3, bucket, key, owner)
+            ok(f"Deleted: {common.s3_uri(bucket, key)}")
+            removed_s3 += 1
+    if not removed_s3:
+        print("(No S3 JSONL files left to remove)")
+
+    print("Removing local files...")
+    removed_local = 0
+    for job in jobs:
+        local = Path(job.get("manifest_local_path", ""))
+        if job.get("manifest_local_path") and common.is_own_manifest(local.name) and local.exists():
+            local.unlink()
+            ok(f"Deleted: {local.name}")
+            removed_local += 1
+    config.job_info_file.unlink()  # last: until here a re-run can finish the clean-up
+    ok(f"Deleted: {config.job_info_file}")
+    removed_local += 1
+
+    common.banner("Cleanup Summary")
+    print(f"Local files removed: {removed_local}")
+    print(f"S3 JSONL files removed: {removed_s3}")
+    print(common.RULE)
+    ok("Cleanup completed successfully!")
+    print("Task files have been removed from local and S3.")
+    return common.EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    return common.run_main(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

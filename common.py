@@ -1,0 +1,443 @@
+"""Shared vocabulary of the four steps: configuration, AWS clients, the job-info file, S3 helpers, console output.
+
+Every function here takes what it works on as arguments (a client, a config, a path); nothing runs at import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Iterator
+
+APP_NAME = "bedrock-batch-image-embeddings"
+APP_VERSION = "0.1.0"
+RULE = "=" * 70
+
+# Exit codes shared by the steps (02 adds its own for job outcomes).
+EXIT_OK = 0
+EXIT_ERROR = 1  # an AWS call or the data failed
+EXIT_USAGE = 2  # a setting, flag or local file is wrong
+EXIT_INTERRUPTED = 130
+
+TERMINAL_STATUSES = frozenset({"Completed", "PartiallyCompleted", "Failed", "Stopped", "Expired"})
+# Statuses whose output folder holds results worth loading.
+LOADABLE_STATUSES = frozenset({"Completed", "PartiallyCompleted", "Stopped"})
+
+DIMENSIONS = (256, 384, 1024, 3072)
+EMBEDDING_PURPOSES = (
+    "GENERIC_INDEX",
+    "GENERIC_RETRIEVAL",
+    "TEXT_RETRIEVAL",
+    "IMAGE_RETRIEVAL",
+    "VIDEO_RETRIEVAL",
+    "DOCUMENT_RETRIEVAL",
+    "AUDIO_RETRIEVAL",
+    "CLASSIFICATION",
+    "CLUSTERING",
+)
+IMAGE_FORMATS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".gif": "gif", ".webp": "webp"}
+MAX_IMAGE_BYTES = 50 * 1000 * 1000  # the model's 50 MB image limit
+MIN_RECORDS_PER_JOB = 100
+MANIFEST_PREFIX = "batch_input_"
+MANIFEST_SUFFIX = ".jsonl"
+
+# Bedrock's patterns, from botocore's service model (see ../shared/aws-facts.md).
+S3_URI_RE = re.compile(r"s3://[a-z0-9][-.a-z0-9]{1,61}[a-z0-9](?:/[-!_*'().a-z0-9A-Z]+)*/?")
+ROLE_ARN_RE = re.compile(r"arn:aws(-[^:]+)?:iam::([0-9]{12})?:role/.+")
+BUCKET_RE = re.compile(r"[a-z0-9][-.a-z0-9]{1,61}[a-z0-9]")
+VECTOR_NAME_RE = re.compile(r"[a-z0-9][-.a-z0-9]{1,61}[a-z0-9]")
+ACCOUNT_RE = re.compile(r"[0-9]{12}")
+
+
+class StepError(Exception):
+    """An expected failure: printed as one line by `run_main`, never as a traceback."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class ConfigError(StepError):
+    def __init__(self, message: str):
+        super().__init__(message, EXIT_USAGE)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    flag: str
+    help: str
+    default: str | None = None
+
+
+SETTINGS = {
+    s.env: s
+    for s in (
+        Setting("AWS_REGION", "--region", "AWS region", "us-east-1"),
+        Setting("SOURCE_BUCKET", "--source-bucket", "bucket that holds the images"),
+        Setting("SOURCE_PREFIX", "--source-prefix", "folder of the images, like 2024/ (empty: whole bucket)", ""),
+        Setting("RESULT_BUCKET", "--result-bucket", "bucket Bedrock writes results to"),
+        Setting("RESULT_PREFIX", "--result-prefix", "folder Bedrock writes results to", "output/"),
+        Setting("VECTOR_BUCKET", "--vector-bucket", "S3 Vectors bucket"),
+        Setting("VECTOR_INDEX", "--vector-index", "S3 Vectors index"),
+        Setting("ROLE_ARN", "--role-arn", "Bedrock service role (bash iam/setup_service_role.sh)"),
+        Setting("MODEL_ID", "--model-id", "embedding model", "amazon.nova-2-multimodal-embeddings-v1:0"),
+        Setting("EMBEDDING_DIMENSION", "--dimension", "256, 384, 1024 or 3072", "3072"),
+        Setting("EMBEDDING_PURPOSE", "--purpose", "embeddingPurpose of the stored vectors", "GENERIC_INDEX"),
+        Setting("JOB_INFO_FILE", "--job-info-file", "state file between the steps", "batch_job_info.json"),
+        Setting("EXPECTED_BUCKET_OWNER", "--bucket-owner", "account that must own the buckets (default: yours)"),
+        Setting("OUTPUT_KMS_KEY_ID", "--output-kms-key-id", "KMS key that encrypts the job's output"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    region: str = "us-east-1"
+    source_bucket: str | None = None
+    source_prefix: str = ""
+    result_bucket: str | None = None
+    result_prefix: str = "output/"
+    vector_bucket: str | None = None
+    vector_index: str | None = None
+    role_arn: str | None = None
+    model_id: str = "amazon.nova-2-multimodal-embeddings-v1:0"
+    embedding_dimension: int = 3072
+    embedding_purpose: str = "GENERIC_INDEX"
+    job_info_file: Path = Path("batch_job_info.json")
+    expected_bucket_owner: str | None = None
+    output_kms_key_id: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _attr(env: str) -> str:
+    return {"AWS_REGION": "region", "EXPECTED_BUCKET_OWNER": "expected_bucket_owner"}.get(env, env.lower())
+
+
+def add_settings(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
+    """Add a command-line flag for each named setting; a flag wins over the environment and `.env`."""
+    group = parser.add_argument_group("settings (flag > environment > .env)")
+    for name in names:
+        s = SETTINGS[name]
+        default = f" (default: {s.default})" if s.default else ""
+        group.add_argument(s.flag, dest=_attr(name), metavar=name, help=f"{s.help}{default}")
+
+
+def normalize_prefix(prefix: str) -> str:
+    prefix = prefix.strip().lstrip("/")
+    return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+def load_config(args: argparse.Namespace, required: Iterable[str] = (), env: dict | None = None) -> Config:
+    """Read the settings: flags, then the environment, then `.env` in the current folder.
+
+    Every missing or invalid setting is reported at once, in one ConfigError.
+    """
+    if env is None:
+        from dotenv import load_dotenv
+
+        load_dotenv(Path.cwd() / ".env", override=False)  # the environment wins over .env
+        env = os.environ
+    raw: dict[str, str | None] = {}
+    for name, s in SETTINGS.items():
+        value = getattr(args, _attr(name), None)
+        if value is None:
+            value = env.get(name) or None
+        if name == "AWS_REGION" and value is None:
+            value = env.get("AWS_DEFAULT_REGION") or None
+        raw[name] = value if value is not None else s.default
+    problems = [f"{name} is not set" for name in required if not raw.get(name)]
+    problems += _invalid(raw)
+    if problems:
+        hint = "set them in .env (see .env.example), the environment or by flag"
+        raise ConfigError("; ".join(problems) + f" — {hint}")
+    return Config(
+        region=raw["AWS_REGION"],
+        source_bucket=raw["SOURCE_BUCKET"],
+        source_prefix=normalize_prefix(raw["SOURCE_PREFIX"] or ""),
+        result_bucket=raw["RESULT_BUCKET"],
+        result_prefix=normalize_prefix(raw["RESULT_PREFIX"] or ""),
+        vector_bucket=raw["VECTOR_BUCKET"],
+        vector_index=raw["VECTOR_INDEX"],
+        role_arn=raw["ROLE_ARN"],
+        model_id=raw["MODEL_ID"],
+        embedding_dimension=int(raw["EMBEDDING_DIMENSION"]),
+        embedding_purpose=raw["EMBEDDING_PURPOSE"],
+        job_info_file=Path(raw["JOB_INFO_FILE"]),
+        expected_bucket_owner=raw["EXPECTED_BUCKET_OWNER"],
+        output_kms_key_id=raw["OUTPUT_KMS_KEY_ID"],
+    )
+
+
+def _invalid(raw: dict[str, str | None]) -> list[str]:
+    problems = []
+    for name in ("SOURCE_BUCKET", "RESULT_BUCKET"):
+        if raw[name] and not BUCKET_RE.fullmatch(raw[name]):
+            problems.append(f"{name}={raw[name]!r} is not a valid S3 bucket name")
+    for name in ("VECTOR_BUCKET", "VECTOR_INDEX"):
+        if raw[name] and not VECTOR_NAME_RE.fullmatch(raw[name]):
+            problems.append(f"{name}={raw[name]!r} must be 3-63 lowercase letters, digits, '-' or '.'")
+    if raw["ROLE_ARN"] and not ROLE_ARN_RE.fullmatch(raw["ROLE_ARN"]):
+        problems.append(f"ROLE_ARN={raw['ROLE_ARN']!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
+    if raw["EMBEDDING_DIMENSION"] not in {str(d) for d in DIMENSIONS}:
+        problems.append(f"EMBEDDING_DIMENSION={raw['EMBEDDING_DIMENSION']!r} must be one of 256, 384, 1024, 3072")
+    if raw["EMBEDDING_PURPOSE"] not in EMBEDDING_PURPOSES:
+        problems.append(f"EMBEDDING_PURPOSE={raw['EMBEDDING_PURPOSE']!r} must be one of {', '.join(EMBEDDING_PURPOSES)}")
+    if raw["EXPECTED_BUCKET_OWNER"] and not ACCOUNT_RE.fullmatch(raw["EXPECTED_BUCKET_OWNER"]):
+        problems.append(f"EXPECTED_BUCKET_OWNER={raw['EXPECTED_BUCKET_OWNER']!r} must be a 12-digit account id")
+    if not raw["AWS_REGION"] or not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d", raw["AWS_REGION"]):
+        problems.append(f"AWS_REGION={raw['AWS_REGION']!r} is not a region name like us-east-1")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Clients and errors
+# --------------------------------------------------------------------------------------------------------------
+
+
+def make_client(service: str, config: Config, *, max_attempts: int = 10, max_pool_connections: int = 10):
+    """A boto3 client for `service` in the configured region.
+
+    No endpoint_url: the standard AWS_ENDPOINT_URL_<SERVICE> variables route clients to other endpoints.
+    """
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    return boto3.session.Session().client(
+        service,
+        region_name=config.region,
+        config=BotoConfig(
+            retries={"mode": "standard", "max_attempts": max_attempts},
+            user_agent_extra=f"{APP_NAME}/{APP_VERSION}",
+            max_pool_connections=max_pool_connections,
+        ),
+    )
+
+
+def error_code(exc: Exception) -> str:
+    return exc.response.get("Error", {}).get("Code", "")  # type: ignore[attr-defined]
+
+
+def describe_aws_error(exc: Exception) -> str:
+    """One line for an AWS error: `Code: message (operation)` plus what to do for the common ones."""
+    from botocore.exceptions import ClientError
+
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code, message = err.get("Code", "Error"), err.get("Message", str(exc))
+        op = getattr(exc, "operation_name", "")
+        hint = {
+            "AccessDenied": "check the caller's IAM policy (bash iam/setup_service_role.sh --user-policy)",
+            "AccessDeniedException": "check the caller's IAM policy (bash iam/setup_service_role.sh --user-policy)",
+            "NoSuchBucket": "check the bucket settings in .env",
+            "ExpiredToken": "refresh your AWS credentials and run the step again",
+            "ExpiredTokenException": "refresh your AWS credentials and run the step again",
+        }.get(code)
+        return f"{code}: {message} ({op})" + (f" — {hint}" if hint else "")
+    return f"{type(exc).__name__}: {exc}"
+
+
+def run_main(body, argv: list[str] | None) -> int:
+    """Run a step's body and turn expected failures into one line on stderr and an exit code."""
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    try:
+        return body(argv)
+    except StepError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except NoCredentialsError:
+        print("error: no AWS credentials found — configure them (aws configure, AWS_PROFILE or env)", file=sys.stderr)
+        return EXIT_ERROR
+    except (ClientError, BotoCoreError) as exc:
+        print(f"error: {describe_aws_error(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("\ninterrupted — nothing half-written was kept; run the step again to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def caller_account(sts) -> str:
+    return sts.get_caller_identity()["Account"]
+
+
+def bucket_owner(config: Config, account: str) -> str:
+    return config.expected_bucket_owner or account
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Console
+# --------------------------------------------------------------------------------------------------------------
+
+
+def banner(title: str) -> None:
+    print(RULE)
+    print(title)
+    print(RULE)
+
+
+def ok(message: str) -> None:
+    print(f"✓ {message}")
+
+
+def timestamp(now: datetime | None = None) -> str:
+    return (now or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Files: atomic writes, the job-info file
+# --------------------------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write a file through a temporary sibling and a rename, so a reader never sees half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write(path, lambda fh: fh.write((json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()))
+
+
+def save_job_info(path: Path, info: dict) -> None:
+    write_json(path, info)
+
+
+def load_job_info(path: Path) -> dict:
+    """Read `batch_job_info.json`; a missing or malformed file is a StepError that says what to do."""
+    path = Path(path)
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StepError(f"{path} not found — run 01_create_job.py first", EXIT_USAGE) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StepError(f"{path} is not valid JSON ({exc}) — fix it or run 01_create_job.py again", EXIT_USAGE) from None
+    problems = _job_info_problems(info)
+    if problems:
+        raise StepError(f"{path} is malformed: {problems} — fix it or run 01_create_job.py again", EXIT_USAGE)
+    return info
+
+
+def _job_info_problems(info) -> str:
+    if not isinstance(info, dict):
+        return "not a JSON object"
+    jobs = info.get("jobs")
+    if not isinstance(jobs, list) or not jobs:
+        return "no 'jobs' list"
+    for i, job in enumerate(jobs):
+        if not isinstance(job, dict):
+            return f"jobs[{i}] is not an object"
+        missing = [k for k in ("job_name", "manifest_s3_key", "input_s3_uri", "output_s3_uri") if not job.get(k)]
+        if missing:
+            return f"jobs[{i}] lacks {', '.join(missing)}"
+    for key in ("region", "source_bucket", "result_bucket", "account_id"):
+        if not isinstance(info.get(key), str):
+            return f"'{key}' missing"
+    return ""
+
+
+def in_job_region(config: Config, info: dict) -> Config:
+    """The config with the region the jobs were created in: later steps must talk to that region."""
+    return dataclasses.replace(config, region=info["region"])
+
+
+def submitted_jobs(info: dict) -> list[dict]:
+    return [job for job in info["jobs"] if job.get("job_arn")]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# S3
+# --------------------------------------------------------------------------------------------------------------
+
+
+def s3_uri(bucket: str, key: str = "") -> str:
+    return f"s3://{bucket}/{key}"
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri}")
+    bucket, _, key = uri[5:].partition("/")
+    return bucket, key
+
+
+def list_objects(s3, bucket: str, prefix: str, owner: str) -> Iterator[dict]:
+    """Every object under `prefix`, sub-folders included, one page at a time."""
+    paginator = s3.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix, ExpectedBucketOwner=owner):
+        yield from page.get("Contents", [])
+
+
+def object_exists(s3, bucket: str, key: str, owner: str) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        s3.head_object(Bucket=bucket, Key=key, ExpectedBucketOwner=owner)
+        return True
+    except ClientError as exc:
+        if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise
+
+
+def delete_object(s3, bucket: str, key: str, owner: str) -> None:
+    s3.delete_object(Bucket=bucket, Key=key, ExpectedBucketOwner=owner)
+
+
+def is_own_manifest(key: str) -> bool:
+    name = key.rsplit("/", 1)[-1]
+    return name.startswith(MANIFEST_PREFIX) and name.endswith(MANIFEST_SUFFIX)
+
+
+def vector_key(source_uri: str) -> str:
+    """The vector key (and batch recordId) of an image: stable for its S3 URI, so loading twice overwrites."""
+    return hashlib.sha256(source_uri.encode("utf-8")).hexdigest()[:32]
+
+
+def job_id_from_arn(job_arn: str) -> str:
+    return job_arn.rsplit("/", 1)[-1]
+
+
+def image_request(uri: str, fmt: str, owner: str, dimension: int, purpose: str) -> dict:
+    """The Nova Multimodal Embeddings request body for an image in S3 (a batch record's modelInput)."""
+    return {
+        "taskType": "SINGLE_EMBEDDING",
+        "singleEmbeddingParams": {
+            "embeddingPurpose": purpose,
+            "embeddingDimension": dimension,
+            "image": {"format": fmt, "source": {"s3Location": {"uri": uri, "bucketOwner": owner}}},
+        },
+    }
+
+
+def image_record(uri: str, fmt: str, owner: str, dimension: int, purpose: str) -> dict:
+    """One line of the batch manifest; the recordId is the image's vector key, so results join back to it."""
+    return {"recordId": vector_key(uri), "modelInput": image_request(uri, fmt, owner, dimension, purpose)}

@@ -1,0 +1,385 @@
+#!/usr/bin/env bash
+#
+# Create or update the IAM service role that Amazon Bedrock assumes to run the batch
+# inference job (article, section 3.2), or print the policy the person running the
+# numbered scripts needs (section 3.3), or delete the role.
+#
+# The policies are the JSON templates beside this script; ${NAME} placeholders in them are
+# filled from the settings and the account that `aws sts get-caller-identity` reports.
+set -euo pipefail
+
+SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
+readonly SCRIPT_DIR
+readonly ENV_FILE=".env"
+readonly SERVICE_PRINCIPAL="bedrock.amazonaws.com"
+# The only names read from .env; anything else in the file is ignored, nothing is executed.
+readonly SETTINGS=(AWS_REGION AWS_DEFAULT_REGION AWS_PROFILE SOURCE_BUCKET SOURCE_PREFIX RESULT_BUCKET
+  RESULT_PREFIX VECTOR_BUCKET VECTOR_INDEX MODEL_ID ROLE_NAME OUTPUT_KMS_KEY_ID EXPECTED_BUCKET_OWNER)
+
+usage() {
+  cat <<'EOF'
+Usage: bash iam/setup_service_role.sh [--user-policy | --delete | --help]
+
+Creates the IAM role Amazon Bedrock assumes to run the batch inference job, or updates it
+when it exists (trust policy and inline permissions policy are rewritten each run):
+  trust        bedrock.amazonaws.com, only for model-invocation-job/* of this account and region
+  permissions  s3:ListBucket + s3:GetObject on s3://SOURCE_BUCKET/SOURCE_PREFIX,
+               s3:ListBucket + s3:PutObject on s3://RESULT_BUCKET/RESULT_PREFIX,
+               kms:Decrypt + kms:GenerateDataKey on OUTPUT_KMS_KEY_ID when it is set
+At the end it prints the role ARN to put into ROLE_ARN in .env.
+
+Options:
+  --user-policy  print (JSON only, to stdout) the least-privilege policy the identity that
+                 runs the numbered scripts needs; changes nothing
+  --delete       delete the role and its inline policy (succeeds if they are already gone)
+  -h, --help     show this help
+
+Settings come from the environment and from ./.env in the current directory (run from the
+project root, like the numbered scripts); a variable set in the environment wins over .env.
+.env lines are KEY=VALUE, optionally with `export`, quotes and # comments; only the names
+below are read from it and nothing in it is executed.
+  AWS_REGION         default AWS_DEFAULT_REGION, then us-east-1
+  SOURCE_BUCKET      required (role, --user-policy)
+  SOURCE_PREFIX      e.g. 2024/ (a missing trailing / is added); empty means the whole bucket
+  RESULT_BUCKET      required (role, --user-policy)
+  RESULT_PREFIX      default output/
+  VECTOR_BUCKET      required (--user-policy)
+  VECTOR_INDEX       required (--user-policy)
+  MODEL_ID           default amazon.nova-2-multimodal-embeddings-v1:0
+  ROLE_NAME          default BedrockBatchInferenceRole
+  OUTPUT_KMS_KEY_ID  optional KMS key id or key ARN that encrypts the job's output
+  EXPECTED_BUCKET_OWNER  optional account that owns the buckets (default: the caller's);
+                     the S3 statements allow only buckets of that account (aws:ResourceAccount)
+  AWS_PROFILE        optional, passed on to the AWS CLI
+The AWS CLI must be on PATH (`uv run bash iam/setup_service_role.sh` provides it), and so
+must python3 (used to fill in the policy templates).
+EOF
+}
+
+die() {
+  printf 'error: %s\n' "$*" >&2
+  exit 1
+}
+
+warn() {
+  printf 'warning: %s\n' "$*" >&2
+}
+
+banner() {
+  echo "=========================================="
+  echo "$1"
+  echo "=========================================="
+}
+
+is_setting() {
+  local name
+  for name in "${SETTINGS[@]}"; do
+    [[ "$name" == "$1" ]] && return 0
+  done
+  return 1
+}
+
+# Read KEY=VALUE lines of a .env file into the settings that the environment does not set.
+load_dotenv() {
+  local file="$1" line key value lineno=0
+  local assignment='^([A-Za-z_][A-Za-z0-9_]*)[[:space:]]*=[[:space:]]*(.*)$'
+  local double_quoted='^"(.*)"[[:space:]]*(#.*)?$'
+  local single_quoted="^'(.*)'[[:space:]]*(#.*)?\$"
+  [[ -f "$file" ]] || return 0
+  while IFS= read -r line || [[ -n "$line" ]]; do
+    lineno=$((lineno + 1))
+    line="${line%$'\r'}"
+    line="${line#"${line%%[![:space:]]*}"}"
+    [[ -z "$line" || "$line" == \#* ]] && continue
+    if [[ "$line" =~ ^export[[:space:]]+(.*)$ ]]; then
+      line="${BASH_REMATCH[1]}"
+    fi
+    if [[ ! "$line" =~ $assignment ]]; then
+      warn "$file line $lineno ignored: not KEY=VALUE"
+      continue
+    fi
+    key="${BASH_REMATCH[1]}"
+    value="${BASH_REMATCH[2]}"
+    if [[ "$value" =~ $double_quoted || "$value" =~ $single_quoted ]]; then
+      value="${BASH_REMATCH[1]}"
+    else
+      value="${value%%[[:space:]]#*}"
+      value="${value%"${value##*[![:space:]]}"}"
+    fi
+    is_setting "$key" || continue
+    [[ -n "${!key+set}" ]] && continue # the environment wins
+    printf -v "$key" '%s' "$value"
+    if [[ "$key" == AWS_PROFILE ]]; then
+      export AWS_PROFILE
+    fi
+  done <"$file"
+}
+
+require_settings() {
+  local name missing=()
+  for name in "$@"; do
+    [[ -n "${!name:-}" ]] || missing+=("$name")
+  done
+  if ((${#missing[@]} > 0)); then
+    die "missing setting: ${missing[*]} (set it in ./${ENV_FILE} or the environment; see --help)"
+  fi
+}
+
+# folder PREFIX: the prefix as the numbered scripts use it (common.normalize_prefix): no
+# surrounding blanks, no leading /, a trailing / unless empty.
+folder() {
+  local prefix="$1"
+  prefix="${prefix#"${prefix%%[![:space:]]*}"}"
+  prefix="${prefix%"${prefix##*[![:space:]]}"}"
+  while [[ "$prefix" == /* ]]; do
+    prefix="${prefix#/}"
+  done
+  if [[ -n "$prefix" && "$prefix" != */ ]]; then
+    prefix="$prefix/"
+  fi
+  printf '%s' "$prefix"
+}
+
+# check NAME REGEX WHAT: the setting NAME must match REGEX
+check() {
+  local name="$1" regex="$2" what="$3"
+  [[ "${!name}" =~ $regex ]] || die "$name='${!name}' is not $what"
+}
+
+# validate_settings MODE: the settings MODE uses must be well formed
+validate_settings() {
+  check AWS_REGION '^[a-z]{2}(-[a-z]+)+-[0-9]+$' "an AWS region name"
+  check ROLE_NAME '^[A-Za-z0-9+=,.@_-]{1,64}$' "a valid IAM role name"
+  [[ "$1" != delete ]] || return 0
+  local bucket='^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$'
+  # Letters, digits and -!_'(). in folder names (the batch job's s3Uri rule); no * or ?, which
+  # would be wildcards in the policy.
+  local prefix="^([A-Za-z0-9!_.'()-]+/)*[A-Za-z0-9!_.'()-]*\$"
+  local name
+  for name in SOURCE_BUCKET RESULT_BUCKET; do
+    [[ -z "${!name}" ]] || check "$name" "$bucket" "a valid S3 bucket name"
+  done
+  for name in SOURCE_PREFIX RESULT_PREFIX; do
+    check "$name" "$prefix" "an S3 folder prefix like 2024/ (letters, digits, -!_'(). and /)"
+  done
+  [[ -z "$VECTOR_BUCKET" ]] || check VECTOR_BUCKET '^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$' "a valid vector bucket name"
+  [[ -z "$VECTOR_INDEX" ]] || check VECTOR_INDEX '^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$' "a valid vector index name"
+  check MODEL_ID '^[A-Za-z0-9][A-Za-z0-9._:-]*$' "a Bedrock model id"
+  [[ -z "$EXPECTED_BUCKET_OWNER" ]] || check EXPECTED_BUCKET_OWNER '^[0-9]{12}$' "a 12-digit AWS account id"
+  if [[ -n "$OUTPUT_KMS_KEY_ID" ]]; then
+    check OUTPUT_KMS_KEY_ID '^(arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:key/)?(mrk-)?[0-9a-f-]{32,36}$' \
+      "a KMS key id or key ARN (an alias cannot name a key in an IAM policy)"
+  fi
+}
+
+AWS_ERR=""
+
+# run_aws ARGS...: the AWS CLI in the configured region; its stderr is kept in $AWS_ERR
+run_aws() {
+  aws --region "$AWS_REGION" "$@" 2>"$AWS_ERR"
+}
+
+# The CLI's error message on one line.
+aws_error() {
+  tr -s '\n' ' ' <"$AWS_ERR" | sed -e 's/^ *//' -e 's/ *$//'
+}
+
+aws_error_is() {
+  grep -q "($1)" "$AWS_ERR"
+}
+
+# Sets ACCOUNT_ID and PARTITION from the caller's identity.
+find_account() {
+  local identity caller_arn
+  if ! identity="$(run_aws sts get-caller-identity --query '[Account, Arn]' --output text)"; then
+    die "cannot find the AWS account (aws sts get-caller-identity): $(aws_error)"
+  fi
+  read -r ACCOUNT_ID caller_arn <<<"$identity"
+  [[ "$ACCOUNT_ID" =~ ^[0-9]{12}$ ]] || die "unexpected answer from aws sts get-caller-identity: $identity"
+  PARTITION="${caller_arn#arn:}"
+  PARTITION="${PARTITION%%:*}"
+}
+
+# render TEMPLATE [EXTRA_STATEMENT_TEMPLATE]: print the policy with its placeholders filled in.
+# Values are JSON-escaped; an unknown placeholder is an error. An empty prefix means the whole
+# bucket, so an s3:prefix condition listing "" is dropped rather than kept as "" or "*" (a
+# ListObjectsV2 without Prefix carries no s3:prefix, which no StringLike would match).
+render() {
+  local kms_key_arn="$OUTPUT_KMS_KEY_ID"
+  if [[ -n "$kms_key_arn" && "$kms_key_arn" != arn:* ]]; then
+    kms_key_arn="arn:${PARTITION}:kms:${AWS_REGION}:${ACCOUNT_ID}:key/${kms_key_arn}"
+  fi
+  python3 - "$1" "${2:-}" \
+    "ACCOUNT_ID=$ACCOUNT_ID" "PARTITION=$PARTITION" "REGION=$AWS_REGION" \
+    "BUCKET_OWNER=${EXPECTED_BUCKET_OWNER:-$ACCOUNT_ID}" \
+    "SOURCE_BUCKET=$SOURCE_BUCKET" "SOURCE_PREFIX=$SOURCE_PREFIX" \
+    "RESULT_BUCKET=$RESULT_BUCKET" "RESULT_PREFIX=$RESULT_PREFIX" \
+    "VECTOR_BUCKET=$VECTOR_BUCKET" "VECTOR_INDEX=$VECTOR_INDEX" \
+    "MODEL_ID=$MODEL_ID" "ROLE_NAME=$ROLE_NAME" "KMS_KEY_ARN=$kms_key_arn" <<'PY'
+import json
+import re
+import sys
+
+template, extra, *pairs = sys.argv[1:]
+values = dict(pair.split("=", 1) for pair in pairs)
+
+
+def load(path):
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+
+    def fill(match):
+        name = match.group(1)
+        if name not in values:
+            sys.exit(f"error: {path}: no value for placeholder ${{{name}}}")
+        return json.dumps(values[name])[1:-1]
+
+    return json.loads(re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", fill, text))
+
+
+policy = load(template)
+if extra:
+    policy["Statement"].append(load(extra))
+for statement in policy["Statement"]:
+    conditions = statement.get("Condition", {})
+    for operator in list(conditions):
+        prefixes = conditions[operator].get("s3:prefix")
+        if prefixes is not None and "" in ([prefixes] if isinstance(prefixes, str) else prefixes):
+            del conditions[operator]["s3:prefix"]
+            if not conditions[operator]:
+                del conditions[operator]
+    if "Condition" in statement and not statement["Condition"]:
+        del statement["Condition"]
+json.dump(policy, sys.stdout, indent=2)
+print()
+PY
+}
+
+create_or_update_role() {
+  local policy_name="$1" trust permissions created role_arn kms_template=""
+  [[ -z "$OUTPUT_KMS_KEY_ID" ]] || kms_template="$SCRIPT_DIR/service-role-kms-statement.json"
+
+  banner "Creating Bedrock Batch Inference Role"
+  echo "Step 1: Creating trust policy..."
+  trust="$(render "$SCRIPT_DIR/trust-policy.json")"
+  permissions="$(render "$SCRIPT_DIR/service-role-policy.json" "$kms_template")"
+  echo "✓ Trust policy: $SERVICE_PRINCIPAL, for batch jobs of account $ACCOUNT_ID in $AWS_REGION only"
+
+  echo "Step 2: Creating IAM role: $ROLE_NAME"
+  if created="$(run_aws iam create-role --role-name "$ROLE_NAME" --output json \
+    --description "Assumed by Amazon Bedrock to run batch inference jobs (iam/setup_service_role.sh)" \
+    --assume-role-policy-document "$trust")"; then
+    printf '%s\n' "$created"
+    echo "✓ Role created successfully"
+  elif aws_error_is EntityAlreadyExists; then
+    echo "Role $ROLE_NAME already exists: updating its trust policy"
+    run_aws iam update-assume-role-policy --role-name "$ROLE_NAME" --policy-document "$trust" ||
+      die "updating the trust policy of $ROLE_NAME failed: $(aws_error)"
+    echo "✓ Trust policy updated"
+  else
+    die "creating role $ROLE_NAME failed: $(aws_error)"
+  fi
+
+  echo "Step 3: Attaching permissions policy..."
+  run_aws iam put-role-policy --role-name "$ROLE_NAME" --policy-name "$policy_name" \
+    --policy-document "$permissions" ||
+    die "putting policy $policy_name on role $ROLE_NAME failed: $(aws_error)"
+  echo "✓ Permissions policy attached successfully ($policy_name)"
+  echo "  read  s3://$SOURCE_BUCKET/$SOURCE_PREFIX"
+  echo "  write s3://$RESULT_BUCKET/$RESULT_PREFIX"
+  [[ -z "$OUTPUT_KMS_KEY_ID" ]] || echo "  use KMS key $OUTPUT_KMS_KEY_ID for the output"
+
+  echo "Step 4: Verifying role setup..."
+  role_arn="$(run_aws iam get-role --role-name "$ROLE_NAME" --query Role.Arn --output text)" ||
+    die "reading role $ROLE_NAME back failed: $(aws_error)"
+  echo "✓ Role ARN: $role_arn"
+
+  banner "✓ Setup Complete!"
+  echo "Role Name: $ROLE_NAME"
+  echo "Role ARN: $role_arn"
+  echo
+  echo "Next: put the role ARN into .env so that 01_create_job.py passes it to Bedrock:"
+  echo "  ROLE_ARN=$role_arn"
+  echo "If the identity that runs the scripts is not an administrator, give it the caller policy:"
+  echo "  bash iam/setup_service_role.sh --user-policy > caller-policy.json"
+}
+
+delete_role() {
+  local policy_name="$1"
+  banner "Deleting Bedrock Batch Inference Role"
+  if run_aws iam delete-role-policy --role-name "$ROLE_NAME" --policy-name "$policy_name"; then
+    echo "✓ Deleted inline policy $policy_name"
+  elif aws_error_is NoSuchEntity; then
+    echo "✓ Inline policy $policy_name is already gone"
+  else
+    die "deleting policy $policy_name of role $ROLE_NAME failed: $(aws_error)"
+  fi
+  if run_aws iam delete-role --role-name "$ROLE_NAME"; then
+    echo "✓ Deleted role $ROLE_NAME"
+  elif aws_error_is NoSuchEntity; then
+    echo "✓ Role $ROLE_NAME is already gone"
+  else
+    die "deleting role $ROLE_NAME failed: $(aws_error)"
+  fi
+  echo "Remove ROLE_ARN from .env."
+}
+
+main() {
+  local mode=create
+  while (($# > 0)); do
+    case "$1" in
+      --user-policy) mode=user-policy ;;
+      --delete) mode=delete ;;
+      -h | --help)
+        usage
+        return 0
+        ;;
+      *)
+        printf 'error: unknown argument: %s (see --help)\n' "$1" >&2
+        return 2
+        ;;
+    esac
+    shift
+  done
+
+  load_dotenv "$ENV_FILE"
+  AWS_REGION="${AWS_REGION:-${AWS_DEFAULT_REGION:-us-east-1}}"
+  SOURCE_BUCKET="${SOURCE_BUCKET:-}"
+  SOURCE_PREFIX="$(folder "${SOURCE_PREFIX:-}")"
+  RESULT_BUCKET="${RESULT_BUCKET:-}"
+  RESULT_PREFIX="$(folder "${RESULT_PREFIX:-output/}")"
+  VECTOR_BUCKET="${VECTOR_BUCKET:-}"
+  VECTOR_INDEX="${VECTOR_INDEX:-}"
+  MODEL_ID="${MODEL_ID:-amazon.nova-2-multimodal-embeddings-v1:0}"
+  ROLE_NAME="${ROLE_NAME:-BedrockBatchInferenceRole}"
+  OUTPUT_KMS_KEY_ID="${OUTPUT_KMS_KEY_ID:-}"
+  EXPECTED_BUCKET_OWNER="${EXPECTED_BUCKET_OWNER:-}"
+  local policy_name="${ROLE_NAME}Permissions"
+
+  case "$mode" in
+    create) require_settings SOURCE_BUCKET RESULT_BUCKET ;;
+    user-policy) require_settings SOURCE_BUCKET RESULT_BUCKET VECTOR_BUCKET VECTOR_INDEX ;;
+  esac
+  validate_settings "$mode"
+  command -v aws >/dev/null || die "the AWS CLI (aws) is not on PATH; run: uv run bash iam/setup_service_role.sh"
+  command -v python3 >/dev/null || die "python3 is not on PATH (it fills in the policy templates)"
+
+  AWS_ERR="$(mktemp)"
+  trap 'rm -f "$AWS_ERR"' EXIT
+
+  case "$mode" in
+    delete) delete_role "$policy_name" ;;
+    user-policy)
+      find_account
+      local kms_template=""
+      [[ -z "$OUTPUT_KMS_KEY_ID" ]] || kms_template="$SCRIPT_DIR/caller-kms-statement.json"
+      render "$SCRIPT_DIR/caller-policy.json" "$kms_template"
+      ;;
+    create)
+      find_account
+      create_or_update_role "$policy_name"
+      ;;
+  esac
+}
+
+main "$@"

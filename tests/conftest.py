@@ -1,0 +1,145 @@
+"""Fixtures: the local stand-ins, a fresh set of buckets per test, and a way to run a step as a process."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import pytest
+
+from tests import sample_images
+from tests.standins import stack as standins
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = {
+    1: "01_create_job.py",
+    2: "02_monitor_job.py",
+    3: "03_load_result_to_s3_vector_bucket.py",
+    4: "04_remove_completed_task.py",
+}
+_names = itertools.count(1)
+
+
+def import_step(number: int):
+    """A numbered script as a module (its name starts with a digit, so `import` cannot name it)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(STEPS[number][:-3])
+
+
+@pytest.fixture(scope="session")
+def stack():
+    running = standins.start(bedrock_options={"step_seconds": 0.02})
+    yield running
+    running.stop()
+
+
+@dataclass
+class World:
+    """One test's AWS world: its own buckets on the shared stand-ins, and a working folder for the steps."""
+
+    stack: standins.Stack
+    cwd: Path
+    env: dict[str, str]
+    source_bucket: str
+    result_bucket: str
+    vector_bucket: str
+    vector_index: str
+    role_arn: str
+
+    def client(self, service: str):
+        return boto3.client(service, region_name=standins.REGION, endpoint_url=self.endpoint(service),
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def endpoint(self, service: str) -> str:
+        return self.env["AWS_ENDPOINT_URL_" + service.upper().replace("-", "_")]
+
+    def put_images(self, keys, prefix: str = "") -> list[str]:
+        s3 = self.client("s3")
+        for seed, key in enumerate(keys):
+            s3.put_object(Bucket=self.source_bucket, Key=prefix + key, Body=sample_images.for_key(key, seed))
+        return [f"s3://{self.source_bucket}/{prefix}{key}" for key in keys]
+
+    def step(self, number: int, *args: str, input: str | None = None, env: dict | None = None,
+             timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run a numbered script as its own process, as a user would (`uv run 0N_....py`)."""
+        return subprocess.run(
+            [sys.executable, str(ROOT / STEPS[number]), *args],
+            cwd=self.cwd, env={**self.env, **(env or {})}, input=input, capture_output=True, text=True,
+            timeout=timeout,
+        )
+
+    def emulator(self, path: str, payload: dict | None = None):
+        url = self.stack.bedrock_url + path
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(url, data=data, method="GET" if data is None else "POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request) as response:
+            return json.loads(response.read() or b"null")
+
+    def job_info(self) -> dict:
+        return json.loads((self.cwd / "batch_job_info.json").read_text())
+
+
+def make_role(iam, name: str, source_bucket: str, result_bucket: str) -> str:
+    """A Bedrock service role that may read the source bucket and write the result bucket."""
+    trust = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Principal": {"Service": "bedrock.amazonaws.com"},
+                       "Action": "sts:AssumeRole"}],
+    }
+    arn = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"],
+             "Resource": [f"arn:aws:s3:::{source_bucket}", f"arn:aws:s3:::{source_bucket}/*"]},
+            {"Effect": "Allow", "Action": ["s3:PutObject", "s3:ListBucket"],
+             "Resource": [f"arn:aws:s3:::{result_bucket}", f"arn:aws:s3:::{result_bucket}/*"]},
+        ],
+    }
+    iam.put_role_policy(RoleName=name, PolicyName="batch-access", PolicyDocument=json.dumps(policy))
+    return arn
+
+
+@pytest.fixture
+def world(stack, tmp_path) -> World:
+    n = next(_names)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(stack.env)
+    w = World(
+        stack=stack,
+        cwd=tmp_path,
+        env=env,
+        source_bucket=f"source-{n}",
+        result_bucket=f"result-{n}",
+        vector_bucket=f"vectors-{n}",
+        vector_index=f"images-{n}",
+        role_arn="",
+    )
+    s3 = w.client("s3")
+    s3.create_bucket(Bucket=w.source_bucket)
+    s3.create_bucket(Bucket=w.result_bucket)
+    w.role_arn = make_role(w.client("iam"), f"BedrockBatchRole{n}", w.source_bucket, w.result_bucket)
+    env.update(
+        SOURCE_BUCKET=w.source_bucket,
+        SOURCE_PREFIX="2024/",
+        RESULT_BUCKET=w.result_bucket,
+        RESULT_PREFIX="output/",
+        VECTOR_BUCKET=w.vector_bucket,
+        VECTOR_INDEX=w.vector_index,
+        ROLE_ARN=w.role_arn,
+        EMBEDDING_DIMENSION="256",
+        PYTHONIOENCODING="utf-8",
+    )
+    w.emulator("/_emulator/config", {"step_seconds": 0.02, "fail_keys_regex": None, "drop_keys_regex": None,
+                                     "final_status": None})
+    return w

@@ -1,0 +1,102 @@
+"""Run the whole flow on this machine, against the local stand-ins, with generated sample images.
+
+    uv run python -m tests.local_run [--images 150] [--workdir DIR] [--serve]
+
+Starts moto (S3, STS, IAM), the Bedrock batch emulator and the S3 Vectors stand-in, creates the buckets, the
+service role (with iam/setup_service_role.sh) and the images, writes a `.env` in the work folder, and runs the
+four steps there in order, as separate processes, exactly as a user runs them. No AWS account is needed.
+With --serve it then keeps the stand-ins running and prints the variables that point a shell at them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests import sample_images
+from tests.standins import stack as standins
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = [
+    ["01_create_job.py"],
+    ["02_monitor_job.py", "--wait", "--interval", "1"],
+    ["03_load_result_to_s3_vector_bucket.py"],
+    ["04_remove_completed_task.py"],
+]
+FOLDERS = ["", "beach/", "city/night/", "城市/"]
+SUFFIXES = [".jpg", ".png", ".jpeg", ".PNG", ".gif", ".webp"]
+
+
+def setup(running: standins.Stack, workdir: Path, images: int) -> dict[str, str]:
+    import boto3
+
+    env = {**os.environ, **running.env}
+    settings = {
+        "SOURCE_BUCKET": "nova-mme-demo-source-image",
+        "SOURCE_PREFIX": "2024/",
+        "RESULT_BUCKET": "nova-mme-demo-batch-result",
+        "RESULT_PREFIX": "output/",
+        "VECTOR_BUCKET": "my-nova-mme-demo-01",
+        "VECTOR_INDEX": "my-image-index",
+        "EMBEDDING_DIMENSION": "1024",
+    }
+    s3 = boto3.client("s3", region_name=standins.REGION, endpoint_url=running.moto_url,
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3.create_bucket(Bucket=settings["SOURCE_BUCKET"])
+    s3.create_bucket(Bucket=settings["RESULT_BUCKET"])
+    for i in range(images):
+        key = f"{settings['SOURCE_PREFIX']}{FOLDERS[i % len(FOLDERS)]}image-{i:04d}{SUFFIXES[i % len(SUFFIXES)]}"
+        s3.put_object(Bucket=settings["SOURCE_BUCKET"], Key=key, Body=sample_images.for_key(key, i))
+    print(f"Created {images} sample images under s3://{settings['SOURCE_BUCKET']}/{settings['SOURCE_PREFIX']}")
+
+    role = subprocess.run(["bash", str(ROOT / "iam" / "setup_service_role.sh")], cwd=workdir,
+                          env={**env, **settings}, capture_output=True, text=True)
+    print(role.stdout, end="")
+    if role.returncode != 0:
+        sys.exit(f"iam/setup_service_role.sh failed: {role.stderr.strip()}")
+    account = "123456789012"
+    settings["ROLE_ARN"] = f"arn:aws:iam::{account}:role/BedrockBatchInferenceRole"
+    (workdir / ".env").write_text("".join(f"{k}={v}\n" for k, v in settings.items()), encoding="utf-8")
+    print(f"Wrote {workdir / '.env'}")
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=150, help="how many sample images (150)")
+    parser.add_argument("--workdir", type=Path, help="folder for .env and the steps' files (a new temp folder)")
+    parser.add_argument("--serve", action="store_true", help="keep the stand-ins running afterwards")
+    args = parser.parse_args(argv)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bedrock-batch-local-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    running = standins.start(bedrock_options={"step_seconds": 0.5})
+    try:
+        env = setup(running, workdir, args.images)
+        for step in STEPS:
+            print(f"\n$ uv run {' '.join(step)}", flush=True)
+            code = subprocess.run([sys.executable, str(ROOT / step[0]), *step[1:]], cwd=workdir, env=env).returncode
+            if code != 0:
+                print(f"{step[0]} exited {code}")
+                return code
+        print(f"\nAll four steps ran against the local stand-ins. Work folder: {workdir}")
+        if args.serve:
+            print("Stand-ins running; point a shell at them with:")
+            for key, value in running.env.items():
+                print(f"export {key}={value}")
+            print("Ctrl-C to stop.")
+            while True:
+                time.sleep(3600)
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        running.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

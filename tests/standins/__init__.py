@@ -1,0 +1,38 @@
+"""Local stand-ins for the AWS services the suite calls.
+
+moto (server mode) answers S3, STS and IAM. moto has no Bedrock batch jobs and its S3 Vectors lacks the service's
+limits and QueryVectors, so this package carries emulators for those, built from ../shared/aws-facts.md and
+botocore's service models. Each emulator is a WSGI app; `serve` runs one on a loopback port in a thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from werkzeug.serving import WSGIRequestHandler, make_server
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_request(self, *args, **kwargs) -> None:  # no access log on the console
+        pass
+
+
+@dataclass
+class Served:
+    url: str
+    stop: Callable[[], None]
+
+
+def serve(app, host: str = "127.0.0.1", port: int = 0) -> Served:
+    """Run a WSGI app on a loopback port in a daemon thread; returns its URL and a stop function."""
+    server = make_server(host, port, app, threaded=True, request_handler=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        server.shutdown()
+        thread.join()
+
+    return Served(url=f"http://{host}:{server.server_port}", stop=stop)

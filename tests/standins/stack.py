@@ -1,0 +1,74 @@
+"""All the local stand-ins at once: moto (S3, STS, IAM), the Bedrock emulator, the S3 Vectors stand-in.
+
+`start()` runs them in this process and returns the environment that points boto3 and the AWS CLI at them
+through the standard AWS_ENDPOINT_URL_<SERVICE> variables, the way the scripts are pointed at them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import logging
+
+from moto.server import ThreadedMotoServer
+
+from . import bedrock, s3vectors, serve
+
+ACCOUNT_ID = "123456789012"  # moto's default account
+REGION = "us-east-1"
+
+
+@dataclass
+class Stack:
+    moto_url: str
+    bedrock_url: str
+    s3vectors_url: str
+    env: dict[str, str]
+    _stops: list[Callable[[], None]] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for stop in reversed(self._stops):
+            stop()
+
+
+def aws_env(moto_url: str, bedrock_url: str, s3vectors_url: str) -> dict[str, str]:
+    """Credentials and endpoints for a process that should reach the stand-ins only."""
+    return {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_REGION": REGION,
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_ENDPOINT_URL": moto_url,
+        "AWS_ENDPOINT_URL_S3": moto_url,
+        "AWS_ENDPOINT_URL_STS": moto_url,
+        "AWS_ENDPOINT_URL_IAM": moto_url,
+        "AWS_ENDPOINT_URL_BEDROCK": bedrock_url,
+        "AWS_ENDPOINT_URL_BEDROCK_RUNTIME": bedrock_url,
+        "AWS_ENDPOINT_URL_S3VECTORS": s3vectors_url,
+    }
+
+
+def start(bedrock_options: dict | None = None, s3vectors_options: dict | None = None) -> Stack:
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log from moto's server
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    host, port = moto.get_host_and_port()
+    moto_url = f"http://{host}:{port}"
+    emulator = serve(
+        bedrock.make_app(s3_endpoint_url=moto_url, iam_endpoint_url=moto_url, region=REGION, account_id=ACCOUNT_ID,
+                         options=bedrock_options)
+    )
+    vectors = serve(s3vectors.make_app(region=REGION, account_id=ACCOUNT_ID, options=s3vectors_options))
+    return Stack(
+        moto_url=moto_url,
+        bedrock_url=emulator.url,
+        s3vectors_url=vectors.url,
+        env=aws_env(moto_url, emulator.url, vectors.url),
+        _stops=[moto.stop, emulator.stop, vectors.stop],
+    )

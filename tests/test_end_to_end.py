@@ -1,0 +1,93 @@
+"""The four steps of the article, as separate processes, in order, against the local stand-ins."""
+
+from __future__ import annotations
+
+import json
+
+import common
+
+NESTED = [f"01/img_{i:03d}.jpg" for i in range(40)] + [f"02/deep/er/photo-{i}.PNG" for i in range(40)] + [
+    f"root-{i}.jpeg" for i in range(25)
+]
+TRICKY = [
+    "tricky/with space.jpg",
+    "tricky/中文图片.png",
+    "tricky/a+b=c.gif",
+    "tricky/it's (1) & more.webp",
+    "tricky/UPPER.JPG",
+]
+
+
+def all_vectors(s3v, bucket: str, index: str) -> dict[str, dict]:
+    found, token = {}, None
+    while True:
+        page = s3v.list_vectors(vectorBucketName=bucket, indexName=index, returnMetadata=True,
+                                **({"nextToken": token} if token else {}))
+        found.update({v["key"]: v.get("metadata", {}) for v in page["vectors"]})
+        token = page.get("nextToken")
+        if not token:
+            return found
+
+
+def test_four_steps_end_to_end(world):
+    s3 = world.client("s3")
+    good = world.put_images(NESTED + TRICKY, prefix="2024/")
+    s3.put_object(Bucket=world.source_bucket, Key="2024/notes.txt", Body=b"not an image")
+    s3.put_object(Bucket=world.source_bucket, Key="2024/01/empty.png", Body=b"")
+    s3.put_object(Bucket=world.source_bucket, Key="2024/01/not-really.jpg", Body=b"plain text, not a jpeg")
+    s3.put_object(Bucket=world.source_bucket, Key="2024/batch_input_20240101-000000.jsonl", Body=b"{}\n")
+    s3.put_object(Bucket=world.source_bucket, Key="elsewhere/x.png", Body=b"\x89PNG outside the prefix")
+    broken_uri = f"s3://{world.source_bucket}/2024/01/not-really.jpg"
+
+    created = world.step(1)
+    assert created.returncode == 0, created.stderr
+    out = created.stdout
+    assert "Bedrock Batch Inference - Create Job" in out
+    assert f"✓ Found {len(good) + 1} images" in out  # the fake .jpg is listed by extension; Bedrock rejects it
+    assert "not an image: 1" in out and "empty: 1" in out
+    assert "Deleted: 2024/batch_input_20240101-000000.jsonl" in out
+    assert "✓ Batch job created successfully!" in out and "Next steps:" in out
+    info = world.job_info()
+    job = info["jobs"][0]
+    assert job["record_count"] == len(good) + 1
+    assert job["input_s3_uri"] == f"s3://{world.source_bucket}/2024/"
+    assert job["output_s3_uri"] == f"s3://{world.result_bucket}/output/"
+    manifest = s3.get_object(Bucket=world.source_bucket, Key=job["manifest_s3_key"])["Body"].read().decode()
+    uris = [json.loads(line)["modelInput"]["singleEmbeddingParams"]["image"]["source"]["s3Location"]["uri"]
+            for line in manifest.splitlines()]
+    assert sorted(uris) == sorted(good + [broken_uri])
+    listed = [o["Key"] for o in s3.list_objects_v2(Bucket=world.source_bucket, Prefix="2024/")["Contents"]]
+    assert [k for k in listed if k.endswith(".jsonl")] == [job["manifest_s3_key"]]
+
+    monitored = world.step(2, "--wait", "--interval", "0.1", "--timeout", "60")
+    assert monitored.returncode == 0, monitored.stdout + monitored.stderr
+    assert ">>> STATUS: Completed <<<" in monitored.stdout
+    assert f"Total Records: {len(good) + 1}" in monitored.stdout
+    assert "Error Records: 1" in monitored.stdout
+    assert "✓ Job completed successfully!" in monitored.stdout
+    assert not common.object_exists(s3, world.source_bucket, job["manifest_s3_key"], "123456789012")
+
+    loaded = world.step(3)
+    assert loaded.returncode == 4, loaded.stdout + loaded.stderr  # one record failed: reported, not dropped
+    assert f"Total Records Processed: {len(good) + 1}" in loaded.stdout
+    assert f"Successful: {len(good)}" in loaded.stdout
+    assert f"Vectors Inserted: {len(good)}" in loaded.stdout
+    assert "✓ Counts match manifest.json.out" in loaded.stdout
+    report = [json.loads(line) for line in (world.cwd / f"load_report_{job['job_id']}.jsonl").read_text().splitlines()]
+    assert [r["source_uri"] for r in report] == [broken_uri]
+    assert report[0]["recordId"] == common.vector_key(broken_uri)
+
+    index = all_vectors(world.client("s3vectors"), world.vector_bucket, world.vector_index)
+    assert index == {common.vector_key(uri): {"source_uri": uri, "job_id": job["job_id"]} for uri in good}
+
+    again = world.step(3, "--reload")  # loading twice overwrites, never duplicates
+    assert again.returncode == 4
+    assert all_vectors(world.client("s3vectors"), world.vector_bucket, world.vector_index) == index
+
+    cleaned = world.step(4)
+    assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
+    assert "✓ Cleanup completed successfully!" in cleaned.stdout
+    assert not (world.cwd / "batch_job_info.json").exists()
+    assert not list(world.cwd.glob("batch_input_*.jsonl"))
+    assert (world.cwd / f"load_report_{job['job_id']}.jsonl").exists()  # the account of failures is kept
+    assert common.object_exists(s3, world.source_bucket, "2024/notes.txt", "123456789012")
