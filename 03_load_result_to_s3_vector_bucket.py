@@ -273,7 +273,8 @@ def run(argv) -> int:
     print(f"Index Name: {config.vector_index}")
     print(f"Batch Size: up to {vectors.MAX_VECTORS_PER_PUT} vectors / 20 MiB per request, "
           f"paced to {args.vectors_per_second:g} vectors/s")
-    sender = vectors.PutVectorsSender(s3v, limiter, threads=args.threads, on_done=on_done)
+    sender = vectors.PutVectorsSender(s3v, config.vector_bucket, config.vector_index, limiter,
+                                      threads=args.threads, on_done=on_done)
     started = time.monotonic()
     try:
         for obj in files:

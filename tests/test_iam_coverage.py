@@ -1,0 +1,76 @@
+"""The IAM of iam/setup_service_role.sh covers exactly what the steps and the batch job do.
+
+The four steps run end to end with every botocore call recorded (tests/record_calls); each call must be allowed by
+the caller policy `--user-policy` prints. The job runs as the role the script created, and every S3 access the
+Bedrock emulator makes on the job's behalf must be allowed by that role's policy.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from tests.conftest import ROOT
+from tests.iam_check import is_allowed, required_permission
+
+ACCOUNT = "123456789012"
+
+
+def setup_script(world, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / "iam" / "setup_service_role.sh"), *args], cwd=world.cwd,
+                          env=world.env, capture_output=True, text=True, timeout=120)
+
+
+def test_caller_and_role_policies_cover_every_call_of_the_four_steps(world):
+    world.env["ROLE_NAME"] = f"Role-{world.source_bucket}"
+    created = setup_script(world)
+    assert created.returncode == 0, created.stderr
+    world.env["ROLE_ARN"] = f"arn:aws:iam::{ACCOUNT}:role/{world.env['ROLE_NAME']}"
+    caller_policy = json.loads(setup_script(world, "--user-policy").stdout)
+
+    world.put_images([f"a/img-{i}.png" for i in range(110)], prefix="2024/")
+    calls = world.cwd / "calls.jsonl"
+    world.env.update(PYTHONPATH=str(ROOT / "tests" / "record_calls"), RECORD_AWS_CALLS=str(calls))
+    for step, args in ((1, ()), (2, ("--wait", "--interval", "0.05", "--timeout", "60")), (3, ()), (4, ())):
+        result = world.step(step, *args)
+        assert result.returncode == 0, (step, result.stdout, result.stderr)
+
+    recorded = [json.loads(line) for line in calls.read_text().splitlines()]
+    operations = {(c["service"], c["operation"]) for c in recorded}
+    assert {("sts", "GetCallerIdentity"), ("s3", "ListObjectsV2"), ("s3", "PutObject"),
+            ("bedrock", "CreateModelInvocationJob"), ("bedrock", "GetModelInvocationJob"), ("s3", "GetObject"),
+            ("s3vectors", "CreateIndex"), ("s3vectors", "PutVectors"), ("s3", "DeleteObject")} <= operations
+    denied = []
+    for call in recorded:
+        for action, resource, context in required_permission(call["service"], call["operation"], call["params"],
+                                                             account=ACCOUNT, region="us-east-1"):
+            if not is_allowed(caller_policy, action, resource, context):
+                denied.append((call["operation"], action, resource, context))
+    assert denied == []
+
+    role_name = world.env["ROLE_NAME"]
+    iam = world.client("iam")
+    role_policies = [iam.get_role_policy(RoleName=role_name, PolicyName=name)["PolicyDocument"]
+                     for name in iam.list_role_policies(RoleName=role_name)["PolicyNames"]]
+    jobs = [j for j in world.emulator("/_emulator/jobs")["jobs"] if j["roleArn"] == world.env["ROLE_ARN"]]
+    assert len(jobs) == 1 and jobs[0]["status"] == "Completed"
+    accesses = jobs[0]["s3Accesses"]
+    assert {a["action"] for a in accesses} == {"s3:ListBucket", "s3:GetObject", "s3:PutObject"}
+    for access in accesses:
+        context = {"aws:ResourceAccount": ACCOUNT}
+        if access.get("prefix") is not None:
+            context["s3:prefix"] = access["prefix"]
+        assert is_allowed(role_policies, access["action"], access["resource"], context), access
+
+
+def test_caller_policy_refuses_what_the_steps_do_not_need(world):
+    policy = json.loads(setup_script(world, "--user-policy").stdout)
+    for service, operation, params in [
+        ("s3", "DeleteObject", {"Bucket": world.source_bucket, "Key": "other/photo.jpg"}),
+        ("s3", "PutObject", {"Bucket": "someone-elses-bucket", "Key": "2024/x.jsonl"}),
+        ("s3vectors", "PutVectors", {"vectorBucketName": world.vector_bucket, "indexName": "another-index"}),
+        ("s3", "GetObject", {"Bucket": world.result_bucket, "Key": "elsewhere/secret.txt"}),
+        ("bedrock-runtime", "InvokeModel", {"modelId": "anthropic.claude-v2"}),
+    ]:
+        needs = required_permission(service, operation, params, account=ACCOUNT, region="us-east-1")
+        assert not all(is_allowed(policy, a, r, c) for a, r, c in needs), (operation, params)
