@@ -92,9 +92,10 @@ class Loader:
         self.report = report
         self.counts = dict(start.get("counts") or {"total": 0, "success": 0, "error": 0, "inserted": 0})
 
-    def mark(self, file_key: str, offset: int, done: bool = False) -> dict:
+    def mark(self, file_key: str, offset: int, counts: dict | None = None, done: bool = False) -> dict:
+        """The position to resume from: the file and byte offset, the counts and the report's size there."""
         self.report.flush()
-        return {"file": file_key, "offset": offset, "done": done, "counts": dict(self.counts),
+        return {"file": file_key, "offset": offset, "done": done, "counts": dict(counts or self.counts),
                 "report_bytes": self.report.tell()}
 
     def fail(self, record_id, uri, code, message, file_key, offset) -> None:
@@ -102,10 +103,11 @@ class Loader:
         self.report.write(orjson.dumps({"recordId": record_id, "source_uri": uri, "error_code": code,
                                         "error_message": message, "file": file_key, "offset": offset}) + b"\n")
 
-    def line(self, raw: bytes, file_key: str, offset: int) -> vectors.Batch | None:
-        """Account for one output line; returns a batch when this line closed one."""
+    def line(self, raw: bytes, file_key: str, start: int, offset: int) -> vectors.Batch | None:
+        """Account for one output line (bytes start..offset); returns a batch when this line closed one."""
         if not raw.strip():
             return None
+        before = dict(self.counts)
         self.counts["total"] += 1
         try:
             record = orjson.loads(raw)
@@ -133,20 +135,26 @@ class Loader:
             self.fail(record_id, uri, "InvalidEmbedding", str(exc), file_key, offset)
             return None
         self.counts["success"] += 1
-        return self.batcher.add(part, self.mark(file_key, offset))
+        # A batch this vector closes ends just before this line: on resume, reading starts again here.
+        return self.batcher.add(part, lambda: self.mark(file_key, start, before))
 
 
 class Checkpoint:
-    """Where the index has confirmed every record up to: batches complete out of order, the mark moves in order."""
+    """How far the index has confirmed every record: batches complete out of order, the mark moves in order.
+
+    Saved into the job-info file (at most every CHECKPOINT_SECONDS, and at the end), so a killed load resumes
+    after the last confirmed batch instead of from the start.
+    """
 
     def __init__(self, info: dict, job: dict, path: Path):
         self.info, self.job, self.path = info, job, path
-        self.done: dict[int, dict] = {}
+        self.done: dict[int, vectors.Batch] = {}
         self.next_seq = 0
-        self.inserted = job.get("load", {}).get("counts", {}).get("inserted", 0)
-        self.lock = threading.Lock()
-        self.saved_at = time.monotonic()
         self.state = dict(job.get("load") or {"files": {}})
+        self.inserted = self.state.get("counts", {}).get("inserted", 0)
+        self.lock = threading.Lock()
+        self.save_lock = threading.Lock()
+        self.saved_at = float("-inf")
 
     def confirm(self, batch: vectors.Batch) -> None:
         with self.lock:
@@ -156,19 +164,19 @@ class Checkpoint:
                 self.next_seq += 1
                 self.inserted += confirmed.count
                 mark = confirmed.mark
-                files = self.state.setdefault("files", {})
+                files = dict(self.state.get("files", {}))
                 files[mark["file"]] = {"offset": mark["offset"], "done": mark["done"]}
-                self.state["counts"] = dict(mark["counts"], inserted=self.inserted)
-                self.state["report_bytes"] = mark["report_bytes"]
+                self.state = {"files": files, "counts": dict(mark["counts"], inserted=self.inserted),
+                              "report_bytes": mark["report_bytes"]}
 
     def save(self, force: bool = False) -> None:
-        if not force and time.monotonic() - self.saved_at < CHECKPOINT_SECONDS:
-            return
-        with self.lock:
-            self.job["load"] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.state.items()}
-            self.job["load"]["files"] = {k: dict(v) for k, v in self.state.get("files", {}).items()}
-        common.save_job_info(self.path, self.info)
-        self.saved_at = time.monotonic()
+        with self.save_lock:
+            if not force and time.monotonic() - self.saved_at < CHECKPOINT_SECONDS:
+                return
+            with self.lock:
+                self.job["load"] = self.state  # replaced, never mutated, by confirm()
+            common.save_job_info(self.path, self.info)
+            self.saved_at = time.monotonic()
 
 
 class Progress:
@@ -265,6 +273,7 @@ def run(argv) -> int:
 
     def on_done(batch: vectors.Batch) -> None:
         checkpoint.confirm(batch)
+        checkpoint.save()
         if args.verbose and batch.count:
             print(f"✓ Batch {batch.seq + 1}: Inserted {batch.count} vectors")
 
@@ -288,11 +297,10 @@ def run(argv) -> int:
             print(f"Processing {name}..." + (f" (from byte {offset})" if offset else ""))
             extra = {"Range": f"bytes={offset}-"} if offset else {}
             body = s3.get_object(Bucket=result_bucket, Key=key, ExpectedBucketOwner=owner, **extra)["Body"]
-            for raw, end in vectors.read_lines(body, offset):
-                batch = loader.line(raw, key, end)
+            for raw, start, end in vectors.read_lines(body, offset):
+                batch = loader.line(raw, key, start, end)
                 if batch is not None:
                     sender.submit(batch)
-                    checkpoint.save()
                 progress.update(loader.counts["total"], checkpoint.inserted)
             sender.submit(batcher.flush(loader.mark(key, obj["Size"], done=True), allow_empty=True))
             ok(f"Processed {name}")

@@ -436,3 +436,68 @@ def image_request(uri: str, fmt: str, owner: str, dimension: int, purpose: str) 
 def image_record(uri: str, fmt: str, owner: str, dimension: int, purpose: str) -> dict:
     """One line of the batch manifest; the recordId is the image's vector key, so results join back to it."""
     return {"recordId": vector_key(uri), "modelInput": image_request(uri, fmt, owner, dimension, purpose)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Queries (step 5)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def text_request(text: str, dimension: int, purpose: str) -> dict:
+    """The Nova Multimodal Embeddings request body for a text (past 8,192 characters the model reads the start)."""
+    return {
+        "taskType": "SINGLE_EMBEDDING",
+        "singleEmbeddingParams": {
+            "embeddingPurpose": purpose,
+            "embeddingDimension": dimension,
+            "text": {"truncationMode": "END", "value": text},
+        },
+    }
+
+
+def image_bytes_request(data: bytes, fmt: str, dimension: int, purpose: str) -> dict:
+    """The Nova Multimodal Embeddings request body for an image sent inline (base64) instead of read from S3."""
+    import base64
+
+    return {
+        "taskType": "SINGLE_EMBEDDING",
+        "singleEmbeddingParams": {
+            "embeddingPurpose": purpose,
+            "embeddingDimension": dimension,
+            "image": {"format": fmt, "source": {"bytes": base64.b64encode(data).decode("ascii")}},
+        },
+    }
+
+
+def embed(runtime, model_id: str, body: dict) -> list[float]:
+    """One InvokeModel call on bedrock-runtime; the embedding it answers."""
+    response = runtime.invoke_model(modelId=model_id, body=json.dumps(body, ensure_ascii=False).encode("utf-8"),
+                                    contentType="application/json", accept="application/json")
+    answer = json.loads(response["body"].read())
+    try:
+        return answer["embeddings"][0]["embedding"]
+    except (KeyError, IndexError, TypeError):
+        raise StepError(f"{model_id} answered without an embedding: {json.dumps(answer)[:200]}") from None
+
+
+def make_presign_client(config: Config, *, path_style: bool = False):
+    """An S3 client for pre-signed GetObject links.
+
+    SigV4: botocore still presigns S3 with SigV2 by default, which regions opened after 2014 and KMS-encrypted
+    objects refuse. The region's own host: a link to a bucket outside us-east-1 is not redirected (a redirect
+    breaks its signature). `path_style` for bucket names with dots, which as a host name fall outside S3's TLS
+    certificate. No endpoint_url, as in `make_client`.
+    """
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    return boto3.session.Session().client(
+        "s3",
+        region_name=config.region,
+        config=BotoConfig(
+            signature_version="s3v4",
+            s3={"addressing_style": "path" if path_style else "virtual"},
+            retries={"mode": "standard", "max_attempts": 10},
+            user_agent_extra=f"{APP_NAME}/{APP_VERSION}",
+        ),
+    )

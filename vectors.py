@@ -77,11 +77,12 @@ class Batcher:
     def fits(self, part: bytes) -> bool:
         return len(self.parts) < self.max_vectors and self.size + len(part) + 1 <= self.max_bytes
 
-    def add(self, part: bytes, mark: dict) -> Batch | None:
-        """Add a vector; returns the full batch it closed, if adding it needed a new one."""
+    def add(self, part: bytes, mark_before: Callable[[], dict]) -> Batch | None:
+        """Add a vector; when it does not fit, first close the current batch, marked with `mark_before()` (the
+        position just before this vector), and return it."""
         closed = None
         if self.parts and not self.fits(part):
-            closed = self.flush(mark)
+            closed = self.flush(mark_before())
         if len(self.head) + len(self.tail) + len(part) > self.max_bytes:
             raise VectorError(f"one vector takes {len(part)} bytes, more than a request may hold")
         self.parts.append(part)
@@ -242,11 +243,9 @@ class PutVectorsSender:
             self.stats[name] += 1
 
 
-def read_lines(body, start: int = 0, chunk_size: int = 1 << 20) -> Iterator[tuple[bytes, int]]:
-    """Lines of a streaming body as (line without newline, byte offset just after it), in flat memory.
-
-    A last line without a newline is yielded too; the caller decides whether it is whole.
-    """
+def read_lines(body, start: int = 0, chunk_size: int = 1 << 20) -> Iterator[tuple[bytes, int, int]]:
+    """Lines of a streaming body as (line without newline, its start offset, the offset just after it), in flat
+    memory. A last line without a newline is yielded too; the caller decides whether it is whole."""
     pending = b""
     offset = start
     for chunk in iter(lambda: body.read(chunk_size), b""):
@@ -254,8 +253,7 @@ def read_lines(body, start: int = 0, chunk_size: int = 1 << 20) -> Iterator[tupl
         lines = pending.split(b"\n")
         pending = lines.pop()
         for line in lines:
+            yield line, offset, offset + len(line) + 1
             offset += len(line) + 1
-            yield line, offset
     if pending:
-        offset += len(pending)
-        yield pending, offset
+        yield pending, offset, offset + len(pending)

@@ -24,6 +24,7 @@ STEPS = {
     2: "02_monitor_job.py",
     3: "03_load_result_to_s3_vector_bucket.py",
     4: "04_remove_completed_task.py",
+    5: "05_query_vectors.py",
 }
 _names = itertools.count(1)
 

@@ -1,0 +1,281 @@
+"""Step 5: search the index — embed a text (or an image) with Nova Multimodal Embeddings and list the images whose
+vectors are nearest.
+
+    uv run 05_query_vectors.py "a red sports car" [--top-k 10] [--filter JSON] [--presign SECONDS] [--json]
+    uv run 05_query_vectors.py --image photo.jpg          (or --image s3://bucket/2024/photo.jpg)
+
+A text is embedded with embeddingPurpose IMAGE_RETRIEVAL (text → image search), an image with GENERIC_RETRIEVAL;
+--purpose overrides. The query is embedded at the index's dimension, read from the index (GetIndex).
+A filter is an S3 Vectors metadata filter on `source_uri` or `job_id`, with $eq $ne $gt $gte $lt $lte $in $nin
+$exists $and $or, e.g. '{"source_uri": {"$in": ["s3://bucket/2024/a.jpg", "s3://bucket/2024/b.jpg"]}}'.
+Exit status: 0 the hits were printed (none is not an error); 1 an AWS error; 2 a setting, flag or input is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import common
+from common import StepError, ok
+
+SETTINGS = ("AWS_REGION", "VECTOR_BUCKET", "VECTOR_INDEX", "MODEL_ID", "EMBEDDING_DIMENSION", "EXPECTED_BUCKET_OWNER")
+REQUIRED = ("VECTOR_BUCKET", "VECTOR_INDEX")
+TEXT_PURPOSE = "IMAGE_RETRIEVAL"  # text → image search over image embeddings (aws-facts.md)
+IMAGE_PURPOSE = "GENERIC_RETRIEVAL"  # image → image: both sides are images
+DEFAULT_TOP_K = 10
+MAX_TOP_K = 100  # QueryVectors' topK limit
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4's limit for a pre-signed URL
+MAX_TEXT_CHARS = 8192  # past this the model reads the start (truncationMode END)
+MAX_INVOKE_BODY_BYTES = 25_000_000  # botocore's bedrock-runtime model: InvokeModel body max
+BODY_ALLOWANCE = 1024  # the request around an inline image's base64
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (through `common.run_main`), like every other bad input."""
+
+    def error(self, message):
+        raise StepError(f"{message} (see --help)", common.EXIT_USAGE)
+
+
+def parse_args(argv):
+    parser = Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("text", nargs="?", help="what to search for, in words")
+    parser.add_argument("--image", metavar="PATH_OR_S3_URI",
+                        help="search by an image instead: a local file or s3://bucket/key (jpg, jpeg, png, gif, webp)")
+    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, metavar="K",
+                        help=f"how many hits, 1-{MAX_TOP_K} (default {DEFAULT_TOP_K})")
+    parser.add_argument("--filter", metavar="JSON", help="S3 Vectors metadata filter, a JSON object (see below)")
+    parser.add_argument("--presign", type=int, metavar="SECONDS",
+                        help=f"add a pre-signed HTTPS link to each image, valid SECONDS (1-{MAX_PRESIGN_SECONDS})")
+    parser.add_argument("--json", action="store_true",
+                        help="print only a JSON array of {rank, key, distance, source_uri, metadata, url}")
+    parser.add_argument("--purpose", choices=common.EMBEDDING_PURPOSES, metavar="PURPOSE",
+                        help=f"embeddingPurpose of the query (default: {TEXT_PURPOSE} for a text, "
+                             f"{IMAGE_PURPOSE} for an image)")
+    common.add_settings(parser, SETTINGS)
+    args = parser.parse_args(argv)
+    if args.text is not None and args.image is not None:
+        parser.error("give a text or --image, not both")
+    if args.text is None and args.image is None:
+        parser.error("give a text to search for, or --image PATH_OR_S3_URI")
+    if args.text is not None and not args.text.strip():
+        parser.error("the text to search for is empty")
+    if args.image is not None and not args.image.strip():
+        parser.error("--image is empty")
+    if not 1 <= args.top_k <= MAX_TOP_K:
+        parser.error(f"--top-k must be between 1 and {MAX_TOP_K}, not {args.top_k}")
+    if args.presign is not None and not 1 <= args.presign <= MAX_PRESIGN_SECONDS:
+        parser.error(f"--presign must be between 1 and {MAX_PRESIGN_SECONDS} seconds (7 days), not {args.presign}")
+    return args
+
+
+@dataclass(frozen=True)
+class Query:
+    """What to search by, checked (and a local image read) before any AWS call."""
+
+    label: str
+    purpose: str
+    text: str | None = None
+    image_uri: str | None = None
+    image_data: bytes | None = None
+    image_format: str | None = None
+
+    def request(self, dimension: int, owner: str | None) -> dict:
+        """The InvokeModel body."""
+        if self.text is not None:
+            return common.text_request(self.text, dimension, self.purpose)
+        if self.image_uri is not None:
+            return common.image_request(self.image_uri, self.image_format, owner, dimension, self.purpose)
+        return common.image_bytes_request(self.image_data, self.image_format, dimension, self.purpose)
+
+
+def image_format(name: str, shown: str) -> str:
+    suffix = PurePosixPath(name).suffix.lower()
+    fmt = common.IMAGE_FORMATS.get(suffix)
+    if fmt is None:
+        kind = f"'{suffix}'" if suffix else "(no extension)"
+        raise StepError(f"{shown}: unsupported image type {kind} — the model takes "
+                        f"{', '.join(common.IMAGE_FORMATS)}", common.EXIT_USAGE)
+    return fmt
+
+
+def read_local_image(path: Path) -> tuple[bytes, str]:
+    """The bytes and format of a local image, refused when the model or an InvokeModel request cannot take it."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise StepError(f"{path}: no such file", common.EXIT_USAGE) from None
+    except OSError as exc:
+        raise StepError(f"{path}: {exc.strerror}", common.EXIT_USAGE) from None
+    if not path.is_file():
+        raise StepError(f"{path}: not a file", common.EXIT_USAGE)
+    fmt = image_format(path.name, str(path))
+    if size == 0:
+        raise StepError(f"{path}: the file is empty", common.EXIT_USAGE)
+    if size > common.MAX_IMAGE_BYTES:
+        raise StepError(f"{path}: {size / 1e6:.1f} MB; the model takes images up to 50 MB", common.EXIT_USAGE)
+    if 4 * ((size + 2) // 3) + BODY_ALLOWANCE > MAX_INVOKE_BODY_BYTES:
+        raise StepError(f"{path}: {size / 1e6:.1f} MB is too large to send inline (base64 in InvokeModel's 25 MB "
+                        "request) — upload it to S3 and pass --image s3://bucket/key", common.EXIT_USAGE)
+    try:
+        return path.read_bytes(), fmt
+    except OSError as exc:
+        raise StepError(f"{path}: {exc.strerror}", common.EXIT_USAGE) from None
+
+
+def read_query(args) -> Query:
+    if args.text is not None:
+        return Query(f'text "{args.text}"', args.purpose or TEXT_PURPOSE, text=args.text)
+    purpose = args.purpose or IMAGE_PURPOSE
+    if args.image.startswith("s3://"):
+        bucket, key = common.parse_s3_uri(args.image)
+        if not common.BUCKET_RE.fullmatch(bucket) or not key or key.endswith("/"):
+            raise StepError(f"{args.image} is not an S3 object URI like s3://bucket/2024/photo.jpg", common.EXIT_USAGE)
+        fmt = image_format(key, args.image)
+        return Query(f"image {args.image}", purpose, image_uri=args.image, image_format=fmt)
+    path = Path(args.image).expanduser()
+    data, fmt = read_local_image(path)
+    return Query(f"image {path} ({len(data):,} bytes)", purpose, image_data=data, image_format=fmt)
+
+
+def parse_filter(raw: str | None) -> dict | None:
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise StepError(f"--filter is not valid JSON ({exc.msg} at character {exc.pos}): {raw}",
+                        common.EXIT_USAGE) from None
+    if not isinstance(value, dict) or not value:
+        raise StepError(f"--filter must be a non-empty JSON object like "
+                        f"'{{\"source_uri\": {{\"$eq\": \"s3://bucket/key.jpg\"}}}}', not {raw}", common.EXIT_USAGE)
+    return value
+
+
+def index_shape(s3v, bucket: str, index: str, configured: int) -> tuple[int, str]:
+    """The index's dimension and distance metric; the index decides the dimension the query is embedded at."""
+    try:
+        found = s3v.get_index(vectorBucketName=bucket, indexName=index)["index"]
+    except s3v.exceptions.NotFoundException as exc:
+        raise StepError(f"{common.describe_aws_error(exc)} — check VECTOR_BUCKET and VECTOR_INDEX, or load the "
+                        "index with 03_load_result_to_s3_vector_bucket.py") from None
+    dimension = found["dimension"]
+    if dimension not in common.DIMENSIONS:
+        raise StepError(f"index {index} in {bucket} holds {dimension}-dimension vectors, which Nova Multimodal "
+                        "Embeddings does not produce (256, 384, 1024, 3072) — is VECTOR_INDEX right?",
+                        common.EXIT_USAGE)
+    if dimension != configured:
+        raise StepError(f"index {index} in {bucket} holds {dimension}-dimension vectors but EMBEDDING_DIMENSION is "
+                        f"{configured} — set EMBEDDING_DIMENSION={dimension} (or --dimension {dimension})",
+                        common.EXIT_USAGE)
+    return dimension, found.get("distanceMetric", "?")
+
+
+def query_index(s3v, bucket: str, index: str, vector: list[float], top_k: int, flt: dict | None) -> list[dict]:
+    params = {"vectorBucketName": bucket, "indexName": index, "topK": top_k, "queryVector": {"float32": vector},
+              "returnMetadata": True, "returnDistance": True}
+    if flt is not None:
+        params["filter"] = flt
+    try:
+        return s3v.query_vectors(**params)["vectors"]
+    except s3v.exceptions.ValidationException as exc:
+        if flt is None:
+            raise
+        raise StepError(f"{common.describe_aws_error(exc)} — check --filter", common.EXIT_USAGE) from None
+
+
+def to_hits(vectors: list[dict]) -> list[dict]:
+    hits = []
+    for rank, vector in enumerate(vectors, start=1):
+        metadata = vector.get("metadata") or {}
+        hits.append({"rank": rank, "key": vector["key"], "distance": vector.get("distance"),
+                     "source_uri": metadata.get("source_uri"), "metadata": metadata})
+    return hits
+
+
+def add_links(hits: list[dict], config: common.Config, seconds: int) -> None:
+    """A pre-signed GetObject link for each hit's image (made locally: no call, no check that the object exists)."""
+    clients = {}
+    for hit in hits:
+        uri = hit["source_uri"]
+        hit["url"] = None
+        if not isinstance(uri, str) or not uri.startswith("s3://"):
+            continue
+        bucket, key = common.parse_s3_uri(uri)
+        path_style = "." in bucket
+        if path_style not in clients:
+            clients[path_style] = common.make_presign_client(config, path_style=path_style)
+        hit["url"] = clients[path_style].generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=seconds)
+
+
+def print_hits(hits: list[dict], top_k: int, filtered: bool) -> None:
+    if not hits:
+        print("No hits" + (" match the filter." if filtered else ": the index is empty."))
+        return
+    ok(f"{len(hits)} hit(s)" + (f" (asked for {top_k})" if len(hits) < top_k else ""))
+    print(f"{'Rank':>4}  {'Distance':>8}  Image")
+    for hit in hits:
+        distance = "" if hit["distance"] is None else f"{hit['distance']:.4f}"
+        print(f"{hit['rank']:>4}  {distance:>8}  {hit['source_uri'] or '(no source_uri) key ' + hit['key']}")
+        if hit.get("url"):
+            print(f"{'':16}{hit['url']}")
+
+
+def run(argv) -> int:
+    args = parse_args(argv)
+    config = common.load_config(args, REQUIRED)
+    flt = parse_filter(args.filter)
+    query = read_query(args)
+
+    def say(line: str) -> None:  # --json prints nothing but the hits
+        if not args.json:
+            print(line)
+
+    if not args.json:
+        common.banner("Bedrock Batch Inference - Query Vectors")
+    say(f"Vector Bucket: {config.vector_bucket}")
+
+    s3v = common.make_client("s3vectors", config)
+    dimension, metric = index_shape(s3v, config.vector_bucket, config.vector_index, config.embedding_dimension)
+    say(f"Index Name: {config.vector_index} ({dimension} dimensions, {metric})")
+    say(f"Query: {query.label}")
+    if query.text is not None and len(query.text) > MAX_TEXT_CHARS:
+        say(f"(the text is longer than {MAX_TEXT_CHARS:,} characters: the model reads the first {MAX_TEXT_CHARS:,})")
+    if flt is not None:
+        say(f"Filter: {json.dumps(flt, ensure_ascii=False)}")
+
+    owner = None
+    if query.image_uri is not None:
+        owner = config.expected_bucket_owner or common.caller_account(common.make_client("sts", config))
+    say(f"Embedding with {config.model_id} ({query.purpose}, {dimension} dimensions)")
+    runtime = common.make_client("bedrock-runtime", config)
+    vector = common.embed(runtime, config.model_id, query.request(dimension, owner))
+    if len(vector) != dimension:
+        raise StepError(f"{config.model_id} answered a {len(vector)}-dimension embedding; the index takes {dimension}")
+
+    say(f"Querying the top {args.top_k}")
+    hits = to_hits(query_index(s3v, config.vector_bucket, config.vector_index, vector, args.top_k, flt))
+    if args.presign is not None:
+        add_links(hits, config, args.presign)
+    if args.json:
+        print(json.dumps(hits, indent=2, ensure_ascii=False))
+        return common.EXIT_OK
+    print(common.RULE)
+    print_hits(hits, args.top_k, flt is not None)
+    if args.presign is not None and hits:
+        print(f"Links are valid for {args.presign} s (less if your credentials expire sooner).")
+    return common.EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    return common.run_main(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Step 3's loading machinery: request packing, pacing and backoff, streaming, and resuming after a kill."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import boto3
+from botocore.config import Config
+import orjson
+import pytest
+
+import vectors
+from tests.conftest import ROOT, STEPS
+from tests.standins import s3vectors, serve
+
+
+def unit_vector(rng: random.Random, dimension: int) -> list[float]:
+    values = [rng.gauss(0, 1) for _ in range(dimension)]
+    norm = math.sqrt(sum(v * v for v in values))
+    return [v / norm for v in values]
+
+
+# ---------------------------------------------------------------------------------------------------- encoding
+
+
+def test_encode_vector_is_float32_json_with_metadata():
+    part = vectors.encode_vector("k1", [0.1, -0.25, 1e-8], 3, {"source_uri": "s3://b/中文 a+b.jpg"})
+    decoded = orjson.loads(part)
+    assert decoded["key"] == "k1" and decoded["metadata"] == {"source_uri": "s3://b/中文 a+b.jpg"}
+    assert decoded["data"]["float32"] == [0.1, -0.25, 1e-8]  # float32 shortest text reads back as the float32
+
+
+@pytest.mark.parametrize("values, reason", [
+    ([0.1, 0.2], "2 values"),
+    ([0.1, float("nan"), 0.3], "NaN"),
+    ([0.1, float("inf"), 0.3], "NaN or infinite"),
+    ([0.0, 0.0, 0.0], "all zeros"),
+])
+def test_encode_vector_refuses_what_the_index_refuses(values, reason):
+    with pytest.raises(vectors.VectorError, match=reason):
+        vectors.encode_vector("k", values, 3, {})
+
+
+# ---------------------------------------------------------------------------------------------------- batching
+
+
+def pack(parts, **limits):
+    batcher = vectors.Batcher("bucket", "index", **limits)
+    batches = [b for i, p in enumerate(parts) if (b := batcher.add(p, lambda i=i: {"i": i})) is not None]
+    batches.append(batcher.flush({"i": len(parts)}))
+    return batches
+
+
+def test_500_vectors_of_3072_dimensions_fit_one_request_under_20_mib():
+    rng = random.Random(7)
+    parts = [vectors.encode_vector(f"key-{i:05d}", unit_vector(rng, 3072), 3072,
+                                   {"source_uri": f"s3://bucket/2024/photos/image-{i:05d}.jpg", "job_id": "abc"})
+             for i in range(1000)]
+    batches = pack(parts)
+    assert [b.count for b in batches] == [500, 500]
+    for batch in batches:
+        assert len(batch.body) <= vectors.MAX_REQUEST_BYTES
+        body = orjson.loads(batch.body)
+        assert body["vectorBucketName"] == "bucket" and body["indexName"] == "index"
+        assert all(len(v["data"]["float32"]) == 3072 for v in body["vectors"])
+    keys = [v["key"] for b in batches for v in orjson.loads(b.body)["vectors"]]
+    assert keys == [f"key-{i:05d}" for i in range(1000)]
+
+
+def test_batches_close_on_bytes_before_count():
+    parts = [vectors.encode_vector(f"k{i}", [0.5] * 64, 64, {}) for i in range(50)]
+    size = len(parts[0]) + 1
+    batches = pack(parts, max_bytes=10 * size + 100)
+    assert sum(b.count for b in batches) == 50
+    assert max(b.count for b in batches) == 10
+    assert all(len(b.body) <= 10 * size + 100 for b in batches)
+    assert [b.seq for b in batches] == list(range(len(batches)))
+    # a batch's mark is the position just before the vector that did not fit: where a resumed load starts
+    assert [b.mark["i"] for b in batches[:-1]] == [10 * (n + 1) for n in range(len(batches) - 1)]
+
+
+def test_a_vector_larger_than_a_request_is_refused():
+    with pytest.raises(vectors.VectorError, match="more than a request may hold"):
+        pack([b"x" * 1000], max_bytes=500)
+
+
+# ---------------------------------------------------------------------------------------------------- streaming
+
+
+def test_read_lines_gives_offsets_across_chunks_and_a_last_line_without_newline():
+    data = b'{"a":1}\n{"b":22}\n\n{"c":333}'
+    lines = list(vectors.read_lines(io.BytesIO(data), chunk_size=3))
+    assert lines == [(b'{"a":1}', 0, 8), (b'{"b":22}', 8, 17), (b"", 17, 18), (b'{"c":333}', 18, 27)]
+    assert all(data[start:end].rstrip(b"\n") == line for line, start, end in lines)
+    resumed = list(vectors.read_lines(io.BytesIO(data[17:]), start=17, chunk_size=4))
+    assert resumed == lines[2:]
+
+
+# ---------------------------------------------------------------------------------------------------- pacing
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+def test_rate_limiter_paces_vectors_and_backs_off_after_throttling():
+    clock = FakeClock()
+    limiter = vectors.RateLimiter(2500, 1000, clock=clock, sleep=clock.sleep)
+    for _ in range(50):
+        limiter.acquire(500)
+    assert clock.now == pytest.approx(49 * 500 / 2500)  # 25,000 vectors at 2,500/s, the first at once
+    limiter.throttled()
+    assert limiter.rate == pytest.approx(1875)
+    start = clock.now
+    limiter.acquire(500)
+    limiter.acquire(500)
+    assert clock.now - start >= 500 / 2500  # slower after the 429
+    clock.now += 60
+    limiter.acquire(1)
+    assert limiter.rate == pytest.approx(2500)  # and back to the quota after a quiet minute
+
+
+def test_rate_limiter_respects_requests_per_second():
+    clock = FakeClock()
+    limiter = vectors.RateLimiter(1e9, 10, clock=clock, sleep=clock.sleep)
+    for _ in range(11):
+        limiter.acquire(1)
+    assert clock.now == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------- sending
+
+
+@pytest.fixture
+def index_endpoint(monkeypatch):
+    served = serve(s3vectors.make_app())
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    # botocore's own retries off: the sender's backoff is what is tested.
+    client = boto3.client("s3vectors", region_name="us-east-1", endpoint_url=served.url,
+                          config=Config(retries={"total_max_attempts": 1}))
+    client.create_vector_bucket(vectorBucketName="bucket")
+    client.create_index(vectorBucketName="bucket", indexName="index", dataType="float32", dimension=8,
+                        distanceMetric="cosine")
+    yield served.url, client
+    served.stop()
+
+
+def control(url, path, payload=None):
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url + path, data=data, method="POST" if data else "GET")
+    with urllib.request.urlopen(request) as response:
+        return json.loads(response.read())
+
+
+def send_all(client, parts, limiter, threads=3):
+    done = []
+    sender = vectors.PutVectorsSender(client, "bucket", "index", limiter, threads=threads, on_done=done.append,
+                                      sleep=lambda s: time.sleep(min(s, 0.01)))
+    batcher = vectors.Batcher("bucket", "index", max_vectors=25)
+    for i, part in enumerate(parts):
+        if (batch := batcher.add(part, lambda i=i: {"i": i})) is not None:
+            sender.submit(batch)
+    sender.submit(batcher.flush({"i": len(parts)}))
+    sender.close()
+    return sender, done
+
+
+def test_every_vector_lands_once_when_a_third_of_the_requests_fail(index_endpoint):
+    url, client = index_endpoint
+    control(url, "/_standin/config", {"fault_rate": 0.3, "seed": 3})
+    rng = random.Random(1)
+    parts = [vectors.encode_vector(f"k{i:04d}", unit_vector(rng, 8), 8, {"n": i}) for i in range(1000)]
+    sender, done = send_all(client, parts, vectors.RateLimiter(1e6, 1e4))
+    stats = control(url, "/_standin/stats")["indexes"]["bucket/index"]
+    assert stats["rejected_fault_429"] > 0 and stats["rejected_fault_503"] > 0
+    assert stats["vectors"] == 1000 and stats["put_vectors_accepted"] == 1000  # each once, none dropped
+    assert sender.stats["retries"] == stats["rejected_fault"]
+    assert sorted(b.seq for b in done) == list(range(40))
+
+
+def test_throttling_by_the_index_is_absorbed(index_endpoint):
+    url, client = index_endpoint
+    control(url, "/_standin/config", {"vectors_per_second": 400, "requests_per_second": 1000})
+    rng = random.Random(2)
+    parts = [vectors.encode_vector(f"k{i:04d}", unit_vector(rng, 8), 8, {}) for i in range(600)]
+    sender, _ = send_all(client, parts, vectors.RateLimiter(4000, 1000))  # told a quota 10x the real one
+    stats = control(url, "/_standin/stats")["indexes"]["bucket/index"]
+    assert stats["rejected_quota"] > 0 and sender.stats["throttled"] == stats["rejected_quota"]
+    assert stats["vectors"] == 600 and stats["put_vectors_accepted"] == 600
+
+
+def test_a_request_the_index_refuses_stops_the_load_with_its_error(index_endpoint):
+    _, client = index_endpoint
+    parts = [vectors.encode_vector("k", [0.5] * 4, 4, {})]  # the index takes 8 dimensions
+    with pytest.raises(Exception) as raised:
+        send_all(client, parts, vectors.RateLimiter(1e6, 1e4))
+    assert raised.value.response["Error"]["Code"] == "ValidationException"
+
+
+# ---------------------------------------------------------------------------------------------------- resuming
+
+
+def test_killed_mid_load_it_resumes_after_the_last_confirmed_batch(world):
+    world.put_images([f"p/img-{i:04d}.png" for i in range(1500)], prefix="2024/")
+    assert world.step(1).returncode == 0
+    assert world.step(2, "--wait", "--interval", "0.1", "--timeout", "120").returncode == 0
+    info_file = world.cwd / "batch_job_info.json"
+    process = subprocess.Popen([sys.executable, str(ROOT / STEPS[3]), "--vectors-per-second", "400"],
+                               cwd=world.cwd, env=world.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        load = json.loads(info_file.read_text())["jobs"][0].get("load", {})
+        if load.get("counts", {}).get("inserted", 0) >= 500:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    confirmed = json.loads(info_file.read_text())["jobs"][0]["load"]["counts"]["inserted"]
+    assert 500 <= confirmed < 1500
+
+    resumed = world.step(3)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"Resuming: {confirmed} vectors already confirmed" in resumed.stdout
+    assert "Vectors Inserted: 1500" in resumed.stdout and "Total Records Processed: 1500" in resumed.stdout
+    stats = control(world.stack.s3vectors_url, "/_standin/stats")["indexes"][
+        f"{world.vector_bucket}/{world.vector_index}"]
+    assert stats["vectors"] == 1500
+    assert stats["put_vectors_accepted"] - 1500 < 1500 - confirmed + 500  # only the unconfirmed tail is re-sent
