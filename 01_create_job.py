@@ -1,19 +1,27 @@
-"""Step 1: list the images under an S3 prefix, write a JSONL manifest of Nova Multimodal Embeddings requests,
-upload it next to the images and submit a Bedrock batch inference job.
+"""Step 1: list the images under an S3 prefix, write JSONL manifests of Nova Multimodal Embeddings requests,
+upload them next to the images and submit Bedrock batch inference jobs.
 
-    uv run 01_create_job.py [--dry-run] [--force]
+    uv run 01_create_job.py [--dry-run] [--all] [--force]
+
+Images already in the vector index are left out (--all embeds everything again). More images than one job takes
+are split into several jobs by folder (see jobs.py); those the concurrent-job quota does not let start yet stay
+queued in batch_job_info.json, and 02_monitor_job.py --wait submits them as slots free up.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
-from collections import Counter, defaultdict
+import tempfile
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import orjson
+
 import common
+import jobs
 from common import StepError, ok
 
 SETTINGS = (
@@ -22,6 +30,8 @@ SETTINGS = (
     "SOURCE_PREFIX",
     "RESULT_BUCKET",
     "RESULT_PREFIX",
+    "VECTOR_BUCKET",
+    "VECTOR_INDEX",
     "ROLE_ARN",
     "MODEL_ID",
     "EMBEDDING_DIMENSION",
@@ -29,15 +39,19 @@ SETTINGS = (
     "JOB_INFO_FILE",
     "EXPECTED_BUCKET_OWNER",
     "OUTPUT_KMS_KEY_ID",
+    *common.QUOTA_SETTINGS,
 )
 REQUIRED = ("SOURCE_BUCKET", "RESULT_BUCKET", "ROLE_ARN")
 EXAMPLES_PER_REASON = 5
+LIST_SEGMENTS = 8
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true", help="list and build the manifest; upload and submit nothing")
-    parser.add_argument("--force", action="store_true", help="replace a job-info file whose job has not ended")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="list and plan the jobs; upload and submit nothing")
+    parser.add_argument("--all", action="store_true", help="embed every image, even those already in the index")
+    parser.add_argument("--force", action="store_true", help="start a new run although the last one has not finished")
     common.add_settings(parser, SETTINGS)
     return parser.parse_args(argv)
 
@@ -47,8 +61,7 @@ def classify(obj: dict) -> tuple[str | None, str | None]:
     key = obj["Key"]
     if key.endswith("/"):
         return None, "folder marker"
-    suffix = Path(key).suffix.lower()
-    fmt = common.IMAGE_FORMATS.get(suffix)
+    fmt = common.IMAGE_FORMATS.get(Path(key).suffix.lower())
     if fmt is None:
         return None, "not an image"
     if obj["Size"] == 0:
@@ -58,137 +71,228 @@ def classify(obj: dict) -> tuple[str | None, str | None]:
     return fmt, None
 
 
-def write_manifest(objects, config: common.Config, owner: str, path: Path):
-    """Stream the listing into a JSONL manifest; returns (records, skipped by reason, own manifests, foreign .jsonl).
+class Listing:
+    """Pass 1: what is under the prefix, with the images kept in a temporary file (memory stays flat)."""
 
-    The manifest is written through a temporary file, so an interrupted listing leaves no partial manifest.
-    """
-    skipped: dict[str, list[str]] = defaultdict(list)
-    own_manifests: list[str] = []
-    foreign: list[str] = []
-    count = 0
+    def __init__(self, workdir: Path):
+        self.path = workdir / "images.jsonl"
+        self.counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # folder -> [images, manifest bytes]
+        self.skipped: dict[str, list[str]] = defaultdict(list)
+        self.own_manifests: list[str] = []
+        self.foreign: list[str] = []
+        self.left_out: dict[str, int] = defaultdict(int)
+        self.images = 0
 
-    def write(fh):
-        nonlocal count
-        for obj in objects:
+    def images_in_order(self):
+        with open(self.path, "rb") as fh:
+            for line in fh:
+                yield orjson.loads(line)
+
+
+def list_images(s3, config: common.Config, owner: str, exclude: dict[str, str], workdir: Path) -> Listing:
+    """List the prefix; images whose vector key is in `exclude` are left out, counted by the reason given."""
+    listing = Listing(workdir)
+    with open(listing.path, "wb") as fh:
+        for obj in common.list_objects(s3, config.source_bucket, config.source_prefix, owner):
             key = obj["Key"]
             if key.lower().endswith(".jsonl"):
-                (own_manifests if common.is_own_manifest(key) else foreign).append(key)
+                (listing.own_manifests if common.is_own_manifest(key) else listing.foreign).append(key)
                 continue
             fmt, reason = classify(obj)
             if fmt is None:
-                skipped[reason].append(key)
+                listing.skipped[reason].append(key)
                 continue
-            record = common.image_record(
-                common.s3_uri(config.source_bucket, key),
-                fmt,
-                owner,
-                config.embedding_dimension,
-                config.embedding_purpose,
-            )
-            fh.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n")
-            count += 1
-
-    common.atomic_write(path, write)
-    return count, skipped, own_manifests, foreign
+            why = exclude.get(common.vector_key(common.s3_uri(config.source_bucket, key)))
+            if why:
+                listing.left_out[why] += 1
+                continue
+            fh.write(orjson.dumps([key, fmt]) + b"\n")
+            folder = jobs.folder_of(key)
+            listing.counts[folder][0] += 1
+            listing.counts[folder][1] += 400 + 2 * len(key.encode())  # a generous estimate of its manifest line
+            listing.images += 1
+    return listing
 
 
-def print_skipped(skipped: dict[str, list[str]]) -> None:
-    if not skipped:
-        return
-    total = sum(len(keys) for keys in skipped.values())
-    print(f"Skipped {total} object(s) that are not images the model takes:")
-    for reason, keys in sorted(skipped.items()):
-        print(f"  {reason}: {len(keys)}")
-        for key in keys[:EXAMPLES_PER_REASON]:
-            print(f"    - {key}")
-        if len(keys) > EXAMPLES_PER_REASON:
-            print(f"    ... and {len(keys) - EXAMPLES_PER_REASON} more")
+def index_keys(s3v, config: common.Config) -> set[str]:
+    """Every key in the vector index (empty when it does not exist yet), read in parallel segments."""
+    try:
+        s3v.get_index(vectorBucketName=config.vector_bucket, indexName=config.vector_index)
+    except s3v.exceptions.NotFoundException:
+        return set()
+
+    def segment(i: int) -> set[str]:
+        keys, token = set(), None
+        while True:
+            page = s3v.list_vectors(vectorBucketName=config.vector_bucket, indexName=config.vector_index,
+                                    maxResults=1000, segmentCount=LIST_SEGMENTS, segmentIndex=i,
+                                    **({"nextToken": token} if token else {}))
+            keys.update(v["key"] for v in page.get("vectors", []))
+            token = page.get("nextToken")
+            if not token:
+                return keys
+
+    with ThreadPoolExecutor(LIST_SEGMENTS) as pool:
+        return set().union(*pool.map(segment, range(LIST_SEGMENTS)))
 
 
-def check_previous_run(bedrock, path: Path, force: bool) -> dict | None:
-    """The previous run's job info when its submit never got an answer (to be retried as it was), else None.
+def print_skipped(listing: Listing) -> None:
+    if listing.skipped:
+        total = sum(len(keys) for keys in listing.skipped.values())
+        print(f"Skipped {total} object(s) that are not images the model takes:")
+        for reason, keys in sorted(listing.skipped.items()):
+            print(f"  {reason}: {len(keys)}")
+            for key in keys[:EXAMPLES_PER_REASON]:
+                print(f"    - {key}")
+            if len(keys) > EXAMPLES_PER_REASON:
+                print(f"    ... and {len(keys) - EXAMPLES_PER_REASON} more")
+    for reason, n in sorted(listing.left_out.items()):
+        print(f"Left out {n} image(s): {reason}")
 
-    Refuses to replace a job that has not ended unless --force.
+
+def previous_run(bedrock, path: Path, force: bool) -> dict | None:
+    """The unfinished run in the job-info file when 01 should go on submitting it, else None.
+
+    A run with queued jobs (never submitted, or whose submit got no answer) is resumed. A run with jobs still
+    running or not yet loaded is refused unless --force.
     """
     if not path.exists():
         return None
     info = common.load_job_info(path)
-    pending = [job for job in info["jobs"] if not job.get("job_arn")]
-    if pending:
+    if any(jobs.queued(job) for job in info["jobs"]) and not force:
         return info
+    unfinished = []
     for job in common.submitted_jobs(info):
         status = bedrock.get_model_invocation_job(jobIdentifier=job["job_arn"])["status"]
-        if status not in common.TERMINAL_STATUSES and not force:
-            raise StepError(
-                f"{path} holds job {job['job_name']} which is still {status} — monitor it with "
-                "02_monitor_job.py, or pass --force to replace it"
-            )
-        print(f"Replacing {path} (job {job['job_name']} is {status})")
+        job["status"] = status
+        if status not in common.TERMINAL_STATUSES:
+            unfinished.append(f"{job['job_name']} is {status}")
+        elif status in common.LOADABLE_STATUSES and not common.job_loaded(job):
+            unfinished.append(f"{job['job_name']} ended {status} but is not loaded")
+    if unfinished and not force:
+        raise StepError(f"{path} holds a run that has not finished ({'; '.join(unfinished[:3])}) — finish it with "
+                        "02_monitor_job.py --wait, 03 and 04, or pass --force to start a new run")
+    if unfinished:
+        print(f"Replacing the unfinished run in {path} (--force): {'; '.join(unfinished[:3])}")
     return None
 
 
-def submit(bedrock, config: common.Config, account: str, job: dict) -> str:
-    """Submit the job; the clientRequestToken makes a repeated submit of the same job return the same ARN."""
-    output = {"s3Uri": job["output_s3_uri"], "s3BucketOwner": common.bucket_owner(config, account)}
-    if config.output_kms_key_id:
-        output["s3EncryptionKeyId"] = config.output_kms_key_id
-    response = bedrock.create_model_invocation_job(
-        jobName=job["job_name"],
-        roleArn=job["role_arn"],
-        clientRequestToken=job["client_request_token"],
-        modelId=job["model_id"],
-        inputDataConfig={
-            "s3InputDataConfig": {
-                "s3Uri": job["input_s3_uri"],
-                "s3InputFormat": "JSONL",
-                "s3BucketOwner": common.bucket_owner(config, account),
-            }
-        },
-        outputDataConfig={"s3OutputDataConfig": output},
-    )
-    return response["jobArn"]
+def in_flight_records(path: Path) -> set[str]:
+    """Record ids of the replaced run's jobs that are still running: not to be submitted twice."""
+    if not path.exists():
+        return set()
+    info = common.load_job_info(path)
+    ids: set[str] = set()
+    for job in info["jobs"]:
+        if job.get("job_arn") and job.get("status") not in common.TERMINAL_STATUSES:
+            for manifest in job["manifests"]:
+                if Path(manifest["local_path"]).exists():
+                    ids.update(common.manifest_record_ids(Path(manifest["local_path"])))
+    return ids
 
 
-def resume_submit(s3, bedrock, config: common.Config, info: dict) -> int:
-    """Finish a run whose submit may or may not have reached Bedrock: same manifest, same token, same job."""
-    job = info["jobs"][0]
-    owner = common.bucket_owner(config, info["account_id"])
-    print(f"Resuming the submit of {job['job_name']} from {config.job_info_file}")
-    if not common.object_exists(s3, info["source_bucket"], job["manifest_s3_key"], owner):
-        local = Path(job["manifest_local_path"])
-        if not local.exists():
-            raise StepError(f"manifest {local} is gone — delete {config.job_info_file} and run 01 again") from None
-        upload(s3, local, info["source_bucket"], job["manifest_s3_key"], owner)
-    return finish_submit(bedrock, config, info)
+def write_manifests(listing: Listing, planned: list[jobs.PlannedJob], config: common.Config, owner: str,
+                    stamp: str) -> list[dict]:
+    """Pass 2: stream the listing into each planned job's manifest files (split at the per-file quotas)."""
+    ranges: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
+    for number, job in enumerate(planned):
+        for folder, start, end in job.allocations:
+            ranges[folder].append((start, end, number))
+    seen: dict[str, int] = defaultdict(int)
+    single = len(planned) == 1
+    records = [
+        {
+            "job_name": f"nova-mme-embedding-{stamp}" + ("" if single else f"-{n + 1:02d}"),
+            "input_folder": job.root,
+            "input_s3_uri": common.s3_uri(config.source_bucket, job.root),
+            "output_s3_uri": common.s3_uri(config.result_bucket, config.result_prefix),
+            "model_id": config.model_id,
+            "role_arn": config.role_arn,
+            "embedding_dimension": config.embedding_dimension,
+            "embedding_purpose": config.embedding_purpose,
+            "record_count": job.records,
+            "manifests": [],
+            "created": common.now_iso(),
+        }
+        for n, job in enumerate(planned)
+    ]
+    writers = [ManifestWriter(record, stamp, None if single else n + 1, config.quotas) for n, record in
+               enumerate(records)]
+    try:
+        for key, fmt in listing.images_in_order():
+            folder = jobs.folder_of(key)
+            index = seen[folder]
+            seen[folder] += 1
+            number = next(n for start, end, n in ranges[folder] if start <= index < end)
+            uri = common.s3_uri(config.source_bucket, key)
+            record = common.image_record(uri, fmt, owner, config.embedding_dimension, config.embedding_purpose)
+            writers[number].write(orjson.dumps(record) + b"\n")
+    finally:
+        for writer in writers:
+            writer.close()
+    for record in records:
+        record["client_request_token"] = manifest_token(record)
+    return records
 
 
-def upload(s3, local: Path, bucket: str, key: str, owner: str) -> None:
-    print(f"Uploading JSONL to {common.s3_uri(bucket, key)}")
-    s3.upload_file(str(local), bucket, key, ExtraArgs={"ExpectedBucketOwner": owner, "ContentType": "application/jsonl"})
-    ok(f"Uploaded to {common.s3_uri(bucket, key)}")
+class ManifestWriter:
+    """A job's manifest files: a new part when the next line would pass the records or bytes per file."""
+
+    def __init__(self, job: dict, stamp: str, number: int | None, quotas: common.Quotas):
+        self.job, self.stamp, self.number, self.quotas = job, stamp, number, quotas
+        self.fh = None
+        self.records = self.bytes = 0
+
+    def write(self, line: bytes) -> None:
+        if self.fh is None or self.records >= self.quotas.max_records_per_file or \
+                self.bytes + len(line) > self.quotas.max_input_file_bytes:
+            self.open_next()
+        self.fh.write(line)
+        self.records += 1
+        self.bytes += len(line)
+        self.job["manifests"][-1]["records"] = self.records
+
+    def open_next(self) -> None:
+        self.close()
+        part = len(self.job["manifests"]) + 1
+        name = f"{common.MANIFEST_PREFIX}{self.stamp}"
+        name += "" if self.number is None else f"-{self.number:02d}"
+        name += "" if part == 1 else f"-part{part}"
+        name += common.MANIFEST_SUFFIX
+        local = Path(name).resolve()
+        self.job["manifests"].append({"local_path": str(local), "s3_key": self.job["input_folder"] + name,
+                                      "records": 0})
+        self.fh = open(local, "wb")
+        self.records = self.bytes = 0
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
 
 
-def finish_submit(bedrock, config: common.Config, info: dict) -> int:
-    job = info["jobs"][0]
-    print(f"Creating batch inference job: {job['job_name']}")
-    print(f"Model: {job['model_id']}")
-    print(f"Input: {job['input_s3_uri']}")
-    print(f"Output: {job['output_s3_uri']}")
-    print(f"Role: {job['role_arn']}")
-    job["job_arn"] = submit(bedrock, config, info["account_id"], job)
-    job["job_id"] = common.job_id_from_arn(job["job_arn"])
-    ok("Batch job created successfully!")
-    print(f"Job ID: {job['job_id']}")
-    print(f"Job ARN: {job['job_arn']}")
-    print(f"Saving job information to {config.job_info_file}")
-    common.save_job_info(config.job_info_file, info)
-    ok("Job information saved")
-    common.banner("✓ Batch Job Created Successfully!")
-    print("Next steps:")
-    print("1. Monitor job status: uv run 02_monitor_job.py")
-    print("2. Load results to vector bucket: uv run 03_load_result_to_s3_vector_bucket.py")
-    return common.EXIT_OK
+def manifest_token(job: dict) -> str:
+    """Deterministic clientRequestToken: the job's name and its manifests' content."""
+    digest = hashlib.sha256(job["job_name"].encode())
+    for manifest in job["manifests"]:
+        with open(manifest["local_path"], "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def remove_local(job_records: list[dict]) -> None:
+    for job in job_records:
+        for manifest in job["manifests"]:
+            Path(manifest["local_path"]).unlink(missing_ok=True)
+
+
+def print_plan(job_records: list[dict], quotas: common.Quotas) -> None:
+    print(f"Planned {len(job_records)} job(s) (quotas: {quotas.min_records_per_job}-{quotas.max_records_per_job} "
+          f"records per job, {quotas.max_records_per_file} per file, {quotas.max_concurrent_jobs} at a time):")
+    for job in job_records:
+        files = len(job["manifests"])
+        print(f"  {job['job_name']}: {job['record_count']} records in {files} file(s), input {job['input_s3_uri']}")
 
 
 def run(argv) -> int:
@@ -203,103 +307,114 @@ def run(argv) -> int:
             "digits and -!_*'(). in folder names — move the images under such a folder",
             common.EXIT_USAGE,
         )
-
     sts = common.make_client("sts", config)
     s3 = common.make_client("s3", config)
     bedrock = common.make_client("bedrock", config)
+    save = lambda info: common.save_job_info(config.job_info_file, info)  # noqa: E731
 
-    pending = check_previous_run(bedrock, config.job_info_file, args.force) if not args.dry_run else None
-    if pending:
-        return resume_submit(s3, bedrock, config, pending)
+    if not args.dry_run:
+        unfinished = previous_run(bedrock, config.job_info_file, args.force)
+        if unfinished is not None:
+            print(f"Resuming the submission of the run in {config.job_info_file}")
+            jobs.submit_ready(s3, bedrock, unfinished, common.in_job_region(config, unfinished), save,
+                              config.quotas.max_concurrent_jobs)
+            return finish(unfinished, config)
 
     account = common.caller_account(sts)
     owner = common.bucket_owner(config, account)
-    stamp = common.timestamp()
-    manifest_name = f"{common.MANIFEST_PREFIX}{stamp}{common.MANIFEST_SUFFIX}"
-    local = Path(manifest_name)
+    exclude: dict[str, str] = {}
+    if not args.all and config.vector_bucket and config.vector_index:
+        print(f"Checking which images are already in index {config.vector_index}")
+        s3v = common.make_client("s3vectors", config, max_pool_connections=LIST_SEGMENTS + 2)
+        exclude = {key: "already in the vector index" for key in index_keys(s3v, config)}
+    elif not args.all:
+        print("VECTOR_BUCKET/VECTOR_INDEX not set: every image is embedded (set them to skip images already loaded)")
+    if not args.dry_run and args.force:
+        exclude.update({key: "in a job of the replaced run still running" for key in
+                        in_flight_records(config.job_info_file)})
 
-    print(f"Listing images from {input_uri} (including subdirectories)")
-    objects = common.list_objects(s3, config.source_bucket, prefix, owner)
-    print(f"Creating JSONL file: {manifest_name}")
-    count, skipped, own_manifests, foreign = write_manifest(objects, config, owner, local)
-    ok(f"Found {count} images")
-    ok(f"Created JSONL with {count} records")
-    print_skipped(skipped)
-    if foreign or count < common.MIN_RECORDS_PER_JOB:
-        local.unlink()
-    if foreign:
-        raise StepError(
-            f"{common.s3_uri(config.source_bucket, foreign[0])} is a .jsonl this tool did not create; Bedrock would "
-            f"read it as input of the job ({len(foreign)} such file(s)) — move it out of {input_uri}"
-        )
-    if count < common.MIN_RECORDS_PER_JOB:
-        raise StepError(
-            f"found {count} images under {input_uri}; a batch job needs at least {common.MIN_RECORDS_PER_JOB} "
-            "— add images or use a larger prefix"
-        )
-    job = {
-        "job_name": f"nova-mme-embedding-{stamp}",
-        "model_id": config.model_id,
-        "role_arn": config.role_arn,
-        "embedding_dimension": config.embedding_dimension,
-        "embedding_purpose": config.embedding_purpose,
-        "input_s3_uri": input_uri,
-        "output_s3_uri": common.s3_uri(config.result_bucket, config.result_prefix),
-        "manifest_local_path": str(local.resolve()),
-        "manifest_s3_key": prefix + manifest_name,
-        "record_count": count,
-        "created": common.now_iso(),
-    }
-    job["client_request_token"] = manifest_token(local, job["job_name"])
+    stamp = common.timestamp()
+    with tempfile.TemporaryDirectory(prefix="bedrock-batch-") as workdir:
+        print(f"Listing images from {input_uri} (including subdirectories)")
+        listing = list_images(s3, config, owner, exclude, Path(workdir))
+        ok(f"Found {listing.images} images")
+        print_skipped(listing)
+        if listing.foreign:
+            raise StepError(
+                f"{common.s3_uri(config.source_bucket, listing.foreign[0])} is a .jsonl this tool did not create; "
+                f"Bedrock would read it as input of the job ({len(listing.foreign)} such file(s)) — move it out of "
+                f"{input_uri}"
+            )
+        if listing.images == 0 and listing.left_out:
+            ok("Nothing new to embed")
+            return common.EXIT_OK
+        if listing.images < config.quotas.min_records_per_job:
+            raise StepError(
+                f"found {listing.images} images to embed under {input_uri}; a batch job needs at least "
+                f"{config.quotas.min_records_per_job} — add images or use a larger prefix"
+            )
+        can_root = lambda folder: bool(common.S3_URI_RE.fullmatch(common.s3_uri(config.source_bucket, folder)))  # noqa
+        planned = jobs.plan_jobs({f: tuple(c) for f, c in listing.counts.items()}, prefix, config.quotas, can_root)
+        print("Creating JSONL files")
+        job_records = write_manifests(listing, planned, config, owner, stamp)
+    for job in job_records:
+        for manifest in job["manifests"]:
+            print(f"Created {Path(manifest['local_path']).name} with {manifest['records']} records")
+    ok(f"Created JSONL with {listing.images} records")
+    print_plan(job_records, config.quotas)
     if args.dry_run:
-        print_dry_run(job, local)
-        local.unlink()
+        first = orjson.loads(Path(job_records[0]["manifests"][0]["local_path"]).read_bytes().split(b"\n", 1)[0])
+        remove_local(job_records)
+        common.banner("Dry run: nothing uploaded, no job submitted")
+        print(f"Model: {config.model_id}")
+        print(f"Output: {job_records[0]['output_s3_uri']}")
+        print(f"Role: {config.role_arn}")
+        print(f"Records: {listing.images}")
+        print(f"First record: {orjson.dumps(first).decode()}")
         return common.EXIT_OK
 
-    if own_manifests:
+    if listing.own_manifests:
         print(f"Cleaning up old JSONL files from {input_uri}")
-        for key in own_manifests:
+        for key in listing.own_manifests:
             common.delete_object(s3, config.source_bucket, key, owner)
             print(f"Deleted: {key}")
-        ok(f"Cleaned up {len(own_manifests)} old JSONL file(s)")
-    upload(s3, local, config.source_bucket, job["manifest_s3_key"], owner)
+        ok(f"Cleaned up {len(listing.own_manifests)} old JSONL file(s)")
     info = {
-        "version": 1,
+        "version": 2,
         "region": config.region,
         "account_id": account,
         "source_bucket": config.source_bucket,
         "source_prefix": prefix,
         "result_bucket": config.result_bucket,
         "result_prefix": config.result_prefix,
-        "created": job["created"],
-        "jobs": [job],
+        "created": common.now_iso(),
+        "jobs": job_records,
     }
-    # Saved before the submit: if the answer is lost, the next run submits the same job with the same token.
-    common.save_job_info(config.job_info_file, info)
-    return finish_submit(bedrock, config, info)
+    save(info)  # the whole run, queued, before anything is submitted
+    jobs.submit_ready(s3, bedrock, info, config, save, config.quotas.max_concurrent_jobs)
+    return finish(info, config)
 
 
-def manifest_token(path: Path, job_name: str) -> str:
-    """Deterministic clientRequestToken: the job's name and the manifest's content."""
-    digest = hashlib.sha256(job_name.encode())
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def print_dry_run(job: dict, local: Path) -> None:
-    with open(local, encoding="utf-8") as fh:
-        first = fh.readline().strip()
-    common.banner("Dry run: nothing uploaded, no job submitted")
-    print(f"Would upload: {job['input_s3_uri']}{Path(job['manifest_s3_key']).name} ({local.stat().st_size} bytes)")
-    print(f"Would create job: {job['job_name']}")
-    print(f"Model: {job['model_id']}")
-    print(f"Input: {job['input_s3_uri']}")
-    print(f"Output: {job['output_s3_uri']}")
-    print(f"Role: {job['role_arn']}")
-    print(f"Records: {job['record_count']}")
-    print(f"First record: {first}")
+def finish(info: dict, config: common.Config) -> int:
+    submitted = [j for j in info["jobs"] if j.get("job_arn")]
+    waiting = [j for j in info["jobs"] if not j.get("job_arn")]
+    for job in submitted:
+        print(f"Job {job['job_name']}: {job['job_arn']}")
+    print(f"Saving job information to {config.job_info_file}")
+    ok("Job information saved")
+    if len(info["jobs"]) == 1 and submitted:
+        job = submitted[0]
+        ok("Batch job created successfully!")
+        print(f"Job ID: {job['job_id']}")
+        print(f"Job ARN: {job['job_arn']}")
+    common.banner(f"✓ Batch Job{'s' if len(submitted) != 1 else ''} Created Successfully!" if submitted
+                  else "Jobs queued")
+    if waiting:
+        print(f"{len(waiting)} job(s) queued: 02_monitor_job.py --wait submits them as slots free up.")
+    print("Next steps:")
+    print("1. Monitor job status: uv run 02_monitor_job.py")
+    print("2. Load results to vector bucket: uv run 03_load_result_to_s3_vector_bucket.py")
+    return common.EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,9 +17,10 @@ import time
 from datetime import datetime
 
 import common
+import jobs
 from common import ok
 
-SETTINGS = ("AWS_REGION", "JOB_INFO_FILE", "EXPECTED_BUCKET_OWNER")
+SETTINGS = ("AWS_REGION", "JOB_INFO_FILE", "EXPECTED_BUCKET_OWNER", "OUTPUT_KMS_KEY_ID", "MAX_CONCURRENT_JOBS")
 EXIT_RUNNING = 3
 EXIT_PARTIAL = 4
 EXIT_FAILED = 5
@@ -85,23 +86,53 @@ def print_status(job: dict, manifest: dict | None) -> None:
     print(common.RULE)
 
 
-def check(bedrock, s3, job: dict, owner: str) -> dict:
-    """Fetch the job's status and print the article's status block."""
+def check(bedrock, s3, job: dict, owner: str, verbose: bool) -> dict:
+    """Fetch the job's status into the job-info record; print the article's status block when `verbose`."""
     status = bedrock.get_model_invocation_job(jobIdentifier=job["job_arn"])
-    manifest = token_counts(s3, job, common.job_id_from_arn(job["job_arn"]), owner) if status.get("totalRecordCount") is not None else None
-    print_status(status, manifest)
+    job["status"] = status["status"]
+    job["counts"] = {k: status.get(k) for k in ("totalRecordCount", "processedRecordCount", "successRecordCount",
+                                                 "errorRecordCount") if status.get(k) is not None}
+    if status.get("message"):
+        job["message"] = status["message"]
+    if verbose:
+        manifest = token_counts(s3, job, common.job_id_from_arn(job["job_arn"]), owner) \
+            if status.get("totalRecordCount") is not None else None
+        print_status(status, manifest)
     return status
 
 
+def print_run(info: dict) -> None:
+    """One line a job and the run's overall progress."""
+    common.banner(f"Batch Inference Run: {len(info['jobs'])} jobs")
+    total = processed = 0
+    for job in info["jobs"]:
+        counts = job.get("counts", {})
+        status = job.get("status") or ("Submitting" if job.get("uploaded") else "Queued")
+        total += job["record_count"]
+        processed += counts.get("processedRecordCount", 0) if status not in ("Queued", "Submitting") else 0
+        stats = f"{counts.get('processedRecordCount', 0)}/{job['record_count']}" if counts else f"-/{job['record_count']}"
+        print(f"{job['job_name']:<40} {status:<18} {stats:>13}  {job['input_s3_uri']}")
+    by_status: dict[str, int] = {}
+    for job in info["jobs"]:
+        key = job.get("status") or "Queued"
+        by_status[key] = by_status.get(key, 0) + 1
+    print("Jobs: " + ", ".join(f"{status} {n}" for status, n in sorted(by_status.items())))
+    print(f"Overall progress: {100.0 * processed / max(total, 1):.1f}% ({processed}/{total} records)")
+    print(common.RULE)
+
+
 def remove_input(s3, info: dict, job: dict, owner: str) -> None:
-    """Delete the manifest the job read, so the folder is clean for the next run (as in the article)."""
-    print("Cleaning up input JSONL files...")
-    key = job["manifest_s3_key"]
-    if not common.object_exists(s3, info["source_bucket"], key, owner):
+    """Delete the manifests the job read, so the folder is clean for the next job and the next run."""
+    print(f"Cleaning up input JSONL files of {job['job_name']}...")
+    removed = 0
+    for manifest in job["manifests"]:
+        if common.object_exists(s3, info["source_bucket"], manifest["s3_key"], owner):
+            common.delete_object(s3, info["source_bucket"], manifest["s3_key"], owner)
+            ok(f"Deleted: {common.s3_uri(info['source_bucket'], manifest['s3_key'])}")
+            removed += 1
+    if not removed:
         print("(No JSONL files found to clean up)")
-        return
-    common.delete_object(s3, info["source_bucket"], key, owner)
-    ok(f"Deleted: {common.s3_uri(info['source_bucket'], key)}")
+    job["input_removed"] = True
 
 
 def ask_to_wait() -> bool:
@@ -111,21 +142,59 @@ def ask_to_wait() -> bool:
         return False
 
 
-def finish(status: str, message: str | None) -> int:
-    if status == "Completed":
-        ok("Job completed successfully!")
-        print("Next step: uv run 03_load_result_to_s3_vector_bucket.py")
-        return common.EXIT_OK
-    if status == "PartiallyCompleted":
-        print("! Job partially completed: not every record was processed in time.")
-        print("Next step: uv run 03_load_result_to_s3_vector_bucket.py (loads what was produced and lists the rest)")
+def outcome(info: dict) -> int:
+    statuses = [job.get("status") for job in info["jobs"]]
+    if any(s in ("Failed", "Stopped", "Expired") for s in statuses):
+        return EXIT_FAILED
+    if "PartiallyCompleted" in statuses:
         return EXIT_PARTIAL
-    print(f"✗ Job ended {status}" + (f": {message}" if message else ""))
-    if status == "Stopped":
-        print("Next step: uv run 03_load_result_to_s3_vector_bucket.py loads what was produced before the stop")
-    else:
-        print("Next step: fix the cause, then uv run 04_remove_completed_task.py and uv run 01_create_job.py")
-    return EXIT_FAILED
+    return common.EXIT_OK
+
+
+def finish(info: dict) -> int:
+    code = outcome(info)
+    if code == common.EXIT_OK:
+        ok("Job completed successfully!" if len(info["jobs"]) == 1 else "All jobs completed successfully!")
+        print("Next step: uv run 03_load_result_to_s3_vector_bucket.py")
+        return code
+    for job in info["jobs"]:
+        if job.get("status") == "PartiallyCompleted":
+            print(f"! Job {job['job_name']} partially completed: not every record was processed in time.")
+        elif job.get("status") != "Completed":
+            print(f"✗ Job {job['job_name']} ended {job.get('status')}"
+                  + (f": {job['message']}" if job.get("message") else ""))
+    print("Next step: uv run 03_load_result_to_s3_vector_bucket.py loads what was produced and lists every image "
+          "that was not; then 01_create_job.py --retry-failed")
+    return code
+
+
+class Run:
+    """The run in the job-info file: polls its jobs, removes the inputs of those that ended, submits queued ones."""
+
+    def __init__(self, info: dict, config: common.Config, path):
+        self.info, self.config, self.path = info, config, path
+        self.bedrock = common.make_client("bedrock", config)
+        self.s3 = common.make_client("s3", config)
+        self.owner = common.bucket_owner(config, info["account_id"])
+
+    def save(self) -> None:
+        common.save_job_info(self.path, self.info)
+
+    def poll(self) -> bool:
+        """Check every job once; True when the whole run has ended."""
+        single = len(self.info["jobs"]) == 1
+        for job in common.submitted_jobs(self.info):
+            if job.get("status") in common.TERMINAL_STATUSES and job.get("input_removed"):
+                continue
+            check(self.bedrock, self.s3, job, self.owner, verbose=single)
+            if job["status"] in common.TERMINAL_STATUSES and not job.get("input_removed"):
+                remove_input(self.s3, self.info, job, self.owner)
+        self.save()
+        jobs.submit_ready(self.s3, self.bedrock, self.info, self.config, lambda _: self.save(),
+                          self.config.quotas.max_concurrent_jobs)
+        if not single:
+            print_run(self.info)
+        return all(job.get("job_arn") and job.get("status") in common.TERMINAL_STATUSES for job in self.info["jobs"])
 
 
 def run(argv, sleep=time.sleep, clock=time.monotonic) -> int:
@@ -134,39 +203,32 @@ def run(argv, sleep=time.sleep, clock=time.monotonic) -> int:
     common.banner("Bedrock Batch Inference - Monitor Job")
     info = common.load_job_info(config.job_info_file)
     print(f"Loaded job info from {config.job_info_file}")
-    jobs = common.submitted_jobs(info)
-    if not jobs:
-        raise common.StepError(f"{config.job_info_file} holds no submitted job — run 01_create_job.py again")
-    job = jobs[0]
-    print(f"Job ARN: {job['job_arn']}")
-    config = common.in_job_region(config, info)
-    bedrock = common.make_client("bedrock", config)
-    s3 = common.make_client("s3", config)
-    owner = common.bucket_owner(config, info["account_id"])
+    if len(info["jobs"]) == 1 and info["jobs"][0].get("job_arn"):
+        print(f"Job ARN: {info['jobs'][0]['job_arn']}")
+    the_run = Run(info, common.in_job_region(config, info), config.job_info_file)
 
-    status = check(bedrock, s3, job, owner)
+    ended = the_run.poll()
     waiting = args.wait
-    if status["status"] not in common.TERMINAL_STATUSES and not args.wait and not args.no_wait and sys.stdin.isatty():
+    if not ended and not args.wait and not args.no_wait and sys.stdin.isatty():
         waiting = ask_to_wait()
     started, poll = clock(), 1
     try:
-        while status["status"] not in common.TERMINAL_STATUSES:
+        while not ended:
             if not waiting:
-                print(f"Job is {status['status']}. Run 02_monitor_job.py again later (or with --wait).")
+                print("The run is still going. Run 02_monitor_job.py again later (or with --wait).")
                 return EXIT_RUNNING
             if args.timeout is not None and clock() - started + args.interval > args.timeout:
-                print(f"Timed out after {args.timeout:g}s; the job is still {status['status']} and keeps running.")
+                print(f"Timed out after {args.timeout:g}s; the jobs keep running.")
                 return EXIT_RUNNING
             print(f"Next check in {args.interval:g} seconds...")
             sleep(args.interval)
             poll += 1
             print(f"\n[Poll #{poll}] {datetime.now().strftime('%Y-%m-%d %H:%M:%S')}")
-            status = check(bedrock, s3, job, owner)
+            ended = the_run.poll()
     except KeyboardInterrupt:
         print("\nStopped monitoring; the job keeps running. Run 02_monitor_job.py again to check on it.")
         return common.EXIT_INTERRUPTED
-    remove_input(s3, info, job, owner)
-    return finish(status["status"], status.get("message"))
+    return finish(info)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import orjson
 
+import accounting
 import common
 import vectors
 from common import StepError, ok
@@ -35,7 +36,8 @@ def parse_args(argv):
     parser.add_argument("--reload", action="store_true", help="load everything again, ignoring earlier progress")
     parser.add_argument("--accept-failures", action="store_true",
                         help="exit 0 even when some records failed (they are still reported)")
-    parser.add_argument("--report", metavar="FILE", help="where failed records go (load_report_<jobId>.jsonl)")
+    parser.add_argument("--report", metavar="FILE",
+                        help="where the images not loaded are listed (default: beside the job-info file)")
     parser.add_argument("--vectors-per-second", type=float, default=2500, help="the index's write quota (2500)")
     parser.add_argument("--requests-per-second", type=float, default=1000, help="the index's request quota (1000)")
     parser.add_argument("--threads", type=int, default=4, help="PutVectors requests in flight (4)")
@@ -215,58 +217,30 @@ def read_manifest(s3, bucket: str, key: str, owner: str) -> dict | None:
         return None
 
 
-def run(argv) -> int:
-    args = parse_args(argv)
-    config = common.load_config(args, REQUIRED)
-    common.banner("Bedrock Batch Inference - Load Results to Vector Bucket")
-    info = common.load_job_info(config.job_info_file)
-    config = common.in_job_region(config, info)
-    print(f"Loaded job info from {config.job_info_file}")
-    jobs = common.submitted_jobs(info)
-    if not jobs:
-        raise StepError(f"{config.job_info_file} holds no submitted job — run 01_create_job.py again")
-    job = jobs[0]
+def load_job(job: dict, info: dict, clients, config: common.Config, args, limiter) -> dict:
+    """Stream one job's output files into the index; returns the job's counts. Resumes from its checkpoint."""
+    s3, s3v, owner = clients
     job_id = common.job_id_from_arn(job["job_arn"])
     print(f"Job Name: {job['job_name']}")
     print(f"Job ARN: {job['job_arn']}")
     print(f"Job ID: {job_id}")
     result_bucket, result_prefix = common.parse_s3_uri(job["output_s3_uri"])
     print(f"Batch Result Bucket: {result_bucket}")
-
-    bedrock = common.make_client("bedrock", config)
-    s3 = common.make_client("s3", config)
-    s3v = common.make_client("s3vectors", config, max_attempts=4, max_pool_connections=args.threads + 2)
-    owner = common.bucket_owner(config, info["account_id"])
-
-    status = bedrock.get_model_invocation_job(jobIdentifier=job["job_arn"])["status"]
-    if status not in common.TERMINAL_STATUSES:
-        raise StepError(f"job {job['job_name']} is still {status} — wait for it with 02_monitor_job.py --wait",
-                        common.EXIT_USAGE)
-    if status not in common.LOADABLE_STATUSES:
-        raise StepError(f"job {job['job_name']} ended {status}; it produced nothing to load — see 02_monitor_job.py")
-
     job_prefix = f"{result_prefix}{job_id}/"
     print(f"Listing output files from {common.s3_uri(result_bucket, job_prefix)}")
     files = output_files(s3, result_bucket, job_prefix, owner)
     ok(f"Found {len(files)} output files")
-    if not files:
-        raise StepError(f"no .jsonl.out under {common.s3_uri(result_bucket, job_prefix)} — is RESULT_PREFIX right?")
 
-    dimension = int(job.get("embedding_dimension", config.embedding_dimension))
-    ensure_index(s3v, config.vector_bucket, config.vector_index, dimension)
-
-    if args.reload:
-        job.pop("load", None)
     state = job.get("load") or {}
-    report_path = Path(args.report or f"load_report_{job_id}.jsonl")
+    report_path = report_file(job_id)
     report = open(report_path, "r+b" if state and report_path.exists() else "wb")
     report.truncate(state.get("report_bytes", 0))
     report.seek(0, 2)
     if state:
         print(f"Resuming: {state.get('counts', {}).get('inserted', 0)} vectors already confirmed")
 
+    dimension = int(job.get("embedding_dimension", config.embedding_dimension))
     checkpoint = Checkpoint(info, job, config.job_info_file)
-    limiter = vectors.RateLimiter(args.vectors_per_second, args.requests_per_second)
     batcher = vectors.Batcher(config.vector_bucket, config.vector_index)
     loader = Loader(job, job_id, dimension, batcher, report, state)
     progress = Progress(int(job.get("record_count") or 0), sys.stdout.isatty())
@@ -311,49 +285,88 @@ def run(argv) -> int:
         report.close()
         raise
     progress.close()
-    checkpoint.save(force=True)
     report.close()
-    elapsed = time.monotonic() - started
+    with checkpoint.lock:
+        checkpoint.state = dict(checkpoint.state, finished=True)
+    checkpoint.save(force=True)
     counts = dict(checkpoint.state.get("counts", loader.counts))
+    elapsed = time.monotonic() - started
     ok(f"Total vectors inserted: {counts['inserted']} in {elapsed:.1f}s "
        f"({sender.stats['requests']} requests, {sender.stats['throttled']} throttled)")
-    return summarize(s3, result_bucket, job_prefix, owner, counts, report_path, config, args)
-
-
-def errors_by_code(report_path: Path) -> dict[str, int]:
-    tally: dict[str, int] = {}
-    with open(report_path, "rb") as fh:
-        for line in fh:
-            code = str(orjson.loads(line).get("error_code"))
-            tally[code] = tally.get(code, 0) + 1
-    return tally
-
-
-def summarize(s3, bucket, job_prefix, owner, counts, report_path, config, args) -> int:
-    manifest = read_manifest(s3, bucket, f"{job_prefix}manifest.json.out", owner)
-    common.banner("Summary")
-    print(f"Total Records Processed: {counts['total']}")
-    print(f"Successful: {counts['success']}")
-    print(f"Errors: {counts['error']}")
-    print(f"Vectors Inserted: {counts['inserted']}")
-    print(f"Vector Bucket: {config.vector_bucket}")
-    print(f"Index Name: {config.vector_index}")
-    problems = []
-    if counts["error"]:
-        by_code = ", ".join(f"{code}: {n}" for code, n in sorted(errors_by_code(report_path).items()))
-        problems.append(f"{counts['error']} record(s) failed" + (f" ({by_code})" if by_code else "")
-                        + f" — listed in {report_path}")
+    manifest = read_manifest(s3, result_bucket, f"{job_prefix}manifest.json.out", owner)
     if manifest is None:
         print("(manifest.json.out not found: counts not cross-checked)")
+    elif manifest.get("totalRecordCount") not in (None, counts["total"]):
+        counts["mismatch"] = (f"manifest.json.out of {job['job_name']} counts {manifest['totalRecordCount']} "
+                              f"records but the output holds {counts['total']}")
     else:
-        expected = manifest.get("totalRecordCount")
-        if expected is not None and expected != counts["total"]:
-            problems.append(f"manifest.json.out counts {expected} records but the output holds {counts['total']}")
-        else:
-            ok("Counts match manifest.json.out")
+        ok("Counts match manifest.json.out")
+    return counts
+
+
+def report_file(job_id: str) -> Path:
+    return Path(f"load_report_{job_id}.jsonl")
+
+
+def run(argv) -> int:
+    args = parse_args(argv)
+    config = common.load_config(args, REQUIRED)
+    common.banner("Bedrock Batch Inference - Load Results to Vector Bucket")
+    info = common.load_job_info(config.job_info_file)
+    config = common.in_job_region(config, info)
+    print(f"Loaded job info from {config.job_info_file}")
+
+    bedrock = common.make_client("bedrock", config)
+    s3 = common.make_client("s3", config)
+    s3v = common.make_client("s3vectors", config, max_attempts=4, max_pool_connections=args.threads + 10)
+    owner = common.bucket_owner(config, info["account_id"])
+    running = []
+    for job in info["jobs"]:
+        if not job.get("job_arn"):
+            running.append(f"{job['job_name']} is queued")
+            continue
+        job["status"] = bedrock.get_model_invocation_job(jobIdentifier=job["job_arn"])["status"]
+        if job["status"] not in common.TERMINAL_STATUSES:
+            running.append(f"{job['job_name']} is {job['status']}")
+    if running:
+        raise StepError(f"the run has not ended ({'; '.join(running[:3])}) — wait for it with "
+                        "02_monitor_job.py --wait", common.EXIT_USAGE)
+    loadable = [job for job in info["jobs"] if job["status"] in common.LOADABLE_STATUSES]
+    dimensions = {int(job.get("embedding_dimension", config.embedding_dimension)) for job in info["jobs"]}
+    if loadable:
+        ensure_index(s3v, config.vector_bucket, config.vector_index, max(dimensions))
+
+    limiter = vectors.RateLimiter(args.vectors_per_second, args.requests_per_second)
+    totals = {"total": 0, "success": 0, "error": 0, "inserted": 0}
+    problems = []
+    for job in loadable:
+        if args.reload:
+            job.pop("load", None)
+        counts = load_job(job, info, (s3, s3v, owner), config, args, limiter)
+        for key in totals:
+            totals[key] += counts.get(key, 0)
+        if "mismatch" in counts:
+            problems.append(counts["mismatch"])
+
+    common.banner("Summary")
+    print(f"Total Records Processed: {totals['total']}")
+    print(f"Successful: {totals['success']}")
+    print(f"Errors: {totals['error']}")
+    print(f"Vectors Inserted: {totals['inserted']}")
+    print(f"Vector Bucket: {config.vector_bucket}")
+    print(f"Index Name: {config.vector_index}")
+    path = Path(args.report) if args.report else accounting.account_file(config.job_info_file)
+    account = accounting.account_run(info, s3v, config, report_file, path)
+    accounting.print_account(account)
     print(common.RULE)
+    if account["failed"] or account["missing"]:
+        problems.append(f"{account['failed']} image(s) failed and {account['missing']} are missing — "
+                        f"listed in {path}; retry them with 01_create_job.py --retry-failed")
+    else:
+        path.unlink(missing_ok=True)
+    info["account_file"] = str(path.resolve())
+    common.save_job_info(config.job_info_file, info)
     if not problems:
-        report_path.unlink(missing_ok=True)
         ok("Results loaded successfully!")
         print("You can now query the vector bucket.")
         return common.EXIT_OK

@@ -26,17 +26,15 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def loaded(job: dict) -> bool:
-    files = job.get("load", {}).get("files", {})
-    return bool(files) and all(f.get("done") for f in files.values())
-
-
 def check_can_remove(bedrock, job: dict) -> None:
+    if not job.get("job_arn"):
+        raise StepError(f"job {job['job_name']} is still queued — let 02_monitor_job.py --wait submit it, "
+                        "or pass --force")
     status = bedrock.get_model_invocation_job(jobIdentifier=job["job_arn"])["status"]
     if status not in common.TERMINAL_STATUSES:
         raise StepError(f"job {job['job_name']} is still {status} — wait for it (02_monitor_job.py --wait) "
                         "or pass --force")
-    if status in common.LOADABLE_STATUSES and not loaded(job):
+    if status in common.LOADABLE_STATUSES and not common.job_loaded(job):
         raise StepError(f"the results of job {job['job_name']} are not loaded yet — run "
                         "03_load_result_to_s3_vector_bucket.py first, or pass --force")
 
@@ -56,29 +54,31 @@ def run(argv) -> int:
     s3 = common.make_client("s3", config)
     if not args.force:
         bedrock = common.make_client("bedrock", config)
-        for job in common.submitted_jobs(info):
+        for job in jobs:
             check_can_remove(bedrock, job)
     owner = common.bucket_owner(config, info["account_id"])
     bucket = info["source_bucket"]
+    manifests = [m for job in jobs for m in job["manifests"]]
+    for manifest in manifests:
+        for name in (manifest["s3_key"], Path(manifest["local_path"]).name):
+            if not common.is_own_manifest(name):
+                raise StepError(f"{config.job_info_file} names {name}, which this tool did not create — not deleting it")
 
     print(f"Removing S3 JSONL files from {common.s3_uri(bucket, info.get('source_prefix', ''))}...")
     removed_s3 = 0
-    for job in jobs:
-        key = job["manifest_s3_key"]
-        if not common.is_own_manifest(key):
-            raise StepError(f"{config.job_info_file} names {key}, which this tool did not create — not deleting it")
-        if common.object_exists(s3, bucket, key, owner):
-            common.delete_object(s3, bucket, key, owner)
-            ok(f"Deleted: {common.s3_uri(bucket, key)}")
+    for manifest in manifests:
+        if common.object_exists(s3, bucket, manifest["s3_key"], owner):
+            common.delete_object(s3, bucket, manifest["s3_key"], owner)
+            ok(f"Deleted: {common.s3_uri(bucket, manifest['s3_key'])}")
             removed_s3 += 1
     if not removed_s3:
         print("(No S3 JSONL files left to remove)")
 
     print("Removing local files...")
     removed_local = 0
-    for job in jobs:
-        local = Path(job.get("manifest_local_path", ""))
-        if job.get("manifest_local_path") and common.is_own_manifest(local.name) and local.exists():
+    for manifest in manifests:
+        local = Path(manifest["local_path"])
+        if local.exists():
             local.unlink()
             ok(f"Deleted: {local.name}")
             removed_local += 1

@@ -5,7 +5,7 @@ vectors are nearest.
     uv run 05_query_vectors.py --image photo.jpg          (or --image s3://bucket/2024/photo.jpg)
 
 A text is embedded with embeddingPurpose IMAGE_RETRIEVAL (text → image search), an image with GENERIC_RETRIEVAL;
---purpose overrides. The query is embedded at the index's dimension, read from the index (GetIndex).
+--purpose overrides. The index decides the dimension (GetIndex); EMBEDDING_DIMENSION must match it.
 A filter is an S3 Vectors metadata filter on `source_uri` or `job_id`, with $eq $ne $gt $gte $lt $lte $in $nin
 $exists $and $or, e.g. '{"source_uri": {"$in": ["s3://bucket/2024/a.jpg", "s3://bucket/2024/b.jpg"]}}'.
 Exit status: 0 the hits were printed (none is not an error); 1 an AWS error; 2 a setting, flag or input is wrong.

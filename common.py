@@ -101,8 +101,30 @@ SETTINGS = {
         Setting("JOB_INFO_FILE", "--job-info-file", "state file between the steps", "batch_job_info.json"),
         Setting("EXPECTED_BUCKET_OWNER", "--bucket-owner", "account that must own the buckets (default: yours)"),
         Setting("OUTPUT_KMS_KEY_ID", "--output-kms-key-id", "KMS key that encrypts the job's output"),
+        Setting("MIN_RECORDS_PER_JOB", "--min-records-per-job", "Bedrock quota: fewest records in a job", "100"),
+        Setting("MAX_RECORDS_PER_FILE", "--max-records-per-file", "Bedrock quota: records per input file", "50000"),
+        Setting("MAX_RECORDS_PER_JOB", "--max-records-per-job", "Bedrock quota: records per job", "50000"),
+        Setting("MAX_INPUT_FILE_BYTES", "--max-input-file-bytes", "Bedrock quota: bytes per input file",
+                "1000000000"),
+        Setting("MAX_JOB_BYTES", "--max-job-bytes", "Bedrock quota: bytes of input per job", "5000000000"),
+        Setting("MAX_CONCURRENT_JOBS", "--max-concurrent-jobs", "Bedrock quota: jobs submitted or in progress",
+                "10"),
     )
 }
+QUOTA_SETTINGS = ("MIN_RECORDS_PER_JOB", "MAX_RECORDS_PER_FILE", "MAX_RECORDS_PER_JOB", "MAX_INPUT_FILE_BYTES",
+                  "MAX_JOB_BYTES", "MAX_CONCURRENT_JOBS")
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """Bedrock's batch quotas for the model (defaults from aws-facts.md; the account's may differ)."""
+
+    min_records_per_job: int = 100
+    max_records_per_file: int = 50_000
+    max_records_per_job: int = 50_000
+    max_input_file_bytes: int = 1_000_000_000
+    max_job_bytes: int = 5_000_000_000
+    max_concurrent_jobs: int = 10
 
 
 @dataclass(frozen=True)
@@ -121,7 +143,7 @@ class Config:
     job_info_file: Path = Path("batch_job_info.json")
     expected_bucket_owner: str | None = None
     output_kms_key_id: str | None = None
-    extra: dict = field(default_factory=dict)
+    quotas: Quotas = field(default_factory=Quotas)
 
 
 def _attr(env: str) -> str:
@@ -180,6 +202,7 @@ def load_config(args: argparse.Namespace, required: Iterable[str] = (), env: dic
         job_info_file=Path(raw["JOB_INFO_FILE"]),
         expected_bucket_owner=raw["EXPECTED_BUCKET_OWNER"],
         output_kms_key_id=raw["OUTPUT_KMS_KEY_ID"],
+        quotas=Quotas(*(int(raw[name]) for name in QUOTA_SETTINGS)),
     )
 
 
@@ -199,6 +222,11 @@ def _invalid(raw: dict[str, str | None]) -> list[str]:
         problems.append(f"EMBEDDING_PURPOSE={raw['EMBEDDING_PURPOSE']!r} must be one of {', '.join(EMBEDDING_PURPOSES)}")
     if raw["EXPECTED_BUCKET_OWNER"] and not ACCOUNT_RE.fullmatch(raw["EXPECTED_BUCKET_OWNER"]):
         problems.append(f"EXPECTED_BUCKET_OWNER={raw['EXPECTED_BUCKET_OWNER']!r} must be a 12-digit account id")
+    for name in QUOTA_SETTINGS:
+        if not (raw[name] or "").isdigit() or int(raw[name]) < 1:
+            problems.append(f"{name}={raw[name]!r} must be a positive whole number")
+    if not problems and int(raw["MAX_RECORDS_PER_JOB"]) < 2 * int(raw["MIN_RECORDS_PER_JOB"]):
+        problems.append("MAX_RECORDS_PER_JOB must be at least twice MIN_RECORDS_PER_JOB")
     if not raw["AWS_REGION"] or not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d", raw["AWS_REGION"]):
         problems.append(f"AWS_REGION={raw['AWS_REGION']!r} is not a region name like us-east-1")
     return problems
@@ -355,9 +383,14 @@ def _job_info_problems(info) -> str:
     for i, job in enumerate(jobs):
         if not isinstance(job, dict):
             return f"jobs[{i}] is not an object"
-        missing = [k for k in ("job_name", "manifest_s3_key", "input_s3_uri", "output_s3_uri") if not job.get(k)]
+        missing = [k for k in ("job_name", "input_folder", "input_s3_uri", "output_s3_uri", "manifests")
+                   if job.get(k) is None]
         if missing:
             return f"jobs[{i}] lacks {', '.join(missing)}"
+        if not isinstance(job["manifests"], list) or not all(
+                isinstance(m, dict) and isinstance(m.get("s3_key"), str) and isinstance(m.get("local_path"), str)
+                for m in job["manifests"]):
+            return f"jobs[{i}].manifests is not a list of {{s3_key, local_path}}"
     for key in ("region", "source_bucket", "result_bucket", "account_id"):
         if not isinstance(info.get(key), str):
             return f"'{key}' missing"
@@ -371,6 +404,20 @@ def in_job_region(config: Config, info: dict) -> Config:
 
 def submitted_jobs(info: dict) -> list[dict]:
     return [job for job in info["jobs"] if job.get("job_arn")]
+
+
+def job_loaded(job: dict) -> bool:
+    """Whether step 3 has loaded every output file of the job."""
+    load = job.get("load") or {}
+    return bool(load.get("finished"))
+
+
+def manifest_record_ids(path: Path) -> Iterator[str]:
+    """The recordIds of a local manifest, one line at a time."""
+    with open(path, "rb") as fh:
+        for line in fh:
+            if line.strip():
+                yield json.loads(line)["recordId"]
 
 
 # --------------------------------------------------------------------------------------------------------------

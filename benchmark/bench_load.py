@@ -500,6 +500,7 @@ def step3_figures(run: ProcessRun, d: dict, after: dict, records: int, dimension
         "vectors_in_index": after.get("vectors", 0),
         "exit_code": run.exit_code,
         "killed": run.killed,
+        "timeline": [(round(t, 2), v - base) for t, v in run.samples],
     }
 
 
@@ -514,8 +515,11 @@ def verify_index(servers: Servers, data: Dataset, job: Job, sample_data: bool) -
     token = None
     while True:
         kwargs = {"nextToken": token} if token else {}
-        page = s3v.list_vectors(vectorBucketName=VECTOR_BUCKET, indexName=VECTOR_INDEX, maxResults=1000,
-                                returnMetadata=True, **kwargs)
+        try:
+            page = s3v.list_vectors(vectorBucketName=VECTOR_BUCKET, indexName=VECTOR_INDEX, maxResults=1000,
+                                    returnMetadata=True, **kwargs)
+        except s3v.exceptions.NotFoundException as exc:
+            return "MISMATCH", f"no index: {exc}"
         for v in page["vectors"]:
             seen[v["key"]] = v.get("metadata") or {}
         token = page.get("nextToken")
@@ -549,16 +553,49 @@ def verify_index(servers: Servers, data: Dataset, job: Job, sample_data: bool) -
 
 def step3_command(args, prof: Path | None) -> list[str]:
     extra = list(args.loader_arg or [])
+    pin = [shutil.which("taskset") or "taskset", "-c", "0"] if args.cpu_split else []
     if prof is not None:
-        return [sys.executable, str(PROFILER), str(prof), str(STEP3), *extra]
-    return [sys.executable, str(STEP3), *extra]
+        return [*pin, sys.executable, str(PROFILER), str(prof), str(STEP3), *extra]
+    return [*pin, sys.executable, str(STEP3), *extra]
 
 
-def step3_env(servers: Servers) -> dict:
+def show_timeline(figures: dict, every: float = 0.5) -> None:
+    """Vectors the index had accepted from this run, every `every` seconds since the process started."""
+    points, next_t, prev = [], 0.0, (0.0, 0)
+    for t, v in figures.get("timeline") or []:
+        if t >= next_t:
+            rate = (v - prev[1]) / (t - prev[0]) if t > prev[0] else 0
+            points.append(f"{t:5.1f}s {v:>7,} ({rate:,.0f}/s)")
+            prev, next_t = (t, v), t + every
+    print("  timeline (seconds since start: vectors accepted, rate since the previous point):")
+    for i in range(0, len(points), 4):
+        print("    " + "   ".join(points[i:i + 4]))
+
+
+def step3_env(servers: Servers, args) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(servers.env)
     env.update({"VECTOR_BUCKET": VECTOR_BUCKET, "VECTOR_INDEX": VECTOR_INDEX, "PYTHONUNBUFFERED": "1"})
+    if args.bytecode == "warm":
+        # As on a user's machine after the first run: compiled modules are cached (here outside the project and
+        # the venv). This sandbox sets PYTHONDONTWRITEBYTECODE and the venv holds no .pyc, so every process
+        # would otherwise compile boto3, botocore and numpy from source (~0.2 s per start).
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(args.cache_dir / "pycache")
     return env
+
+
+WARM_UP = """
+import boto3, numpy, orjson, urllib3
+import common, vectors
+for service in ("s3", "s3vectors", "bedrock"):
+    boto3.client(service, region_name="us-east-1")
+"""
+
+
+def warm_bytecode(servers: Servers, args) -> None:
+    if args.bytecode == "warm":
+        subprocess.run([sys.executable, "-c", WARM_UP], cwd=ROOT, env=step3_env(servers, args), check=True)
 
 
 def measure(args, servers: Servers, data: Dataset, job: Job, n: int, workroot: Path) -> dict:
@@ -567,7 +604,7 @@ def measure(args, servers: Servers, data: Dataset, job: Job, n: int, workroot: P
     workdir = workroot / f"run-{n}"
     workdir.mkdir(parents=True)
     write_job_info(workdir, job, data)
-    env = step3_env(servers)
+    env = step3_env(servers, args)
     result: dict = {"workdir": str(workdir)}
     runs = []
     before = {}
@@ -625,7 +662,7 @@ def measure_article(args, servers: Servers, data: Dataset, job: Job, workdir: Pa
     limit = min(data.records, args.article_records)
     print(f"  article's approach on {limit:,} of {data.records:,} records (fresh index {ARTICLE_INDEX}) ...",
           flush=True)
-    env = step3_env(servers)
+    env = step3_env(servers, args)
     cmd = [sys.executable, str(ARTICLE), "--bucket", RESULT_BUCKET, "--prefix", job.prefix, "--vector-bucket",
            VECTOR_BUCKET, "--index", ARTICLE_INDEX, "--dimension", str(data.dimension), "--limit", str(limit)]
     run = run_process(cmd, cwd=workdir, env=env, log=workdir / "article.log", servers=servers, index=ARTICLE_INDEX,
@@ -723,6 +760,8 @@ def median_of(dicts: list[dict]) -> dict:
     out: dict = {}
     for key in dicts[0]:
         values = [d.get(key) for d in dicts]
+        if any(isinstance(v, (list, dict)) for v in values):
+            continue
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             out[key] = statistics.median(values)
         elif all(v == values[0] for v in values):
@@ -797,6 +836,12 @@ def parse_args(argv):
     p.add_argument("--loader-arg", action="append", metavar="ARG", help="pass ARG to 03 (repeatable), e.g. "
                    "--loader-arg=--threads=8")
     p.add_argument("--timeout", type=float, default=1800, help="kill a run of 03 after this long (1800 s)")
+    p.add_argument("--bytecode", choices=("warm", "env"), default="warm",
+                   help="warm: 03 runs with a bytecode cache, as after a first run (default); env: as this "
+                        "environment says (here PYTHONDONTWRITEBYTECODE=1: every start compiles from source)")
+    p.add_argument("--timeline", action="store_true", help="print vectors accepted every 0.5 s of each run")
+    p.add_argument("--cpu-split", action="store_true",
+                   help="diagnostic: pin 03 to CPU 0 and moto + the S3 Vectors stand-in to CPU 1")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, job-info files)")
     p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     args = p.parse_args(argv)
@@ -814,10 +859,16 @@ def main(argv: list[str] | None = None) -> int:
     servers = Servers(workroot, fault_rate=args.fault_rate, seed=args.seed, store_data=args.store_data)
     results = []
     try:
+        if args.cpu_split:
+            for pid in (servers.moto.pid, servers.s3v.pid, os.getpid()):
+                for tid in os.listdir(f"/proc/{pid}/task"):  # every thread: new ones inherit from their creator
+                    os.sched_setaffinity(int(tid), {1})
         print(f"moto {servers.moto_url} (pid {servers.moto.pid}), S3 Vectors stand-in {servers.s3v_url} "
               f"(pid {servers.s3v.pid}; quota {QUOTA_VECTORS:,} vectors/s, {QUOTA_REQUESTS:,} requests/s, "
-              f"fault rate {args.fault_rate:g}, store_data={args.store_data}), Bedrock emulator {servers.bedrock_url}")
+              f"fault rate {args.fault_rate:g}, store_data={args.store_data}), Bedrock emulator {servers.bedrock_url}; "
+              f"bytecode: {args.bytecode}")
         job = create_job(servers, data)
+        warm_bytecode(servers, args)
         print(f"Job {job.job_id} Completed in the emulator; output s3://{RESULT_BUCKET}/{job.prefix} "
               f"({len(data.files)} file(s), {data.bytes / 1e6:,.0f} MB); moto's time to first byte of the largest "
               f"file: {job.get_latency:.2f}s")
@@ -832,6 +883,11 @@ def main(argv: list[str] | None = None) -> int:
                 show("run 1 (killed)" if runs[0]["killed"] else "run 1", runs[0])
                 show("run 2 (resumed)", runs[1])
             show("step 03" + (" (both runs)" if len(runs) > 1 else ""), result["total"])
+            if args.timeline:
+                for i, run in enumerate(runs, 1):
+                    if len(runs) > 1:
+                        print(f"  run {i}:")
+                    show_timeline(run)
             if "article" in result:
                 show("article's approach", result["article"], ARTICLE_LABELS)
             for run in runs:

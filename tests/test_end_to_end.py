@@ -52,12 +52,12 @@ def test_four_steps_end_to_end(world):
     assert job["record_count"] == len(good) + 1
     assert job["input_s3_uri"] == f"s3://{world.source_bucket}/2024/"
     assert job["output_s3_uri"] == f"s3://{world.result_bucket}/output/"
-    manifest = s3.get_object(Bucket=world.source_bucket, Key=job["manifest_s3_key"])["Body"].read().decode()
+    manifest = s3.get_object(Bucket=world.source_bucket, Key=job["manifests"][0]["s3_key"])["Body"].read().decode()
     uris = [json.loads(line)["modelInput"]["singleEmbeddingParams"]["image"]["source"]["s3Location"]["uri"]
             for line in manifest.splitlines()]
     assert sorted(uris) == sorted(good + [broken_uri])
     listed = [o["Key"] for o in s3.list_objects_v2(Bucket=world.source_bucket, Prefix="2024/")["Contents"]]
-    assert [k for k in listed if k.endswith(".jsonl")] == [job["manifest_s3_key"]]
+    assert [k for k in listed if k.endswith(".jsonl")] == [job["manifests"][0]["s3_key"]]
 
     monitored = world.step(2, "--wait", "--interval", "0.1", "--timeout", "60")
     assert monitored.returncode == 0, monitored.stdout + monitored.stderr
@@ -65,7 +65,7 @@ def test_four_steps_end_to_end(world):
     assert f"Total Records: {len(good) + 1}" in monitored.stdout
     assert "Error Records: 1" in monitored.stdout
     assert "✓ Job completed successfully!" in monitored.stdout
-    assert not common.object_exists(s3, world.source_bucket, job["manifest_s3_key"], "123456789012")
+    assert not common.object_exists(s3, world.source_bucket, job["manifests"][0]["s3_key"], "123456789012")
 
     loaded = world.step(3)
     assert loaded.returncode == 4, loaded.stdout + loaded.stderr  # one record failed: reported, not dropped
@@ -76,6 +76,10 @@ def test_four_steps_end_to_end(world):
     report = [json.loads(line) for line in (world.cwd / f"load_report_{job['job_id']}.jsonl").read_text().splitlines()]
     assert [r["source_uri"] for r in report] == [broken_uri]
     assert report[0]["recordId"] == common.vector_key(broken_uri)
+    assert f"Images loaded: {len(good)}, failed: 1, missing: 0" in loaded.stdout
+    account = [json.loads(line) for line in (world.cwd / "not_loaded.jsonl").read_text().splitlines()]
+    assert [(a["source_uri"], a["status"]) for a in account] == [(broken_uri, "failed")]
+    assert "not_loaded.jsonl; retry them with 01_create_job.py --retry-failed" in loaded.stdout
 
     index = all_vectors(world.client("s3vectors"), world.vector_bucket, world.vector_index)
     assert index == {common.vector_key(uri): {"source_uri": uri, "job_id": job["job_id"]} for uri in good}

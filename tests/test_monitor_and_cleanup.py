@@ -70,7 +70,7 @@ def test_without_a_terminal_it_never_prompts(world):
     assert result.returncode == 3
     assert "Monitor until completion" not in result.stdout
     assert f"Job is {status_of(world, job)}" in result.stdout or "Run 02_monitor_job.py again later" in result.stdout
-    assert common.object_exists(world.client("s3"), world.source_bucket, job["manifest_s3_key"], ACCOUNT)
+    assert common.object_exists(world.client("s3"), world.source_bucket, job["manifests"][0]["s3_key"], ACCOUNT)
 
 
 def test_timeout_leaves_the_job_running(world):
@@ -94,7 +94,7 @@ def test_every_terminal_status_ends_the_loop_with_its_exit_code(world, options, 
     result = world.step(2, "--wait", "--interval", "0.05", "--timeout", "60")
     assert result.returncode == code, result.stdout + result.stderr
     assert f">>> STATUS: {status} <<<" in result.stdout
-    assert not common.object_exists(world.client("s3"), world.source_bucket, job["manifest_s3_key"], ACCOUNT)
+    assert not common.object_exists(world.client("s3"), world.source_bucket, job["manifests"][0]["s3_key"], ACCOUNT)
     if status == "Failed":
         assert "Message: " in result.stdout
 
@@ -128,7 +128,16 @@ def test_01_refuses_to_replace_a_running_job_unless_forced(world):
     job = submit(world, step_seconds=5.0)
     again = world.step(1)
     assert again.returncode == 1
-    assert f"holds job {job['job_name']} which is still" in again.stderr
+    assert f"holds a run that has not finished ({job['job_name']} is" in again.stderr
+    assert world.job_info()["jobs"][0]["job_arn"] == job["job_arn"]
+
+
+def test_01_refuses_to_replace_a_run_whose_results_are_not_loaded(world):
+    job = submit(world)
+    assert world.step(2, "--wait", "--interval", "0.05", "--timeout", "60").returncode == 0
+    again = world.step(1)
+    assert again.returncode == 1
+    assert f"{job['job_name']} ended Completed but is not loaded" in again.stderr
     assert world.job_info()["jobs"][0]["job_arn"] == job["job_arn"]
 
 
@@ -141,7 +150,7 @@ def test_04_refuses_while_the_job_runs_unless_forced(world):
     assert forced.returncode == 0, forced.stderr
     assert not (world.cwd / "batch_job_info.json").exists()
     assert not list(world.cwd.glob("batch_input_*.jsonl"))
-    assert not common.object_exists(world.client("s3"), world.source_bucket, job["manifest_s3_key"], ACCOUNT)
+    assert not common.object_exists(world.client("s3"), world.source_bucket, job["manifests"][0]["s3_key"], ACCOUNT)
     assert common.object_exists(world.client("s3"), world.source_bucket, "2024/img-0.png", ACCOUNT)
 
 

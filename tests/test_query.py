@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
 import re
+import subprocess
+import sys
 import urllib.parse
 import urllib.request
 
@@ -13,7 +16,7 @@ import pytest
 
 import common
 from tests import sample_images
-from tests.conftest import World, import_step, make_role
+from tests.conftest import ROOT, STEPS, World, import_step, make_role
 from tests.standins.embedding import embed_image, embed_text
 
 EXTENSIONS = ["png", "jpg", "gif", "webp"]
@@ -174,10 +177,6 @@ def test_presign_adds_a_working_link_to_each_image(loaded):
 
 
 def test_help():
-    from tests.conftest import ROOT, STEPS
-    import subprocess
-    import sys
-
     result = subprocess.run([sys.executable, str(ROOT / STEPS[5]), "--help"], capture_output=True, text=True,
                             env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     assert result.returncode == 0, result.stderr
@@ -209,8 +208,6 @@ def test_a_local_image_is_sent_inline(tmp_path):
     query = step.read_query(step.parse_args(["--image", str(tmp_path / "a.webp")]))
     image = query.request(384, None)["singleEmbeddingParams"]["image"]
     assert image["format"] == "webp"
-    import base64
-
     assert base64.b64decode(image["source"]["bytes"]) == sample_images.webp(3)
 
 

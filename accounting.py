@@ -1,0 +1,130 @@
+"""The account of a run: every image of every manifest ends loaded, failed (with Bedrock's reason) or missing.
+
+"Loaded" is asked of the index itself (GetVectors on the image's key), so nothing counts as loaded that is not
+there. The images not loaded are written to `not_loaded.jsonl` beside the job-info file, one JSON line each:
+`{"source_uri", "recordId", "job_name", "status": "failed"|"missing", "error_code", "error_message"}` — the list
+`01_create_job.py --retry-failed` submits again.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterator
+
+import orjson
+
+import common
+
+GET_VECTORS_KEYS = 100  # S3 Vectors' limit per GetVectors
+THREADS = 8
+ACCOUNT_NAME = "not_loaded.jsonl"
+
+
+def account_file(job_info_file: Path) -> Path:
+    return Path(job_info_file).resolve().parent / ACCOUNT_NAME
+
+
+def manifest_records(job: dict) -> Iterator[tuple[str, str]]:
+    """(recordId, image URI) of every record of the job's local manifests."""
+    for manifest in job["manifests"]:
+        path = Path(manifest["local_path"])
+        if not path.exists():
+            raise common.StepError(f"manifest {path} of job {job['job_name']} is gone: its images cannot be "
+                                   "accounted for — keep the manifests until 04_remove_completed_task.py")
+        with open(path, "rb") as fh:
+            for line in fh:
+                if line.strip():
+                    record = orjson.loads(line)
+                    uri = record["modelInput"]["singleEmbeddingParams"]["image"]["source"]["s3Location"]["uri"]
+                    yield record["recordId"], uri
+
+
+def failures(report: Path) -> dict[str, tuple[str, str]]:
+    """recordId -> (error code, message) from a job's load report."""
+    found = {}
+    if report.exists():
+        with open(report, "rb") as fh:
+            for line in fh:
+                entry = orjson.loads(line)
+                if entry.get("recordId"):
+                    found[entry["recordId"]] = (str(entry.get("error_code")), entry.get("error_message", ""))
+    return found
+
+
+def present_keys(s3v, bucket: str, index: str, keys: list[str]) -> set[str]:
+    """The keys that are in the index, asked 100 at a time on a few threads."""
+    batches = [keys[i:i + GET_VECTORS_KEYS] for i in range(0, len(keys), GET_VECTORS_KEYS)]
+
+    def ask(batch: list[str]) -> list[str]:
+        response = s3v.get_vectors(vectorBucketName=bucket, indexName=index, keys=batch)
+        return [v["key"] for v in response.get("vectors", [])]
+
+    if not batches:
+        return set()
+    with ThreadPoolExecutor(min(THREADS, len(batches))) as pool:
+        return {key for found in pool.map(ask, batches) for key in found}
+
+
+def account_run(info: dict, s3v, config: common.Config, report_file: Callable[[str], Path], out: Path) -> dict:
+    """Account for every image of the run; the images not loaded go to `out` (written atomically)."""
+    totals = {"loaded": 0, "failed": 0, "missing": 0, "jobs": []}
+
+    def entries():
+        for job in info["jobs"]:
+            records = list(manifest_records(job))
+            keys = [common.vector_key(uri) for _, uri in records]
+            present = present_keys(s3v, config.vector_bucket, config.vector_index, keys) if s3v else set()
+            job_id = common.job_id_from_arn(job["job_arn"]) if job.get("job_arn") else None
+            failed = failures(report_file(job_id)) if job_id else {}
+            status = job.get("status") or "never submitted"
+            counts = {"job_name": job["job_name"], "status": status, "loaded": 0, "failed": 0, "missing": 0}
+            for (record_id, uri), key in zip(records, keys):
+                if key in present:
+                    counts["loaded"] += 1
+                    continue
+                entry = {"source_uri": uri, "recordId": record_id, "job_name": job["job_name"]}
+                if record_id in failed:
+                    code, message = failed[record_id]
+                    entry.update(status="failed", error_code=code, error_message=message)
+                    counts["failed"] += 1
+                else:
+                    reason = f"not in the output of job {job['job_name']} ({status}"
+                    reason += f": {job['message']})" if job.get("message") else ")"
+                    entry.update(status="missing", error_code="Missing", error_message=reason)
+                    counts["missing"] += 1
+                yield entry
+            for key in ("loaded", "failed", "missing"):
+                totals[key] += counts[key]
+            totals["jobs"].append(counts)
+
+    def write(fh):
+        for entry in entries():
+            fh.write(orjson.dumps(entry) + b"\n")
+
+    common.atomic_write(out, write)
+    return totals
+
+
+def print_account(account: dict) -> None:
+    print("Account of every image of the run:")
+    for job in account["jobs"]:
+        print(f"  {job['job_name']} ({job['status']}): loaded {job['loaded']}, failed {job['failed']}, "
+              f"missing {job['missing']}")
+    print(f"Images loaded: {account['loaded']}, failed: {account['failed']}, missing: {account['missing']}")
+
+
+def read_account(path: Path) -> list[dict]:
+    """The images a run did not load, from its account file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            entries = [json.loads(line) for line in fh if line.strip()]
+    except FileNotFoundError:
+        raise common.StepError(f"{path} not found — run 03_load_result_to_s3_vector_bucket.py first (it lists the "
+                               "images a run did not load)", common.EXIT_USAGE) from None
+    except json.JSONDecodeError as exc:
+        raise common.StepError(f"{path} is not valid JSON lines ({exc})", common.EXIT_USAGE) from None
+    if not all(isinstance(e, dict) and isinstance(e.get("source_uri"), str) for e in entries):
+        raise common.StepError(f"{path} is malformed: every line needs a source_uri", common.EXIT_USAGE)
+    return entries
