@@ -20,8 +20,10 @@ from pathlib import Path
 
 import orjson
 
+import accounting
 import common
 import jobs
+import vectors
 from common import StepError, ok
 
 SETTINGS = (
@@ -52,8 +54,17 @@ def parse_args(argv):
     parser.add_argument("--dry-run", action="store_true", help="list and plan the jobs; upload and submit nothing")
     parser.add_argument("--all", action="store_true", help="embed every image, even those already in the index")
     parser.add_argument("--force", action="store_true", help="start a new run although the last one has not finished")
+    parser.add_argument("--retry-failed", nargs="?", const="", metavar="FILE",
+                        help="submit exactly the images the last run did not load (from not_loaded.jsonl, which "
+                             "03 writes beside the job-info file, or FILE)")
+    parser.add_argument("--on-demand", action="store_true",
+                        help="with --retry-failed: when they are fewer than a job's minimum, embed them with "
+                             "InvokeModel and load them straight away")
     common.add_settings(parser, SETTINGS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.on_demand and args.retry_failed is None:
+        parser.error("--on-demand goes with --retry-failed")
+    return args
 
 
 def classify(obj: dict) -> tuple[str | None, str | None]:
@@ -89,11 +100,11 @@ class Listing:
                 yield orjson.loads(line)
 
 
-def list_images(s3, config: common.Config, owner: str, exclude: dict[str, str], workdir: Path) -> Listing:
-    """List the prefix; images whose vector key is in `exclude` are left out, counted by the reason given."""
+def list_images(objects, config: common.Config, exclude: dict[str, str], workdir: Path) -> Listing:
+    """Sort the objects; images whose vector key is in `exclude` are left out, counted by the reason given."""
     listing = Listing(workdir)
     with open(listing.path, "wb") as fh:
-        for obj in common.list_objects(s3, config.source_bucket, config.source_prefix, owner):
+        for obj in objects:
             key = obj["Key"]
             if key.lower().endswith(".jsonl"):
                 (listing.own_manifests if common.is_own_manifest(key) else listing.foreign).append(key)
@@ -112,6 +123,68 @@ def list_images(s3, config: common.Config, owner: str, exclude: dict[str, str], 
             listing.counts[folder][1] += 400 + 2 * len(key.encode())  # a generous estimate of its manifest line
             listing.images += 1
     return listing
+
+
+def retry_objects(entries: list[dict], config: common.Config):
+    """The images of an account file as listing entries; each must be under the configured source folder."""
+    for entry in entries:
+        bucket, key = common.parse_s3_uri(entry["source_uri"])
+        if bucket != config.source_bucket or not key.startswith(config.source_prefix):
+            raise StepError(f"{entry['source_uri']} is not under {common.s3_uri(config.source_bucket, config.source_prefix)}"
+                            " — retry with the settings of the run that produced the account", common.EXIT_USAGE)
+        yield {"Key": key, "Size": 1}
+
+
+def embed_on_demand(listing: Listing, config: common.Config, owner: str, account_arg: str) -> int:
+    """Embed a few images with InvokeModel (the batch record's own request body) and load them like step 3."""
+    from botocore.exceptions import ClientError
+
+    if not (config.vector_bucket and config.vector_index):
+        raise common.ConfigError("VECTOR_BUCKET and VECTOR_INDEX are needed to load images embedded on demand")
+    runtime = common.make_client("bedrock-runtime", config)
+    s3v = common.make_client("s3vectors", config)
+    dimension = config.embedding_dimension
+    vectors.ensure_index(s3v, config.vector_bucket, config.vector_index, dimension)
+    limiter = vectors.RateLimiter(2500, 1000)
+    loaded = []
+    sender = vectors.PutVectorsSender(s3v, config.vector_bucket, config.vector_index, limiter, threads=2,
+                                      on_done=lambda batch: loaded.append(batch.count))
+    batcher = vectors.Batcher(config.vector_bucket, config.vector_index)
+    failed = []
+    print(f"Embedding {listing.images} image(s) on demand with {config.model_id}")
+    for key, fmt in listing.images_in_order():
+        uri = common.s3_uri(config.source_bucket, key)
+        body = common.image_request(uri, fmt, owner, dimension, config.embedding_purpose)
+        try:
+            embedding = common.embed(runtime, config.model_id, body)
+            part = vectors.encode_vector(common.vector_key(uri), embedding, dimension,
+                                         {"source_uri": uri, "job_id": "on-demand"})
+        except ClientError as exc:
+            if common.error_code(exc) not in ("ValidationException", "ModelErrorException"):
+                raise
+            failed.append({"source_uri": uri, "recordId": common.vector_key(uri), "job_name": "on-demand",
+                           "status": "failed", "error_code": common.error_code(exc),
+                           "error_message": exc.response["Error"].get("Message", "")})
+            continue
+        except vectors.VectorError as exc:
+            failed.append({"source_uri": uri, "recordId": common.vector_key(uri), "job_name": "on-demand",
+                           "status": "failed", "error_code": "InvalidEmbedding", "error_message": str(exc)})
+            continue
+        batch = batcher.add(part, dict)
+        if batch is not None:
+            sender.submit(batch)
+    sender.submit(batcher.flush({}, allow_empty=True))
+    sender.close()
+    path = Path(account_arg) if account_arg else accounting.account_file(config.job_info_file)
+    if failed:
+        common.atomic_write(path, lambda fh: fh.write(b"".join(orjson.dumps(f) + b"\n" for f in failed)))
+    else:
+        path.unlink(missing_ok=True)
+    ok(f"Embedded and loaded {sum(loaded)} image(s) on demand into {config.vector_index}")
+    if failed:
+        print(f"! {len(failed)} image(s) failed again — listed in {path}")
+        return 4
+    return common.EXIT_OK
 
 
 def index_keys(s3v, config: common.Config) -> set[str]:
@@ -174,6 +247,13 @@ def previous_run(bedrock, path: Path, force: bool) -> dict | None:
                         "02_monitor_job.py --wait, 03 and 04, or pass --force to start a new run")
     if unfinished:
         print(f"Replacing the unfinished run in {path} (--force): {'; '.join(unfinished[:3])}")
+    else:
+        print(f"Replacing the finished run in {path}")
+        for job in info["jobs"]:
+            for manifest in job["manifests"]:
+                local = Path(manifest["local_path"])
+                if common.is_own_manifest(local.name):
+                    local.unlink(missing_ok=True)
     return None
 
 
@@ -322,8 +402,21 @@ def run(argv) -> int:
 
     account = common.caller_account(sts)
     owner = common.bucket_owner(config, account)
+    retry = None
+    if args.retry_failed is not None:
+        retry = accounting.read_account(Path(args.retry_failed) if args.retry_failed
+                                        else accounting.account_file(config.job_info_file))
+        print(f"Retrying the {len(retry)} image(s) the last run did not load")
     exclude: dict[str, str] = {}
-    if not args.all and config.vector_bucket and config.vector_index:
+    if retry is not None and not args.all and config.vector_bucket and config.vector_index:
+        s3v = common.make_client("s3vectors", config)
+        keys = [common.vector_key(entry["source_uri"]) for entry in retry]
+        try:
+            exclude = {k: "already in the vector index" for k in
+                       accounting.present_keys(s3v, config.vector_bucket, config.vector_index, keys)}
+        except s3v.exceptions.NotFoundException:
+            exclude = {}
+    elif not args.all and config.vector_bucket and config.vector_index:
         print(f"Checking which images are already in index {config.vector_index}")
         s3v = common.make_client("s3vectors", config, max_pool_connections=LIST_SEGMENTS + 2)
         exclude = {key: "already in the vector index" for key in index_keys(s3v, config)}
@@ -335,8 +428,12 @@ def run(argv) -> int:
 
     stamp = common.timestamp()
     with tempfile.TemporaryDirectory(prefix="bedrock-batch-") as workdir:
-        print(f"Listing images from {input_uri} (including subdirectories)")
-        listing = list_images(s3, config, owner, exclude, Path(workdir))
+        if retry is None:
+            print(f"Listing images from {input_uri} (including subdirectories)")
+            objects = common.list_objects(s3, config.source_bucket, config.source_prefix, owner)
+        else:
+            objects = retry_objects(retry, config)
+        listing = list_images(objects, config, exclude, Path(workdir))
         ok(f"Found {listing.images} images")
         print_skipped(listing)
         if listing.foreign:
@@ -348,6 +445,12 @@ def run(argv) -> int:
         if listing.images == 0 and listing.left_out:
             ok("Nothing new to embed")
             return common.EXIT_OK
+        if retry is not None and listing.images < config.quotas.min_records_per_job:
+            if not args.on_demand:
+                raise StepError(f"{listing.images} image(s) to retry, fewer than a batch job's minimum of "
+                                f"{config.quotas.min_records_per_job} — run 01_create_job.py --retry-failed "
+                                "--on-demand to embed them with InvokeModel", common.EXIT_USAGE)
+            return embed_on_demand(listing, config, owner, args.retry_failed)
         if listing.images < config.quotas.min_records_per_job:
             raise StepError(
                 f"found {listing.images} images to embed under {input_uri}; a batch job needs at least "

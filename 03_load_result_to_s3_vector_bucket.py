@@ -49,34 +49,6 @@ def parse_args(argv):
     return args
 
 
-def ensure_index(s3vectors, bucket: str, index: str, dimension: int) -> None:
-    """Create the vector bucket and index when missing; refuse an index of another dimension."""
-    try:
-        s3vectors.get_vector_bucket(vectorBucketName=bucket)
-    except s3vectors.exceptions.NotFoundException:
-        print(f"Creating vector bucket {bucket}")
-        try:
-            s3vectors.create_vector_bucket(vectorBucketName=bucket)
-        except s3vectors.exceptions.ConflictException:
-            pass  # created meanwhile
-    try:
-        existing = s3vectors.get_index(vectorBucketName=bucket, indexName=index)["index"]
-    except s3vectors.exceptions.NotFoundException:
-        print(f"Creating index {index} (float32, {dimension} dimensions, cosine)")
-        try:
-            s3vectors.create_index(vectorBucketName=bucket, indexName=index, dataType="float32",
-                                   dimension=dimension, distanceMetric="cosine")
-        except s3vectors.exceptions.ConflictException:
-            pass
-        return
-    if existing["dimension"] != dimension:
-        raise StepError(
-            f"index {index} in {bucket} holds {existing['dimension']}-dimension vectors but the job produced "
-            f"{dimension} — use another VECTOR_INDEX or EMBEDDING_DIMENSION={existing['dimension']}",
-            common.EXIT_USAGE,
-        )
-
-
 def source_uri_of(record: dict) -> str | None:
     try:
         return record["modelInput"]["singleEmbeddingParams"]["image"]["source"]["s3Location"]["uri"]
@@ -334,7 +306,7 @@ def run(argv) -> int:
     loadable = [job for job in info["jobs"] if job["status"] in common.LOADABLE_STATUSES]
     dimensions = {int(job.get("embedding_dimension", config.embedding_dimension)) for job in info["jobs"]}
     if loadable:
-        ensure_index(s3v, config.vector_bucket, config.vector_index, max(dimensions))
+        vectors.ensure_index(s3v, config.vector_bucket, config.vector_index, max(dimensions))
 
     limiter = vectors.RateLimiter(args.vectors_per_second, args.requests_per_second)
     totals = {"total": 0, "success": 0, "error": 0, "inserted": 0}

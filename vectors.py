@@ -19,6 +19,8 @@ from typing import Callable, Iterator
 import numpy as np
 import orjson
 
+import common
+
 MAX_VECTORS_PER_PUT = 500
 MAX_REQUEST_BYTES = 20 * 1024 * 1024
 # Room left in a request for the envelope and for what botocore may add; the body itself is measured exactly.
@@ -27,6 +29,34 @@ RETRYABLE_CODES = frozenset(
     {"TooManyRequestsException", "ThrottlingException", "ServiceUnavailableException", "InternalServerException",
      "RequestTimeoutException", "SlowDown"}
 )
+
+
+def ensure_index(s3vectors, bucket: str, index: str, dimension: int) -> None:
+    """Create the vector bucket and index when missing; refuse an index of another dimension."""
+    try:
+        s3vectors.get_vector_bucket(vectorBucketName=bucket)
+    except s3vectors.exceptions.NotFoundException:
+        print(f"Creating vector bucket {bucket}")
+        try:
+            s3vectors.create_vector_bucket(vectorBucketName=bucket)
+        except s3vectors.exceptions.ConflictException:
+            pass  # created meanwhile
+    try:
+        existing = s3vectors.get_index(vectorBucketName=bucket, indexName=index)["index"]
+    except s3vectors.exceptions.NotFoundException:
+        print(f"Creating index {index} (float32, {dimension} dimensions, cosine)")
+        try:
+            s3vectors.create_index(vectorBucketName=bucket, indexName=index, dataType="float32",
+                                   dimension=dimension, distanceMetric="cosine")
+        except s3vectors.exceptions.ConflictException:
+            pass
+        return
+    if existing["dimension"] != dimension:
+        raise common.StepError(
+            f"index {index} in {bucket} holds {existing['dimension']}-dimension vectors but the job produced "
+            f"{dimension} — use another VECTOR_INDEX or EMBEDDING_DIMENSION={existing['dimension']}",
+            common.EXIT_USAGE,
+        )
 
 
 class VectorError(ValueError):

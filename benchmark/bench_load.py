@@ -81,6 +81,19 @@ class Dataset:
     def bytes(self) -> int:
         return sum(f["bytes"] for f in self.files)
 
+    @property
+    def input_manifest(self) -> Path:
+        """The batch input as 01_create_job.py writes it locally: one request per image, recordId = vector key."""
+        path = self.folder / Path(SEED_MANIFEST).name
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for i in range(self.records):
+                    fh.write(json.dumps(common.image_record(image_uri(i), "jpeg", ACCOUNT_ID, self.dimension,
+                                                            PURPOSE)) + "\n")
+            tmp.rename(path)
+        return path
+
     def manifest(self) -> bytes:
         return json.dumps({"totalRecordCount": self.records, "processedRecordCount": self.records,
                            "successRecordCount": self.records, "errorRecordCount": 0,
@@ -315,8 +328,13 @@ def create_job(servers: Servers, data: Dataset) -> Job:
 
 
 def write_job_info(workdir: Path, job: Job, data: Dataset) -> Path:
-    """batch_job_info.json as 01_create_job.py writes it after a submit."""
+    """batch_job_info.json as 01_create_job.py writes it after a submit, with the local manifest beside it.
+
+    Both shapes of a job entry are written (one manifest_s3_key / manifest_local_path, and the newer
+    input_folder + manifests list), so the harness runs against either version of the steps."""
     created = common.now_iso()
+    local_manifest = workdir / Path(SEED_MANIFEST).name
+    shutil.copyfile(data.input_manifest, local_manifest)
     info = {
         "version": 1,
         "region": REGION,
@@ -334,8 +352,10 @@ def write_job_info(workdir: Path, job: Job, data: Dataset) -> Path:
             "embedding_purpose": PURPOSE,
             "input_s3_uri": common.s3_uri(SOURCE_BUCKET, SOURCE_PREFIX),
             "output_s3_uri": common.s3_uri(RESULT_BUCKET, RESULT_PREFIX),
-            "manifest_local_path": str(workdir / Path(SEED_MANIFEST).name),
+            "manifest_local_path": str(local_manifest),
             "manifest_s3_key": SEED_MANIFEST,
+            "input_folder": SOURCE_PREFIX,
+            "manifests": [{"local_path": str(local_manifest), "s3_key": SEED_MANIFEST, "records": data.records}],
             "record_count": data.records,
             "created": created,
             "client_request_token": "bench",
@@ -551,12 +571,27 @@ def verify_index(servers: Servers, data: Dataset, job: Job, sample_data: bool) -
 # ---------------------------------------------------------------------------------------------------- one measurement
 
 
+def export_revision(rev: str, cache_root: Path) -> Path:
+    """The project's files at a git revision, exported (git archive) into the cache: a fixed version to measure
+    while the working tree changes. The repository itself is only read."""
+    sha = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    folder = cache_root / f"src-{sha[:12]}"
+    if not (folder / STEP3.name).exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", "--format=tar", sha], cwd=ROOT, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
 def step3_command(args, prof: Path | None) -> list[str]:
     extra = list(args.loader_arg or [])
     pin = [shutil.which("taskset") or "taskset", "-c", "0"] if args.cpu_split else []
+    script = str(args.source / STEP3.name)
     if prof is not None:
-        return [*pin, sys.executable, str(PROFILER), str(prof), str(STEP3), *extra]
-    return [*pin, sys.executable, str(STEP3), *extra]
+        return [*pin, sys.executable, str(PROFILER), str(prof), script, *extra]
+    return [*pin, sys.executable, script, *extra]
 
 
 def show_timeline(figures: dict, every: float = 0.5) -> None:
@@ -588,6 +623,10 @@ def step3_env(servers: Servers, args) -> dict:
 WARM_UP = """
 import boto3, numpy, orjson, urllib3
 import common, vectors
+try:
+    import accounting, jobs
+except ImportError:
+    pass
 for service in ("s3", "s3vectors", "bedrock"):
     boto3.client(service, region_name="us-east-1")
 """
@@ -595,7 +634,7 @@ for service in ("s3", "s3vectors", "bedrock"):
 
 def warm_bytecode(servers: Servers, args) -> None:
     if args.bytecode == "warm":
-        subprocess.run([sys.executable, "-c", WARM_UP], cwd=ROOT, env=step3_env(servers, args), check=True)
+        subprocess.run([sys.executable, "-c", WARM_UP], cwd=args.source, env=step3_env(servers, args), check=True)
 
 
 def measure(args, servers: Servers, data: Dataset, job: Job, n: int, workroot: Path) -> dict:
@@ -813,6 +852,13 @@ def show_profile(prefix: Path, top: int = 18) -> None:
 # ---------------------------------------------------------------------------------------------------- main
 
 
+def git_head() -> str:
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return head.stdout.strip() + (" + uncommitted changes" if dirty else "")
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -836,6 +882,9 @@ def parse_args(argv):
     p.add_argument("--loader-arg", action="append", metavar="ARG", help="pass ARG to 03 (repeatable), e.g. "
                    "--loader-arg=--threads=8")
     p.add_argument("--timeout", type=float, default=1800, help="kill a run of 03 after this long (1800 s)")
+    p.add_argument("--rev", metavar="REV",
+                   help="measure the steps as committed at this git revision (exported to the cache dir) instead "
+                        "of the working tree")
     p.add_argument("--bytecode", choices=("warm", "env"), default="warm",
                    help="warm: 03 runs with a bytecode cache, as after a first run (default); env: as this "
                         "environment says (here PYTHONDONTWRITEBYTECODE=1: every start compiles from source)")
@@ -846,6 +895,7 @@ def parse_args(argv):
     p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     args = p.parse_args(argv)
     args.store_data = args.store_data == "yes" or (args.store_data == "auto" and args.records <= 10_000)
+    args.source = ROOT
     if args.records < 1 or args.repeat < 1 or not 0 <= args.fault_rate <= 1:
         p.error("--records and --repeat must be positive, --fault-rate between 0 and 1")
     return args
@@ -855,6 +905,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workroot = Path(tempfile.mkdtemp(prefix="bench-load-"))
     print(f"Work folder: {workroot}")
+    if args.rev:
+        args.source = export_revision(args.rev, args.cache_dir)
+    print(f"Measuring {args.source / STEP3.name}" + (f" (git {args.rev} = {args.source.name[4:]})" if args.rev else
+                                                      f" (working tree; HEAD {git_head()})"))
     data = dataset(args.cache_dir, args.records, args.dimension, args.records_per_file)
     servers = Servers(workroot, fault_rate=args.fault_rate, seed=args.seed, store_data=args.store_data)
     results = []

@@ -141,6 +141,5 @@ def world(stack, tmp_path) -> World:
         EMBEDDING_DIMENSION="256",
         PYTHONIOENCODING="utf-8",
     )
-    w.emulator("/_emulator/config", {"step_seconds": 0.02, "fail_keys_regex": None, "drop_keys_regex": None,
-                                     "final_status": None})
+    w.emulator("/_emulator/reset", {})  # no jobs, no options left over from another test
     return w
