@@ -41,6 +41,8 @@ def parse_args(argv):
     parser.add_argument("--vectors-per-second", type=float, default=2500, help="the index's write quota (2500)")
     parser.add_argument("--requests-per-second", type=float, default=1000, help="the index's request quota (1000)")
     parser.add_argument("--threads", type=int, default=4, help="PutVectors requests in flight (4)")
+    parser.add_argument("--retry-for", type=float, default=900, metavar="SECONDS",
+                        help="keep retrying a PutVectors the index does not accept for this long (900)")
     parser.add_argument("--verbose", action="store_true", help="print every batch")
     common.add_settings(parser, SETTINGS)
     args = parser.parse_args(argv)
@@ -229,7 +231,7 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
     print(f"Batch Size: up to {vectors.MAX_VECTORS_PER_PUT} vectors / 20 MiB per request, "
           f"paced to {args.vectors_per_second:g} vectors/s")
     sender = vectors.PutVectorsSender(s3v, config.vector_bucket, config.vector_index, limiter,
-                                      threads=args.threads, on_done=on_done)
+                                      threads=args.threads, on_done=on_done, give_up_after=args.retry_for)
     started = time.monotonic()
     try:
         for obj in files:

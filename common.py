@@ -240,7 +240,7 @@ def _invalid(raw: dict[str, str | None]) -> list[str]:
 def make_client(service: str, config: Config, *, max_attempts: int = 10, max_pool_connections: int = 10):
     """A boto3 client for `service` in the configured region.
 
-    No endpoint_url: the standard AWS_ENDPOINT_URL_<SERVICE> variables route clients to other endpoints.
+    No endpoint is passed: the standard AWS_ENDPOINT_URL_<SERVICE> variables route clients elsewhere.
     """
     import boto3
     from botocore.config import Config as BotoConfig
@@ -533,7 +533,7 @@ def make_presign_client(config: Config, *, path_style: bool = False):
     SigV4: botocore still presigns S3 with SigV2 by default, which regions opened after 2014 and KMS-encrypted
     objects refuse. The region's own host: a link to a bucket outside us-east-1 is not redirected (a redirect
     breaks its signature). `path_style` for bucket names with dots, which as a host name fall outside S3's TLS
-    certificate. No endpoint_url, as in `make_client`.
+    certificate. No endpoint is passed, as in `make_client`.
     """
     import boto3
     from botocore.config import Config as BotoConfig

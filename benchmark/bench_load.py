@@ -276,7 +276,6 @@ class Job:
     job_id: str
     name: str
     prefix: str  # output/<jobId>/
-    get_latency: float = 0.0  # moto's time to the first byte of the largest file (it reads the whole object)
 
 
 def create_job(servers: Servers, data: Dataset) -> Job:
@@ -321,10 +320,17 @@ def create_job(servers: Servers, data: Dataset) -> Job:
         s3.upload_file(f["path"], RESULT_BUCKET, prefix + f["name"], Config=transfer)
     s3.put_object(Bucket=RESULT_BUCKET, Key=prefix + "manifest.json.out", Body=data.manifest())
     print(f"Uploaded {data.bytes / 1e6:,.0f} MB in {time.monotonic() - started:.0f}s")
+    return Job(arn=arn, job_id=job_id, name=name, prefix=prefix)
+
+
+def moto_ttfb(servers: Servers, data: Dataset, job: Job) -> float:
+    """moto reads a whole object before it answers a GET (even a ranged one): the seconds until the first byte of
+    the largest output file, which step 03 waits too on its first GetObject. Real S3 answers in milliseconds."""
+    s3 = servers.client("s3")
     largest = max(data.files, key=lambda f: f["bytes"])
     t = time.monotonic()
-    s3.get_object(Bucket=RESULT_BUCKET, Key=prefix + largest["name"], Range="bytes=0-0")["Body"].read()
-    return Job(arn=arn, job_id=job_id, name=name, prefix=prefix, get_latency=time.monotonic() - t)
+    s3.get_object(Bucket=RESULT_BUCKET, Key=job.prefix + largest["name"], Range="bytes=0-0")["Body"].read()
+    return time.monotonic() - t
 
 
 def write_job_info(workdir: Path, job: Job, data: Dataset) -> Path:
@@ -387,7 +393,7 @@ class ProcessRun:
     cpu_seconds: float
     main_thread_cpu: float
     server_cpu: dict
-    samples: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, vectors accepted)
+    samples: list[tuple[float, int, float]] = field(default_factory=list)  # (seconds, vectors accepted, RSS MB)
     log: Path | None = None
 
 
@@ -408,7 +414,7 @@ def run_process(cmd: list[str], *, cwd: Path, env: dict, log: Path, servers: Ser
         time.sleep(0.002)
     pid_text, started_text = pid_file.read_text().split()[:2]
     pid, started = int(pid_text), float(started_text)
-    samples: list[tuple[float, int]] = []
+    samples: list[tuple[float, int, float]] = []
     hwm = main_cpu = 0.0
     killed = False
     tick = 0
@@ -421,24 +427,28 @@ def run_process(cmd: list[str], *, cwd: Path, env: dict, log: Path, servers: Ser
                     killed = True
             except (OSError, IndexError):
                 pass
+        rss = 0.0
         try:
-            m = re.search(r"^VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
+            status = Path(f"/proc/{pid}/status").read_text()
+            m = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
             if m:
                 hwm = max(hwm, int(m.group(1)) / 1024)
+            m = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+            rss = int(m.group(1)) / 1024 if m else 0.0
             main_cpu = max(main_cpu, cpu_seconds_thread(pid))
         except OSError:
             pass
         if tick % 2 == 0:
             try:
                 samples.append((time.monotonic() - started,
-                                index_stats(servers.stats(), index).get("put_vectors_accepted", 0)))
+                                index_stats(servers.stats(), index).get("put_vectors_accepted", 0), rss))
             except OSError:
                 pass
         tick += 1
         time.sleep(0.05)
     usage = json.loads(report.read_text())
     try:
-        samples.append((usage["seconds"], index_stats(servers.stats(), index).get("put_vectors_accepted", 0)))
+        samples.append((usage["seconds"], index_stats(servers.stats(), index).get("put_vectors_accepted", 0), 0.0))
     except OSError:
         pass
     cpu_after = {name: cpu_seconds(pid) for name, pid in server_pids.items()}
@@ -481,19 +491,21 @@ def step3_figures(run: ProcessRun, d: dict, after: dict, records: int, dimension
     min_requests = math.ceil(accepted_vectors / per_request) if per_request else 0
     # samples hold the index's cumulative counter; this run's share starts at the first sample's value
     base = run.samples[0][1] if run.samples else 0
-    first = next(((t, v) for t, v in run.samples if v > base), None)
-    steady = None
+    first = next(((t, v) for t, v, _ in run.samples if v > base), None)
+    steady = last = None
     if first is not None:
         # rate between the first sample that saw vectors of this run and the first that saw all of them
-        t_all = next((t for t, v in run.samples if v - base >= accepted_vectors), run.seconds)
-        if t_all > first[0]:
-            steady = (base + accepted_vectors - first[1]) / (t_all - first[0])
+        last = next((t for t, v, _ in run.samples if v - base >= accepted_vectors), run.seconds)
+        if last > first[0]:
+            steady = (base + accepted_vectors - first[1]) / (last - first[0])
     return {
         "records": records,
         "dimension": dimension,
         "seconds": run.seconds,
         "loader_load_seconds": float(m.group(2)) if m else None,
         "first_vector_at_s": first[0] if first else None,
+        "last_vector_at_s": last,
+        "after_last_vector_s": run.seconds - last if last is not None else None,
         "vectors_per_s": accepted_vectors / run.seconds if run.seconds else 0,
         "ratio_to_quota": accepted_vectors / run.seconds / QUOTA_VECTORS if run.seconds else 0,
         "steady_vectors_per_s": steady,
@@ -520,7 +532,7 @@ def step3_figures(run: ProcessRun, d: dict, after: dict, records: int, dimension
         "vectors_in_index": after.get("vectors", 0),
         "exit_code": run.exit_code,
         "killed": run.killed,
-        "timeline": [(round(t, 2), v - base) for t, v in run.samples],
+        "timeline": [(round(t, 2), v - base, round(rss)) for t, v, rss in run.samples],
     }
 
 
@@ -597,12 +609,12 @@ def step3_command(args, prof: Path | None) -> list[str]:
 def show_timeline(figures: dict, every: float = 0.5) -> None:
     """Vectors the index had accepted from this run, every `every` seconds since the process started."""
     points, next_t, prev = [], 0.0, (0.0, 0)
-    for t, v in figures.get("timeline") or []:
+    for t, v, rss in figures.get("timeline") or []:
         if t >= next_t:
             rate = (v - prev[1]) / (t - prev[0]) if t > prev[0] else 0
-            points.append(f"{t:5.1f}s {v:>7,} ({rate:,.0f}/s)")
+            points.append(f"{t:5.1f}s {v:>7,} {rate:>6,.0f}/s {rss:>4.0f}MB")
             prev, next_t = (t, v), t + every
-    print("  timeline (seconds since start: vectors accepted, rate since the previous point):")
+    print("  timeline (seconds since start: vectors accepted, rate since the previous point, RSS of 03):")
     for i in range(0, len(points), 4):
         print("    " + "   ".join(points[i:i + 4]))
 
@@ -611,6 +623,9 @@ def step3_env(servers: Servers, args) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(servers.env)
     env.update({"VECTOR_BUCKET": VECTOR_BUCKET, "VECTOR_INDEX": VECTOR_INDEX, "PYTHONUNBUFFERED": "1"})
+    for item in args.loader_env or []:
+        name, _, value = item.partition("=")
+        env[name] = value
     if args.bytecode == "warm":
         # As on a user's machine after the first run: compiled modules are cached (here outside the project and
         # the venv). This sandbox sets PYTHONDONTWRITEBYTECODE and the venv holds no .pyc, so every process
@@ -640,6 +655,7 @@ def warm_bytecode(servers: Servers, args) -> None:
 def measure(args, servers: Servers, data: Dataset, job: Job, n: int, workroot: Path) -> dict:
     """One measurement: fresh index and job-info file, run 03 (killed and run again with --kill-after)."""
     servers.reset_vectors()
+    ttfb = moto_ttfb(servers, data, job)
     workdir = workroot / f"run-{n}"
     workdir.mkdir(parents=True)
     write_job_info(workdir, job, data)
@@ -672,6 +688,7 @@ def measure(args, servers: Servers, data: Dataset, job: Job, n: int, workroot: P
     total["index_check"] = ("OK" if final.get("vectors", 0) == data.records else "MISMATCH")
     total["keys_check"] = verdict
     total["keys_detail"] = detail
+    total["moto_ttfb_s"] = ttfb
     result["total"] = total
     if args.baseline:
         result["article"] = measure_article(args, servers, data, job, workdir)
@@ -735,6 +752,9 @@ LABELS = {
     "seconds": ("seconds (03 process start to exit)", "{:.2f}"),
     "loader_load_seconds": ("  of which 03's own load phase", "{:.2f}"),
     "first_vector_at_s": ("first vector accepted at (s)", "{:.2f}"),
+    "moto_ttfb_s": ("  moto's time to first byte of the file (s)", "{:.2f}"),
+    "last_vector_at_s": ("last vector accepted at (s)", "{:.2f}"),
+    "after_last_vector_s": ("  03's time after the last vector (s)", "{:.2f}"),
     "vectors_per_s": ("vectors/s (end to end)", "{:,.0f}"),
     "ratio_to_quota": ("ratio to the 2,500/s quota", "{:.1%}"),
     "steady_vectors_per_s": ("vectors/s once loading (first to last vector)", "{:,.0f}"),
@@ -881,6 +901,8 @@ def parse_args(argv):
     p.add_argument("--profile", action="store_true", help="run 03 under cProfile (all threads) and print the top")
     p.add_argument("--loader-arg", action="append", metavar="ARG", help="pass ARG to 03 (repeatable), e.g. "
                    "--loader-arg=--threads=8")
+    p.add_argument("--loader-env", action="append", metavar="NAME=VALUE",
+                   help="extra environment for 03 (repeatable), e.g. MALLOC_ARENA_MAX=2")
     p.add_argument("--timeout", type=float, default=1800, help="kill a run of 03 after this long (1800 s)")
     p.add_argument("--rev", metavar="REV",
                    help="measure the steps as committed at this git revision (exported to the cache dir) instead "
@@ -924,8 +946,7 @@ def main(argv: list[str] | None = None) -> int:
         job = create_job(servers, data)
         warm_bytecode(servers, args)
         print(f"Job {job.job_id} Completed in the emulator; output s3://{RESULT_BUCKET}/{job.prefix} "
-              f"({len(data.files)} file(s), {data.bytes / 1e6:,.0f} MB); moto's time to first byte of the largest "
-              f"file: {job.get_latency:.2f}s")
+              f"({len(data.files)} file(s), {data.bytes / 1e6:,.0f} MB)")
         for n in range(1, args.repeat + 1):
             print(f"=== measurement {n}/{args.repeat}: step 03 on {data.records:,} records x {data.dimension} dims"
                   + (f", SIGKILL after {args.kill_after:g}s then rerun" if args.kill_after is not None else "")

@@ -1,0 +1,51 @@
+"""The README tells the truth: every step in order, the commands CI runs, and every script's --help."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, STEPS
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+SCRIPTS = sorted(p.name for p in ROOT.glob("0[0-9]_*.py"))
+
+
+def test_every_numbered_script_is_in_the_readme_in_order():
+    assert SCRIPTS == [STEPS[n] for n in sorted(STEPS)]
+    positions = [README.index(f"uv run {name}") for name in SCRIPTS]
+    assert positions == sorted(positions)
+
+
+def test_ci_runs_the_test_command_the_readme_gives():
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = "uv run --locked pytest"
+    assert command in README
+    assert ci.strip().splitlines()[-1] == command
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_works_without_settings_or_aws(script, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=tmp_path, capture_output=True,
+                            text=True, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: ")
+    assert re.search(r"Step \d", result.stdout)
+
+
+@pytest.mark.parametrize("module", ["common", "vectors", "jobs", "accounting", *[s[:-3] for s in SCRIPTS]])
+def test_nothing_runs_at_import(module, tmp_path):
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import importlib; importlib.import_module({module!r})"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "" and result.stderr == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_endpoint_url_in_the_code():
+    for path in [*ROOT.glob("*.py"), *ROOT.glob("iam/*.sh")]:
+        assert "endpoint_url" not in path.read_text(encoding="utf-8"), path
