@@ -411,11 +411,8 @@ def run(argv) -> int:
     if retry is not None and not args.all and config.vector_bucket and config.vector_index:
         s3v = common.make_client("s3vectors", config)
         keys = [common.vector_key(entry["source_uri"]) for entry in retry]
-        try:
-            exclude = {k: "already in the vector index" for k in
-                       accounting.present_keys(s3v, config.vector_bucket, config.vector_index, keys)}
-        except s3v.exceptions.NotFoundException:
-            exclude = {}
+        exclude = {k: "already in the vector index" for k in
+                   accounting.present_keys(s3v, config.vector_bucket, config.vector_index, keys)}
     elif not args.all and config.vector_bucket and config.vector_index:
         print(f"Checking which images are already in index {config.vector_index}")
         s3v = common.make_client("s3vectors", config, max_pool_connections=LIST_SEGMENTS + 2)

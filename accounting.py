@@ -63,6 +63,10 @@ def present_keys(s3v, bucket: str, index: str, keys: list[str]) -> set[str]:
 
     if not batches:
         return set()
+    try:
+        s3v.get_index(vectorBucketName=bucket, indexName=index)
+    except s3v.exceptions.NotFoundException:
+        return set()  # no index yet: nothing is loaded
     with ThreadPoolExecutor(min(THREADS, len(batches))) as pool:
         return {key for found in pool.map(ask, batches) for key in found}
 

@@ -245,6 +245,7 @@ def make_client(service: str, config: Config, *, max_attempts: int = 10, max_poo
     import boto3
     from botocore.config import Config as BotoConfig
 
+    max_attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or max_attempts)  # the standard variable wins
     return boto3.session.Session().client(
         service,
         region_name=config.region,

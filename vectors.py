@@ -233,7 +233,9 @@ class PutVectorsSender:
                 self.error = exc
 
     def send(self, batch: Batch) -> None:
-        from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, ReadTimeoutError
+        """Send one batch until the index accepts it: throttling, 5xx and a failing network are retried with
+        backoff for up to `give_up_after` seconds; anything else the index refuses is raised."""
+        from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
 
         started, attempt = time.monotonic(), 0
         while True:
@@ -251,8 +253,9 @@ class PutVectorsSender:
                 if code in ("TooManyRequestsException", "ThrottlingException", "SlowDown") or status == 429:
                     self.limiter.throttled()
                     self._count("throttled")
-            except (BotoConnectionError, ReadTimeoutError):
-                pass
+                last = f"{code or status}"
+            except (BotoConnectionError, HTTPClientError) as exc:
+                last = type(exc).__name__
             else:
                 with self.stats_lock:
                     self.stats["requests"] += 1
@@ -264,8 +267,8 @@ class PutVectorsSender:
             attempt += 1
             self._count("retries")
             if time.monotonic() - started > self.give_up_after:
-                raise TimeoutError(f"PutVectors kept failing for {self.give_up_after:.0f}s; nothing was dropped — "
-                                   "run the step again to resume")
+                raise common.StepError(f"PutVectors kept failing for {self.give_up_after:g}s (last: {last}); "
+                                       "nothing was dropped — run the step again to resume")
             self.sleep(min(self.max_backoff, 0.25 * 2 ** min(attempt, 7)) * (0.5 + np.random.random() / 2))
 
     def _count(self, name: str) -> None:

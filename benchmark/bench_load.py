@@ -45,6 +45,7 @@ STEP3 = ROOT / "03_load_result_to_s3_vector_bucket.py"
 ARTICLE = HERE / "article_loader.py"
 PROFILER = HERE / "profile_step.py"
 LAUNCHER = HERE / "launch.py"
+TRACER = HERE / "trace_memory.py"
 
 SOURCE_BUCKET = "bench-source-images"
 SOURCE_PREFIX = "images/"
@@ -250,7 +251,9 @@ class Servers:
     def stats(self) -> dict:
         return http_json(self.s3v_url + "/_standin/stats")
 
-    def reset_vectors(self) -> None:
+    def reset_vectors(self, seed: int) -> None:
+        """Drop every bucket, index and counter; reseed the fault injection."""
+        http_json(self.s3v_url + "/_standin/config", {"seed": seed})
         http_json(self.s3v_url + "/_standin/reset", {})
 
     def stop(self) -> None:
@@ -603,6 +606,8 @@ def step3_command(args, prof: Path | None) -> list[str]:
     script = str(args.source / STEP3.name)
     if prof is not None:
         return [*pin, sys.executable, str(PROFILER), str(prof), script, *extra]
+    if args.trace_memory:
+        return [*pin, sys.executable, str(TRACER), str(args.trace_memory), script, *extra]
     return [*pin, sys.executable, script, *extra]
 
 
@@ -654,7 +659,7 @@ def warm_bytecode(servers: Servers, args) -> None:
 
 def measure(args, servers: Servers, data: Dataset, job: Job, n: int, workroot: Path) -> dict:
     """One measurement: fresh index and job-info file, run 03 (killed and run again with --kill-after)."""
-    servers.reset_vectors()
+    servers.reset_vectors(seed=args.seed + n - 1)  # each measurement its own fault pattern
     ttfb = moto_ttfb(servers, data, job)
     workdir = workroot / f"run-{n}"
     workdir.mkdir(parents=True)
@@ -899,6 +904,8 @@ def parse_args(argv):
                    help="whether the stand-in keeps vector data (auto: only up to 10,000 records)")
     p.add_argument("--seed", type=int, default=1, help="seed of the stand-in's fault injection")
     p.add_argument("--profile", action="store_true", help="run 03 under cProfile (all threads) and print the top")
+    p.add_argument("--trace-memory", type=Path, metavar="FILE",
+                   help="run 03 under tracemalloc (benchmark/trace_memory.py) and write its peak allocations to FILE")
     p.add_argument("--loader-arg", action="append", metavar="ARG", help="pass ARG to 03 (repeatable), e.g. "
                    "--loader-arg=--threads=8")
     p.add_argument("--loader-env", action="append", metavar="NAME=VALUE",
@@ -968,6 +975,9 @@ def main(argv: list[str] | None = None) -> int:
             for run in runs:
                 if run.get("profile"):
                     show_profile(Path(run["profile"]))
+            if args.trace_memory and args.trace_memory.exists():
+                print(f"--- tracemalloc of 03 ({args.trace_memory})")
+                print(args.trace_memory.read_text().split("\nlargest by traceback")[0])
         totals = [r["total"] for r in results]
         summary = median_of(totals) if len(totals) > 1 else totals[0]
         if len(totals) > 1:

@@ -1,0 +1,234 @@
+"""Faults in the middle of each step: after each, running the same step again reaches the undisturbed end state."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+import common
+from tests.conftest import ROOT, STEPS
+from tests.standins import serve
+from tests.standins.faulty import FaultyProxy
+
+FAST_FAIL = {"AWS_MAX_ATTEMPTS": "2"}
+
+
+@pytest.fixture
+def proxy():
+    started = []
+
+    def start(target: str, fail) -> str:
+        served = serve(FaultyProxy(target, fail))
+        started.append(served)
+        return served.url
+
+    yield start
+    for served in started:
+        served.stop()
+
+
+def one_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def index_keys(world) -> set[str]:
+    s3v, keys, token = world.client("s3vectors"), set(), None
+    while True:
+        page = s3v.list_vectors(vectorBucketName=world.vector_bucket, indexName=world.vector_index,
+                                **({"nextToken": token} if token else {}))
+        keys.update(v["key"] for v in page["vectors"])
+        token = page.get("nextToken")
+        if not token:
+            return keys
+
+
+def accepted(world) -> int:
+    with urllib.request.urlopen(world.stack.s3vectors_url + "/_standin/stats") as response:
+        stats = json.loads(response.read())["indexes"]
+    return stats[f"{world.vector_bucket}/{world.vector_index}"]["put_vectors_accepted"]
+
+
+def jsonl_in_bucket(world) -> list[str]:
+    return [o["Key"] for o in world.client("s3").list_objects_v2(Bucket=world.source_bucket).get("Contents", [])
+            if o["Key"].endswith(".jsonl")]
+
+
+def finish_run(world, expect_load: int = 0):
+    monitored = world.step(2, "--wait", "--interval", "0.05", "--timeout", "60")
+    assert monitored.returncode in (0, 4, 5), monitored.stdout + monitored.stderr
+    loaded = world.step(3)
+    assert loaded.returncode == expect_load, loaded.stdout[-2000:] + loaded.stderr
+    return loaded
+
+
+def test_network_failing_in_the_middle_of_the_listing(world, proxy):
+    uris = world.put_images([f"img-{i:04d}.png" for i in range(1100)], prefix="2024/")  # two listing pages
+    url = proxy(world.stack.moto_url, lambda method, path: "refuse" if "continuation-token" in path else None)
+    failed = world.step(1, env={"AWS_ENDPOINT_URL_S3": url, **FAST_FAIL})
+    assert failed.returncode == 1
+    assert one_line(failed).startswith("error: ")
+    assert not (world.cwd / "batch_job_info.json").exists() and not list(world.cwd.glob("batch_input_*"))
+    assert jsonl_in_bucket(world) == []
+
+    assert world.step(1).returncode == 0
+    finish_run(world)
+    assert index_keys(world) == {common.vector_key(u) for u in uris}
+
+
+def test_network_failing_during_the_upload(world, proxy):
+    uris = world.put_images([f"img-{i:03d}.png" for i in range(120)], prefix="2024/")
+    url = proxy(world.stack.moto_url,
+                lambda method, path: "refuse" if method == "PUT" and "batch_input_" in path else None)
+    failed = world.step(1, env={"AWS_ENDPOINT_URL_S3": url, **FAST_FAIL})
+    assert failed.returncode == 1 and one_line(failed).startswith("error: ")
+    assert all(not job.get("job_arn") for job in world.job_info()["jobs"])  # the run is saved, queued
+
+    resumed = world.step(1)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming the submission" in resumed.stdout
+    finish_run(world)
+    assert index_keys(world) == {common.vector_key(u) for u in uris}
+
+
+def test_a_lost_answer_to_the_submit_never_makes_a_second_job(world, proxy):
+    world.put_images([f"img-{i:03d}.png" for i in range(120)], prefix="2024/")
+    url = proxy(world.stack.bedrock_url,
+                lambda method, path: "drop" if method == "POST" and path == "/model-invocation-job" else None)
+    failed = world.step(1, env={"AWS_ENDPOINT_URL_BEDROCK": url, **FAST_FAIL})
+    assert failed.returncode == 1 and one_line(failed).startswith("error: ")
+    created = [j for j in world.emulator("/_emulator/jobs")["jobs"] if j["roleArn"] == world.role_arn]
+    assert len(created) == 1  # it did reach Bedrock
+
+    resumed = world.step(1)
+    assert resumed.returncode == 0, resumed.stderr
+    jobs = [j for j in world.emulator("/_emulator/jobs")["jobs"] if j["roleArn"] == world.role_arn]
+    assert len(jobs) == 1 and world.job_info()["jobs"][0]["job_arn"] == jobs[0]["jobArn"]
+
+
+def test_network_failing_in_the_middle_of_the_load(world, proxy):
+    uris = world.put_images([f"img-{i:04d}.png" for i in range(1200)], prefix="2024/")
+    assert world.step(1).returncode == 0
+    assert world.step(2, "--wait", "--interval", "0.05", "--timeout", "60").returncode == 0
+    puts = []
+
+    def fail(method, path):
+        if path == "/PutVectors":
+            puts.append(path)
+            return "refuse" if len(puts) > 1 else None
+        return None
+
+    url = proxy(world.stack.s3vectors_url, fail)
+    failed = world.step(3, "--retry-for", "1", env={"AWS_ENDPOINT_URL_S3VECTORS": url, **FAST_FAIL})
+    assert failed.returncode == 1
+    assert "nothing was dropped — run the step again to resume" in one_line(failed)
+    confirmed = world.job_info()["jobs"][0]["load"]["counts"]["inserted"]
+    assert confirmed == 500
+
+    resumed = world.step(3)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"Resuming: {confirmed} vectors already confirmed" in resumed.stdout
+    assert index_keys(world) == {common.vector_key(u) for u in uris}
+    assert accepted(world) == 1200  # the confirmed batch was not sent again
+
+
+def test_credentials_expiring_mid_load(world, proxy):
+    uris = world.put_images([f"img-{i:03d}.png" for i in range(120)], prefix="2024/")
+    assert world.step(1).returncode == 0
+    assert world.step(2, "--wait", "--interval", "0.05", "--timeout", "60").returncode == 0
+    url = proxy(world.stack.moto_url,
+                lambda method, path: "ExpiredToken" if method == "GET" and ".jsonl.out" in path else None)
+    failed = world.step(3, env={"AWS_ENDPOINT_URL_S3": url})
+    assert failed.returncode == 1
+    assert "ExpiredToken" in one_line(failed) and "refresh your AWS credentials" in failed.stderr
+    assert world.step(3).returncode == 0
+    assert index_keys(world) == {common.vector_key(u) for u in uris}
+
+
+def test_ctrl_c_during_the_load_then_resume(world):
+    uris = world.put_images([f"img-{i:04d}.png" for i in range(1500)], prefix="2024/")
+    assert world.step(1).returncode == 0
+    assert world.step(2, "--wait", "--interval", "0.05", "--timeout", "60").returncode == 0
+    process = subprocess.Popen([sys.executable, str(ROOT / STEPS[3]), "--vectors-per-second", "300"],
+                               cwd=world.cwd, env=world.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if world.job_info()["jobs"][0].get("load", {}).get("counts", {}).get("inserted", 0) >= 500:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "interrupted" in err and "Traceback" not in err
+    resumed = world.step(3)
+    assert resumed.returncode == 0 and "Resuming: " in resumed.stdout
+    assert index_keys(world) == {common.vector_key(u) for u in uris}
+
+
+def test_a_truncated_last_line_is_accounted_for_and_retried(world):
+    uris = world.put_images([f"img-{i:03d}.png" for i in range(120)], prefix="2024/")
+    assert world.step(1).returncode == 0
+    assert world.step(2, "--wait", "--interval", "0.05", "--timeout", "60").returncode == 0
+    job = world.job_info()["jobs"][0]
+    s3 = world.client("s3")
+    key = next(o["Key"] for o in s3.list_objects_v2(Bucket=world.result_bucket)["Contents"]
+               if o["Key"].endswith(".jsonl.out"))
+    lines = s3.get_object(Bucket=world.result_bucket, Key=key)["Body"].read().splitlines(keepends=True)
+    cut = json.loads(lines[-1])["modelInput"]["singleEmbeddingParams"]["image"]["source"]["s3Location"]["uri"]
+    s3.put_object(Bucket=world.result_bucket, Key=key, Body=b"".join(lines[:-1]) + lines[-1][:500])
+
+    loaded = world.step(3)
+    assert loaded.returncode == 4
+    assert "Images loaded: 119, failed: 0, missing: 1" in loaded.stdout
+    account = [json.loads(line) for line in (world.cwd / "not_loaded.jsonl").read_text().splitlines()]
+    assert [a["source_uri"] for a in account] == [cut]
+    report = [json.loads(line) for line in (world.cwd / f"load_report_{job['job_id']}.jsonl").read_text().splitlines()]
+    assert [r["error_code"] for r in report] == ["MalformedLine"]
+
+    retried = world.step(1, "--retry-failed", "--on-demand")
+    assert retried.returncode == 0, retried.stderr
+    assert index_keys(world) == {common.vector_key(u) for u in uris}
+
+
+@pytest.mark.parametrize("final", ["Failed", "Expired"])
+def test_a_job_that_produced_nothing_is_retried_whole(world, final):
+    uris = world.put_images([f"img-{i:03d}.png" for i in range(110)], prefix="2024/")
+    world.emulator("/_emulator/config", {"final_status": final})
+    assert world.step(1).returncode == 0
+    loaded = finish_run(world, expect_load=4)
+    assert "Images loaded: 0, failed: 0, missing: 110" in loaded.stdout
+    account = [json.loads(line) for line in (world.cwd / "not_loaded.jsonl").read_text().splitlines()]
+    assert {a["status"] for a in account} == {"missing"} and all(final in a["error_message"] for a in account)
+
+    world.emulator("/_emulator/config", {"final_status": None})
+    assert world.step(1, "--retry-failed").returncode == 0
+    finish_run(world)
+    assert index_keys(world) == {common.vector_key(u) for u in uris}
+
+
+def test_throttled_submits_stay_queued_until_02_submits_them(world):
+    uris = world.put_images([f"img-{i:03d}.png" for i in range(110)], prefix="2024/")
+    world.emulator("/_emulator/config", {"throttle_create": 3})
+    created = world.step(1, env=FAST_FAIL)
+    assert created.returncode == 0, created.stderr
+    assert "stays queued: ThrottlingException" in created.stdout
+    assert not world.job_info()["jobs"][0].get("job_arn")
+    finish_run(world)
+    assert index_keys(world) == {common.vector_key(u) for u in uris}
+
+
+def test_a_hand_edited_job_info_stops_01_without_touching_anything(world):
+    world.put_images([f"img-{i:03d}.png" for i in range(110)], prefix="2024/")
+    (world.cwd / "batch_job_info.json").write_text('{"jobs": [{"job_name": "x"}]}')
+    result = world.step(1)
+    assert result.returncode == 2
+    assert re.search(r"batch_job_info.json is malformed", one_line(result))
+    assert jsonl_in_bucket(world) == []
