@@ -88,7 +88,8 @@ class Listing:
     def __init__(self, workdir: Path):
         self.path = workdir / "images.jsonl"
         self.counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # folder -> [images, manifest bytes]
-        self.skipped: dict[str, list[str]] = defaultdict(list)
+        self.skipped: dict[str, int] = defaultdict(int)  # reason -> objects skipped for it
+        self.examples: dict[str, list[str]] = defaultdict(list)  # reason -> the first few keys
         self.own_manifests: list[str] = []
         self.foreign: list[str] = []
         self.left_out: dict[str, int] = defaultdict(int)
@@ -111,7 +112,9 @@ def list_images(objects, config: common.Config, exclude: dict[str, str], workdir
                 continue
             fmt, reason = classify(obj)
             if fmt is None:
-                listing.skipped[reason].append(key)
+                listing.skipped[reason] += 1
+                if len(listing.examples[reason]) < EXAMPLES_PER_REASON:
+                    listing.examples[reason].append(key)
                 continue
             why = exclude.get(common.vector_key(common.s3_uri(config.source_bucket, key)))
             if why:
@@ -130,8 +133,9 @@ def retry_objects(entries: list[dict], config: common.Config):
     for entry in entries:
         bucket, key = common.parse_s3_uri(entry["source_uri"])
         if bucket != config.source_bucket or not key.startswith(config.source_prefix):
-            raise StepError(f"{entry['source_uri']} is not under {common.s3_uri(config.source_bucket, config.source_prefix)}"
-                            " — retry with the settings of the run that produced the account", common.EXIT_USAGE)
+            folder = common.s3_uri(config.source_bucket, config.source_prefix)
+            raise StepError(f"{entry['source_uri']} is not under {folder} — retry with the settings of the run that "
+                            "produced the account", common.EXIT_USAGE)
         yield {"Key": key, "Size": 1}
 
 
@@ -211,14 +215,13 @@ def index_keys(s3v, config: common.Config) -> set[str]:
 
 def print_skipped(listing: Listing) -> None:
     if listing.skipped:
-        total = sum(len(keys) for keys in listing.skipped.values())
-        print(f"Skipped {total} object(s) that are not images the model takes:")
-        for reason, keys in sorted(listing.skipped.items()):
-            print(f"  {reason}: {len(keys)}")
-            for key in keys[:EXAMPLES_PER_REASON]:
+        print(f"Skipped {sum(listing.skipped.values())} object(s) that are not images the model takes:")
+        for reason, count in sorted(listing.skipped.items()):
+            print(f"  {reason}: {count}")
+            for key in listing.examples[reason]:
                 print(f"    - {key}")
-            if len(keys) > EXAMPLES_PER_REASON:
-                print(f"    ... and {len(keys) - EXAMPLES_PER_REASON} more")
+            if count > EXAMPLES_PER_REASON:
+                print(f"    ... and {count - EXAMPLES_PER_REASON} more")
     for reason, n in sorted(listing.left_out.items()):
         print(f"Left out {n} image(s): {reason}")
 

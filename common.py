@@ -46,7 +46,6 @@ EMBEDDING_PURPOSES = (
 )
 IMAGE_FORMATS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".gif": "gif", ".webp": "webp"}
 MAX_IMAGE_BYTES = 50 * 1000 * 1000  # the model's 50 MB image limit
-MIN_RECORDS_PER_JOB = 100
 MANIFEST_PREFIX = "batch_input_"
 MANIFEST_SUFFIX = ".jsonl"
 

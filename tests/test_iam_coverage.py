@@ -31,7 +31,11 @@ def test_caller_and_role_policies_cover_every_call_of_the_four_steps(world):
     world.put_images([f"a/img-{i}.png" for i in range(110)], prefix="2024/")
     calls = world.cwd / "calls.jsonl"
     world.env.update(PYTHONPATH=str(ROOT / "tests" / "record_calls"), RECORD_AWS_CALLS=str(calls))
-    for step, args in ((1, ()), (2, ("--wait", "--interval", "0.05", "--timeout", "60")), (3, ()), (4, ())):
+    first_image = f"s3://{world.source_bucket}/2024/a/img-0.png"
+    for step, args in ((1, ()), (2, ("--wait", "--interval", "0.05", "--timeout", "60")), (3, ()),
+                       (5, ("a red sports car", "--presign", "60")), (5, ("--image", first_image)),
+                       (5, ("--image", first_image, "--filter", json.dumps({"job_id": {"$exists": True}}))),
+                       (4, ())):
         result = world.step(step, *args)
         assert result.returncode == 0, (step, result.stdout, result.stderr)
 
@@ -39,7 +43,8 @@ def test_caller_and_role_policies_cover_every_call_of_the_four_steps(world):
     operations = {(c["service"], c["operation"]) for c in recorded}
     assert {("sts", "GetCallerIdentity"), ("s3", "ListObjectsV2"), ("s3", "PutObject"),
             ("bedrock", "CreateModelInvocationJob"), ("bedrock", "GetModelInvocationJob"), ("s3", "GetObject"),
-            ("s3vectors", "CreateIndex"), ("s3vectors", "PutVectors"), ("s3", "DeleteObject")} <= operations
+            ("s3vectors", "CreateIndex"), ("s3vectors", "PutVectors"), ("s3", "DeleteObject"),
+            ("s3vectors", "GetVectors"), ("s3vectors", "QueryVectors"), ("bedrock-runtime", "InvokeModel")} <= operations
     denied = []
     for call in recorded:
         for action, resource, context in required_permission(call["service"], call["operation"], call["params"],
