@@ -86,6 +86,26 @@ class World:
         with urllib.request.urlopen(request) as response:
             return json.loads(response.read() or b"null")
 
+    def index_keys(self) -> set[str]:
+        """Every key in the test's vector index, read page by page as ListVectors gives them."""
+        return set(self.index_metadata())
+
+    def index_metadata(self) -> dict[str, dict]:
+        s3v, found, token = self.client("s3vectors"), {}, None
+        while True:
+            page = s3v.list_vectors(vectorBucketName=self.vector_bucket, indexName=self.vector_index,
+                                    returnMetadata=True, **({"nextToken": token} if token else {}))
+            found.update({v["key"]: v.get("metadata", {}) for v in page["vectors"]})
+            token = page.get("nextToken")
+            if not token:
+                return found
+
+    def vectors_accepted(self) -> int:
+        """How many vectors the index has accepted in PutVectors, counting any sent twice."""
+        with urllib.request.urlopen(self.stack.s3vectors_url + "/_standin/stats") as response:
+            stats = json.loads(response.read())["indexes"]
+        return stats.get(f"{self.vector_bucket}/{self.vector_index}", {}).get("put_vectors_accepted", 0)
+
     def job_info(self) -> dict:
         return json.loads((self.cwd / "batch_job_info.json").read_text())
 

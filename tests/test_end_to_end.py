@@ -18,17 +18,6 @@ TRICKY = [
 ]
 
 
-def all_vectors(s3v, bucket: str, index: str) -> dict[str, dict]:
-    found, token = {}, None
-    while True:
-        page = s3v.list_vectors(vectorBucketName=bucket, indexName=index, returnMetadata=True,
-                                **({"nextToken": token} if token else {}))
-        found.update({v["key"]: v.get("metadata", {}) for v in page["vectors"]})
-        token = page.get("nextToken")
-        if not token:
-            return found
-
-
 def test_four_steps_end_to_end(world):
     s3 = world.client("s3")
     good = world.put_images(NESTED + TRICKY, prefix="2024/")
@@ -81,12 +70,12 @@ def test_four_steps_end_to_end(world):
     assert [(a["source_uri"], a["status"]) for a in account] == [(broken_uri, "failed")]
     assert "not_loaded.jsonl; retry them with 01_create_job.py --retry-failed" in loaded.stdout
 
-    index = all_vectors(world.client("s3vectors"), world.vector_bucket, world.vector_index)
+    index = world.index_metadata()
     assert index == {common.vector_key(uri): {"source_uri": uri, "job_id": job["job_id"]} for uri in good}
 
     again = world.step(3, "--reload")  # loading twice overwrites, never duplicates
     assert again.returncode == 4
-    assert all_vectors(world.client("s3vectors"), world.vector_bucket, world.vector_index) == index
+    assert world.index_metadata() == index
 
     cleaned = world.step(4)
     assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
@@ -40,23 +39,6 @@ def one_line(result) -> str:
     return lines[0]
 
 
-def index_keys(world) -> set[str]:
-    s3v, keys, token = world.client("s3vectors"), set(), None
-    while True:
-        page = s3v.list_vectors(vectorBucketName=world.vector_bucket, indexName=world.vector_index,
-                                **({"nextToken": token} if token else {}))
-        keys.update(v["key"] for v in page["vectors"])
-        token = page.get("nextToken")
-        if not token:
-            return keys
-
-
-def accepted(world) -> int:
-    with urllib.request.urlopen(world.stack.s3vectors_url + "/_standin/stats") as response:
-        stats = json.loads(response.read())["indexes"]
-    return stats[f"{world.vector_bucket}/{world.vector_index}"]["put_vectors_accepted"]
-
-
 def jsonl_in_bucket(world) -> list[str]:
     return [o["Key"] for o in world.client("s3").list_objects_v2(Bucket=world.source_bucket).get("Contents", [])
             if o["Key"].endswith(".jsonl")]
@@ -81,7 +63,7 @@ def test_network_failing_in_the_middle_of_the_listing(world, proxy):
 
     assert world.step(1).returncode == 0
     finish_run(world)
-    assert index_keys(world) == {common.vector_key(u) for u in uris}
+    assert world.index_keys() == {common.vector_key(u) for u in uris}
 
 
 def test_network_failing_during_the_upload(world, proxy):
@@ -96,7 +78,7 @@ def test_network_failing_during_the_upload(world, proxy):
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming the submission" in resumed.stdout
     finish_run(world)
-    assert index_keys(world) == {common.vector_key(u) for u in uris}
+    assert world.index_keys() == {common.vector_key(u) for u in uris}
 
 
 def test_a_lost_answer_to_the_submit_never_makes_a_second_job(world, proxy):
@@ -136,8 +118,8 @@ def test_network_failing_in_the_middle_of_the_load(world, proxy):
     resumed = world.step(3)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"Resuming: {confirmed} vectors already confirmed" in resumed.stdout
-    assert index_keys(world) == {common.vector_key(u) for u in uris}
-    assert accepted(world) == 1200  # the confirmed batch was not sent again
+    assert world.index_keys() == {common.vector_key(u) for u in uris}
+    assert world.vectors_accepted() == 1200  # the confirmed batch was not sent again
 
 
 def test_credentials_expiring_mid_load(world, proxy):
@@ -150,7 +132,7 @@ def test_credentials_expiring_mid_load(world, proxy):
     assert failed.returncode == 1
     assert "ExpiredToken" in one_line(failed) and "refresh your AWS credentials" in failed.stderr
     assert world.step(3).returncode == 0
-    assert index_keys(world) == {common.vector_key(u) for u in uris}
+    assert world.index_keys() == {common.vector_key(u) for u in uris}
 
 
 def test_ctrl_c_during_the_load_then_resume(world):
@@ -170,7 +152,7 @@ def test_ctrl_c_during_the_load_then_resume(world):
     assert "interrupted" in err and "Traceback" not in err
     resumed = world.step(3)
     assert resumed.returncode == 0 and "Resuming: " in resumed.stdout
-    assert index_keys(world) == {common.vector_key(u) for u in uris}
+    assert world.index_keys() == {common.vector_key(u) for u in uris}
 
 
 def test_a_truncated_last_line_is_accounted_for_and_retried(world):
@@ -195,7 +177,7 @@ def test_a_truncated_last_line_is_accounted_for_and_retried(world):
 
     retried = world.step(1, "--retry-failed", "--on-demand")
     assert retried.returncode == 0, retried.stderr
-    assert index_keys(world) == {common.vector_key(u) for u in uris}
+    assert world.index_keys() == {common.vector_key(u) for u in uris}
 
 
 @pytest.mark.parametrize("final", ["Failed", "Expired"])
@@ -211,7 +193,7 @@ def test_a_job_that_produced_nothing_is_retried_whole(world, final):
     world.emulator("/_emulator/config", {"final_status": None})
     assert world.step(1, "--retry-failed").returncode == 0
     finish_run(world)
-    assert index_keys(world) == {common.vector_key(u) for u in uris}
+    assert world.index_keys() == {common.vector_key(u) for u in uris}
 
 
 def test_throttled_submits_stay_queued_until_02_submits_them(world):
@@ -222,7 +204,7 @@ def test_throttled_submits_stay_queued_until_02_submits_them(world):
     assert "stays queued: ThrottlingException" in created.stdout
     assert not world.job_info()["jobs"][0].get("job_arn")
     finish_run(world)
-    assert index_keys(world) == {common.vector_key(u) for u in uris}
+    assert world.index_keys() == {common.vector_key(u) for u in uris}
 
 
 def test_a_hand_edited_job_info_stops_01_without_touching_anything(world):

@@ -3,29 +3,11 @@
 from __future__ import annotations
 
 import json
-import urllib.request
 
 import common
 
 QUOTAS = {"MIN_RECORDS_PER_JOB": "100", "MAX_RECORDS_PER_JOB": "500", "MAX_RECORDS_PER_FILE": "250",
           "MAX_CONCURRENT_JOBS": "3"}
-
-
-def index_stats(world) -> dict:
-    with urllib.request.urlopen(world.stack.s3vectors_url + "/_standin/stats") as response:
-        stats = json.loads(response.read())["indexes"]
-    return stats.get(f"{world.vector_bucket}/{world.vector_index}", {"vectors": 0, "put_vectors_accepted": 0})
-
-
-def index_keys(world) -> set[str]:
-    s3v, keys, token = world.client("s3vectors"), set(), None
-    while True:
-        page = s3v.list_vectors(vectorBucketName=world.vector_bucket, indexName=world.vector_index,
-                                **({"nextToken": token} if token else {}))
-        keys.update(v["key"] for v in page["vectors"])
-        token = page.get("nextToken")
-        if not token:
-            return keys
 
 
 def run_all(world, expect_load: int = 0):
@@ -68,8 +50,8 @@ def test_a_run_larger_than_one_job_is_split_by_folder_and_loads_every_image_once
         # A job that had seen another job's manifest would have processed more records than its own.
         assert emulated[job["job_arn"]]["totalRecordCount"] == job["record_count"]
     assert "Images loaded: 1800, failed: 0, missing: 0" in loaded.stdout
-    assert index_keys(world) == {common.vector_key(uri) for uri in uris}
-    assert index_stats(world)["put_vectors_accepted"] == 1800  # each vector sent once
+    assert world.index_keys() == {common.vector_key(uri) for uri in uris}
+    assert world.vectors_accepted() == 1800  # each vector sent once
     assert world.step(4).returncode == 0
 
     # The next day: 150 new images. Only they are submitted.
@@ -79,8 +61,8 @@ def test_a_run_larger_than_one_job_is_split_by_folder_and_loads_every_image_once
     assert "Left out 1800 image(s): already in the vector index" in day2.stdout
     assert [j["record_count"] for j in world.job_info()["jobs"]] == [150]
     run_all(world)
-    assert index_keys(world) == {common.vector_key(uri) for uri in uris + new}
-    assert index_stats(world)["put_vectors_accepted"] == 1950
+    assert world.index_keys() == {common.vector_key(uri) for uri in uris + new}
+    assert world.vectors_accepted() == 1950
 
 
 def test_failed_records_come_back_through_retry_failed(world):
@@ -101,7 +83,7 @@ def test_failed_records_come_back_through_retry_failed(world):
     _, loaded = run_all(world)
     assert "Images loaded: 120, failed: 0, missing: 0" in loaded.stdout
     assert not (world.cwd / "not_loaded.jsonl").exists()
-    assert len(index_keys(world)) == 320
+    assert len(world.index_keys()) == 320
 
 
 def test_a_few_failures_are_embedded_on_demand(world):
@@ -119,7 +101,7 @@ def test_a_few_failures_are_embedded_on_demand(world):
     on_demand = world.step(1, "--retry-failed", "--on-demand")
     assert on_demand.returncode == 0, on_demand.stdout + on_demand.stderr
     assert "Embedded and loaded 10 image(s) on demand" in on_demand.stdout
-    assert len(index_keys(world)) == 110
+    assert len(world.index_keys()) == 110
     assert not (world.cwd / "not_loaded.jsonl").exists()
 
 
