@@ -84,3 +84,27 @@ def test_four_steps_end_to_end(world):
     assert not list(world.cwd.glob("batch_input_*.jsonl"))
     assert (world.cwd / f"load_report_{job['job_id']}.jsonl").exists()  # the account of failures is kept
     assert common.object_exists(s3, world.source_bucket, "2024/notes.txt", "123456789012")
+
+
+def test_an_index_of_another_dimension_stops_the_load(world):
+    world.put_images([f"img-{i:03d}.png" for i in range(100)], prefix="2024/")
+    s3v = world.client("s3vectors")
+    s3v.create_vector_bucket(vectorBucketName=world.vector_bucket)
+    s3v.create_index(vectorBucketName=world.vector_bucket, indexName=world.vector_index, dataType="float32",
+                     dimension=1024, distanceMetric="cosine")
+    assert world.step(1).returncode == 0
+    assert world.step(2, "--wait", "--interval", "0.05", "--timeout", "60").returncode == 0
+    loaded = world.step(3)
+    assert loaded.returncode == 2
+    assert loaded.stderr.strip() == (
+        f"error: index {world.vector_index} in {world.vector_bucket} holds 1024-dimension vectors but the job "
+        f"produced 256 — use another VECTOR_INDEX or EMBEDDING_DIMENSION=1024")
+    assert world.index_keys() == set()
+
+
+def test_output_kms_key_reaches_the_job(world):
+    key = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    world.put_images([f"img-{i:03d}.png" for i in range(100)], prefix="2024/")
+    assert world.step(1, env={"OUTPUT_KMS_KEY_ID": key}).returncode == 0
+    job = world.client("bedrock").get_model_invocation_job(jobIdentifier=world.job_info()["jobs"][0]["job_arn"])
+    assert job["outputDataConfig"]["s3OutputDataConfig"]["s3EncryptionKeyId"] == key

@@ -214,3 +214,27 @@ def test_a_hand_edited_job_info_stops_01_without_touching_anything(world):
     assert result.returncode == 2
     assert re.search(r"batch_job_info.json is malformed", one_line(result))
     assert jsonl_in_bucket(world) == []
+
+
+def test_ctrl_c_during_the_listing_leaves_nothing_behind(world, proxy):
+    world.put_images([f"img-{i:04d}.png" for i in range(1100)], prefix="2024/")
+
+    def stall(method, path):
+        if "continuation-token" in path:
+            time.sleep(20)
+        return None
+
+    url = proxy(world.stack.moto_url, stall)
+    process = subprocess.Popen([sys.executable, str(ROOT / STEPS[1])], cwd=world.cwd,
+                               env={**world.env, "AWS_ENDPOINT_URL_S3": url}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    out = ""
+    while "Listing images" not in out:
+        out += process.stdout.readline()
+    time.sleep(1)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err
+    assert not (world.cwd / "batch_job_info.json").exists() and not list(world.cwd.glob("batch_input_*"))
+    assert jsonl_in_bucket(world) == []
+    assert world.step(1).returncode == 0

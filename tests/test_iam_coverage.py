@@ -14,6 +14,8 @@ from tests.conftest import ROOT
 from tests.iam_check import is_allowed, required_permission
 
 ACCOUNT = "123456789012"
+SECRET = "kS3cr3tValueThatMustNeverBeWrittenAnywhere"
+TOKEN = "SessionTokenThatMustNeverBeWrittenAnywhere"
 
 
 def setup_script(world, *args: str) -> subprocess.CompletedProcess:
@@ -30,7 +32,9 @@ def test_caller_and_role_policies_cover_every_call_of_the_four_steps(world):
 
     world.put_images([f"a/img-{i}.png" for i in range(110)], prefix="2024/")
     calls = world.cwd / "calls.jsonl"
-    world.env.update(PYTHONPATH=str(ROOT / "tests" / "record_calls"), RECORD_AWS_CALLS=str(calls))
+    world.env.update(PYTHONPATH=str(ROOT / "tests" / "record_calls"), RECORD_AWS_CALLS=str(calls),
+                     AWS_SECRET_ACCESS_KEY=SECRET, AWS_SESSION_TOKEN=TOKEN)
+    outputs = []
     first_image = f"s3://{world.source_bucket}/2024/a/img-0.png"
     for step, args in ((1, ()), (2, ("--wait", "--interval", "0.05", "--timeout", "60")), (3, ()),
                        (5, ("a red sports car", "--presign", "60")), (5, ("--image", first_image)),
@@ -38,8 +42,21 @@ def test_caller_and_role_policies_cover_every_call_of_the_four_steps(world):
                        (4, ())):
         result = world.step(step, *args)
         assert result.returncode == 0, (step, result.stdout, result.stderr)
+        outputs.append(result.stdout + result.stderr)
+
+    # No credential in what the steps print (a pre-signed link is step 5's answer, not a log) or leave behind.
+    assert not [o for o in outputs[:3] + outputs[-1:] if SECRET in o or TOKEN in o]
+    assert not [o for o in outputs[3:-1] if SECRET in o]
+    for path in world.cwd.iterdir():
+        if path.name != "calls.jsonl":
+            assert SECRET not in path.read_text(errors="replace") and TOKEN not in path.read_text(errors="replace")
 
     recorded = [json.loads(line) for line in calls.read_text().splitlines()]
+    # Every S3 call names the account that must own the bucket (a pre-signed link cannot: a browser sends no
+    # x-amz-expected-bucket-owner header).
+    assert not [c for c in recorded if c["service"] == "s3" and not c["presign"]
+                and c["params"].get("ExpectedBucketOwner") != ACCOUNT]
+    assert [c for c in recorded if c["presign"]]
     operations = {(c["service"], c["operation"]) for c in recorded}
     assert {("sts", "GetCallerIdentity"), ("s3", "ListObjectsV2"), ("s3", "PutObject"),
             ("bedrock", "CreateModelInvocationJob"), ("bedrock", "GetModelInvocationJob"), ("s3", "GetObject"),

@@ -29,9 +29,10 @@ if _PATH:
         client = _create_client(self, service_name, *args, **kwargs)
         service = client.meta.service_model.service_name
 
-        def record(params, model, **_):
+        def record(params, model, context=None, **_):
             line = {"service": service, "operation": model.name,
-                    "params": {k: v for k, v in params.items() if _small(v)}}
+                    "params": {k: v for k, v in params.items() if _small(v)},
+                    "presign": bool((context or {}).get("is_presign_request"))}
             with _lock, open(_PATH, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(line) + "\n")
 
