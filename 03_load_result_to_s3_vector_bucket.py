@@ -3,10 +3,11 @@ into an S3 Vectors index.
 
     uv run 03_load_result_to_s3_vector_bucket.py
 
-Results are streamed (memory stays flat whatever their size) and loaded at the index's write quota. Every record
-ends loaded or in the report file with its reason. Interrupted, the step resumes where the index last confirmed.
-Exit status: 0 every record loaded; 4 some records failed or are missing (see the report); 1 an AWS error;
-2 a setting or the job-info file is wrong.
+Loads every job of the run. Results are streamed (memory stays flat whatever their size) and loaded at the
+index's write quota. Interrupted, the step resumes where the index last confirmed. It ends with the account of
+every image of every manifest — loaded, failed or missing — and lists those not loaded in not_loaded.jsonl.
+Exit status: 0 every image loaded; 4 some failed or are missing; 1 an AWS error; 2 a setting or the job-info
+file is wrong, or the run has not ended.
 """
 
 from __future__ import annotations
