@@ -293,6 +293,7 @@ def write_manifests(listing: Listing, planned: list[jobs.PlannedJob], config: co
             "role_arn": config.role_arn,
             "embedding_dimension": config.embedding_dimension,
             "embedding_purpose": config.embedding_purpose,
+            "output_kms_key_id": config.output_kms_key_id,
             "record_count": job.records,
             "manifests": [],
             "created": common.now_iso(),

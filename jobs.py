@@ -207,8 +207,11 @@ def submit_ready(s3, bedrock, info: dict, config: common.Config, save, max_concu
             job["uploaded"] = True
             save(info)  # before the submit: a lost answer is resubmitted with the same token
         try:
-            job["job_arn"] = create_job(bedrock, config, info["account_id"], job)
+            job["job_arn"] = create_job(bedrock, owner, job)
         except ClientError as exc:
+            if common.error_code(exc) in ("ValidationException", "AccessDeniedException"):
+                raise common.StepError(f"{common.describe_aws_error(exc)} — fix the cause, then "
+                                       "01_create_job.py --force plans the run again") from None
             if common.error_code(exc) not in ("ServiceQuotaExceededException", "ThrottlingException"):
                 raise
             print(f"Job {job['job_name']} stays queued: {common.describe_aws_error(exc)}")
@@ -236,12 +239,11 @@ def upload_manifests(s3, bucket: str, job: dict, owner: str) -> None:
         common.ok(f"Uploaded to {uri}")
 
 
-def create_job(bedrock, config: common.Config, account: str, job: dict) -> str:
-    """Submit one job; its clientRequestToken makes a repeated submit return the same job."""
-    owner = common.bucket_owner(config, account)
+def create_job(bedrock, owner: str, job: dict) -> str:
+    """Submit one job as 01 planned it; its clientRequestToken makes a repeated submit return the same job."""
     output = {"s3Uri": job["output_s3_uri"], "s3BucketOwner": owner}
-    if config.output_kms_key_id:
-        output["s3EncryptionKeyId"] = config.output_kms_key_id
+    if job.get("output_kms_key_id"):
+        output["s3EncryptionKeyId"] = job["output_kms_key_id"]
     print(f"Creating batch inference job: {job['job_name']} ({job['record_count']} records, "
           f"input {job['input_s3_uri']})")
     response = bedrock.create_model_invocation_job(

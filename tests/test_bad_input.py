@@ -164,3 +164,16 @@ def test_dry_run_submits_nothing(world):
     keys = [o["Key"] for o in world.client("s3").list_objects_v2(Bucket=world.source_bucket)["Contents"]]
     assert not [k for k in keys if k.endswith(".jsonl")]
     assert not list(world.cwd.glob("batch_input_*")) and not (world.cwd / "batch_job_info.json").exists()
+
+
+def test_a_role_bedrock_cannot_use_stops_01_with_what_to_do(world):
+    world.put_images([f"img{i}.png" for i in range(100)], prefix="2024/")
+    missing_role = "arn:aws:iam::123456789012:role/NoSuchRole"
+    result = world.step(1, env={"ROLE_ARN": missing_role})
+    assert result.returncode == 1
+    line = one_line(result)
+    assert line.startswith("error: ValidationException:") and "NoSuchRole" in line
+    assert "01_create_job.py --force plans the run again" in line
+    fixed = world.step(1, "--force")  # with the right role from the environment
+    assert fixed.returncode == 0, fixed.stderr
+    assert world.job_info()["jobs"][0]["role_arn"] == world.role_arn
