@@ -28,7 +28,7 @@ from common import StepError, ok
 SETTINGS = ("AWS_REGION", "VECTOR_BUCKET", "VECTOR_INDEX", "JOB_INFO_FILE", "EXPECTED_BUCKET_OWNER")
 REQUIRED = ("VECTOR_BUCKET", "VECTOR_INDEX")
 EXIT_INCOMPLETE = 4
-CHECKPOINT_SECONDS = 2.0
+CHECKPOINT_SECONDS = 0.0  # after every confirmed batch: a resumed load re-sends nothing confirmed
 
 
 def parse_args(argv):
@@ -41,7 +41,7 @@ def parse_args(argv):
                         help="where the images not loaded are listed (default: beside the job-info file)")
     parser.add_argument("--vectors-per-second", type=float, default=2500, help="the index's write quota (2500)")
     parser.add_argument("--requests-per-second", type=float, default=1000, help="the index's request quota (1000)")
-    parser.add_argument("--threads", type=int, default=4, help="PutVectors requests in flight (4)")
+    parser.add_argument("--threads", type=int, default=3, help="PutVectors requests in flight (3)")
     parser.add_argument("--retry-for", type=float, default=900, metavar="SECONDS",
                         help="keep retrying a PutVectors the index does not accept for this long (900)")
     parser.add_argument("--verbose", action="store_true", help="print every batch")
@@ -103,8 +103,8 @@ class Loader:
             embedding = record["modelOutput"]["embeddings"][0]["embedding"]
             if uri is None:
                 raise KeyError("modelInput image s3Location uri")
-            part = vectors.encode_vector(common.vector_key(uri), embedding, self.dimension,
-                                         {"source_uri": uri, "job_id": self.job_id})
+            key = common.vector_key(uri)
+            part = vectors.encode_vector(key, embedding, self.dimension, {"source_uri": uri, "job_id": self.job_id})
         except (KeyError, IndexError, TypeError) as exc:
             self.fail(record_id, uri, "MalformedLine", f"no {exc} in the record", file_key, offset)
             return None
@@ -113,7 +113,7 @@ class Loader:
             return None
         self.counts["success"] += 1
         # A batch this vector closes ends just before this line: on resume, reading starts again here.
-        return self.batcher.add(part, lambda: self.mark(file_key, start, before))
+        return self.batcher.add(part, lambda: self.mark(file_key, start, before), key)
 
 
 class Checkpoint:
@@ -132,10 +132,12 @@ class Checkpoint:
         self.lock = threading.Lock()
         self.save_lock = threading.Lock()
         self.saved_at = float("-inf")
+        self.confirmed_keys: set[str] = set()  # what the index confirmed to this process: no need to ask again
 
     def confirm(self, batch: vectors.Batch) -> None:
         with self.lock:
             self.done[batch.seq] = batch
+            self.confirmed_keys.update(batch.keys)
             while self.next_seq in self.done:
                 confirmed = self.done.pop(self.next_seq)
                 self.next_seq += 1
@@ -194,7 +196,7 @@ def read_manifest(s3, bucket: str, key: str, owner: str) -> dict | None:
 
 def load_job(job: dict, info: dict, clients, config: common.Config, args, limiter) -> dict:
     """Stream one job's output files into the index; returns the job's counts. Resumes from its checkpoint."""
-    s3, s3v, owner = clients
+    s3, s3v, put_client, owner = clients
     job_id = common.job_id_from_arn(job["job_arn"])
     print(f"Job Name: {job['job_name']}")
     print(f"Job ARN: {job['job_arn']}")
@@ -231,7 +233,7 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
     print(f"Index Name: {config.vector_index}")
     print(f"Batch Size: up to {vectors.MAX_VECTORS_PER_PUT} vectors / 20 MiB per request, "
           f"paced to {args.vectors_per_second:g} vectors/s")
-    sender = vectors.PutVectorsSender(s3v, config.vector_bucket, config.vector_index, limiter,
+    sender = vectors.PutVectorsSender(put_client, config.vector_bucket, config.vector_index, limiter,
                                       threads=args.threads, on_done=on_done, give_up_after=args.retry_for)
     started = time.monotonic()
     try:
@@ -276,6 +278,7 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
                               f"records but the output holds {counts['total']}")
     else:
         ok("Counts match manifest.json.out")
+    counts["confirmed_keys"] = checkpoint.confirmed_keys
     return counts
 
 
@@ -285,6 +288,7 @@ def report_file(job_id: str) -> Path:
 
 def run(argv) -> int:
     args = parse_args(argv)
+    vectors.keep_memory_flat()
     config = common.load_config(args, REQUIRED)
     common.banner("Bedrock Batch Inference - Load Results to Vector Bucket")
     info = common.load_job_info(config.job_info_file)
@@ -293,7 +297,9 @@ def run(argv) -> int:
 
     bedrock = common.make_client("bedrock", config)
     s3 = common.make_client("s3", config)
-    s3v = common.make_client("s3vectors", config, max_attempts=4, max_pool_connections=args.threads + 10)
+    s3v = common.make_client("s3vectors", config, max_pool_connections=accounting.THREADS + 2)
+    # PutVectors goes out once per attempt: the sender sees every 429 and slows down itself.
+    put_client = common.make_client("s3vectors", config, max_attempts=1, max_pool_connections=args.threads + 2)
     owner = common.bucket_owner(config, info["account_id"])
     running = []
     for job in info["jobs"]:
@@ -313,13 +319,15 @@ def run(argv) -> int:
 
     limiter = vectors.RateLimiter(args.vectors_per_second, args.requests_per_second)
     totals = {"total": 0, "success": 0, "error": 0, "inserted": 0}
+    confirmed: set[str] = set()
     problems = []
     for job in loadable:
         if args.reload:
             job.pop("load", None)
-        counts = load_job(job, info, (s3, s3v, owner), config, args, limiter)
+        counts = load_job(job, info, (s3, s3v, put_client, owner), config, args, limiter)
         for key in totals:
             totals[key] += counts.get(key, 0)
+        confirmed |= counts["confirmed_keys"]
         if "mismatch" in counts:
             problems.append(counts["mismatch"])
 
@@ -331,7 +339,7 @@ def run(argv) -> int:
     print(f"Vector Bucket: {config.vector_bucket}")
     print(f"Index Name: {config.vector_index}")
     path = Path(args.report) if args.report else accounting.account_file(config.job_info_file)
-    account = accounting.account_run(info, s3v, config, report_file, path)
+    account = accounting.account_run(info, s3v, config, report_file, path, confirmed)
     accounting.print_account(account)
     print(common.RULE)
     if account["failed"] or account["missing"]:

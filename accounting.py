@@ -71,15 +71,21 @@ def present_keys(s3v, bucket: str, index: str, keys: list[str]) -> set[str]:
         return {key for found in pool.map(ask, batches) for key in found}
 
 
-def account_run(info: dict, s3v, config: common.Config, report_file: Callable[[str], Path], out: Path) -> dict:
-    """Account for every image of the run; the images not loaded go to `out` (written atomically)."""
+def account_run(info: dict, s3v, config: common.Config, report_file: Callable[[str], Path], out: Path,
+                confirmed: set[str] = frozenset()) -> dict:
+    """Account for every image of the run; the images not loaded go to `out` (written atomically).
+
+    Keys the index confirmed to this process (`confirmed`) count as loaded; the index is asked about the rest.
+    """
     totals = {"loaded": 0, "failed": 0, "missing": 0, "jobs": []}
 
     def entries():
         for job in info["jobs"]:
             records = list(manifest_records(job))
             keys = [common.vector_key(uri) for _, uri in records]
-            present = present_keys(s3v, config.vector_bucket, config.vector_index, keys) if s3v else set()
+            present = {key for key in keys if key in confirmed}
+            unknown = [key for key in keys if key not in present]
+            present |= present_keys(s3v, config.vector_bucket, config.vector_index, unknown)
             job_id = common.job_id_from_arn(job["job_arn"]) if job.get("job_arn") else None
             failed = failures(report_file(job_id)) if job_id else {}
             status = job.get("status") or "never submitted"

@@ -236,7 +236,7 @@ def _invalid(raw: dict[str, str | None]) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def make_client(service: str, config: Config, *, max_attempts: int = 10, max_pool_connections: int = 10):
+def make_client(service: str, config: Config, *, max_attempts: int | None = None, max_pool_connections: int = 10):
     """A boto3 client for `service` in the configured region.
 
     No endpoint is passed: the standard AWS_ENDPOINT_URL_<SERVICE> variables route clients elsewhere.
@@ -244,7 +244,8 @@ def make_client(service: str, config: Config, *, max_attempts: int = 10, max_poo
     import boto3
     from botocore.config import Config as BotoConfig
 
-    max_attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or max_attempts)  # the standard variable wins
+    if max_attempts is None:  # botocore's retries, unless the caller retries itself; AWS_MAX_ATTEMPTS sets them
+        max_attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or 10)
     return boto3.session.Session().client(
         service,
         region_name=config.region,

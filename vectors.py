@@ -90,6 +90,7 @@ class Batch:
     count: int
     seq: int
     mark: dict = field(default_factory=dict)  # the loader's position after this batch
+    keys: list[str] = field(default_factory=list)
 
 
 class Batcher:
@@ -101,13 +102,14 @@ class Batcher:
         self.max_vectors = max_vectors
         self.max_bytes = max_bytes
         self.parts: list[bytes] = []
+        self.keys: list[str] = []
         self.size = len(self.head) + len(self.tail)
         self.seq = 0
 
     def fits(self, part: bytes) -> bool:
         return len(self.parts) < self.max_vectors and self.size + len(part) + 1 <= self.max_bytes
 
-    def add(self, part: bytes, mark_before: Callable[[], dict]) -> Batch | None:
+    def add(self, part: bytes, mark_before: Callable[[], dict], key: str = "") -> Batch | None:
         """Add a vector; when it does not fit, first close the current batch, marked with `mark_before()` (the
         position just before this vector), and return it."""
         closed = None
@@ -116,6 +118,7 @@ class Batcher:
         if len(self.head) + len(self.tail) + len(part) > self.max_bytes:
             raise VectorError(f"one vector takes {len(part)} bytes, more than a request may hold")
         self.parts.append(part)
+        self.keys.append(key)
         self.size += len(part) + (1 if len(self.parts) > 1 else 0)
         return closed
 
@@ -127,10 +130,17 @@ class Batcher:
             batch = Batch(body=b"", count=0, seq=self.seq, mark=mark)
             self.seq += 1
             return batch
-        body = self.head + b",".join(self.parts) + self.tail
-        batch = Batch(body=body, count=len(self.parts), seq=self.seq, mark=mark)
+        pieces = [self.head]
+        for i, part in enumerate(self.parts):
+            if i:
+                pieces.append(b",")
+            pieces.append(part)
+        pieces.append(self.tail)
+        batch = Batch(body=b"".join(pieces), count=len(self.parts), seq=self.seq, mark=mark,  # one copy of ~20 MB
+                      keys=self.keys)
         self.seq += 1
         self.parts = []
+        self.keys = []
         self.size = len(self.head) + len(self.tail)
         return batch
 
@@ -185,7 +195,7 @@ class PutVectorsSender:
         self.max_backoff = max_backoff
         self.give_up_after = give_up_after
         self.local = threading.local()
-        self.queue: queue.Queue = queue.Queue(maxsize=threads)
+        self.queue: queue.Queue = queue.Queue(maxsize=1)  # bodies are ~20 MB: few wait
         self.error: BaseException | None = None
         self.stats = {"requests": 0, "retries": 0, "throttled": 0, "max_vectors": 0, "max_bytes": 0}
         self.stats_lock = threading.Lock()
@@ -274,6 +284,25 @@ class PutVectorsSender:
     def _count(self, name: str) -> None:
         with self.stats_lock:
             self.stats[name] += 1
+
+
+def keep_memory_flat() -> None:
+    """Have glibc return large freed buffers (request bodies) to the system at once.
+
+    By default glibc raises its mmap threshold after freeing a large mmapped block, so later ~20 MB bodies come
+    from the heap, which keeps the high-water mark: peak RSS then grows with the length of the load.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: blocks of 1 MiB and more are mmapped, and unmapped on free
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
 
 
 def read_lines(body, start: int = 0, chunk_size: int = 1 << 20) -> Iterator[tuple[bytes, int, int]]:
