@@ -16,6 +16,7 @@ import argparse
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import orjson
@@ -194,7 +195,7 @@ def read_manifest(s3, bucket: str, key: str, owner: str) -> dict | None:
         return None
 
 
-def load_job(job: dict, info: dict, clients, config: common.Config, args, limiter) -> dict:
+def load_job(job: dict, info: dict, clients, config: common.Config, args, limiter, index_ready) -> dict:
     """Stream one job's output files into the index; returns the job's counts. Resumes from its checkpoint."""
     s3, s3v, put_client, owner = clients
     job_id = common.job_id_from_arn(job["job_arn"])
@@ -251,8 +252,10 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
             for raw, start, end in vectors.read_lines(body, offset):
                 batch = loader.line(raw, key, start, end)
                 if batch is not None:
+                    index_ready()
                     sender.submit(batch)
                 progress.update(loader.counts["total"], checkpoint.inserted)
+            index_ready()
             sender.submit(batcher.flush(loader.mark(key, obj["Size"], done=True), allow_empty=True))
             ok(f"Processed {name}")
         sender.close()
@@ -313,9 +316,11 @@ def run(argv) -> int:
         raise StepError(f"the run has not ended ({'; '.join(running[:3])}) — wait for it with "
                         "02_monitor_job.py --wait", common.EXIT_USAGE)
     loadable = [job for job in info["jobs"] if job["status"] in common.LOADABLE_STATUSES]
-    dimensions = {int(job.get("embedding_dimension", config.embedding_dimension)) for job in info["jobs"]}
-    if loadable:
-        vectors.ensure_index(s3v, config.vector_bucket, config.vector_index, max(dimensions))
+    dimension = max(int(job.get("embedding_dimension", config.embedding_dimension)) for job in info["jobs"])
+    # The index is made ready while the first results are read; the first PutVectors waits for it.
+    setup = ThreadPoolExecutor(1)
+    index = setup.submit(vectors.ensure_index, s3v, config.vector_bucket, config.vector_index, dimension)
+    setup.shutdown(wait=False)
 
     limiter = vectors.RateLimiter(args.vectors_per_second, args.requests_per_second)
     totals = {"total": 0, "success": 0, "error": 0, "inserted": 0}
@@ -324,10 +329,11 @@ def run(argv) -> int:
     for job in loadable:
         if args.reload:
             job.pop("load", None)
-        counts = load_job(job, info, (s3, s3v, put_client, owner), config, args, limiter)
+        counts = load_job(job, info, (s3, s3v, put_client, owner), config, args, limiter, index.result)
         for key in totals:
             totals[key] += counts.get(key, 0)
         confirmed |= counts["confirmed_keys"]
+    index.result()  # its errors (an index of another dimension) are reported even when nothing was loaded
         if "mismatch" in counts:
             problems.append(counts["mismatch"])
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -246,7 +247,7 @@ def make_client(service: str, config: Config, *, max_attempts: int | None = None
 
     if max_attempts is None:  # botocore's retries, unless the caller retries itself; AWS_MAX_ATTEMPTS sets them
         max_attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or 10)
-    return boto3.session.Session().client(
+    return _session(boto3).client(
         service,
         region_name=config.region,
         config=BotoConfig(
@@ -255,6 +256,12 @@ def make_client(service: str, config: Config, *, max_attempts: int | None = None
             max_pool_connections=max_pool_connections,
         ),
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _session(boto3):
+    """One boto3 session a process: its clients share the loaded service models and credentials."""
+    return boto3.session.Session()
 
 
 def error_code(exc: Exception) -> str:

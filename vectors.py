@@ -148,27 +148,29 @@ class Batcher:
 class RateLimiter:
     """Paces requests to the index's write quota: vectors per second and requests per second.
 
-    Each request reserves its share of time, so the rate at the index stays smooth. After a throttling answer the
-    vector rate drops by a quarter and recovers by 5 % a second, so a smaller or shared quota is found rather than
-    hammered.
+    Each request reserves its share of time, so the rate at the index stays smooth; after a pause, up to
+    `burst_seconds` of credit may be spent at once (whether the index grants such a burst is unverified: if it does
+    not, the first requests meet 429 and the pacer slows down). After a throttling answer the vector rate drops by a
+    quarter and recovers by 5 % a second, so a smaller or shared quota is found rather than hammered.
     """
 
     def __init__(self, vectors_per_second: float, requests_per_second: float, clock=time.monotonic,
-                 sleep=time.sleep):
+                 sleep=time.sleep, burst_seconds: float = 1.0):
         self.max_rate = float(vectors_per_second)
         self.rate = float(vectors_per_second)
         self.requests_per_second = float(requests_per_second)
+        self.burst = burst_seconds  # credit after a pause, as a token bucket of one second's worth gives
         self.clock, self.sleep = clock, sleep
         self.lock = threading.Lock()
-        self.next_free = clock()
-        self.last = self.next_free
+        self.last = clock()
+        self.next_free = self.last - self.burst
 
     def acquire(self, vectors: int) -> None:
         with self.lock:
             now = self.clock()
             self.rate = min(self.max_rate, self.rate * 1.05 ** (now - self.last))
             self.last = now
-            start = max(now, self.next_free)
+            start = max(now - self.burst, self.next_free)
             self.next_free = start + max(vectors / self.rate, 1 / self.requests_per_second)
         if start > now:
             self.sleep(start - now)

@@ -123,7 +123,7 @@ def test_rate_limiter_paces_vectors_and_backs_off_after_throttling():
     limiter = vectors.RateLimiter(2500, 1000, clock=clock, sleep=clock.sleep)
     for _ in range(50):
         limiter.acquire(500)
-    assert clock.now == pytest.approx(49 * 500 / 2500)  # 25,000 vectors at 2,500/s, the first at once
+    assert clock.now == pytest.approx(49 * 500 / 2500 - 1.0)  # 25,000 vectors at 2,500/s after a second's burst
     limiter.throttled()
     assert limiter.rate == pytest.approx(1875)
     start = clock.now
@@ -137,7 +137,7 @@ def test_rate_limiter_paces_vectors_and_backs_off_after_throttling():
 
 def test_rate_limiter_respects_requests_per_second():
     clock = FakeClock()
-    limiter = vectors.RateLimiter(1e9, 10, clock=clock, sleep=clock.sleep)
+    limiter = vectors.RateLimiter(1e9, 10, clock=clock, sleep=clock.sleep, burst_seconds=0)
     for _ in range(11):
         limiter.acquire(1)
     assert clock.now == pytest.approx(1.0)
