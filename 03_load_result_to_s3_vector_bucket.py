@@ -333,9 +333,9 @@ def run(argv) -> int:
         for key in totals:
             totals[key] += counts.get(key, 0)
         confirmed |= counts["confirmed_keys"]
-    index.result()  # its errors (an index of another dimension) are reported even when nothing was loaded
         if "mismatch" in counts:
             problems.append(counts["mismatch"])
+    index.result()  # its errors (an index of another dimension) are reported even when nothing was loaded
 
     common.banner("Summary")
     print(f"Total Records Processed: {totals['total']}")
