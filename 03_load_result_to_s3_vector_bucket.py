@@ -302,7 +302,7 @@ def run(argv) -> int:
     s3 = common.make_client("s3", config)
     s3v = common.make_client("s3vectors", config, max_pool_connections=accounting.THREADS + 2)
     # PutVectors goes out once per attempt: the sender sees every 429 and slows down itself.
-    put_client = common.make_client("s3vectors", config, max_attempts=1, max_pool_connections=args.threads + 2)
+    put_client = common.make_client("s3vectors", config, attempts=1, max_pool_connections=args.threads + 2)
     owner = common.bucket_owner(config, info["account_id"])
     running = []
     for job in info["jobs"]:

@@ -237,7 +237,7 @@ def _invalid(raw: dict[str, str | None]) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def make_client(service: str, config: Config, *, max_attempts: int | None = None, max_pool_connections: int = 10):
+def make_client(service: str, config: Config, *, attempts: int | None = None, max_pool_connections: int = 10):
     """A boto3 client for `service` in the configured region.
 
     No endpoint is passed: the standard AWS_ENDPOINT_URL_<SERVICE> variables route clients elsewhere.
@@ -245,13 +245,13 @@ def make_client(service: str, config: Config, *, max_attempts: int | None = None
     import boto3
     from botocore.config import Config as BotoConfig
 
-    if max_attempts is None:  # botocore's retries, unless the caller retries itself; AWS_MAX_ATTEMPTS sets them
-        max_attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or 10)
+    if attempts is None:  # botocore retries, unless the caller retries itself; AWS_MAX_ATTEMPTS sets how often
+        attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or 10)
     return _session(boto3).client(
         service,
         region_name=config.region,
         config=BotoConfig(
-            retries={"mode": "standard", "max_attempts": max_attempts},
+            retries={"mode": "standard", "total_max_attempts": attempts},
             user_agent_extra=f"{APP_NAME}/{APP_VERSION}",
             max_pool_connections=max_pool_connections,
         ),

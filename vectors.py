@@ -163,17 +163,19 @@ class RateLimiter:
         self.clock, self.sleep = clock, sleep
         self.lock = threading.Lock()
         self.last = clock()
-        self.next_free = self.last - self.burst
+        self.next_free = self.last  # when the work reserved so far has been paid for at the rate
 
     def acquire(self, vectors: int) -> None:
+        """Wait until sending `vectors` keeps the reserved backlog within the burst, then reserve them."""
         with self.lock:
             now = self.clock()
             self.rate = min(self.max_rate, self.rate * 1.05 ** (now - self.last))
             self.last = now
-            start = max(now - self.burst, self.next_free)
-            self.next_free = start + max(vectors / self.rate, 1 / self.requests_per_second)
-        if start > now:
-            self.sleep(start - now)
+            cost = max(vectors / self.rate, 1 / self.requests_per_second)
+            self.next_free = max(self.next_free, now) + cost
+            wait = self.next_free - self.burst - now
+        if wait > 0:
+            self.sleep(wait)
 
     def throttled(self) -> None:
         with self.lock:

@@ -123,7 +123,7 @@ def test_rate_limiter_paces_vectors_and_backs_off_after_throttling():
     limiter = vectors.RateLimiter(2500, 1000, clock=clock, sleep=clock.sleep)
     for _ in range(50):
         limiter.acquire(500)
-    assert clock.now == pytest.approx(49 * 500 / 2500 - 1.0)  # 25,000 vectors at 2,500/s after a second's burst
+    assert clock.now == pytest.approx(50 * 500 / 2500 - 1.0)  # 25,000 vectors at 2,500/s, a second's worth at once
     limiter.throttled()
     assert limiter.rate == pytest.approx(1875)
     start = clock.now
@@ -137,10 +137,13 @@ def test_rate_limiter_paces_vectors_and_backs_off_after_throttling():
 
 def test_rate_limiter_respects_requests_per_second():
     clock = FakeClock()
-    limiter = vectors.RateLimiter(1e9, 10, clock=clock, sleep=clock.sleep, burst_seconds=0)
+    limiter = vectors.RateLimiter(1e9, 10, clock=clock, sleep=clock.sleep)
+    for _ in range(10):
+        limiter.acquire(1)
+    assert clock.now == 0  # a second's worth of requests at once
     for _ in range(11):
         limiter.acquire(1)
-    assert clock.now == pytest.approx(1.0)
+    assert clock.now == pytest.approx(1.1)
 
 
 # ---------------------------------------------------------------------------------------------------- sending
