@@ -327,6 +327,21 @@ def create_job(servers: Servers, data: Dataset) -> Job:
     return Job(arn=arn, job_id=job_id, name=name, prefix=prefix)
 
 
+def serve_files(servers: Servers, data: Dataset, job: Job, workroot: Path) -> None:
+    """Serve the job's output (the cached files and manifest.json.out) from benchmark/s3_files.py."""
+    manifest = workroot / "manifest.json.out"
+    manifest.write_bytes(data.manifest())
+    objects = {job.prefix + f["name"]: str(f["path"]) for f in data.files}
+    objects[job.prefix + "manifest.json.out"] = str(manifest)
+    spec = workroot / "s3-objects.json"
+    spec.write_text(json.dumps({"bucket": RESULT_BUCKET, "objects": objects}))
+    proc = servers._spawn("s3files", [sys.executable, "-m", "benchmark.s3_files", "--port", "0", "--objects",
+                                      str(spec)], stdout=subprocess.PIPE)
+    servers.files_url = proc.stdout.readline().decode().strip()
+    if not servers.files_url.startswith("http://127.0.0.1:"):
+        raise SystemExit(f"benchmark/s3_files.py did not start (see {workroot / 's3files.log'})")
+
+
 def moto_ttfb(servers: Servers, data: Dataset, job: Job, offset: int | None = None) -> float:
     """moto reads a whole object (and copies the requested range) before it answers a GET: the seconds until the
     first byte of the largest output file (from `offset` to the end, as 03 asks when it resumes), which 03 waits
@@ -634,6 +649,8 @@ def show_timeline(figures: dict, every: float = 0.5) -> None:
 def step3_env(servers: Servers, args) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(servers.env)
+    if getattr(servers, "files_url", None):
+        env["AWS_ENDPOINT_URL_S3"] = servers.files_url  # 03 reads the output from the streaming file server
     env.update({"VECTOR_BUCKET": VECTOR_BUCKET, "VECTOR_INDEX": VECTOR_INDEX, "PYTHONUNBUFFERED": "1"})
     for item in args.loader_env or []:
         name, _, value = item.partition("=")
@@ -667,7 +684,7 @@ def warm_bytecode(servers: Servers, args) -> None:
 def measure(args, servers: Servers, data: Dataset, job: Job, n: int, workroot: Path) -> dict:
     """One measurement: fresh index and job-info file, run 03 (killed and run again with --kill-after)."""
     servers.reset_vectors(seed=args.seed + n - 1)  # each measurement its own fault pattern
-    ttfb = moto_ttfb(servers, data, job)
+    ttfb = moto_ttfb(servers, data, job) if args.s3 == "moto" else None
     workdir = workroot / f"run-{n}"
     workdir.mkdir(parents=True)
     write_job_info(workdir, job, data)
@@ -687,7 +704,7 @@ def measure(args, servers: Servers, data: Dataset, job: Job, n: int, workroot: P
                                 args.quota)
         figures["profile"] = str(prof) if prof else None
         resumed_at = re.search(r"\(from byte (\d+)\)", run.log.read_text(errors="replace"))
-        if resumed_at:  # moto copies the object from that byte on before it answers
+        if resumed_at and args.s3 == "moto":  # moto copies the object from that byte on before it answers
             figures["moto_ttfb_s"] = moto_ttfb(servers, data, job, int(resumed_at.group(1)))
         runs.append(figures)
         before = after
@@ -909,6 +926,9 @@ def parse_args(argv):
                    help="the stand-in's write quota in vectors/s (2500); 03 still assumes its own --vectors-per-second "
                         "(2500): a lower value shows how it finds a smaller or shared quota")
     p.add_argument("--fault-rate", type=float, default=0.0, help="share of PutVectors answered 429/503 (0)")
+    p.add_argument("--s3", choices=("files", "moto"), default="files",
+                   help="what serves the job output to 03: files streamed from disk like S3 (default), or moto, "
+                        "which reads a whole object before its first byte")
     p.add_argument("--kill-after", type=float, metavar="SECONDS", help="SIGKILL 03 after this long, then rerun it")
     p.add_argument("--baseline", action="store_true", help="also run the article's approach (benchmark/article_loader.py)")
     p.add_argument("--article-records", type=int, default=2000,
@@ -969,6 +989,9 @@ def main(argv: list[str] | None = None) -> int:
               f"fault rate {args.fault_rate:g}, store_data={args.store_data}), Bedrock emulator {servers.bedrock_url}; "
               f"bytecode: {args.bytecode}")
         job = create_job(servers, data)
+        if args.s3 == "files":
+            serve_files(servers, data, job, workroot)
+            print(f"03 reads the output from {servers.files_url} (files streamed from disk, as S3 streams them)")
         warm_bytecode(servers, args)
         print(f"Job {job.job_id} Completed in the emulator; output s3://{RESULT_BUCKET}/{job.prefix} "
               f"({len(data.files)} file(s), {data.bytes / 1e6:,.0f} MB)")
