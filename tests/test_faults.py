@@ -238,3 +238,53 @@ def test_ctrl_c_during_the_listing_leaves_nothing_behind(world, proxy):
     assert not (world.cwd / "batch_job_info.json").exists() and not list(world.cwd.glob("batch_input_*"))
     assert jsonl_in_bucket(world) == []
     assert world.step(1).returncode == 0
+
+
+def test_a_stopped_job_loads_what_it_produced_and_lists_the_rest(world):
+    uris = world.put_images([f"img-{i:03d}.png" for i in range(150)], prefix="2024/")
+    world.emulator("/_emulator/config", {"record_seconds": 0.02})
+    assert world.step(1).returncode == 0
+    job = world.job_info()["jobs"][0]
+    bedrock = world.client("bedrock")
+    deadline = time.monotonic() + 60
+    while bedrock.get_model_invocation_job(jobIdentifier=job["job_arn"]).get("processedRecordCount", 0) < 20:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    bedrock.stop_model_invocation_job(jobIdentifier=job["job_arn"])
+    assert world.step(2, "--wait", "--interval", "0.05", "--timeout", "60").returncode == 5
+    loaded = world.step(3)
+    assert loaded.returncode == 4
+    done = len(world.index_keys())
+    assert 20 <= done < 150
+    assert f"Images loaded: {done}, failed: 0, missing: {150 - done}" in loaded.stdout
+    account = [json.loads(line) for line in (world.cwd / "not_loaded.jsonl").read_text().splitlines()]
+    assert all(a["status"] == "missing" and "Stopped" in a["error_message"] for a in account)
+    assert {a["source_uri"] for a in account} | {u for u in uris if common.vector_key(u) in world.index_keys()} \
+        == set(uris)
+
+
+def test_ctrl_c_during_the_clean_up_then_run_it_again(world, proxy):
+    world.put_images([f"img-{i:03d}.png" for i in range(100)], prefix="2024/")
+    assert world.step(1).returncode == 0
+    finish_run(world)
+
+    def stall(method, path):
+        if method == "GET" and "batch_input_" in path:  # 04 asks whether the uploaded manifest is still there
+            time.sleep(20)
+        return None
+
+    url = proxy(world.stack.moto_url, stall)
+    process = subprocess.Popen([sys.executable, str(ROOT / STEPS[4])], cwd=world.cwd,
+                               env={**world.env, "AWS_ENDPOINT_URL_S3": url}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    out = ""
+    while "Removing S3 JSONL files" not in out:
+        out += process.stdout.readline()
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err
+    assert (world.cwd / "batch_job_info.json").exists()  # removed last: the clean-up can be run again
+    cleaned = world.step(4)
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert not (world.cwd / "batch_job_info.json").exists() and not list(world.cwd.glob("batch_input_*"))
