@@ -226,30 +226,31 @@ def print_skipped(listing: Listing) -> None:
         print(f"Left out {n} image(s): {reason}")
 
 
-def previous_run(bedrock, path: Path, force: bool) -> dict | None:
-    """The unfinished run in the job-info file when 01 should go on submitting it, else None.
+def previous_run(bedrock, path: Path, force: bool) -> tuple[dict | None, set[str]]:
+    """What the job-info file's run means for this one: (the run to go on submitting, or None; the record ids of
+    a replaced run's jobs still running, which must not be submitted twice).
 
     A run with queued jobs (never submitted, or whose submit got no answer) is resumed. A run with jobs still
     running or not yet loaded is refused unless --force.
     """
     if not path.exists():
-        return None
+        return None, set()
     info = common.load_job_info(path)
     if any(jobs.queued(job) for job in info["jobs"]) and not force:
-        return info
-    unfinished = []
-    for job in common.submitted_jobs(info):
-        status = bedrock.get_model_invocation_job(jobIdentifier=job["job_arn"])["status"]
-        job["status"] = status
-        if status not in common.TERMINAL_STATUSES:
-            unfinished.append(f"{job['job_name']} is {status}")
-        elif status in common.LOADABLE_STATUSES and not common.job_loaded(job):
-            unfinished.append(f"{job['job_name']} ended {status} but is not loaded")
+        return info, set()
+    state = jobs.refresh(bedrock, info)
+    unfinished = [f"{job['job_name']} is {job['status']}" for job in state.running]
+    unfinished += [f"{job['job_name']} ended {job['status']} but is not loaded" for job in state.unloaded]
     if unfinished and not force:
         raise StepError(f"{path} holds a run that has not finished ({'; '.join(unfinished[:3])}) — finish it with "
                         "02_monitor_job.py --wait, 03 and 04, or pass --force to start a new run")
+    in_flight: set[str] = set()
     if unfinished:
         print(f"Replacing the unfinished run in {path} (--force): {'; '.join(unfinished[:3])}")
+        for job in state.running:
+            for manifest in job["manifests"]:
+                if Path(manifest["local_path"]).exists():
+                    in_flight.update(rid for rid, _ in accounting.manifest_file_records(Path(manifest["local_path"])))
     else:
         print(f"Replacing the finished run in {path}")
         for job in info["jobs"]:
@@ -257,21 +258,7 @@ def previous_run(bedrock, path: Path, force: bool) -> dict | None:
                 local = Path(manifest["local_path"])
                 if common.is_own_manifest(local.name):
                     local.unlink(missing_ok=True)
-    return None
-
-
-def in_flight_records(path: Path) -> set[str]:
-    """Record ids of the replaced run's jobs that are still running: not to be submitted twice."""
-    if not path.exists():
-        return set()
-    info = common.load_job_info(path)
-    ids: set[str] = set()
-    for job in info["jobs"]:
-        if job.get("job_arn") and job.get("status") not in common.TERMINAL_STATUSES:
-            for manifest in job["manifests"]:
-                if Path(manifest["local_path"]).exists():
-                    ids.update(common.manifest_record_ids(Path(manifest["local_path"])))
-    return ids
+    return None, in_flight
 
 
 def write_manifests(listing: Listing, planned: list[jobs.PlannedJob], config: common.Config, owner: str,
@@ -396,8 +383,9 @@ def run(argv) -> int:
     bedrock = common.make_client("bedrock", config)
     save = lambda info: common.save_job_info(config.job_info_file, info)  # noqa: E731
 
+    in_flight: set[str] = set()
     if not args.dry_run:
-        unfinished = previous_run(bedrock, config.job_info_file, args.force)
+        unfinished, in_flight = previous_run(bedrock, config.job_info_file, args.force)
         if unfinished is not None:
             print(f"Resuming the submission of the run in {config.job_info_file}")
             jobs.submit_ready(s3, bedrock, unfinished, common.in_job_region(config, unfinished), save,
@@ -423,9 +411,7 @@ def run(argv) -> int:
         exclude = {key: "already in the vector index" for key in index_keys(s3v, config)}
     elif not args.all:
         print("VECTOR_BUCKET/VECTOR_INDEX not set: every image is embedded (set them to skip images already loaded)")
-    if not args.dry_run and args.force:
-        exclude.update({key: "in a job of the replaced run still running" for key in
-                        in_flight_records(config.job_info_file)})
+    exclude.update({key: "in a job of the replaced run still running" for key in in_flight})
 
     stamp = common.timestamp()
     with tempfile.TemporaryDirectory(prefix="bedrock-batch-") as workdir:

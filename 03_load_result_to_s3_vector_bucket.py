@@ -23,13 +23,13 @@ import orjson
 
 import accounting
 import common
+import jobs
 import vectors
 from common import StepError, ok
 
 SETTINGS = ("AWS_REGION", "VECTOR_BUCKET", "VECTOR_INDEX", "JOB_INFO_FILE", "EXPECTED_BUCKET_OWNER")
 REQUIRED = ("VECTOR_BUCKET", "VECTOR_INDEX")
 EXIT_INCOMPLETE = 4
-CHECKPOINT_SECONDS = 0.0  # after every confirmed batch: a resumed load re-sends nothing confirmed
 
 
 def parse_args(argv):
@@ -53,17 +53,10 @@ def parse_args(argv):
     return args
 
 
-def source_uri_of(record: dict) -> str | None:
-    try:
-        return record["modelInput"]["singleEmbeddingParams"]["image"]["source"]["s3Location"]["uri"]
-    except (KeyError, TypeError):
-        return None
-
-
 class Loader:
     """Turns result lines into PutVectors batches and keeps the account of every record."""
 
-    def __init__(self, job: dict, job_id: str, dimension: int, batcher: vectors.Batcher, report, start: dict):
+    def __init__(self, job_id: str, dimension: int, batcher: vectors.Batcher, report, start: dict):
         self.job_id = job_id
         self.dimension = dimension
         self.batcher = batcher
@@ -95,7 +88,7 @@ class Loader:
         if not isinstance(record, dict):
             self.fail(None, None, "MalformedLine", "not a JSON object", file_key, offset)
             return None
-        record_id, uri = record.get("recordId"), source_uri_of(record)
+        record_id, uri = record.get("recordId"), common.image_uri(record)
         if "error" in record:
             err = record["error"] if isinstance(record["error"], dict) else {"errorMessage": str(record["error"])}
             self.fail(record_id, uri, err.get("errorCode", "Error"), err.get("errorMessage", ""), file_key, offset)
@@ -120,7 +113,7 @@ class Loader:
 class Checkpoint:
     """How far the index has confirmed every record: batches complete out of order, the mark moves in order.
 
-    Saved into the job-info file (at most every CHECKPOINT_SECONDS, and at the end), so a killed load resumes
+    Saved into the job-info file (after every confirmed batch, and at the end), so a killed load resumes
     after the last confirmed batch instead of from the start.
     """
 
@@ -132,7 +125,6 @@ class Checkpoint:
         self.inserted = self.state.get("counts", {}).get("inserted", 0)
         self.lock = threading.Lock()
         self.save_lock = threading.Lock()
-        self.saved_at = float("-inf")
         self.confirmed_keys: set[str] = set()  # what the index confirmed to this process: no need to ask again
 
     def confirm(self, batch: vectors.Batch) -> None:
@@ -149,14 +141,11 @@ class Checkpoint:
                 self.state = {"files": files, "counts": dict(mark["counts"], inserted=self.inserted),
                               "report_bytes": mark["report_bytes"]}
 
-    def save(self, force: bool = False) -> None:
+    def save(self) -> None:
         with self.save_lock:
-            if not force and time.monotonic() - self.saved_at < CHECKPOINT_SECONDS:
-                return
             with self.lock:
                 self.job["load"] = self.state  # replaced, never mutated, by confirm()
             common.save_job_info(self.path, self.info)
-            self.saved_at = time.monotonic()
 
 
 class Progress:
@@ -220,7 +209,7 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
     dimension = int(job.get("embedding_dimension", config.embedding_dimension))
     checkpoint = Checkpoint(info, job, config.job_info_file)
     batcher = vectors.Batcher(config.vector_bucket, config.vector_index)
-    loader = Loader(job, job_id, dimension, batcher, report, state)
+    loader = Loader(job_id, dimension, batcher, report, state)
     progress = Progress(int(job.get("record_count") or 0), sys.stdout.isatty())
 
     def on_done(batch: vectors.Batch) -> None:
@@ -261,14 +250,14 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
         sender.close()
     except BaseException:
         # Whatever stopped the load, keep what the index confirmed so the next run resumes there.
-        checkpoint.save(force=True)
+        checkpoint.save()
         report.close()
         raise
     progress.close()
     report.close()
     with checkpoint.lock:
         checkpoint.state = dict(checkpoint.state, finished=True)
-    checkpoint.save(force=True)
+    checkpoint.save()
     counts = dict(checkpoint.state.get("counts", loader.counts))
     elapsed = time.monotonic() - started
     ok(f"Total vectors inserted: {counts['inserted']} in {elapsed:.1f}s "
@@ -304,14 +293,9 @@ def run(argv) -> int:
     # PutVectors goes out once per attempt: the sender sees every 429 and slows down itself.
     put_client = common.make_client("s3vectors", config, attempts=1, max_pool_connections=args.threads + 2)
     owner = common.bucket_owner(config, info["account_id"])
-    running = []
-    for job in info["jobs"]:
-        if not job.get("job_arn"):
-            running.append(f"{job['job_name']} is queued")
-            continue
-        job["status"] = bedrock.get_model_invocation_job(jobIdentifier=job["job_arn"])["status"]
-        if job["status"] not in common.TERMINAL_STATUSES:
-            running.append(f"{job['job_name']} is {job['status']}")
+    state = jobs.refresh(bedrock, info)
+    running = [f"{job['job_name']} is queued" for job in state.queued]
+    running += [f"{job['job_name']} is {job['status']}" for job in state.running]
     if running:
         raise StepError(f"the run has not ended ({'; '.join(running[:3])}) — wait for it with "
                         "02_monitor_job.py --wait", common.EXIT_USAGE)

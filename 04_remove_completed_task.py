@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import common
+import jobs
 from common import StepError, ok
 
 SETTINGS = ("AWS_REGION", "JOB_INFO_FILE", "EXPECTED_BUCKET_OWNER")
@@ -26,15 +27,15 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def check_can_remove(bedrock, job: dict) -> None:
-    if not job.get("job_arn"):
+def check_can_remove(bedrock, info: dict) -> None:
+    state = jobs.refresh(bedrock, info)
+    for job in state.queued:
         raise StepError(f"job {job['job_name']} is still queued — let 02_monitor_job.py --wait submit it, "
                         "or pass --force")
-    status = bedrock.get_model_invocation_job(jobIdentifier=job["job_arn"])["status"]
-    if status not in common.TERMINAL_STATUSES:
-        raise StepError(f"job {job['job_name']} is still {status} — wait for it (02_monitor_job.py --wait) "
+    for job in state.running:
+        raise StepError(f"job {job['job_name']} is still {job['status']} — wait for it (02_monitor_job.py --wait) "
                         "or pass --force")
-    if status in common.LOADABLE_STATUSES and not common.job_loaded(job):
+    for job in state.unloaded:
         raise StepError(f"the results of job {job['job_name']} are not loaded yet — run "
                         "03_load_result_to_s3_vector_bucket.py first, or pass --force")
 
@@ -46,19 +47,16 @@ def run(argv) -> int:
     info = common.load_job_info(config.job_info_file)
     config = common.in_job_region(config, info)
     print(f"Loaded job info from {config.job_info_file}")
-    jobs = info["jobs"]
-    for job in jobs:
+    for job in info["jobs"]:
         print(f"Job Name: {job['job_name']}")
         if job.get("job_arn"):
             print(f"Job ID: {common.job_id_from_arn(job['job_arn'])}")
     s3 = common.make_client("s3", config)
     if not args.force:
-        bedrock = common.make_client("bedrock", config)
-        for job in jobs:
-            check_can_remove(bedrock, job)
+        check_can_remove(common.make_client("bedrock", config), info)
     owner = common.bucket_owner(config, info["account_id"])
     bucket = info["source_bucket"]
-    manifests = [m for job in jobs for m in job["manifests"]]
+    manifests = [m for job in info["jobs"] for m in job["manifests"]]
     for manifest in manifests:
         for name in (manifest["s3_key"], Path(manifest["local_path"]).name):
             if not common.is_own_manifest(name):

@@ -26,6 +26,15 @@ def account_file(job_info_file: Path) -> Path:
     return Path(job_info_file).resolve().parent / ACCOUNT_NAME
 
 
+def manifest_file_records(path: Path) -> Iterator[tuple[str, str]]:
+    """(recordId, image URI) of every record of one local manifest."""
+    with open(path, "rb") as fh:
+        for line in fh:
+            if line.strip():
+                record = orjson.loads(line)
+                yield record["recordId"], common.image_uri(record)
+
+
 def manifest_records(job: dict) -> Iterator[tuple[str, str]]:
     """(recordId, image URI) of every record of the job's local manifests."""
     for manifest in job["manifests"]:
@@ -33,12 +42,7 @@ def manifest_records(job: dict) -> Iterator[tuple[str, str]]:
         if not path.exists():
             raise common.StepError(f"manifest {path} of job {job['job_name']} is gone: its images cannot be "
                                    "accounted for — keep the manifests until 04_remove_completed_task.py")
-        with open(path, "rb") as fh:
-            for line in fh:
-                if line.strip():
-                    record = orjson.loads(line)
-                    uri = record["modelInput"]["singleEmbeddingParams"]["image"]["source"]["s3Location"]["uri"]
-                    yield record["recordId"], uri
+        yield from manifest_file_records(path)
 
 
 def failures(report: Path) -> dict[str, tuple[str, str]]:

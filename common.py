@@ -359,12 +359,8 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def write_json(path: Path, data: dict) -> None:
-    atomic_write(path, lambda fh: fh.write((json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()))
-
-
 def save_job_info(path: Path, info: dict) -> None:
-    write_json(path, info)
+    atomic_write(path, lambda fh: fh.write((json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode()))
 
 
 def load_job_info(path: Path) -> dict:
@@ -420,19 +416,6 @@ def job_loaded(job: dict) -> bool:
     return bool(load.get("finished"))
 
 
-def manifest_record_ids(path: Path) -> Iterator[str]:
-    """The recordIds of a local manifest, one line at a time."""
-    with open(path, "rb") as fh:
-        for line in fh:
-            if line.strip():
-                yield json.loads(line)["recordId"]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# S3
-# --------------------------------------------------------------------------------------------------------------
-
-
 def s3_uri(bucket: str, key: str = "") -> str:
     return f"s3://{bucket}/{key}"
 
@@ -486,6 +469,14 @@ def image_request(uri: str, fmt: str, owner: str, dimension: int, purpose: str) 
             "image": {"format": fmt, "source": {"s3Location": {"uri": uri, "bucketOwner": owner}}},
         },
     }
+
+
+def image_uri(record: dict) -> str | None:
+    """The S3 URI of the image a batch record (a manifest line or an output line) is about."""
+    try:
+        return record["modelInput"]["singleEmbeddingParams"]["image"]["source"]["s3Location"]["uri"]
+    except (KeyError, TypeError):
+        return None
 
 
 def image_record(uri: str, fmt: str, owner: str, dimension: int, purpose: str) -> dict:

@@ -186,6 +186,30 @@ def queued(job: dict) -> bool:
     return not job.get("job_arn")
 
 
+@dataclass
+class RunState:
+    """The jobs of a run that keep it from being finished, by reason."""
+
+    queued: list[dict] = field(default_factory=list)
+    running: list[dict] = field(default_factory=list)
+    unloaded: list[dict] = field(default_factory=list)  # ended with results that step 3 has not loaded
+
+
+def refresh(bedrock, info: dict) -> RunState:
+    """Ask Bedrock for every submitted job's status (kept in its record) and sort out what is unfinished."""
+    state = RunState()
+    for job in info["jobs"]:
+        if queued(job):
+            state.queued.append(job)
+            continue
+        job["status"] = bedrock.get_model_invocation_job(jobIdentifier=job["job_arn"])["status"]
+        if job["status"] not in common.TERMINAL_STATUSES:
+            state.running.append(job)
+        elif job["status"] in common.LOADABLE_STATUSES and not common.job_loaded(job):
+            state.unloaded.append(job)
+    return state
+
+
 def submit_ready(s3, bedrock, info: dict, config: common.Config, save, max_concurrent: int) -> list[dict]:
     """Submit the queued jobs that may start now; returns those submitted.
 

@@ -44,6 +44,20 @@ def jsonl_in_bucket(world) -> list[str]:
             if o["Key"].endswith(".jsonl")]
 
 
+def interrupt_while_stalled(world, step: int, s3_url: str, marker: str) -> None:
+    """Run a step with S3 behind a stalling proxy, press Ctrl-C once it prints `marker` and is waiting on S3."""
+    process = subprocess.Popen([sys.executable, str(ROOT / STEPS[step])], cwd=world.cwd,
+                               env={**world.env, "AWS_ENDPOINT_URL_S3": s3_url}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    out = ""
+    while marker not in out:
+        out += process.stdout.readline()
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err
+
+
 def finish_run(world, expect_load: int = 0):
     monitored = world.step(2, "--wait", "--interval", "0.05", "--timeout", "60")
     assert monitored.returncode in (0, 4, 5), monitored.stdout + monitored.stderr
@@ -224,17 +238,7 @@ def test_ctrl_c_during_the_listing_leaves_nothing_behind(world, proxy):
             time.sleep(20)
         return None
 
-    url = proxy(world.stack.moto_url, stall)
-    process = subprocess.Popen([sys.executable, str(ROOT / STEPS[1])], cwd=world.cwd,
-                               env={**world.env, "AWS_ENDPOINT_URL_S3": url}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    out = ""
-    while "Listing images" not in out:
-        out += process.stdout.readline()
-    time.sleep(1)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 130 and "Traceback" not in err
+    interrupt_while_stalled(world, 1, proxy(world.stack.moto_url, stall), "Listing images")
     assert not (world.cwd / "batch_job_info.json").exists() and not list(world.cwd.glob("batch_input_*"))
     assert jsonl_in_bucket(world) == []
     assert world.step(1).returncode == 0
@@ -273,17 +277,7 @@ def test_ctrl_c_during_the_clean_up_then_run_it_again(world, proxy):
             time.sleep(20)
         return None
 
-    url = proxy(world.stack.moto_url, stall)
-    process = subprocess.Popen([sys.executable, str(ROOT / STEPS[4])], cwd=world.cwd,
-                               env={**world.env, "AWS_ENDPOINT_URL_S3": url}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    out = ""
-    while "Removing S3 JSONL files" not in out:
-        out += process.stdout.readline()
-    time.sleep(0.5)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 130 and "Traceback" not in err
+    interrupt_while_stalled(world, 4, proxy(world.stack.moto_url, stall), "Removing S3 JSONL files")
     assert (world.cwd / "batch_job_info.json").exists()  # removed last: the clean-up can be run again
     cleaned = world.step(4)
     assert cleaned.returncode == 0, cleaned.stderr
