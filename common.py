@@ -23,11 +23,17 @@ APP_NAME = "bedrock-batch-image-embeddings"
 APP_VERSION = "0.1.0"
 RULE = "=" * 70
 
-# Exit codes shared by the steps (02 adds its own for job outcomes).
-EXIT_OK = 0
-EXIT_ERROR = 1  # an AWS call or the data failed
-EXIT_USAGE = 2  # a setting, flag or local file is wrong
-EXIT_INTERRUPTED = 130
+# Exit codes of all five steps: one table, the same in README.md and every --help (EXIT_CODES_HELP).
+EXIT_OK = 0  # done, or nothing to do
+EXIT_ERROR = 1  # an AWS call failed
+EXIT_USAGE = 2  # a setting, flag or local file (the job-info file, an account file) is wrong
+EXIT_RUNNING = 3  # 02: the run is still going (or --timeout was reached)
+EXIT_INCOMPLETE = 4  # some images failed or are missing (03, 01 --on-demand); 02: a job PartiallyCompleted
+EXIT_JOB_FAILED = 5  # 02: a job Failed, was Stopped or Expired
+EXIT_REFUSED = 6  # the run is not ready for this step (unfinished run, too few images, results not loaded)
+EXIT_LOCKED = 7  # another step holds the lock on the job-info file
+EXIT_OVER_BUDGET = 8  # 01: the run's cost estimate is over MAX_RUN_COST_USD
+EXIT_INTERRUPTED = 130  # Ctrl-C: run the step again to continue
 
 TERMINAL_STATUSES = frozenset({"Completed", "PartiallyCompleted", "Failed", "Stopped", "Expired"})
 # Statuses whose output folder holds results worth loading.
