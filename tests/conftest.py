@@ -109,6 +109,14 @@ class World:
     def job_info(self) -> dict:
         return json.loads((self.cwd / "batch_job_info.json").read_text())
 
+    def run_dir(self) -> Path:
+        """The newest run's folder (`runs/<stamp>/` beside the job-info file): its manifests and reports."""
+        return sorted((self.cwd / "runs").iterdir())[-1]
+
+    def account(self) -> list[dict]:
+        """The newest run's list of images not loaded."""
+        return [json.loads(line) for line in (self.run_dir() / "not_loaded.jsonl").read_text().splitlines()]
+
 
 def make_role(iam, name: str, source_bucket: str, result_bucket: str) -> str:
     """A Bedrock service role that may read the source bucket and write the result bucket."""
