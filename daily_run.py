@@ -1,6 +1,6 @@
 """The daily run: the four steps in order, unattended, safe to start every day from cron.
 
-    uv run daily_run.py [--timeout SECONDS] [--wait-lock]
+    uv run daily_run.py [--timeout SECONDS] [--interval SECONDS] [--wait-lock]
 
 1. A run left by an earlier day (batch_job_info.json still there) is finished first: 02 --wait, 03, 04.
 2. 01 embeds today's new images (none: "nothing to do", exit 0).
@@ -36,11 +36,13 @@ def parse_args(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help=f"stop waiting for the jobs after this long (default {DEFAULT_TIMEOUT}: 23 h)")
+    parser.add_argument("--interval", type=float, default=30.0, metavar="SECONDS",
+                        help="seconds between two looks at the jobs (30)")
     jobinfo.lock_args(parser)
     common.add_settings(parser, SETTINGS)
     args = parser.parse_args(argv)
-    if args.timeout <= 0:
-        parser.error("--timeout must be positive")
+    if args.timeout <= 0 or args.interval < 0:
+        parser.error("--timeout must be positive and --interval not negative")
     return args
 
 
@@ -55,9 +57,9 @@ def step(number: int, *argv: str) -> int:
     return code
 
 
-def finish_run(timeout: float) -> int:
+def finish_run(args) -> int:
     """Wait for the run's jobs, load what they produced and clean up: 0, or 4 when some images were not loaded."""
-    waited = step(2, "--wait", "--timeout", f"{timeout:g}")
+    waited = step(2, "--wait", "--timeout", f"{args.timeout:g}", "--interval", f"{args.interval:g}")
     if waited not in RUN_ENDED:
         return waited
     loaded = step(3)
@@ -75,7 +77,7 @@ def run(argv) -> int:
         earlier = common.EXIT_OK
         if jobinfo.exists(path):
             print(f"{path} holds a run from an earlier day: finishing it first")
-            earlier = finish_run(args.timeout)
+            earlier = finish_run(args)
             if earlier not in (common.EXIT_OK, common.EXIT_INCOMPLETE):
                 return earlier
         created = step(1)
@@ -83,7 +85,7 @@ def run(argv) -> int:
             return created
         if not jobinfo.exists(path):
             return earlier  # nothing new to embed today
-        today = finish_run(args.timeout)
+        today = finish_run(args)
         return today if today != common.EXIT_OK else earlier
 
 

@@ -195,6 +195,7 @@ LOAD_FIELDS = {
     "vector_index": (_STR, False),
 }
 FILE_FIELDS = {"offset": (_INT, True), "done": (_BOOL, True)}
+LOAD_COUNTS = {"total", "success", "error", "inserted"}
 
 
 def _fields(obj, spec: dict, where: str) -> str:
@@ -207,7 +208,8 @@ def _fields(obj, spec: dict, where: str) -> str:
             continue
         value = obj[name]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            return f"{where}.{name} is {json.dumps(value)[:40]}, not {_type_names(types)}"
+            field = f"{where}.{name}" if where != "the file" else name
+            return f"{field} is {json.dumps(value)[:40]}, not {_type_names(types)}"
     return ""
 
 
@@ -260,7 +262,12 @@ def _load_problems(load: dict, where: str) -> str:
         found = _fields(position, FILE_FIELDS, f"{where}.files[{key!r}]")
         if found:
             return found
-    for name, value in load.get("counts", {}).items():
-        if not isinstance(value, int) or isinstance(value, bool):
+    counts = load.get("counts", {})
+    if "counts" in load and set(counts) != LOAD_COUNTS:
+        return f"{where}.counts must hold {', '.join(sorted(LOAD_COUNTS))}"
+    for name, value in counts.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             return f"{where}.counts.{name} is not a whole number"
+    if load.get("report_bytes", 0) < 0 or any(p["offset"] < 0 for p in load.get("files", {}).values()):
+        return f"{where} has a negative offset"
     return ""

@@ -78,6 +78,12 @@ class World:
             timeout=timeout,
         )
 
+    def daily(self, *args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+        """Run daily_run.py as cron would, polling the jobs often."""
+        return subprocess.run([sys.executable, str(ROOT / "daily_run.py"), "--interval", "0.05", *args],
+                              cwd=self.cwd, env={**self.env, **(env or {})}, capture_output=True, text=True,
+                              timeout=timeout)
+
     def emulator(self, path: str, payload: dict | None = None):
         url = self.stack.bedrock_url + path
         data = None if payload is None else json.dumps(payload).encode()
