@@ -60,7 +60,7 @@ def one_line(result) -> str:
 
 
 def account(world) -> list[dict]:
-    return [json.loads(line) for line in (world.cwd / "not_loaded.jsonl").read_text().splitlines()]
+    return world.account()
 
 
 def manifest_lines(world) -> list[dict]:
@@ -290,7 +290,7 @@ def test_a_wrong_expected_bucket_owner_stops_01_before_anything_is_uploaded(worl
     line = one_line(wrong)
     assert line.startswith("error: AccessDenied: ") and "EXPECTED_BUCKET_OWNER" in line
     assert check.refused and jsonl_in_bucket(world) == []
-    assert not (world.cwd / "batch_job_info.json").exists() and not list(world.cwd.glob("batch_input_*"))
+    assert not (world.cwd / "batch_job_info.json").exists() and not list(world.cwd.rglob("batch_input_*"))
     assert world.emulator("/_emulator/jobs")["jobs"] == []
 
     right = world.step(1, env={"AWS_ENDPOINT_URL_S3": url, "EXPECTED_BUCKET_OWNER": OWNER})
@@ -406,10 +406,10 @@ def test_output_present_while_in_progress_is_not_loaded_before_the_job_ends(worl
     assert bedrock.get_model_invocation_job(jobIdentifier=job["job_arn"])["status"] == "InProgress"
 
     refused = world.step(3)
-    assert refused.returncode != 0  # the refusal's own exit code (6) is pinned with step 3's run()
+    assert refused.returncode == common.EXIT_REFUSED
     assert "has not ended" in one_line(refused) and "InProgress" in refused.stderr
     assert index_keys(world) == set()
-    assert not (world.cwd / "not_loaded.jsonl").exists() and not list(world.cwd.glob("load_report_*"))
+    assert not list(world.cwd.rglob("not_loaded.jsonl")) and not list(world.cwd.rglob("load_report_*"))
     assert "load" not in world.job_info()["jobs"][0]
 
     bedrock.stop_model_invocation_job(jobIdentifier=job["job_arn"])
