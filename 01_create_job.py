@@ -22,6 +22,7 @@ import orjson
 
 import accounting
 import common
+import cost
 import jobs
 import vectors
 from common import StepError, ok
@@ -42,6 +43,7 @@ SETTINGS = (
     "EXPECTED_BUCKET_OWNER",
     "OUTPUT_KMS_KEY_ID",
     *common.QUOTA_SETTINGS,
+    *common.COST_SETTINGS,
 )
 REQUIRED = ("SOURCE_BUCKET", "RESULT_BUCKET", "ROLE_ARN")
 EXAMPLES_PER_REASON = 5
@@ -437,6 +439,8 @@ def run(argv) -> int:
                 raise StepError(f"{listing.images} image(s) to retry, fewer than a batch job's minimum of "
                                 f"{config.quotas.min_records_per_job} — run 01_create_job.py --retry-failed "
                                 "--on-demand to embed them with InvokeModel", common.EXIT_USAGE)
+            cost.guard((common.s3_uri(config.source_bucket, k) for k, _ in listing.images_in_order()), config,
+                       on_demand=True)
             return embed_on_demand(listing, config, owner, args.retry_failed)
         if listing.images < config.quotas.min_records_per_job:
             raise StepError(
@@ -445,6 +449,7 @@ def run(argv) -> int:
             )
         can_root = lambda folder: bool(common.S3_URI_RE.fullmatch(common.s3_uri(config.source_bucket, folder)))  # noqa
         planned = jobs.plan_jobs({f: tuple(c) for f, c in listing.counts.items()}, prefix, config.quotas, can_root)
+        cost.guard((common.s3_uri(config.source_bucket, k) for k, _ in listing.images_in_order()), config)
         print("Creating JSONL files")
         job_records = write_manifests(listing, planned, config, owner, stamp)
     for job in job_records:
