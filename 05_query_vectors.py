@@ -82,6 +82,7 @@ def parse_args(argv):
         parser.error("--open goes with --html FILE")
     if args.html is not None and not args.html.strip():
         parser.error("--html needs a file name")
+    args.show_links = args.presign is not None  # the links go on the console only when --presign asks for them
     if args.html is not None and args.presign is None:
         args.presign = HTML_PRESIGN_SECONDS
     if args.presign is not None and not 1 <= args.presign <= MAX_PRESIGN_SECONDS:
@@ -263,7 +264,7 @@ def write_page(path: Path, query: Query, hits: list[dict], config: common.Config
         raise StepError(f"{path}: cannot write the page ({exc.strerror})", common.EXIT_USAGE) from None
 
 
-def print_hits(hits: list[dict], top_k: int, filtered: bool) -> None:
+def print_hits(hits: list[dict], top_k: int, filtered: bool, links: bool) -> None:
     if not hits:
         print("No hits" + (" match the filter." if filtered else ": the index is empty."))
         return
@@ -272,7 +273,7 @@ def print_hits(hits: list[dict], top_k: int, filtered: bool) -> None:
     for hit in hits:
         distance = "" if hit["distance"] is None else f"{hit['distance']:.4f}"
         print(f"{hit['rank']:>4}  {distance:>8}  {hit['source_uri'] or '(no source_uri) key ' + hit['key']}")
-        if hit.get("url"):
+        if links and hit.get("url"):
             print(f"{'':16}{hit['url']}")
 
 
@@ -319,8 +320,8 @@ def run(argv) -> int:
         print(json.dumps(hits, indent=2, ensure_ascii=False))
     else:
         print(common.RULE)
-        print_hits(hits, args.top_k, flt is not None)
-        if args.presign is not None and hits:
+        print_hits(hits, args.top_k, flt is not None, args.show_links)
+        if args.show_links and hits:
             print(f"Links are valid for {args.presign} s (less if your credentials expire sooner).")
         if args.html is not None:
             ok(f"Wrote the results page {page} (its image links are valid for {args.presign} s)")

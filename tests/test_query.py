@@ -463,14 +463,15 @@ def render_in_browser(browser, page_file, shot=None) -> dict:
 
 
 def test_the_html_page_in_a_real_browser(loaded, browser, tmp_path):
-    wanted = [uri_of(loaded, k) for k in (XSS_KEY, "img-000.png", "img-002.gif", "img-004.png", "img-006.gif",
-                                          "tricky/with space+plus.png")]
+    wanted = [uri_of(loaded, k) for k in (XSS_KEY, "img-000.png", "img-001.jpg", "img-002.gif", "img-003.webp",
+                                          "tricky/with space+plus.png", "tricky/中文.jpg")]
     page_file = tmp_path / "results page.html"
     result = loaded.step(5, "a red sports car", "--html", str(page_file), "--filter",
                          json.dumps({"source_uri": {"$in": wanted}}))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"✓ Wrote the results page {page_file}" in result.stdout
     assert "valid for 3600 s" in result.stdout
+    assert "X-Amz-Signature" not in result.stdout  # the links are in the page; the console shows them for --presign
     hits = query_json(loaded, "a red sports car", "--filter", json.dumps({"source_uri": {"$in": wanted}}))
     text = page_file.read_text(encoding="utf-8")
     assert "<img src=x onerror" not in text and "<script" not in text
