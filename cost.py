@@ -88,7 +88,8 @@ def describe(est: Estimate) -> list[str]:
     return [
         f"Estimated cost of this run: {usd(est.total)}",
         f"  embedding, {kind}: {est.images:,} images × {usd(est.price_per_image)} = {usd(est.embedding)}",
-        f"  S3 Vectors PUT: {est.logical_bytes / GB:,.3f} GB logical (vectors, keys, metadata) × "
+        f"  S3 Vectors PUT: {est.logical_bytes / GB:,.3f} GB ({est.logical_bytes:,} bytes) logical (vectors, keys, "
+        "metadata) × "
         f"{usd(est.prices.s3vectors_put_per_gb)}/GB = {usd(est.put)}",
         f"  S3 Vectors storage, one month: {est.logical_bytes / GB:,.3f} GB × "
         f"{usd(est.prices.s3vectors_storage_per_gb_month)}/GB-month = {usd(est.storage_month)}",

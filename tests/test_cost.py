@@ -61,7 +61,7 @@ def test_dry_run_prints_the_estimate(world):
     lines = _estimate_lines(result.stdout)
     assert lines[0] == f"Estimated cost of this run: {cost.usd(total)}"
     assert lines[1] == "  embedding, batch: 120 images × $0.00003 = $0.0036"
-    assert f"{logical / 2 ** 30:,.3f} GB logical" in lines[2]
+    assert f"{logical / 2 ** 30:,.3f} GB ({logical:,} bytes) logical" in lines[2]
     assert "pricing pages for your region" in lines[4]
     assert result.stdout.index("Estimated cost") < result.stdout.index("Dry run: nothing uploaded")
 
