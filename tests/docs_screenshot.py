@@ -1,7 +1,7 @@
-"""Make docs/results-page.png: the quick start's flow on the local stand-ins, its query as an HTML page, rendered by
-headless Chromium.
+"""Make docs/results-page.png: the quick start's flow (tests/local_run.py) on the local stand-ins, then the page its
+query wrote (results.html), rendered by headless Chromium.
 
-    uv run python -m tests.docs_screenshot [--query "a red sports car"] [--out docs/results-page.png]
+    uv run python -m tests.docs_screenshot [--out docs/results-page.png]
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--query", default="a red sports car")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results-page.png")
     args = parser.parse_args(argv)
     executable = find_chromium()
@@ -31,15 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     running = standins.start(bedrock_options={"step_seconds": 0.05})
     try:
         env = local_run.setup(running, workdir, 150)
-        steps = [["01_create_job.py"], ["02_monitor_job.py", "--wait", "--interval", "0.2"],
-                 ["03_load_result_to_s3_vector_bucket.py"],
-                 ["05_query_vectors.py", args.query, "--html", "results.html"]]
-        for step in steps:
+        for step in local_run.STEPS:  # the quick start, its query included
             code = subprocess.run([sys.executable, str(ROOT / step[0]), *step[1:]], cwd=workdir, env=env).returncode
             if code != 0:
                 return code
         with Browser(executable) as browser:
-            page = browser.page(width=1100, height=800)
+            page = browser.page(width=1100, height=300)  # the page decides the height
             page.open((workdir / "results.html").resolve().as_uri())
             args.out.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(args.out)
