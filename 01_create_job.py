@@ -482,7 +482,9 @@ def create(args, config: common.Config) -> int:
         print("VECTOR_BUCKET/VECTOR_INDEX not set: every image is embedded (set them to skip images already loaded)")
     exclude.update({key: "in a job of the replaced run still running" for key in in_flight})
 
-    stamp = common.timestamp()
+    stamp = base = common.timestamp()
+    while (jobinfo.runs_folder(config.job_info_file) / stamp).exists():  # two runs within a second
+        stamp = f"{base}-{len(stamp) - len(base) + 2}"
     run_dir = jobinfo.runs_folder(config.job_info_file) / stamp
     with tempfile.TemporaryDirectory(prefix="bedrock-batch-") as workdir:
         if retry is None:
