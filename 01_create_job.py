@@ -239,7 +239,8 @@ def print_skipped(listing: Listing, rejects_file: Path | None = None) -> None:
 
 def previous_run(bedrock, path: Path, force: bool) -> tuple[dict | None, dict | None, set[str]]:
     """What the job-info file's run means for this one: (the run to go on submitting, or None; the run this one
-    replaces, or None; the record ids of a replaced run's jobs still running, which must not be submitted twice).
+    replaces, or None; the vector keys of the images of a replaced run's jobs still running, which must not be
+    submitted twice).
 
     A run with queued jobs (never submitted, or whose submit got no answer) is resumed. A run with jobs still
     running or not yet loaded is refused (exit 6) unless --force. Nothing is changed here: the replaced run's files
@@ -338,6 +339,7 @@ def write_manifests(listing: Listing, planned: list[jobs.PlannedJob], config: co
     ]
     writers = [ManifestWriter(record, stamp, None if single else n + 1, config.quotas, manifest_dir)
                for n, record in enumerate(records)]
+    record_ids = [common.RecordIds() for _ in records]  # recordIds unique within each job
     try:
         for key, fmt in listing.images_in_order():
             folder = jobs.folder_of(key)
@@ -345,7 +347,8 @@ def write_manifests(listing: Listing, planned: list[jobs.PlannedJob], config: co
             seen[folder] += 1
             number = next(n for start, end, n in ranges[folder] if start <= index < end)
             uri = common.s3_uri(config.source_bucket, key)
-            record = common.image_record(uri, fmt, owner, config.embedding_dimension, config.embedding_purpose)
+            record = common.image_record(uri, fmt, owner, config.embedding_dimension, config.embedding_purpose,
+                                         record_ids[number].assign(uri))
             writers[number].write(orjson.dumps(record) + b"\n")
     finally:
         for writer in writers:
