@@ -23,6 +23,7 @@ import orjson
 
 import accounting
 import common
+import cost
 import jobinfo
 import jobs
 import rejects
@@ -45,6 +46,7 @@ SETTINGS = (
     "EXPECTED_BUCKET_OWNER",
     "OUTPUT_KMS_KEY_ID",
     *common.QUOTA_SETTINGS,
+    *common.COST_SETTINGS,
 )
 REQUIRED = ("SOURCE_BUCKET", "RESULT_BUCKET", "ROLE_ARN")
 EXAMPLES_PER_REASON = 5
@@ -510,6 +512,8 @@ def create(args, config: common.Config) -> int:
                 raise StepError(f"{listing.images} image(s) to retry, fewer than a batch job's minimum of "
                                 f"{config.quotas.min_records_per_job} — run 01_create_job.py --retry-failed "
                                 "--on-demand to embed them with InvokeModel", common.EXIT_REFUSED)
+            cost.guard((common.s3_uri(config.source_bucket, k) for k, _ in listing.images_in_order()), config,
+                       on_demand=True)
             return embed_on_demand(listing, config, owner, jobinfo.runs_folder(config.job_info_file) / stamp)
         if listing.images < config.quotas.min_records_per_job:
             raise StepError(
@@ -518,6 +522,7 @@ def create(args, config: common.Config) -> int:
             )
         can_root = lambda folder: bool(common.S3_URI_RE.fullmatch(common.s3_uri(config.source_bucket, folder)))  # noqa
         planned = jobs.plan_jobs({f: tuple(c) for f, c in listing.counts.items()}, prefix, config.quotas, can_root)
+        cost.guard((common.s3_uri(config.source_bucket, k) for k, _ in listing.images_in_order()), config)
         print("Creating JSONL files")
         manifest_dir = Path(workdir) if args.dry_run else run_dir
         manifest_dir.mkdir(parents=True, exist_ok=True)
