@@ -1,7 +1,7 @@
 """Step 1: list the images under an S3 prefix, write JSONL manifests of Nova Multimodal Embeddings requests,
 upload them next to the images and submit Bedrock batch inference jobs.
 
-    uv run 01_create_job.py [--dry-run] [--all] [--force]
+    uv run 01_create_job.py [--dry-run] [--all] [--force] [--inventory s3://bucket/.../manifest.json]
 
 Images already in the vector index are left out (--all embeds everything again). More images than one job takes
 are split into several jobs by folder (see jobs.py); those the concurrent-job quota does not let start yet stay
@@ -13,16 +13,19 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
+import itertools
 import tempfile
-from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict, defaultdict
 from pathlib import Path
 
 import orjson
 
 import accounting
 import common
+import inventory
 import jobs
+import keyset
+import listing as listing_module
 import vectors
 from common import StepError, ok
 
@@ -45,7 +48,8 @@ SETTINGS = (
 )
 REQUIRED = ("SOURCE_BUCKET", "RESULT_BUCKET", "ROLE_ARN")
 EXAMPLES_PER_REASON = 5
-LIST_SEGMENTS = 8
+LOOKUP_CHUNK = 4096  # images checked against the index's keys at once
+OPEN_MANIFESTS = 4  # manifest files open at once while writing, whatever the number of jobs
 
 
 def parse_args(argv):
@@ -57,6 +61,9 @@ def parse_args(argv):
     parser.add_argument("--retry-failed", nargs="?", const="", metavar="FILE",
                         help="submit exactly the images the last run did not load (from not_loaded.jsonl, which "
                              "03 writes beside the job-info file, or FILE)")
+    parser.add_argument("--inventory", metavar="S3_URI",
+                        help="read the objects from this S3 Inventory report (s3://bucket/.../manifest.json; CSV, "
+                             "gzipped CSV or Parquet) instead of listing SOURCE_PREFIX")
     parser.add_argument("--on-demand", action="store_true",
                         help="with --retry-failed: when they are fewer than a job's minimum, embed them with "
                              "InvokeModel and load them straight away")
@@ -64,6 +71,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.on_demand and args.retry_failed is None:
         parser.error("--on-demand goes with --retry-failed")
+    if args.inventory is not None and args.retry_failed is not None:
+        parser.error("--inventory and --retry-failed do not go together")
     return args
 
 
@@ -72,7 +81,9 @@ def classify(obj: dict) -> tuple[str | None, str | None]:
     key = obj["Key"]
     if key.endswith("/"):
         return None, "folder marker"
-    fmt = common.IMAGE_FORMATS.get(Path(key).suffix.lower())
+    name = key[key.rfind("/") + 1:]
+    dot = name.rfind(".")
+    fmt = common.IMAGE_FORMATS.get(name[dot:].lower()) if 0 < dot < len(name) - 1 else None  # Path(key).suffix
     if fmt is None:
         return None, "not an image"
     if obj["Size"] == 0:
@@ -83,7 +94,7 @@ def classify(obj: dict) -> tuple[str | None, str | None]:
 
 
 class Listing:
-    """Pass 1: what is under the prefix, with the images kept in a temporary file (memory stays flat)."""
+    """Pass 1: what is under the prefix, with the images kept in a sorted temporary file (memory stays flat)."""
 
     def __init__(self, workdir: Path):
         self.path = workdir / "images.jsonl"
@@ -96,35 +107,51 @@ class Listing:
         self.images = 0
 
     def images_in_order(self):
+        """(key, image format) of every image, sorted: the same order whatever order the listing came in."""
         with open(self.path, "rb") as fh:
             for line in fh:
                 yield orjson.loads(line)
 
 
-def list_images(objects, config: common.Config, exclude: dict[str, str], workdir: Path) -> Listing:
-    """Sort the objects; images whose vector key is in `exclude` are left out, counted by the reason given."""
+def list_images(objects, config: common.Config, exclude: list[tuple[keyset.KeySet, str]], workdir: Path) -> Listing:
+    """Sort the objects; images whose vector key is in one of the `exclude` sets are left out, counted by the
+    reason paired with the set."""
     listing = Listing(workdir)
-    with open(listing.path, "wb") as fh:
-        for obj in objects:
-            key = obj["Key"]
-            if key.lower().endswith(".jsonl"):
-                (listing.own_manifests if common.is_own_manifest(key) else listing.foreign).append(key)
-                continue
-            fmt, reason = classify(obj)
-            if fmt is None:
-                listing.skipped[reason] += 1
-                if len(listing.examples[reason]) < EXAMPLES_PER_REASON:
-                    listing.examples[reason].append(key)
-                continue
-            why = exclude.get(common.vector_key(common.s3_uri(config.source_bucket, key)))
-            if why:
-                listing.left_out[why] += 1
-                continue
-            fh.write(orjson.dumps([key, fmt]) + b"\n")
-            folder = jobs.folder_of(key)
-            listing.counts[folder][0] += 1
-            listing.counts[folder][1] += 400 + 2 * len(key.encode())  # a generous estimate of its manifest line
-            listing.images += 1
+
+    def images():
+        for chunk in iter(lambda: list(itertools.islice(objects, LOOKUP_CHUNK)), []):
+            candidates = []
+            for obj in chunk:
+                key = obj["Key"]
+                if key.lower().endswith(".jsonl"):
+                    (listing.own_manifests if common.is_own_manifest(key) else listing.foreign).append(key)
+                    continue
+                fmt, reason = classify(obj)
+                if fmt is None:
+                    listing.skipped[reason] += 1
+                    if len(listing.examples[reason]) < EXAMPLES_PER_REASON:
+                        listing.examples[reason].append(key)
+                    continue
+                candidates.append((key, fmt))
+            keep = [True] * len(candidates)
+            if exclude and candidates:
+                digests = [keyset.digest(common.s3_uri(config.source_bucket, key)) for key, _ in candidates]
+                for keys, why in exclude:
+                    for i in keys.contains(digests).nonzero()[0].tolist():
+                        if keep[i]:
+                            keep[i] = False
+                            listing.left_out[why] += 1
+            for (key, fmt), kept in zip(candidates, keep):
+                if not kept:
+                    continue
+                folder = jobs.folder_of(key)
+                listing.counts[folder][0] += 1
+                listing.counts[folder][1] += 400 + 2 * len(key.encode())  # a generous estimate of its manifest line
+                listing.images += 1
+                yield orjson.dumps([key, fmt]) + b"\n"
+
+    objects = iter(objects)
+    listing_module.sort_lines(images(), listing.path)
     return listing
 
 
@@ -191,26 +218,16 @@ def embed_on_demand(listing: Listing, config: common.Config, owner: str, account
     return common.EXIT_OK
 
 
-def index_keys(s3v, config: common.Config) -> set[str]:
+def index_keys(s3v, config: common.Config) -> keyset.KeySet:
     """Every key in the vector index (empty when it does not exist yet), read in parallel segments."""
     try:
         s3v.get_index(vectorBucketName=config.vector_bucket, indexName=config.vector_index)
     except s3v.exceptions.NotFoundException:
-        return set()
-
-    def segment(i: int) -> set[str]:
-        keys, token = set(), None
-        while True:
-            page = s3v.list_vectors(vectorBucketName=config.vector_bucket, indexName=config.vector_index,
-                                    maxResults=1000, segmentCount=LIST_SEGMENTS, segmentIndex=i,
-                                    **({"nextToken": token} if token else {}))
-            keys.update(v["key"] for v in page.get("vectors", []))
-            token = page.get("nextToken")
-            if not token:
-                return keys
-
-    with ThreadPoolExecutor(LIST_SEGMENTS) as pool:
-        return set().union(*pool.map(segment, range(LIST_SEGMENTS)))
+        return keyset.KeySet()
+    keys = keyset.index_keys(s3v, config.vector_bucket, config.vector_index)
+    print(f"  {len(keys)} key(s) in the index" + (f", {len(keys.foreign)} of them not written by this tool"
+                                                  if keys.foreign else ""))
+    return keys
 
 
 def print_skipped(listing: Listing) -> None:
@@ -262,8 +279,10 @@ def previous_run(bedrock, path: Path, force: bool) -> tuple[dict | None, set[str
 
 
 def write_manifests(listing: Listing, planned: list[jobs.PlannedJob], config: common.Config, owner: str,
-                    stamp: str) -> list[dict]:
-    """Pass 2: stream the listing into each planned job's manifest files (split at the per-file quotas)."""
+                    stamp: str, manifest_dir: Path) -> list[dict]:
+    """Pass 2: stream the listing into each planned job's manifest files in `manifest_dir` (split at the per-file
+    quotas), with at most OPEN_MANIFESTS files open. On any failure (Ctrl-C included) every manifest written so far
+    is removed before the error goes on."""
     ranges: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
     for number, job in enumerate(planned):
         for folder, start, end in job.allocations:
@@ -287,59 +306,106 @@ def write_manifests(listing: Listing, planned: list[jobs.PlannedJob], config: co
         }
         for n, job in enumerate(planned)
     ]
-    writers = [ManifestWriter(record, stamp, None if single else n + 1, config.quotas) for n, record in
-               enumerate(records)]
+    files = OpenFiles(OPEN_MANIFESTS)
+    writers = [ManifestWriter(record, stamp, None if single else n + 1, config.quotas, manifest_dir, files)
+               for n, record in enumerate(records)]
     try:
-        for key, fmt in listing.images_in_order():
-            folder = jobs.folder_of(key)
-            index = seen[folder]
-            seen[folder] += 1
-            number = next(n for start, end, n in ranges[folder] if start <= index < end)
-            uri = common.s3_uri(config.source_bucket, key)
-            record = common.image_record(uri, fmt, owner, config.embedding_dimension, config.embedding_purpose)
-            writers[number].write(orjson.dumps(record) + b"\n")
-    finally:
-        for writer in writers:
-            writer.close()
-    for record in records:
-        record["client_request_token"] = manifest_token(record)
+        try:
+            for key, fmt in listing.images_in_order():
+                folder = jobs.folder_of(key)
+                index = seen[folder]
+                seen[folder] += 1
+                number = next(n for start, end, n in ranges[folder] if start <= index < end)
+                uri = common.s3_uri(config.source_bucket, key)
+                record = common.image_record(uri, fmt, owner, config.embedding_dimension, config.embedding_purpose)
+                writers[number].write(orjson.dumps(record) + b"\n")
+        finally:
+            files.close_all()
+        for record in records:
+            record["client_request_token"] = manifest_token(record)
+    except BaseException as exc:
+        files.remove_all()
+        if isinstance(exc, OSError):
+            raise StepError(f"cannot write the manifests in {manifest_dir}: {exc.strerror or exc} — free space "
+                            "or file handles there and run 01 again", common.EXIT_USAGE) from None
+        raise
     return records
+
+
+class OpenFiles:
+    """Files written a piece at a time, at most `limit` open at once: the least recently written one is closed
+    and opened again (to append) when its turn comes. Remembers every file it created, to remove them all."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.open: OrderedDict[Path, object] = OrderedDict()
+        self.created: list[Path] = []
+
+    def create(self, path: Path) -> None:
+        self.created.append(path)
+        self._open(path, "wb")
+
+    def write(self, path: Path, data: bytes) -> None:
+        fh = self.open.get(path)
+        if fh is None:
+            fh = self._open(path, "ab")
+        else:
+            self.open.move_to_end(path)
+        fh.write(data)
+
+    def close(self, path: Path) -> None:
+        fh = self.open.pop(path, None)
+        if fh is not None:
+            fh.close()
+
+    def _open(self, path: Path, mode: str):
+        while len(self.open) >= self.limit:
+            self.open.popitem(last=False)[1].close()
+        fh = self.open[path] = open(path, mode)
+        return fh
+
+    def close_all(self) -> None:
+        while self.open:
+            self.open.popitem()[1].close()
+
+    def remove_all(self) -> None:
+        self.close_all()
+        for path in self.created:
+            path.unlink(missing_ok=True)
 
 
 class ManifestWriter:
     """A job's manifest files: a new part when the next line would pass the records or bytes per file."""
 
-    def __init__(self, job: dict, stamp: str, number: int | None, quotas: common.Quotas):
+    def __init__(self, job: dict, stamp: str, number: int | None, quotas: common.Quotas, manifest_dir: Path,
+                 files: OpenFiles):
         self.job, self.stamp, self.number, self.quotas = job, stamp, number, quotas
-        self.fh = None
+        self.manifest_dir, self.files = manifest_dir, files
+        self.path: Path | None = None
         self.records = self.bytes = 0
 
     def write(self, line: bytes) -> None:
-        if self.fh is None or self.records >= self.quotas.max_records_per_file or \
+        if self.path is None or self.records >= self.quotas.max_records_per_file or \
                 self.bytes + len(line) > self.quotas.max_input_file_bytes:
             self.open_next()
-        self.fh.write(line)
+        self.files.write(self.path, line)
         self.records += 1
         self.bytes += len(line)
         self.job["manifests"][-1]["records"] = self.records
 
     def open_next(self) -> None:
-        self.close()
+        if self.path is not None:
+            self.files.close(self.path)
         part = len(self.job["manifests"]) + 1
         name = f"{common.MANIFEST_PREFIX}{self.stamp}"
         name += "" if self.number is None else f"-{self.number:02d}"
         name += "" if part == 1 else f"-part{part}"
         name += common.MANIFEST_SUFFIX
-        local = Path(name).resolve()
-        self.job["manifests"].append({"local_path": str(local), "s3_key": self.job["input_folder"] + name,
+        self.path = (self.manifest_dir / name).resolve()
+        self.job["manifests"].append({"local_path": str(self.path), "s3_key": self.job["input_folder"] + name,
                                       "records": 0})
-        self.fh = open(local, "wb")
+        self.files.create(self.path)
         self.records = self.bytes = 0
-
-    def close(self) -> None:
-        if self.fh is not None:
-            self.fh.close()
-            self.fh = None
 
 
 def manifest_token(job: dict) -> str:
@@ -399,27 +465,34 @@ def run(argv) -> int:
         retry = accounting.read_account(Path(args.retry_failed) if args.retry_failed
                                         else accounting.account_file(config.job_info_file))
         print(f"Retrying the {len(retry)} image(s) the last run did not load")
-    exclude: dict[str, str] = {}
+    exclude: list[tuple[keyset.KeySet, str]] = []
     if retry is not None and not args.all and config.vector_bucket and config.vector_index:
         s3v = common.make_client("s3vectors", config)
         keys = [common.vector_key(entry["source_uri"]) for entry in retry]
-        exclude = {k: "already in the vector index" for k in
-                   accounting.present_keys(s3v, config.vector_bucket, config.vector_index, keys)}
+        exclude.append((keyset.KeySet.of(accounting.present_keys(s3v, config.vector_bucket, config.vector_index,
+                                                                  keys)), "already in the vector index"))
     elif not args.all and config.vector_bucket and config.vector_index:
         print(f"Checking which images are already in index {config.vector_index}")
-        s3v = common.make_client("s3vectors", config, max_pool_connections=LIST_SEGMENTS + 2)
-        exclude = {key: "already in the vector index" for key in index_keys(s3v, config)}
+        s3v = common.make_client("s3vectors", config, max_pool_connections=keyset.MAX_SEGMENTS + 2)
+        exclude.append((index_keys(s3v, config), "already in the vector index"))
     elif not args.all:
         print("VECTOR_BUCKET/VECTOR_INDEX not set: every image is embedded (set them to skip images already loaded)")
-    exclude.update({key: "in a job of the replaced run still running" for key in in_flight})
+    if in_flight:
+        exclude.append((keyset.KeySet.of(in_flight), "in a job of the replaced run still running"))
 
     stamp = common.timestamp()
     with tempfile.TemporaryDirectory(prefix="bedrock-batch-") as workdir:
-        if retry is None:
-            print(f"Listing images from {input_uri} (including subdirectories)")
-            objects = common.list_objects(s3, config.source_bucket, config.source_prefix, owner)
-        else:
+        if retry is not None:
             objects = retry_objects(retry, config)
+        elif args.inventory:
+            print(f"Reading the images under {input_uri} from the S3 Inventory report {args.inventory}")
+            objects = inventory.objects(s3, args.inventory, config.source_bucket, config.source_prefix, owner,
+                                        Path(workdir))
+        else:
+            print(f"Listing images from {input_uri} (including subdirectories)")
+            lister = listing_module.lean(common.make_client("s3", config,
+                                                            max_pool_connections=listing_module.LIST_THREADS + 2))
+            objects = listing_module.list_objects(lister, config.source_bucket, config.source_prefix, owner)
         listing = list_images(objects, config, exclude, Path(workdir))
         ok(f"Found {listing.images} images")
         print_skipped(listing)
@@ -446,7 +519,7 @@ def run(argv) -> int:
         can_root = lambda folder: bool(common.S3_URI_RE.fullmatch(common.s3_uri(config.source_bucket, folder)))  # noqa
         planned = jobs.plan_jobs({f: tuple(c) for f, c in listing.counts.items()}, prefix, config.quotas, can_root)
         print("Creating JSONL files")
-        job_records = write_manifests(listing, planned, config, owner, stamp)
+        job_records = write_manifests(listing, planned, config, owner, stamp, Path.cwd())
     for job in job_records:
         for manifest in job["manifests"]:
             print(f"Created {Path(manifest['local_path']).name} with {manifest['records']} records")
