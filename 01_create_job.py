@@ -11,6 +11,7 @@ queued in batch_job_info.json, and 02_monitor_job.py --wait submits them as slot
 from __future__ import annotations
 
 import argparse
+import bisect
 import hashlib
 import sys
 import itertools
@@ -129,8 +130,10 @@ def list_images(objects, config: common.Config, exclude: list[tuple[keyset.KeySe
                 fmt, reason = classify(obj)
                 if fmt is None:
                     listing.skipped[reason] += 1
-                    if len(listing.examples[reason]) < EXAMPLES_PER_REASON:
-                        listing.examples[reason].append(key)
+                    examples = listing.examples[reason]  # the first few in key order, whatever order they come in
+                    if len(examples) < EXAMPLES_PER_REASON or key < examples[-1]:
+                        bisect.insort(examples, key)
+                        del examples[EXAMPLES_PER_REASON:]
                     continue
                 candidates.append((key, fmt))
             keep = [True] * len(candidates)
@@ -498,7 +501,7 @@ def run(argv) -> int:
         print_skipped(listing)
         if listing.foreign:
             raise StepError(
-                f"{common.s3_uri(config.source_bucket, listing.foreign[0])} is a .jsonl this tool did not create; "
+                f"{common.s3_uri(config.source_bucket, min(listing.foreign))} is a .jsonl this tool did not create; "
                 f"Bedrock would read it as input of the job ({len(listing.foreign)} such file(s)) — move it out of "
                 f"{input_uri}"
             )
