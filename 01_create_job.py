@@ -310,18 +310,25 @@ def write_manifests(listing: Listing, planned: list[jobs.PlannedJob], config: co
         for n, job in enumerate(planned)
     ]
     files = OpenFiles(OPEN_MANIFESTS)
+    last_folder, start, end, number, writer = None, 0, 0, 0, None
     writers = [ManifestWriter(record, stamp, None if single else n + 1, config.quotas, manifest_dir, files)
                for n, record in enumerate(records)]
     try:
         try:
             for key, fmt in listing.images_in_order():
-                folder = jobs.folder_of(key)
+                folder = key[: key.rfind("/") + 1]  # jobs.folder_of
                 index = seen[folder]
-                seen[folder] += 1
-                number = next(n for start, end, n in ranges[folder] if start <= index < end)
+                seen[folder] = index + 1
+                if folder != last_folder or not start <= index < end:
+                    start, end, number = next(r for r in ranges[folder] if r[0] <= index < r[1])
+                    if writer is not None and writer is not writers[number]:
+                        writer.flush()  # only the writer in use holds lines not written yet
+                    writer, last_folder = writers[number], folder
                 uri = common.s3_uri(config.source_bucket, key)
                 record = common.image_record(uri, fmt, owner, config.embedding_dimension, config.embedding_purpose)
-                writers[number].write(orjson.dumps(record) + b"\n")
+                writer.write(orjson.dumps(record) + b"\n")
+            for writer in writers:
+                writer.flush()
         finally:
             files.close_all()
         for record in records:
@@ -385,19 +392,28 @@ class ManifestWriter:
         self.job, self.stamp, self.number, self.quotas = job, stamp, number, quotas
         self.manifest_dir, self.files = manifest_dir, files
         self.path: Path | None = None
+        self.pending: list[bytes] = []  # lines not written yet
         self.records = self.bytes = 0
 
     def write(self, line: bytes) -> None:
         if self.path is None or self.records >= self.quotas.max_records_per_file or \
                 self.bytes + len(line) > self.quotas.max_input_file_bytes:
             self.open_next()
-        self.files.write(self.path, line)
+        self.pending.append(line)
+        if len(self.pending) >= 512:
+            self.flush()
         self.records += 1
         self.bytes += len(line)
         self.job["manifests"][-1]["records"] = self.records
 
+    def flush(self) -> None:
+        if self.pending:
+            self.files.write(self.path, b"".join(self.pending))
+            self.pending.clear()
+
     def open_next(self) -> None:
         if self.path is not None:
+            self.flush()
             self.files.close(self.path)
         part = len(self.job["manifests"]) + 1
         name = f"{common.MANIFEST_PREFIX}{self.stamp}"

@@ -1,8 +1,9 @@
 """Listing an S3 prefix fast, and keeping what was listed in a sorted file rather than in memory.
 
-- Lean pages: 01 reads only an object's Key and Size, so the fields it never reads (LastModified, ETag,
-  StorageClass, checksums, owner) are cut from each ListObjectsV2 page before botocore parses it. botocore spends
-  most of a page's CPU turning LastModified into datetimes.
+- Lean pages: 01 reads only an object's Key and Size. botocore parses every field of every object (most of the
+  CPU goes to LastModified's datetimes and to walking the model for each field), so the listing client reads a
+  ListObjectsV2 page's keys, sizes and paging fields itself with a few regular expressions and hands botocore an
+  empty result (botocore's `before-parse` hook and its customized response); errors go through botocore as usual.
 - Parallel: a delimiter listing finds a folder's sub-folders; they are listed side by side on a few threads
   (folders with few sub-folders are explored the same way, so a deep tree spreads too), and the pages are handed
   to the caller as they come through a short queue: memory stays flat whatever the number of objects.
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import heapq
+import html
 import itertools
 import os
 import queue
@@ -26,20 +28,61 @@ SPREAD = LIST_THREADS  # a folder with at least this many sub-folders has them l
 RUN_LINES = 200_000  # lines sorted in memory at once
 MERGE_FILES = 16  # sorted runs merged at once
 
-_UNUSED = re.compile(
-    rb"<(LastModified|ETag|StorageClass|ChecksumAlgorithm|ChecksumType|Owner|RestoreStatus)>.*?</\1>", re.S)
+_RESULT = re.compile(rb"\s*(<\?xml[^>]*\?>)?\s*<ListBucketResult[\s>]")
+_CONTENTS = re.compile(rb"<Contents>(.*?)</Contents>", re.S)
+_KEY = re.compile(rb"<Key>([^<]*)</Key>")
+_SIZE = re.compile(rb"<Size>([0-9]+)</Size>")
+_PREFIXES = re.compile(rb"<CommonPrefixes>\s*<Prefix>([^<]*)</Prefix>\s*</CommonPrefixes>")
+_FIELDS = {name: re.compile(rb"<%s>([^<]*)</%s>" % (name.encode(), name.encode()))
+           for name in ("IsTruncated", "NextContinuationToken", "EncodingType")}
+_EMPTY = b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult></ListBucketResult>'
 
 
-def _drop_unused_fields(response_dict, **_):
-    if response_dict.get("status_code") == 200 and isinstance(response_dict.get("body"), bytes):
-        response_dict["body"] = _UNUSED.sub(b"", response_dict["body"])
+def _text(raw: bytes) -> str:
+    text = raw.decode("utf-8")
+    return html.unescape(text) if "&" in text else text
+
+
+def _parse_lean(response_dict, customized_response_dict, **kwargs):
+    """Read a ListObjectsV2 page's Key and Size (and what paging needs) with a few regular expressions, and hand
+    botocore an empty result to parse; botocore still decodes URL-encoded keys after this. Anything but a 200
+    ListBucketResult (an error, or S3's error in a 200) is left to botocore."""
+    from botocore import handlers
+
+    body = response_dict.get("body")
+    if response_dict.get("status_code") != 200 or not isinstance(body, bytes) or not _RESULT.match(body):
+        handlers._handle_200_error(response_dict=response_dict, **kwargs)
+        return
+    contents = []
+    for block in _CONTENTS.findall(body):
+        key, size = _KEY.search(block), _SIZE.search(block)
+        contents.append({"Key": _text(key.group(1)), "Size": int(size.group(1)) if size else 0})
+    parsed: dict = {"Contents": contents, "CommonPrefixes": [{"Prefix": _text(p)} for p in _PREFIXES.findall(body)]}
+    for name, pattern in _FIELDS.items():
+        found = pattern.search(body[body.rfind(b"</Contents>") + 1:] if name != "IsTruncated" else body)
+        if found:
+            parsed[name] = _text(found.group(1))
+    parsed["IsTruncated"] = parsed.get("IsTruncated") == "true"
+    customized_response_dict.update(parsed)
+    response_dict["body"] = _EMPTY
 
 
 def lean(s3):
-    """The S3 client, with its ListObjectsV2 pages parsed for Key and Size only (see the module's docstring)."""
-    s3.meta.events.register("before-parse.s3.ListObjectsV2", _drop_unused_fields,
-                            unique_id="listing-drop-unused-fields")
+    """The S3 client, with its ListObjectsV2 pages read for Key and Size only (see the module's docstring)."""
+    from botocore import handlers
+
+    # botocore parses every S3 answer once more to find an error in a 200; for ListObjectsV2 _parse_lean does it.
+    s3.meta.events.unregister("before-parse.s3.*", handlers._handle_200_error)
+    s3.meta.events.register_first("before-parse.s3.*", _error_in_200, unique_id="listing-error-in-200")
+    s3.meta.events.register_first("before-parse.s3.ListObjectsV2", _parse_lean, unique_id="listing-parse-lean")
     return s3
+
+
+def _error_in_200(operation_model, **kwargs):
+    from botocore import handlers
+
+    if operation_model.name != "ListObjectsV2":
+        handlers._handle_200_error(operation_model=operation_model, **kwargs)
 
 
 def list_sequential(s3, bucket: str, prefix: str, owner: str) -> Iterator[dict]:

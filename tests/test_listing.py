@@ -37,7 +37,7 @@ TREE = (
     + [f"2024/a/b/c/y{i}.jpg" for i in range(7)]  # nested, with empty folders between
     + [f"2024/many/f{f:02d}/i{i}.jpg" for f in range(listing.SPREAD + 4) for i in range(3)]  # listed whole
     + [f"2024/many/direct-{i}.gif" for i in range(4)]
-    + ["2024/a/", "2024/d//double.jpg", "2024/e f/space+plus.jpg", "2024/é/accent.png"]
+    + ["2024/a/", "2024/d//double.jpg", "2024/e f/space+plus.jpg", "2024/é/accent.png", "2024/a/R&D <1> \"x\".jpg"]
     + ["2023/outside.jpg", "2024x/outside.jpg"]  # not under 2024/
 )
 
@@ -63,6 +63,17 @@ def test_parallel_listing_equals_sequential_listing(world):
     # Sub-folders of a folder with many of them are listed whole, each with a listing of its own.
     assert {c["Prefix"] for c in calls if "Delimiter" not in c} >= {f"2024/many/f{f:02d}/"
                                                                        for f in range(listing.SPREAD + 4)}
+
+
+def test_an_error_in_a_200_answer_is_still_an_error():
+    """S3 may answer 200 with an <Error> body; the lean reading leaves it to botocore, which makes it a 500."""
+    response = {"status_code": 200, "headers": {}, "body": b'<?xml version="1.0"?><Error><Code>InternalError</Code>'
+                                                            b"<Message>We encountered an internal error</Message></Error>"}
+    s3 = listing.lean(__import__("boto3").client("s3", region_name="us-east-1"))
+    model = s3.meta.service_model.operation_model("ListObjectsV2")
+    customized = {}
+    listing._parse_lean(response_dict=response, customized_response_dict=customized, operation_model=model)
+    assert response["status_code"] == 500 and customized == {}
 
 
 class FailingS3:
