@@ -492,7 +492,7 @@ def run(argv) -> int:
                                                                   keys)), "already in the vector index"))
     elif not args.all and config.vector_bucket and config.vector_index:
         print(f"Checking which images are already in index {config.vector_index}")
-        s3v = common.make_client("s3vectors", config, max_pool_connections=keyset.MAX_SEGMENTS + 2)
+        s3v = keyset.lean(common.make_client("s3vectors", config, max_pool_connections=keyset.MAX_SEGMENTS + 2))
         exclude.append((index_keys(s3v, config), "already in the vector index"))
     elif not args.all:
         print("VECTOR_BUCKET/VECTOR_INDEX not set: every image is embedded (set them to skip images already loaded)")

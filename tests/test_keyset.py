@@ -63,7 +63,8 @@ def small_pages(world):
     configure(max_list_response_bytes=before["max_list_response_bytes"])
 
 
-def test_index_keys_reads_every_page_of_every_segment(world, small_pages):
+@pytest.mark.parametrize("lean", [False, True])
+def test_index_keys_reads_every_page_of_every_segment(world, small_pages, lean):
     s3v = world.client("s3vectors")
     s3v.create_vector_bucket(vectorBucketName=world.vector_bucket)
     s3v.create_index(vectorBucketName=world.vector_bucket, indexName=world.vector_index, dataType="float32",
@@ -78,9 +79,15 @@ def test_index_keys_reads_every_page_of_every_segment(world, small_pages):
     s3v.meta.events.register("after-call.s3vectors.ListVectors",
                              lambda parsed, **_: pages.append(len(parsed.get("vectors", []))))
 
-    found = keyset.index_keys(s3v, world.vector_bucket, world.vector_index)
+    found = keyset.index_keys(keyset.lean(s3v) if lean else s3v, world.vector_bucket, world.vector_index)
 
     assert len(pages) > 2 * keyset.MAX_SEGMENTS and max(pages) < 400 / keyset.MAX_SEGMENTS  # several pages each
     assert len(found) == 405 and found.foreign == {f"manual-{i}" for i in range(5)}
     assert all(k in found for k in keys)
     assert not found.contains([os.urandom(16) for _ in range(50)]).any()
+
+
+def test_a_list_vectors_error_still_raises_with_the_lean_client(world):
+    s3v = keyset.lean(world.client("s3vectors"))
+    with pytest.raises(s3v.exceptions.NotFoundException):
+        keyset.index_keys(s3v, "no-such-bucket", "no-such-index", segments=2)
