@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import hashlib
+from hashlib import sha256
 import sys
 import itertools
 import tempfile
@@ -77,19 +78,17 @@ def parse_args(argv):
     return args
 
 
-def classify(obj: dict) -> tuple[str | None, str | None]:
+def classify(key: str, size: int) -> tuple[str | None, str | None]:
     """(image format, None) for an image the model takes, else (None, reason it is skipped)."""
-    key = obj["Key"]
     if key.endswith("/"):
         return None, "folder marker"
-    name = key[key.rfind("/") + 1:]
-    dot = name.rfind(".")
-    fmt = common.IMAGE_FORMATS.get(name[dot:].lower()) if 0 < dot < len(name) - 1 else None  # Path(key).suffix
+    slash, dot = key.rfind("/"), key.rfind(".")
+    fmt = common.IMAGE_FORMATS.get(key[dot:].lower()) if slash + 1 < dot < len(key) - 1 else None  # Path.suffix
     if fmt is None:
         return None, "not an image"
-    if obj["Size"] == 0:
+    if size == 0:
         return None, "empty"
-    if obj["Size"] > common.MAX_IMAGE_BYTES:
+    if size > common.MAX_IMAGE_BYTES:
         return None, "over the model's 50 MB"
     return fmt, None
 
@@ -115,19 +114,18 @@ class Listing:
 
 
 def list_images(objects, config: common.Config, exclude: list[tuple[keyset.KeySet, str]], workdir: Path) -> Listing:
-    """Sort the objects; images whose vector key is in one of the `exclude` sets are left out, counted by the
-    reason paired with the set."""
+    """Sort the objects, (key, size) pairs in any order; images whose vector key is in one of the `exclude` sets
+    are left out, counted by the reason paired with the set."""
     listing = Listing(workdir)
 
     def images():
         for chunk in iter(lambda: list(itertools.islice(objects, LOOKUP_CHUNK)), []):
             candidates = []
-            for obj in chunk:
-                key = obj["Key"]
-                if key.lower().endswith(".jsonl"):
+            for key, size in chunk:
+                if key[-6:].lower() == ".jsonl":
                     (listing.own_manifests if common.is_own_manifest(key) else listing.foreign).append(key)
                     continue
-                fmt, reason = classify(obj)
+                fmt, reason = classify(key, size)
                 if fmt is None:
                     listing.skipped[reason] += 1
                     examples = listing.examples[reason]  # the first few in key order, whatever order they come in
@@ -138,7 +136,8 @@ def list_images(objects, config: common.Config, exclude: list[tuple[keyset.KeySe
                 candidates.append((key, fmt))
             keep = [True] * len(candidates)
             if exclude and candidates:
-                digests = [keyset.digest(common.s3_uri(config.source_bucket, key)) for key, _ in candidates]
+                uri = common.s3_uri(config.source_bucket)  # keyset.digest of each image's URI, inlined
+                digests = [sha256((uri + key).encode()).digest()[:keyset.KEY_BYTES] for key, _ in candidates]
                 for keys, why in exclude:
                     for i in keys.contains(digests).nonzero()[0].tolist():
                         if keep[i]:
@@ -166,7 +165,7 @@ def retry_objects(entries: list[dict], config: common.Config):
             folder = common.s3_uri(config.source_bucket, config.source_prefix)
             raise StepError(f"{entry['source_uri']} is not under {folder} — retry with the settings of the run that "
                             "produced the account", common.EXIT_USAGE)
-        yield {"Key": key, "Size": 1}
+        yield key, 1
 
 
 def embed_on_demand(listing: Listing, config: common.Config, owner: str, account_arg: str) -> int:
@@ -511,7 +510,8 @@ def run(argv) -> int:
             print(f"Listing images from {input_uri} (including subdirectories)")
             lister = listing_module.lean(common.make_client("s3", config,
                                                             max_pool_connections=listing_module.LIST_THREADS + 2))
-            objects = listing_module.list_objects(lister, config.source_bucket, config.source_prefix, owner)
+            objects = ((o["Key"], o["Size"]) for o in
+                       listing_module.list_objects(lister, config.source_bucket, config.source_prefix, owner))
         listing = list_images(objects, config, exclude, Path(workdir))
         ok(f"Found {listing.images} images")
         print_skipped(listing)

@@ -31,8 +31,9 @@ from common import StepError
 BATCH = 50_000  # Parquet rows fetched at once
 
 
-def objects(s3, manifest_uri: str, bucket: str, prefix: str, owner: str, workdir: Path) -> Iterator[dict]:
-    """{"Key", "Size"} of every current object under `prefix` in the report at `manifest_uri`."""
+def objects(s3, manifest_uri: str, bucket: str, prefix: str, owner: str,
+            workdir: Path) -> Iterator[tuple[str, int]]:
+    """(key, size) of every current object under `prefix` in the report at `manifest_uri`."""
     manifest = read_manifest(s3, manifest_uri, bucket, owner)
     report_bucket, _ = common.parse_s3_uri(manifest_uri)
     fmt = manifest["fileFormat"]
@@ -104,7 +105,7 @@ def csv_columns(schema: str) -> list[str]:
     return [c.strip() for c in schema.split(",")]
 
 
-def csv_objects(path: Path, schema: str, bucket: str, prefix: str) -> Iterator[dict]:
+def csv_objects(path: Path, schema: str, bucket: str, prefix: str) -> Iterator[tuple[str, int]]:
     columns = csv_columns(schema)
     at = {name: i for i, name in enumerate(columns)}
     b, k, s = at["Bucket"] if "Bucket" in at else None, at["Key"], at["Size"]
@@ -120,12 +121,14 @@ def csv_objects(path: Path, schema: str, bucket: str, prefix: str) -> Iterator[d
             if (b is not None and row[b] != bucket) or (latest is not None and row[latest] != "true") or \
                     (deleted is not None and row[deleted] == "true"):
                 continue
-            key = unquote_plus(row[k])
+            key = row[k]
+            if "%" in key or "+" in key:
+                key = unquote_plus(key)
             if key.startswith(prefix):
-                yield {"Key": key, "Size": int(row[s] or 0)}
+                yield key, int(row[s] or 0)
 
 
-def parquet_objects(path: Path, bucket: str, prefix: str) -> Iterator[dict]:
+def parquet_objects(path: Path, bucket: str, prefix: str) -> Iterator[tuple[str, int]]:
     try:
         import duckdb
     except ImportError:
@@ -149,7 +152,6 @@ def parquet_objects(path: Path, bucket: str, prefix: str) -> Iterator[dict]:
         query = f"SELECT key, coalesce(size, 0) FROM read_parquet(?) WHERE {' AND '.join(where)}"  # noqa: S608
         result = con.execute(query, [str(path), *params])
         while rows := result.fetchmany(BATCH):
-            for key, size in rows:
-                yield {"Key": key, "Size": size}
+            yield from rows
     finally:
         con.close()

@@ -69,7 +69,9 @@ class KeySet:
             return np.zeros(len(digests), dtype=bool)
         query = np.frombuffer(b"".join(digests), dtype=f"V{KEY_BYTES}")
         first = query.view(">u8")[::2].astype(np.uint64)
-        at = np.searchsorted(self._first, first)
+        order = np.argsort(first)  # searchsorted goes faster through sorted queries
+        at = np.empty(len(first), dtype=np.intp)
+        at[order] = np.searchsorted(self._first, first[order])
         found = np.zeros(len(digests), dtype=bool)
         n = len(self._keys)
         # Keys sharing their first 8 bytes are next to each other: look along the run (almost always length 1).

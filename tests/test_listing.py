@@ -137,7 +137,8 @@ def synthetic(folders: int, per_folder: int, seed: int = 0) -> list[dict]:
 
 
 def plan_and_write(objects, config, workdir, manifest_dir, stamp="20261201-000000"):
-    found = create_job.list_images(iter(objects), config, [], workdir)
+    pairs = ((o["Key"], o["Size"]) if isinstance(o, dict) else o for o in objects)
+    found = create_job.list_images(pairs, config, [], workdir)
     can_root = lambda folder: True  # noqa: E731
     planned = jobs.plan_jobs({f: tuple(c) for f, c in found.counts.items()}, config.source_prefix, config.quotas,
                              can_root)
