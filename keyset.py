@@ -9,6 +9,7 @@ are in a small set and counted.
 from __future__ import annotations
 
 import hashlib
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -18,6 +19,7 @@ KEY_BYTES = 16
 MAX_SEGMENTS = 16  # ListVectors' segmentCount limit
 PAGE = 1000  # ListVectors' maxResults limit
 _HEX = frozenset("0123456789abcdef")
+_HEX_RUN = re.compile("[0-9a-f]*")
 
 
 def digest(source_uri: str) -> bytes:
@@ -100,8 +102,10 @@ def _parse_keys(response_dict, customized_response_dict, **_):
         return
     try:
         page = orjson.loads(body)
-        vectors = [{"key": v["key"]} for v in page.get("vectors", [])]
-    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
+        vectors = page.get("vectors", [])  # [{"key": ...}], as botocore would give them
+        if not isinstance(vectors, list):
+            raise TypeError
+    except (orjson.JSONDecodeError, AttributeError, TypeError):
         return  # botocore's own parser says what is wrong
     customized_response_dict["vectors"] = vectors
     if page.get("nextToken"):
@@ -124,12 +128,18 @@ def index_keys(s3v, bucket: str, index: str, segments: int = MAX_SEGMENTS) -> Ke
         while True:
             page = s3v.list_vectors(vectorBucketName=bucket, indexName=index, maxResults=PAGE,
                                     segmentCount=segments, segmentIndex=i, **({"nextToken": token} if token else {}))
-            for vector in page.get("vectors", []):
-                binary = _binary(vector["key"])
-                if binary is None:
-                    foreign.add(vector["key"])
-                else:
-                    packed += binary
+            keys = [vector["key"] for vector in page.get("vectors", [])]
+            joined = "".join(keys)
+            if len(joined) == 2 * KEY_BYTES * len(keys) and all(len(k) == 2 * KEY_BYTES for k in keys) and \
+                    _HEX_RUN.fullmatch(joined):
+                packed += bytes.fromhex(joined)  # the whole page at once: every key is 32 hex digits
+            else:
+                for key in keys:
+                    binary = _binary(key)
+                    if binary is None:
+                        foreign.add(key)
+                    else:
+                        packed += binary
             token = page.get("nextToken")
             if not token:
                 return packed, foreign

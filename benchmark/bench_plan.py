@@ -10,7 +10,8 @@ numeric order), with `--latency` seconds per listing request; GetObject serves a
 or Parquet, generated once and cached under the system's temp folder); ListVectors answers over the vector keys of
 the first `--indexed` images, in up to 16 segments of up to 1,000 keys a page. The moto server and the S3 Vectors
 stand-in of tests/standins hold every object in memory and parse every request fully, which is what 10^7 keys
-cannot afford; this server keeps only the layout, and reuses tests/standins' WSGI `serve` and launch.py.
+cannot afford, and their server closes every connection; this server keeps only the layout and keeps connections
+alive. launch.py measures step 01.
 
 Step 01 runs as its own process under launch.py (its own peak RSS and CPU seconds, not the harness's). Each run
 prints wall and CPU seconds, peak RSS, requests by type, jobs and waves (when 01 prints them), and CPU seconds per
@@ -35,6 +36,8 @@ import urllib.parse
 import urllib.request
 from collections import Counter
 from pathlib import Path
+
+import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
@@ -75,39 +78,35 @@ class Layout:
 
 
 class SyntheticAws:
-    """A WSGI app: S3 ListObjectsV2/GetObject, STS GetCallerIdentity, S3 Vectors GetIndex/ListVectors."""
+    """S3 ListObjectsV2/GetObject, STS GetCallerIdentity, S3 Vectors GetIndex/ListVectors, over a Layout.
+
+    `answer(method, path, args, body)` -> (status, content type, bytes or a file to send)."""
 
     def __init__(self, layout: Layout, indexed: int, latency: float, files: Path | None):
         self.layout, self.indexed, self.latency, self.files = layout, indexed, latency, files
         self.counts: Counter = Counter()
         self.lock = threading.Lock()
 
-    def __call__(self, environ, start_response):
-        from werkzeug.wrappers import Request, Response
-
-        request = Request(environ)
-        path = request.path
+    def answer(self, method: str, path: str, args: dict, body: bytes):
         if path == "/_stats":
-            response = Response(json.dumps(dict(self.counts)), content_type="application/json")
-        elif request.method == "POST" and path in ("/GetIndex", "/ListVectors"):
-            response = self.vectors(path[1:], json.loads(request.get_data() or b"{}"))
-        elif request.method == "POST" and path == "/":
+            return 200, "application/json", orjson.dumps(dict(self.counts))
+        if method == "POST" and path in ("/GetIndex", "/ListVectors"):
+            return self.vectors(path[1:], orjson.loads(body or b"{}"))
+        if method == "POST" and path == "/":
             self.count("sts:GetCallerIdentity")
-            response = Response(
+            return 200, "text/xml", (
                 '<GetCallerIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><GetCallerIdentityResult>'
                 f"<Arn>arn:aws:iam::{ACCOUNT}:user/bench</Arn><UserId>AIDABENCH</UserId><Account>{ACCOUNT}</Account>"
                 "</GetCallerIdentityResult><ResponseMetadata><RequestId>1</RequestId></ResponseMetadata>"
-                "</GetCallerIdentityResponse>", content_type="text/xml")
-        elif request.method == "GET" and "list-type" in request.args:
+                "</GetCallerIdentityResponse>").encode()
+        if method == "GET" and "list-type" in args:
             self.count("s3:ListObjectsV2")
             if self.latency:
                 time.sleep(self.latency)
-            response = Response(self.list_page(request.args), content_type="application/xml")
-        elif request.method == "GET":
-            response = self.get_object(urllib.parse.unquote(path))
-        else:
-            response = Response("unsupported", status=400)
-        return response(environ, start_response)
+            return 200, "application/xml", self.list_page(args)
+        if method == "GET":
+            return self.get_object(urllib.parse.unquote(path))
+        return 400, "text/plain", b"unsupported"
 
     def count(self, what: str) -> None:
         with self.lock:
@@ -153,50 +152,80 @@ class SyntheticAws:
         return "".join(body).encode()
 
     def get_object(self, path: str):
-        from werkzeug.wrappers import Response
-        from werkzeug.wsgi import wrap_file
-
         self.count("s3:GetObject")
         bucket, _, key = path.lstrip("/").partition("/")
         file = (self.files / key) if self.files and bucket == INVENTORY_BUCKET else None
         if file is None or not file.is_file():
-            return Response('<?xml version="1.0"?><Error><Code>NoSuchKey</Code><Message>no such key</Message></Error>',
-                            status=404, content_type="application/xml")
-        fh = open(file, "rb")  # noqa: SIM115 (closed by the WSGI server)
-        return Response(wrap_file({}, fh), headers={"Content-Length": str(file.stat().st_size)},
-                        content_type="application/octet-stream", direct_passthrough=True)
+            return 404, "application/xml", b"<Error><Code>NoSuchKey</Code><Message>no such key</Message></Error>"
+        return 200, "application/octet-stream", file
 
     def vectors(self, operation: str, body: dict):
-        from werkzeug.wrappers import Response
-
         self.count(f"s3vectors:{operation}")
         if operation == "GetIndex":
             answer = {"index": {"vectorBucketName": VECTOR_BUCKET, "indexName": VECTOR_INDEX, "dimension": 1024,
                                 "dataType": "float32", "distanceMetric": "cosine", "creationTime": 1764547200,
                                 "indexArn": f"arn:aws:s3vectors:us-east-1:{ACCOUNT}:bucket/{VECTOR_BUCKET}/index/"
                                             f"{VECTOR_INDEX}"}}
-            return Response(json.dumps(answer), content_type="application/json")
+            return 200, "application/json", orjson.dumps(answer)
         count, index = body.get("segmentCount", 1), body.get("segmentIndex", 0)
         size = min(body.get("maxResults", 500), PAGE)
         start = int(body.get("nextToken") or index)  # images index, index + count, index + 2 count, ...
         picks = range(start, self.indexed, count)[:size]
-        keys = [hashlib.sha256(f"s3://{SOURCE_BUCKET}/{self.layout.key(i)}".encode()).hexdigest()[:32]
-                for i in picks]
-        answer: dict = {"vectors": [{"key": k} for k in keys]}
+        prefix = f"s3://{SOURCE_BUCKET}/"
+        answer: dict = {"vectors": [{"key": hashlib.sha256((prefix + self.layout.key(i)).encode()).hexdigest()[:32]}
+                                    for i in picks]}
         following = start + size * count
         if following < self.indexed:
             answer["nextToken"] = str(following)
-        return Response(json.dumps(answer), content_type="application/json")
+        return 200, "application/json", orjson.dumps(answer)
 
 
 def serve_main(args) -> int:
-    from tests.standins import serve
+    """The synthetic AWS on a loopback port, HTTP/1.1 with keep-alive as AWS answers (werkzeug's development
+    server, which tests/standins use, closes every connection: a new TCP connection a request is not what a
+    client of AWS pays)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    layout = Layout(args.images, args.folder_size)
-    served = serve(SyntheticAws(layout, args.indexed, args.latency, Path(args.files) if args.files else None))
-    print(served.url, flush=True)
+    app = SyntheticAws(Layout(args.images, args.folder_size), args.indexed, args.latency,
+                       Path(args.files) if args.files else None)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body go in separate writes: no 40 ms delayed-ACK stall
+
+        def log_message(self, *_):
+            pass
+
+        def handle_one_request_body(self, method: str) -> None:
+            url = urllib.parse.urlsplit(self.path)
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            args = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
+            status, ctype, payload = app.answer(method, url.path, args, body)
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            size = payload.stat().st_size if isinstance(payload, Path) else len(payload)
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            if isinstance(payload, Path):
+                with open(payload, "rb") as fh:
+                    while chunk := fh.read(1 << 20):
+                        self.wfile.write(chunk)
+            else:
+                self.wfile.write(payload)
+
+        def do_GET(self):
+            self.handle_one_request_body("GET")
+
+        def do_POST(self):
+            self.handle_one_request_body("POST")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    print(f"http://127.0.0.1:{server.server_port}", flush=True)
     sys.stdin.read()  # until the harness closes our stdin
-    served.stop()
+    server.shutdown()
     return 0
 
 
