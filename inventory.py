@@ -9,7 +9,8 @@ The report's `manifest.json` names its data files and their format:
 CSV files are gzipped (a plain one is read too); their columns are in `fileSchema`'s order, and a CSV report's
 keys are URL-encoded. Parquet files name their columns (`key`, `size`, ...) and are read with DuckDB, an optional
 dependency (`uv sync --extra parquet`). ORC is refused. With every version listed, only current objects count
-(IsLatest true, not a delete marker). The report must have the Size field, which 01 needs to skip empty and
+(IsLatest true, not a delete marker). An ETag in the report lets 01 recognise an image that failed permanently
+and has not changed since (a report's ETag is put in double quotes, as ListObjectsV2 gives it). The report must have the Size field, which 01 needs to skip empty and
 oversized images, and must be of SOURCE_BUCKET; only objects under SOURCE_PREFIX are read.
 """
 
@@ -33,7 +34,7 @@ BATCH = 50_000  # Parquet rows fetched at once
 
 def objects(s3, manifest_uri: str, bucket: str, prefix: str, owner: str,
             workdir: Path) -> Iterator[tuple[str, int]]:
-    """(key, size) of every current object under `prefix` in the report at `manifest_uri`."""
+    """(key, size, ETag or None) of every current object under `prefix` in the report at `manifest_uri`."""
     manifest = read_manifest(s3, manifest_uri, bucket, owner)
     report_bucket, _ = common.parse_s3_uri(manifest_uri)
     fmt = manifest["fileFormat"]
@@ -105,11 +106,18 @@ def csv_columns(schema: str) -> list[str]:
     return [c.strip() for c in schema.split(",")]
 
 
-def csv_objects(path: Path, schema: str, bucket: str, prefix: str) -> Iterator[tuple[str, int]]:
+def _etag(value: str | None) -> str | None:
+    """An ETag as ListObjectsV2 gives it, in double quotes (a report's may come without)."""
+    if not value:
+        return None
+    return value if value.startswith('"') else f'"{value}"'
+
+
+def csv_objects(path: Path, schema: str, bucket: str, prefix: str) -> Iterator[tuple[str, int, str | None]]:
     columns = csv_columns(schema)
     at = {name: i for i, name in enumerate(columns)}
     b, k, s = at["Bucket"] if "Bucket" in at else None, at["Key"], at["Size"]
-    latest, deleted = at.get("IsLatest"), at.get("IsDeleteMarker")
+    latest, deleted, e = at.get("IsLatest"), at.get("IsDeleteMarker"), at.get("ETag")
     with open(path, "rb") as raw:
         gzipped = raw.read(2) == b"\x1f\x8b"
     opener = gzip.open if gzipped else open
@@ -125,10 +133,10 @@ def csv_objects(path: Path, schema: str, bucket: str, prefix: str) -> Iterator[t
             if "%" in key or "+" in key:
                 key = unquote_plus(key)
             if key.startswith(prefix):
-                yield key, int(row[s] or 0)
+                yield key, int(row[s] or 0), _etag(row[e] if e is not None else None)
 
 
-def parquet_objects(path: Path, bucket: str, prefix: str) -> Iterator[tuple[str, int]]:
+def parquet_objects(path: Path, bucket: str, prefix: str) -> Iterator[tuple[str, int, str | None]]:
     try:
         import duckdb
     except ImportError:
@@ -149,9 +157,11 @@ def parquet_objects(path: Path, bucket: str, prefix: str) -> Iterator[tuple[str,
             where.append("coalesce(is_latest, true)")
         if "is_delete_marker" in names:
             where.append("NOT coalesce(is_delete_marker, false)")
-        query = f"SELECT key, coalesce(size, 0) FROM read_parquet(?) WHERE {' AND '.join(where)}"  # noqa: S608
+        etag = "e_tag" if "e_tag" in names else "NULL"
+        query = f"SELECT key, coalesce(size, 0), {etag} FROM read_parquet(?) WHERE {' AND '.join(where)}"  # noqa
         result = con.execute(query, [str(path), *params])
         while rows := result.fetchmany(BATCH):
-            yield from rows
+            for key, size, tag in rows:
+                yield key, size, _etag(tag)
     finally:
         con.close()

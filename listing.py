@@ -1,6 +1,6 @@
 """Listing an S3 prefix fast, and keeping what was listed in a sorted file rather than in memory.
 
-- Lean pages: 01 reads only an object's Key and Size. botocore parses every field of every object (most of the
+- Lean pages: 01 reads only an object's Key, Size and ETag. botocore parses every field of every object (most of the
   CPU goes to LastModified's datetimes and to walking the model for each field), so the listing client reads a
   ListObjectsV2 page's keys, sizes and paging fields itself with a few regular expressions and hands botocore an
   empty result (botocore's `before-parse` hook and its customized response); errors go through botocore as usual.
@@ -32,6 +32,7 @@ _RESULT = re.compile(rb"\s*(<\?xml[^>]*\?>)?\s*<ListBucketResult[\s>]")
 _CONTENTS = re.compile(rb"<Contents>(.*?)</Contents>", re.S)
 _KEY = re.compile(rb"<Key>([^<]*)</Key>")
 _SIZE = re.compile(rb"<Size>([0-9]+)</Size>")
+_ETAG = re.compile(rb"<ETag>([^<]*)</ETag>")
 _PREFIXES = re.compile(rb"<CommonPrefixes>\s*<Prefix>([^<]*)</Prefix>\s*</CommonPrefixes>")
 _FIELDS = {name: re.compile(rb"<%s>([^<]*)</%s>" % (name.encode(), name.encode()))
            for name in ("IsTruncated", "NextContinuationToken", "EncodingType")}
@@ -44,7 +45,7 @@ def _text(raw: bytes) -> str:
 
 
 def _parse_lean(response_dict, customized_response_dict, **kwargs):
-    """Read a ListObjectsV2 page's Key and Size (and what paging needs) with a few regular expressions, and hand
+    """Read a ListObjectsV2 page's Key, Size, ETag (and what paging needs) with a few regular expressions, and hand
     botocore an empty result to parse; botocore still decodes URL-encoded keys after this. Anything but a 200
     ListBucketResult (an error, or S3's error in a 200) is left to botocore."""
     from botocore import handlers
@@ -55,8 +56,9 @@ def _parse_lean(response_dict, customized_response_dict, **kwargs):
         return
     contents = []
     for block in _CONTENTS.findall(body):
-        key, size = _KEY.search(block), _SIZE.search(block)
-        contents.append({"Key": _text(key.group(1)), "Size": int(size.group(1)) if size else 0})
+        key, size, etag = _KEY.search(block), _SIZE.search(block), _ETAG.search(block)
+        contents.append({"Key": _text(key.group(1)), "Size": int(size.group(1)) if size else 0,
+                         "ETag": _text(etag.group(1)) if etag else None})
     parsed: dict = {"Contents": contents, "CommonPrefixes": [{"Prefix": _text(p)} for p in _PREFIXES.findall(body)]}
     for name, pattern in _FIELDS.items():
         found = pattern.search(body[body.rfind(b"</Contents>") + 1:] if name != "IsTruncated" else body)
@@ -68,7 +70,7 @@ def _parse_lean(response_dict, customized_response_dict, **kwargs):
 
 
 def lean(s3):
-    """The S3 client, with its ListObjectsV2 pages read for Key and Size only (see the module's docstring)."""
+    """The S3 client, with its ListObjectsV2 pages read for Key, Size and ETag only (see the module's docstring)."""
     from botocore import handlers
 
     # botocore parses every S3 answer once more to find an error in a 200; for ListObjectsV2 _parse_lean does it.

@@ -158,7 +158,7 @@ def test_a_damaged_data_file_stops_01(bucket, tmp_path):
     result = bucket.step(1, "--dry-run", "--inventory", uri)
     assert result.returncode == common.EXIT_ERROR
     assert "does not match the MD5 checksum" in one_line(result)
-    assert not list(bucket.cwd.glob("batch_input_*"))
+    assert not list(bucket.cwd.rglob("batch_input_*"))
 
 
 def test_parquet_without_duckdb_says_how_to_install_it(bucket, tmp_path, monkeypatch):

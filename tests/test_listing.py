@@ -57,7 +57,8 @@ def test_parallel_listing_equals_sequential_listing(world):
     parallel = list(listing.list_objects(lean, world.source_bucket, "2024/", owner, threads=4, page_size=3))
 
     assert sorted((o["Key"], o["Size"]) for o in parallel) == [(o["Key"], o["Size"]) for o in sequential]
-    assert all(set(o) == {"Key", "Size"} for o in parallel)  # the unused fields were never parsed
+    assert all(set(o) == {"Key", "Size", "ETag"} for o in parallel)  # the unused fields were never parsed
+    assert sorted((o["Key"], o["ETag"]) for o in parallel) == [(o["Key"], o["ETag"]) for o in sequential]
     assert any(c.get("Delimiter") == "/" for c in calls) and any("Delimiter" not in c for c in calls)
     assert any("ContinuationToken" in c for c in calls)  # folders of more than one page
     # Sub-folders of a folder with many of them are listed whole, each with a listing of its own.
@@ -137,7 +138,7 @@ def synthetic(folders: int, per_folder: int, seed: int = 0) -> list[dict]:
 
 
 def plan_and_write(objects, config, workdir, manifest_dir, stamp="20261201-000000"):
-    pairs = ((o["Key"], o["Size"]) if isinstance(o, dict) else o for o in objects)
+    pairs = ((o["Key"], o["Size"], o.get("ETag")) if isinstance(o, dict) else o for o in objects)
     found = create_job.list_images(pairs, config, [], workdir)
     can_root = lambda folder: True  # noqa: E731
     planned = jobs.plan_jobs({f: tuple(c) for f, c in found.counts.items()}, config.source_prefix, config.quotas,
@@ -203,7 +204,7 @@ def test_hundreds_of_jobs_under_a_low_open_file_limit(world):
     assert "Found 4000 images" in result.stdout
     assert "Planned 400 job(s)" in result.stdout
     assert result.stdout.count("Created batch_input_") == 400
-    assert not list(world.cwd.glob("batch_input_*"))
+    assert not list(world.cwd.rglob("batch_input_*"))
 
 
 class Fail:
@@ -243,4 +244,4 @@ def test_ctrl_c_while_writing_manifests_is_one_line_and_leaves_none(world, monke
     assert create_job.main([]) == common.EXIT_INTERRUPTED
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("interrupted")
-    assert not list(world.cwd.glob("batch_input_*")) and not (world.cwd / "batch_job_info.json").exists()
+    assert not list(world.cwd.rglob("batch_input_*")) and not (world.cwd / "batch_job_info.json").exists()
