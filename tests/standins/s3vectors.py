@@ -31,7 +31,11 @@ Not verified against the real service (cheap to change, each is an option or one
   * euclidean distance is the plain L2 distance (not squared); cosine distance is 1 - cos;
   * a request over the body limit gets ValidationException (400), not 413;
   * the write quota's burst is one second's worth of each rate; DeleteVectors keys count as vectors;
-  * an indexArn for another region/account -> NotFoundException.
+  * an indexArn for another region/account -> NotFoundException;
+  * PutVectors answers on demand (options put_capacity_vectors, vector_quota, deny_put_vectors): 503
+    ServiceUnavailableException "too many vectors for the resource capacity" for a request of more vectors than
+    the capacity (the threshold the service uses is not documented), 402 ServiceQuotaExceededException when the
+    index would hold more vectors than the quota, 403 AccessDeniedException naming s3vectors:PutVectors.
 """
 
 from __future__ import annotations
