@@ -13,9 +13,11 @@ from __future__ import annotations
 import math
 import queue
 import random
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable, Iterator
 
 import numpy as np
@@ -77,10 +79,24 @@ class VectorError(ValueError):
     """A vector the index would refuse; the record is reported instead of sent."""
 
 
+@lru_cache(maxsize=8)
+def _float32_packer(dimension: int) -> struct.Struct:
+    return struct.Struct(f"={dimension}f")
+
+
 def encode_vector(key: str, embedding, dimension: int, metadata: dict) -> bytes:
     """One element of PutVectors' `vectors` list as JSON bytes, checked as the index would check it."""
-    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused below
-        data = np.asarray(embedding, dtype=np.float32)
+    data = None
+    if type(embedding) is list and len(embedding) == dimension:
+        try:  # a third of numpy's time from a list; the same rounding (C's cast to float)
+            data = np.frombuffer(_float32_packer(dimension).pack(*embedding), dtype=np.float32)
+        except OverflowError:
+            raise VectorError("embedding holds NaN or infinite values (beyond float32)") from None
+        except (TypeError, struct.error):
+            pass  # not all numbers: numpy says what they are
+    if data is None:
+        with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused below
+            data = np.asarray(embedding, dtype=np.float32)
     if data.ndim != 1 or data.shape[0] != dimension:
         raise VectorError(f"embedding has {data.size} values, the index takes {dimension}")
     if not np.isfinite(data).all():
