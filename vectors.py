@@ -399,6 +399,7 @@ class PutVectorsSender:
                     self._count("unavailable")
                     unavailable += 1
                     if unavailable >= SPLIT_AFTER_503 and batch.count > 1:
+                        self._count("retries")  # sent again, as two halves
                         return False
                 else:
                     unavailable = 0

@@ -268,7 +268,7 @@ def test_a_request_answered_503_again_and_again_is_split_in_halves(index_endpoin
     assert stats["largest_request_vectors"] <= 100
     # 500 -> 250 -> 125 -> 62 + 63: each request over capacity is tried 3 times before it is split
     assert stats["rejected_capacity_503"] == 2 * 3 * (1 + 2 + 4) and sender.stats["split"] == 2 * 7
-    assert stats["put_requests_accepted"] == 16
+    assert stats["put_requests_accepted"] == 16 and sender.stats["retries"] == stats["rejected_capacity_503"]
     assert sorted(b.seq for b in done) == [0, 1]  # the checkpoint sees the two batches, each once
 
 
