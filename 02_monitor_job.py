@@ -54,11 +54,13 @@ def token_counts(s3, job: dict, job_id: str, owner: str) -> dict | None:
         return None
 
 
-def print_status(job: dict, manifest: dict | None) -> None:
+def print_status(job: dict, manifest: dict | None, name: str) -> None:
+    """The article's status block; `name` is the job-info record's, shown when Bedrock leaves jobName out (the
+    response model does not require it)."""
     common.banner("Batch Inference Job Status")
     print(f">>> STATUS: {job['status']} <<<")
     print("Job Information:")
-    print(f"Job Name: {job['jobName']}")
+    print(f"Job Name: {job.get('jobName') or name}")
     print(f"Job ARN: {job['jobArn']}")
     print(f"Submit Time: {job.get('submitTime')}")
     print(f"Last Modified: {job.get('lastModifiedTime')}")
@@ -97,7 +99,7 @@ def check(bedrock, s3, job: dict, owner: str, verbose: bool) -> dict:
     if verbose:
         manifest = token_counts(s3, job, common.job_id_from_arn(job["job_arn"]), owner) \
             if status.get("totalRecordCount") is not None else None
-        print_status(status, manifest)
+        print_status(status, manifest, job["job_name"])
     return status
 
 
