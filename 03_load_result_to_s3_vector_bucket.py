@@ -12,6 +12,7 @@ runs/<stamp>/not_loaded.jsonl; images Bedrock rejected for good go to failed_per
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import threading
 import time
@@ -80,19 +81,32 @@ class Loader:
                                         "error_message": message, "file": file_key, "offset": offset}) + b"\n")
 
     def line(self, raw: bytes, file_key: str, start: int, offset: int) -> vectors.Batch | None:
-        """Account for one output line (bytes start..offset); returns a batch when this line closed one."""
+        """Account for one output line (bytes start..offset); returns a batch when this line closed one.
+
+        The embedding's array (nearly all of the line) is cut out and encoded from its text; only the rest of the
+        line is parsed as JSON. A line that does not look as expected is parsed whole, as before."""
         if not raw.strip():
             return None
         before = dict(self.counts)
         self.counts["total"] += 1
-        try:
-            record = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            self.fail(None, None, "MalformedLine", f"not JSON: {exc}", file_key, offset)
-            return None
-        if not isinstance(record, dict):
-            self.fail(None, None, "MalformedLine", "not a JSON object", file_key, offset)
-            return None
+        record = text = None
+        cut = vectors.cut_embedding(raw)
+        if cut is not None:
+            try:
+                record = orjson.loads(cut[0])
+                if record["modelOutput"]["embeddings"][0]["embedding"] == vectors.CUT_VALUE:
+                    text = cut[1]
+            except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+                record = None
+        if text is None:
+            try:
+                record = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                self.fail(None, None, "MalformedLine", f"not JSON: {exc}", file_key, offset)
+                return None
+            if not isinstance(record, dict):
+                self.fail(None, None, "MalformedLine", "not a JSON object", file_key, offset)
+                return None
         record_id, uri = record.get("recordId"), common.image_uri(record)
         if uri is not None and not common.record_id_matches(record_id, uri):  # joined by the URI: only reported
             self.mismatched_ids += 1
@@ -100,12 +114,20 @@ class Loader:
             err = record["error"] if isinstance(record["error"], dict) else {"errorMessage": str(record["error"])}
             self.fail(record_id, uri, err.get("errorCode", "Error"), err.get("errorMessage", ""), file_key, offset)
             return None
+        metadata = {"source_uri": uri, "job_id": self.job_id}
         try:
-            embedding = record["modelOutput"]["embeddings"][0]["embedding"]
             if uri is None:
                 raise KeyError("modelInput image s3Location uri")
             key = common.vector_key(uri)
-            part = vectors.encode_vector(key, embedding, self.dimension, {"source_uri": uri, "job_id": self.job_id})
+            if text is not None:
+                try:
+                    part = vectors.encode_text(key, text, self.dimension, metadata)
+                except orjson.JSONDecodeError as exc:
+                    self.fail(record_id, uri, "MalformedLine", f"not JSON: {exc}", file_key, offset)
+                    return None
+            else:
+                embedding = record["modelOutput"]["embeddings"][0]["embedding"]
+                part = vectors.encode_vector(key, embedding, self.dimension, metadata)
         except (KeyError, IndexError, TypeError) as exc:
             self.fail(record_id, uri, "MalformedLine", f"no {exc} in the record", file_key, offset)
             return None
@@ -156,27 +178,92 @@ class Checkpoint:
             jobinfo.save(self.path, self.info)
 
 
-class Progress:
-    def __init__(self, expected: int, tty: bool):
-        self.expected, self.tty = max(expected, 1), tty
-        self.started = time.monotonic()
-        self.step = 100 if expected <= 2000 else max(100, round(expected / 20, -2))
-        self.next_line = self.step
+def duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds > 359_999:
+        return "--:--"
+    minutes, secs = divmod(int(seconds + 0.5), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
-    def update(self, processed: int, inserted: int) -> None:
-        if self.tty:
-            done = min(1.0, processed / self.expected)
-            rate = inserted / max(time.monotonic() - self.started, 1e-9)
-            bar = "#" * int(done * 30)
-            print(f"\r[{bar:<30}] {done:6.1%} {processed}/{self.expected} records, {inserted} inserted, "
-                  f"{rate:,.0f} vectors/s", end="", flush=True)
-        elif processed >= self.next_line:
-            print(f"Processed {processed} records...")
-            self.next_line = (processed // self.step + 1) * self.step
+
+class Progress:
+    """Vectors confirmed by the index, of the job's records, with the rate and time left of this run only (vectors
+    confirmed before a resume are not counted in the rate).
+
+    On a terminal: one bar redrawn in place, never as wide as the terminal (a wrapped line cannot be redrawn with
+    \\r), at most every `every` seconds. Elsewhere (a log, cron): one line every `every` seconds. Called when a batch
+    is confirmed, never per record. Other messages go through `print`, so they never share the bar's line.
+    """
+
+    def __init__(self, expected: int, tty: bool, *, already: int = 0, out=None, clock=time.monotonic,
+                 width=None, every: float | None = None):
+        self.expected, self.tty = max(expected, 1), tty
+        self.already = self.inserted = already
+        self.out = out if out is not None else sys.stdout
+        self.clock = clock
+        self.width = width or (lambda: shutil.get_terminal_size().columns)
+        self.every = every if every is not None else (0.2 if tty else 5.0)
+        self.started = clock()
+        self.next_show = self.started + (0 if tty else self.every)
+        self.on_screen = False  # a bar is on the current line
+        self.lock = threading.Lock()
+
+    def figures(self) -> tuple[float, str, str]:
+        elapsed = self.clock() - self.started
+        rate = (self.inserted - self.already) / elapsed if elapsed > 0 else 0.0
+        left = (self.expected - self.inserted) / rate if rate > 0 and self.inserted < self.expected else None
+        return min(1.0, self.inserted / self.expected), f"{rate:,.0f} vectors/s", duration(left)
+
+    def bar(self) -> str:
+        done, rate, left = self.figures()
+        text = f" {done:4.0%} {self.inserted:,}/{self.expected:,} vectors, {rate}, {left} left"
+        room = max(self.width() - 1, 1)  # the last column would wrap on some terminals
+        cells = min(40, room - len(text) - 2)
+        if cells >= 10:
+            filled = int(done * cells)
+            text = "[" + "#" * filled + " " * (cells - filled) + "]" + text
+        return text[:room]
+
+    def update(self, inserted: int, force: bool = False) -> None:
+        with self.lock:
+            self.inserted = inserted
+            if not force and self.clock() < self.next_show:
+                return
+            self.next_show = self.clock() + self.every
+            if self.tty:
+                self._clear()
+                self.out.write(self.bar())
+                self.on_screen = True
+            else:
+                done, rate, left = self.figures()
+                self.out.write(f"Inserted {self.inserted:,} of {self.expected:,} vectors ({done:.0%}), "
+                               f"{rate} this run, {left} left\n")
+            self.out.flush()
+
+    def _clear(self) -> None:
+        if self.on_screen:
+            self.out.write("\r" + " " * max(self.width() - 1, 0) + "\r")
+            self.on_screen = False
+
+    def print(self, message: str) -> None:
+        """A line of its own; on a terminal the bar is cleared first and drawn again below it."""
+        with self.lock:
+            redraw = self.on_screen
+            self._clear()
+            self.out.write(message + "\n")
+            if redraw:
+                self.out.write(self.bar())
+                self.on_screen = True
+            self.out.flush()
 
     def close(self) -> None:
         if self.tty:
-            print()
+            self.update(self.inserted, force=True)
+            with self.lock:
+                self.out.write("\n")
+                self.on_screen = False
+        elif self.inserted > self.already:
+            self.update(self.inserted, force=True)
 
 
 def output_files(s3, bucket: str, prefix: str, owner: str) -> list[dict]:
@@ -226,13 +313,14 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
     checkpoint = Checkpoint(info, job, config.job_info_file, where)
     batcher = vectors.Batcher(config.vector_bucket, config.vector_index)
     loader = Loader(job_id, dimension, batcher, report, state)
-    progress = Progress(int(job.get("record_count") or 0), sys.stdout.isatty())
+    progress = Progress(int(job.get("record_count") or 0), sys.stdout.isatty(), already=checkpoint.inserted)
 
     def on_done(batch: vectors.Batch) -> None:
         checkpoint.confirm(batch)
         checkpoint.save()
         if args.verbose and batch.count:
-            print(f"✓ Batch {batch.seq + 1}: Inserted {batch.count} vectors")
+            progress.print(f"✓ Batch {batch.seq + 1}: Inserted {batch.count} vectors")
+        progress.update(checkpoint.inserted)
 
     print("Inserting vectors to S3 Vectors...")
     print(f"Vector Bucket: {config.vector_bucket}")
@@ -247,27 +335,28 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
             key = obj["Key"]
             done = state.get("files", {}).get(key, {})
             if done.get("done"):
-                print(f"Already loaded: {key}")
+                progress.print(f"Already loaded: {key}")
                 continue
             offset = done.get("offset", 0)
             name = key.rsplit("/", 1)[-1]
-            print(f"Processing {name}..." + (f" (from byte {offset})" if offset else ""))
+            progress.print(f"Processing {name}..." + (f" (from byte {offset})" if offset else ""))
             extra = {"Range": f"bytes={offset}-"} if offset else {}
             body = s3.get_object(Bucket=result_bucket, Key=key, ExpectedBucketOwner=owner, **extra)["Body"]
+            counted = loader.counts["total"]
             for raw, start, end in vectors.read_lines(body, offset):
                 batch = loader.line(raw, key, start, end)
                 if batch is not None:
                     index_ready()
                     sender.submit(batch)
-                progress.update(loader.counts["total"], checkpoint.inserted)
             index_ready()
             sender.submit(batcher.flush(loader.mark(key, obj["Size"], done=True), allow_empty=True))
-            ok(f"Processed {name}")
+            progress.print(f"✓ Processed {name} ({loader.counts['total'] - counted} records read)")
         sender.close()
     except BaseException:
         # Whatever stopped the load, keep what the index confirmed so the next run resumes there.
         checkpoint.save()
         report.close()
+        progress.close()
         raise
     progress.close()
     report.close()

@@ -10,10 +10,14 @@ endpoint resolution, credentials, SigV4 signing and retries — by swapping the 
 
 from __future__ import annotations
 
+import math
 import queue
+import random
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable, Iterator
 
 import numpy as np
@@ -25,6 +29,9 @@ MAX_VECTORS_PER_PUT = 500
 MAX_REQUEST_BYTES = 20 * 1024 * 1024
 # Room left in a request for the envelope and for what botocore may add; the body itself is measured exactly.
 REQUEST_BYTES_MARGIN = 4 * 1024
+# After this many 503 answers in a row for one request, the index is taken to be short of capacity for that many
+# vectors ("too many vectors for the resource capacity", botocore's PutVectorsInput.vectors) and the request is split.
+SPLIT_AFTER_503 = 3
 RETRYABLE_CODES = frozenset(
     {"TooManyRequestsException", "ThrottlingException", "ServiceUnavailableException", "InternalServerException",
      "RequestTimeoutException", "SlowDown"}
@@ -72,9 +79,24 @@ class VectorError(ValueError):
     """A vector the index would refuse; the record is reported instead of sent."""
 
 
+@lru_cache(maxsize=8)
+def _float32_packer(dimension: int) -> struct.Struct:
+    return struct.Struct(f"={dimension}f")
+
+
 def encode_vector(key: str, embedding, dimension: int, metadata: dict) -> bytes:
     """One element of PutVectors' `vectors` list as JSON bytes, checked as the index would check it."""
-    data = np.asarray(embedding, dtype=np.float32)
+    data = None
+    if type(embedding) is list and len(embedding) == dimension:
+        try:  # a third of numpy's time from a list; the same rounding (C's cast to float)
+            data = np.frombuffer(_float32_packer(dimension).pack(*embedding), dtype=np.float32)
+        except OverflowError:
+            raise VectorError("embedding holds NaN or infinite values (beyond float32)") from None
+        except (TypeError, struct.error):
+            pass  # not all numbers: numpy says what they are
+    if data is None:
+        with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused below
+            data = np.asarray(embedding, dtype=np.float32)
     if data.ndim != 1 or data.shape[0] != dimension:
         raise VectorError(f"embedding has {data.size} values, the index takes {dimension}")
     if not np.isfinite(data).all():
@@ -84,6 +106,65 @@ def encode_vector(key: str, embedding, dimension: int, metadata: dict) -> bytes:
     return orjson.dumps(
         {"key": key, "data": {"float32": data}, "metadata": metadata}, option=orjson.OPT_SERIALIZE_NUMPY
     )
+
+
+# Text copied into a request as it is must keep 500 vectors of 3072 dimensions (and their metadata) under 20 MiB:
+# float32 shortest text takes ≈ 12.6 bytes a value with its comma; Python's float text ≈ 22, which is re-formatted.
+COPY_MAX_BYTES_PER_VALUE = 13
+_FLT_MAX = 3.4028234663852886e38  # the largest finite float32
+_FLT_TINY = 1e-30  # a vector this short may round to zeros in float32: judged on the float32 values instead
+_CUT = b'"\\u0000embedding"'  # stands in for the embedding's array in what is left of a line
+CUT_VALUE = "\x00embedding"
+
+
+def cut_embedding(line: bytes) -> tuple[bytes, bytes] | None:
+    """Split an output line into (the line with its first `"embedding": [...]` replaced by a placeholder string,
+    the array's text), so that only a few hundred bytes are parsed as JSON. None when there is no such array."""
+    find = line.find
+    at = find(b'"embedding"')
+    while at >= 0:
+        i = at + 11
+        while line[i:i + 1] in (b" ", b"\t"):
+            i += 1
+        if line[i:i + 1] == b":":
+            i += 1
+            while line[i:i + 1] in (b" ", b"\t"):
+                i += 1
+            if line[i:i + 1] == b"[":
+                end = find(b"]", i)
+                if end < 0:
+                    return None
+                return line[:i] + _CUT + line[end + 1:], line[i:end + 1]
+        at = find(b'"embedding"', at + 11)
+    return None
+
+
+def encode_text(key: str, text: bytes, dimension: int, metadata: dict) -> bytes:
+    """Like encode_vector, from the JSON text of the embedding's array as it appears in the output line.
+
+    When the text is short enough (float32 shortest text is), it is copied into the request as it is: the index
+    reads each number as the float32 nearest to it, which is what encode_vector would have sent. Longer text (a
+    float64 repr) is turned into float32 and re-formatted. Either way the vector is checked as the index checks it.
+    Raises orjson.JSONDecodeError when the text is not a JSON array.
+    """
+    values = orjson.loads(text)
+    if type(values) is not list or len(values) != dimension:
+        n = len(values) if type(values) is list else "no"
+        raise VectorError(f"embedding has {n} values, the index takes {dimension}")
+    if len(text) <= COPY_MAX_BYTES_PER_VALUE * dimension + 2 and b"t" not in text and b"f" not in text:
+        try:
+            norm = math.hypot(*values)  # one C pass: TypeError for what is not a number
+        except TypeError:
+            raise VectorError("embedding holds values that are not numbers") from None
+        if _FLT_TINY <= norm <= _FLT_MAX:  # every value a finite float32, at least one not zero
+            return b"".join((b'{"key":', orjson.dumps(key), b',"data":{"float32":', text, b'},"metadata":',
+                             orjson.dumps(metadata), b"}"))
+    try:
+        return encode_vector(key, values, dimension, metadata)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, VectorError):
+            raise
+        raise VectorError("embedding holds values that are not numbers") from None
 
 
 def envelope(bucket: str, index: str) -> tuple[bytes, bytes]:
@@ -100,6 +181,26 @@ class Batch:
     seq: int
     mark: dict = field(default_factory=dict)  # the loader's position after this batch
     keys: list[str] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)  # where each vector's JSON starts in the body
+
+    def halves(self, head: bytes, tail: bytes) -> tuple["Batch", "Batch"]:
+        """Two requests of half the vectors each (for an index short of capacity); the same seq and mark."""
+        body = bytes(self.body)
+        ends = [start - 1 for start in self.starts[1:]] + [len(body) - len(tail)]
+        middle = self.count // 2
+        parts = []
+        for lo, hi in ((0, middle), (middle, self.count)):
+            buffer = bytearray(head)
+            starts = []
+            for i in range(lo, hi):
+                if starts:
+                    buffer += b","
+                starts.append(len(buffer))
+                buffer += body[self.starts[i]:ends[i]]
+            buffer += tail
+            parts.append(Batch(body=buffer, count=hi - lo, seq=self.seq, mark=self.mark,
+                               keys=self.keys[lo:hi], starts=starts))
+        return parts[0], parts[1]
 
 
 class Batcher:
@@ -119,6 +220,7 @@ class Batcher:
     def _start(self) -> None:
         self.buffer = bytearray(self.head)
         self.keys: list[str] = []
+        self.starts: list[int] = []
 
     def fits(self, part: bytes) -> bool:
         return len(self.keys) < self.max_vectors and len(self.buffer) + len(part) + 1 + len(self.tail) <= self.max_bytes
@@ -133,6 +235,7 @@ class Batcher:
             raise VectorError(f"one vector takes {len(part)} bytes, more than a request may hold")
         if self.keys:
             self.buffer += b","
+        self.starts.append(len(self.buffer))
         self.buffer += part
         self.keys.append(key)
         return closed
@@ -143,7 +246,8 @@ class Batcher:
             return None
         if self.keys:
             self.buffer += self.tail
-            batch = Batch(body=self.buffer, count=len(self.keys), seq=self.seq, mark=mark, keys=self.keys)
+            batch = Batch(body=self.buffer, count=len(self.keys), seq=self.seq, mark=mark, keys=self.keys,
+                          starts=self.starts)
         else:
             batch = Batch(body=b"", count=0, seq=self.seq, mark=mark)
         self.seq += 1
@@ -196,9 +300,11 @@ class PutVectorsSender:
 
     def __init__(self, client, bucket: str, index: str, limiter: RateLimiter, *, threads: int = 4,
                  on_done: Callable[[Batch], None], sleep=time.sleep, max_backoff: float = 20.0,
-                 give_up_after: float = 900.0):
+                 give_up_after: float = 900.0, clock=time.monotonic, jitter=random.random):
         self.client = client
         self.bucket, self.index = bucket, index
+        self.head, self.tail = envelope(bucket, index)
+        self.clock, self.jitter = clock, jitter
         self.limiter = limiter
         self.on_done = on_done
         self.sleep = sleep
@@ -207,7 +313,8 @@ class PutVectorsSender:
         self.local = threading.local()
         self.queue: queue.Queue = queue.Queue(maxsize=1)  # bodies are ~20 MB: few wait
         self.error: BaseException | None = None
-        self.stats = {"requests": 0, "retries": 0, "throttled": 0, "max_vectors": 0, "max_bytes": 0}
+        self.stats = {"requests": 0, "retries": 0, "throttled": 0, "unavailable": 0, "split": 0, "max_vectors": 0,
+                      "max_bytes": 0}
         self.stats_lock = threading.Lock()
         client.meta.events.register("before-call.s3vectors.PutVectors", self._swap_body)
         self.workers = [threading.Thread(target=self._work, daemon=True) for _ in range(threads)]
@@ -253,11 +360,22 @@ class PutVectorsSender:
                 self.error = exc
 
     def send(self, batch: Batch) -> None:
-        """Send one batch until the index accepts it: throttling, 5xx and a failing network are retried with
-        backoff for up to `give_up_after` seconds; anything else the index refuses is raised."""
+        """Send one batch until the index accepts all of it: throttling, 5xx and a failing network are retried with
+        backoff for up to `give_up_after` seconds, a request the index keeps answering 503 is split in halves (down
+        to one vector); anything else the index refuses is raised (402 and 403 as a StepError that names the fix)."""
+        started = self.clock()
+        pending = [batch]
+        while pending:
+            part = pending.pop(0)
+            if not self._put(part, started):
+                pending[0:0] = part.halves(self.head, self.tail)
+                self._count("split")
+
+    def _put(self, batch: Batch, started: float) -> bool:
+        """One request until accepted (True), or False when it should be split."""
         from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
 
-        started, attempt = time.monotonic(), 0
+        attempt = unavailable = 0
         while True:
             self.limiter.acquire(batch.count)
             self.local.body = batch.body
@@ -268,11 +386,23 @@ class PutVectorsSender:
             except ClientError as exc:
                 code = exc.response.get("Error", {}).get("Code", "")
                 status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                refusal = self._refusal(code, status, exc)
+                if refusal is not None:
+                    raise refusal from None
                 if code not in RETRYABLE_CODES and status < 500 and status != 429:
                     raise
                 if code in ("TooManyRequestsException", "ThrottlingException", "SlowDown") or status == 429:
                     self.limiter.throttled()
                     self._count("throttled")
+                    unavailable = 0
+                elif code == "ServiceUnavailableException" or status == 503:
+                    self._count("unavailable")
+                    unavailable += 1
+                    if unavailable >= SPLIT_AFTER_503 and batch.count > 1:
+                        self._count("retries")  # sent again, as two halves
+                        return False
+                else:
+                    unavailable = 0
                 last = f"{code or status}"
             except (BotoConnectionError, HTTPClientError) as exc:
                 last = type(exc).__name__
@@ -281,15 +411,30 @@ class PutVectorsSender:
                     self.stats["requests"] += 1
                     self.stats["max_vectors"] = max(self.stats["max_vectors"], batch.count)
                     self.stats["max_bytes"] = max(self.stats["max_bytes"], len(batch.body))
-                return
+                return True
             finally:
                 self.local.body = None
             attempt += 1
             self._count("retries")
-            if time.monotonic() - started > self.give_up_after:
+            if self.clock() - started > self.give_up_after:
                 raise common.StepError(f"PutVectors kept failing for {self.give_up_after:g}s (last: {last}); "
                                        "nothing was dropped — run the step again to resume")
-            self.sleep(min(self.max_backoff, 0.25 * 2 ** min(attempt, 7)) * (0.5 + np.random.random() / 2))
+            self.sleep(min(self.max_backoff, 0.25 * 2 ** min(attempt, 7)) * (0.5 + self.jitter() / 2))
+
+    def _refusal(self, code: str, status: int, exc) -> common.StepError | None:
+        """The one-line error for an answer that no retry can fix."""
+        message = exc.response.get("Error", {}).get("Message", "")
+        where = f"index {self.index} in vector bucket {self.bucket}"
+        if code == "ServiceQuotaExceededException" or status == 402:
+            return common.StepError(
+                f"PutVectors refused: the account's S3 Vectors quota on vectors is reached "
+                f"(ServiceQuotaExceededException: {message}) — ask for a higher quota in Service Quotas "
+                f"(service S3 Vectors) or remove vectors from {where}, then run the step again to resume")
+        if code in ("AccessDeniedException", "AccessDenied"):
+            return common.StepError(
+                f"PutVectors refused: AccessDenied ({message}) — the caller needs s3vectors:PutVectors on {where}, "
+                "then run the step again to resume")
+        return None
 
     def _count(self, name: str) -> None:
         with self.stats_lock:
@@ -315,17 +460,39 @@ def keep_memory_flat() -> None:
         pass  # not glibc: nothing to tune
 
 
-def read_lines(body, start: int = 0, chunk_size: int = 1 << 20) -> Iterator[tuple[bytes, int, int]]:
+def read_lines(body, start: int = 0, chunk_size: int = 4 << 20) -> Iterator[tuple[bytes, int, int]]:
     """Lines of a streaming body as (line without newline, its start offset, the offset just after it), in flat
-    memory. A last line without a newline is yielded too; the caller decides whether it is whole."""
-    pending = b""
+    memory. The body is read in large blocks and each line is sliced out once (a line split across two blocks is
+    joined alone, the blocks are never concatenated). A last line without a newline is yielded too; the caller
+    decides whether it is whole."""
+    pending = b""  # the start of a line that continues in the next block
     offset = start
-    for chunk in iter(lambda: body.read(chunk_size), b""):
-        pending += chunk
-        lines = pending.split(b"\n")
-        pending = lines.pop()
-        for line in lines:
-            yield line, offset, offset + len(line) + 1
-            offset += len(line) + 1
+    read = body.read
+    while True:
+        block = read(chunk_size)
+        if not block:
+            break
+        find = block.find
+        pos = 0
+        if pending:
+            newline = find(b"\n")
+            if newline < 0:
+                pending += block
+                continue
+            line = pending + block[:newline]
+            pending = b""
+            end = offset + len(line) + 1
+            yield line, offset, end
+            offset = end
+            pos = newline + 1
+        while True:
+            newline = find(b"\n", pos)
+            if newline < 0:
+                break
+            end = offset + newline - pos + 1
+            yield block[pos:newline], offset, end
+            offset = end
+            pos = newline + 1
+        pending = block[pos:]
     if pending:
         yield pending, offset, offset + len(pending)

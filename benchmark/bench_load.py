@@ -65,7 +65,10 @@ QUOTA_REQUESTS = 1000
 MAX_REQUEST_BYTES = 20 * 1024 * 1024
 MAX_VECTORS_PER_PUT = 500
 TARGET_RATIO = 0.90
-RSS_TARGET_MB = 256
+STEADY_TARGET_RATIO = 0.92  # once loading
+RSS_TARGET_MB = 200
+MAIN_THREAD_MS_TARGET = 0.15  # CPU ms a vector on 03's main thread (reading, parsing, encoding, batching)
+PROCESS_MS_TARGET = 0.30  # CPU ms a vector of 03 as a whole (with the threads that sign and send)
 CACHE_VERSION = 1
 
 
@@ -111,15 +114,20 @@ def expected_keys(records: int) -> dict[str, str]:
     return {common.vector_key(uri): uri for uri in map(image_uri, range(records))}
 
 
-def dataset(cache_root: Path, records: int, dimension: int, per_file: int) -> Dataset:
-    """The synthetic job output, generated once per (records, dimension, records per file) and kept on disk."""
-    folder = cache_root / f"v{CACHE_VERSION}-n{records}-d{dimension}-f{per_file}"
+def dataset(cache_root: Path, records: int, dimension: int, per_file: int, numbers: str = "double") -> Dataset:
+    """The synthetic job output, generated once per (records, dimension, records per file, number text) and kept
+    on disk. numbers="double": each float32 value written as Python writes a float (≈ 20 digits, as the Bedrock
+    emulator does); "float32": as the shortest text of the float32 (what a float32 serialiser such as Java's writes;
+    which one Bedrock uses is unverified)."""
+    suffix = "" if numbers == "double" else f"-{numbers}"
+    folder = cache_root / f"v{CACHE_VERSION}-n{records}-d{dimension}-f{per_file}{suffix}"
     meta_path = folder / "meta.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         print(f"Using cached output in {folder} ({meta['bytes'] / 1e6:,.0f} MB)")
         return Dataset(folder, records, dimension, meta["files"])
     import numpy as np
+    import orjson
 
     folder.mkdir(parents=True, exist_ok=True)
     need = records * (dimension * 23 + 600)
@@ -144,11 +152,16 @@ def dataset(cache_root: Path, records: int, dimension: int, per_file: int) -> Da
                 for offset, embedding in enumerate(unit.tolist()):  # Python floats holding float32 values
                     uri = image_uri(chunk + offset)
                     # the Bedrock emulator's line: recordId, modelInput, modelOutput, written by json.dumps
-                    fh.write(json.dumps({
+                    line = json.dumps({
                         "recordId": common.vector_key(uri),
                         "modelInput": common.image_request(uri, "jpeg", ACCOUNT_ID, dimension, PURPOSE),
-                        "modelOutput": {"embeddings": [{"embeddingType": "IMAGE", "embedding": embedding}]},
-                    }) + "\n")
+                        "modelOutput": {"embeddings": [{"embeddingType": "IMAGE", "embedding": "@"}]},
+                    })
+                    if numbers == "double":
+                        text = json.dumps(embedding)
+                    else:
+                        text = orjson.dumps(unit[offset], option=orjson.OPT_SERIALIZE_NUMPY).decode()
+                    fh.write(line.replace('"@"', text) + "\n")
                 print(f"  {last if chunk + rows >= last else chunk + rows:,}/{records:,} records "
                       f"({time.monotonic() - started:.0f}s)", end="\r", flush=True)
         tmp.rename(path)
@@ -500,6 +513,15 @@ STATS_FIELDS = ("put_requests_accepted", "put_vectors_accepted", "rejected_quota
                 "rejected_fault_503", "rejected_validation", "bytes_accepted")
 
 
+def per_vector(process_cpu: float, main_cpu: float, records: int, standin_cpu: float) -> dict:
+    """CPU milliseconds a vector (a machine-independent figure beside the rates), and their ratio to the targets."""
+    n = max(records, 1)
+    return {"cpu_ms_per_vector": process_cpu * 1000 / n, "cpu_ms_per_vector_main": main_cpu * 1000 / n,
+            "cpu_ms_per_vector_standin": standin_cpu * 1000 / n,
+            "cpu_ratio_process_target": process_cpu * 1000 / n / PROCESS_MS_TARGET,
+            "cpu_ratio_main_target": main_cpu * 1000 / n / MAIN_THREAD_MS_TARGET}
+
+
 def delta(after: dict, before: dict) -> dict:
     return {k: after.get(k, 0) - before.get(k, 0) for k in STATS_FIELDS}
 
@@ -554,6 +576,7 @@ def step3_figures(run: ProcessRun, d: dict, after: dict, records: int, dimension
         "cpu_s_step3_main_thread": run.main_thread_cpu,
         "cpu_s_s3vectors_standin": run.server_cpu["s3vectors"],
         "cpu_s_moto": run.server_cpu["moto"],
+        **per_vector(run.cpu_seconds, run.main_thread_cpu, records, run.server_cpu["s3vectors"]),
         "vectors_accepted": accepted_vectors,
         "vectors_in_index": after.get("vectors", 0),
         "exit_code": run.exit_code,
@@ -747,6 +770,8 @@ def combine(runs: list[dict], final: dict, quota: float) -> dict:
     out["first_vector_at_s"] = runs[0]["first_vector_at_s"]
     out["steady_vectors_per_s"] = None
     out["loader_load_seconds"] = None
+    out.update(per_vector(out["cpu_s_step3"], out["cpu_s_step3_main_thread"], out["records"],
+                          out["cpu_s_s3vectors_standin"]))
     return out
 
 
@@ -814,6 +839,9 @@ LABELS = {
     "cpu_s_step3_main_thread": ("  of which its main thread", "{:.2f}"),
     "cpu_s_s3vectors_standin": ("CPU s of the S3 Vectors stand-in", "{:.2f}"),
     "cpu_s_moto": ("CPU s of moto", "{:.2f}"),
+    "cpu_ms_per_vector": ("CPU ms a vector, 03 (target <= 0.30)", "{:.3f}"),
+    "cpu_ms_per_vector_main": ("CPU ms a vector, 03's main thread (<= 0.15)", "{:.3f}"),
+    "cpu_ms_per_vector_standin": ("CPU ms a vector, S3 Vectors stand-in", "{:.3f}"),
     "vectors_accepted": ("vectors accepted (sent successfully)", "{:,}"),
     "resent_vectors": ("re-sent vectors (accepted - records)", "{:,}"),
     "vectors_in_index": ("vectors in the index at the end", "{:,}"),
@@ -872,6 +900,17 @@ def verdicts(total: dict, quota: float) -> list[str]:
     rate_ok = total["vectors_per_s"] >= TARGET_RATIO * quota
     out.append(f"{'PASS' if rate_ok else 'MISS'} throughput: {total['vectors_per_s']:,.0f} vectors/s end to end "
                f"(target >= {TARGET_RATIO * quota:,.0f})")
+    steady = total.get("steady_vectors_per_s")
+    if steady is not None:
+        steady_ok = steady >= STEADY_TARGET_RATIO * quota
+        out.append(f"{'PASS' if steady_ok else 'MISS'} once loading: {steady:,.0f} vectors/s "
+                   f"(target >= {STEADY_TARGET_RATIO * quota:,.0f})")
+    for key, target, what in (("cpu_ms_per_vector_main", MAIN_THREAD_MS_TARGET, "main-thread CPU"),
+                              ("cpu_ms_per_vector", PROCESS_MS_TARGET, "process CPU")):
+        value = total.get(key)
+        if value is not None:
+            out.append(f"{'PASS' if value <= target else 'MISS'} {what}: {value:.3f} ms a vector "
+                       f"({value / target:.2f} of the target {target} ms)")
     rss_ok = total["peak_rss_mb"] <= RSS_TARGET_MB
     out.append(f"{'PASS' if rss_ok else 'MISS'} memory: peak RSS {total['peak_rss_mb']:.0f} MB "
                f"(target <= {RSS_TARGET_MB} MB)")
@@ -935,6 +974,9 @@ def parse_args(argv):
     p.add_argument("--article-records", type=int, default=2000,
                    help="records the article's approach loads (2000; it takes ~1 s per 100)")
     p.add_argument("--repeat", type=int, default=1, help="measurements; the median of each figure is printed")
+    p.add_argument("--numbers", choices=("double", "float32"), default="double",
+                   help="how the output writes each value: Python's float text, as the Bedrock emulator does "
+                        "(default), or float32 shortest text")
     p.add_argument("--records-per-file", type=int, default=50_000, help="records per .jsonl.out (50000)")
     p.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "bedrock-batch-bench-cache",
                    help="where generated output is kept between runs")
@@ -976,7 +1018,7 @@ def main(argv: list[str] | None = None) -> int:
         args.source = export_revision(args.rev, args.cache_dir)
     print(f"Measuring {args.source / STEP3.name}" + (f" (git {args.rev} = {args.source.name[4:]})" if args.rev else
                                                       f" (working tree; HEAD {git_head()})"))
-    data = dataset(args.cache_dir, args.records, args.dimension, args.records_per_file)
+    data = dataset(args.cache_dir, args.records, args.dimension, args.records_per_file, args.numbers)
     servers = Servers(workroot, fault_rate=args.fault_rate, seed=args.seed, store_data=args.store_data,
                       quota=args.quota)
     results = []

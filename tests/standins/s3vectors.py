@@ -35,7 +35,11 @@ Not verified against the real service (cheap to change, each is an option or one
   * euclidean distance is the plain L2 distance (not squared); cosine distance is 1 - cos;
   * a request over the body limit gets ValidationException (400), not 413;
   * the write quota's burst is one second's worth of each rate; DeleteVectors keys count as vectors;
-  * an indexArn for another region/account -> NotFoundException.
+  * an indexArn for another region/account -> NotFoundException;
+  * PutVectors answers on demand (options put_capacity_vectors, vector_quota, deny_put_vectors): 503
+    ServiceUnavailableException "too many vectors for the resource capacity" for a request of more vectors than
+    the capacity (the threshold the service uses is not documented), 402 ServiceQuotaExceededException when the
+    index would hold more vectors than the quota, 403 AccessDeniedException naming s3vectors:PutVectors.
 """
 
 from __future__ import annotations
@@ -92,6 +96,12 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "requests_per_second": 1000,
     # fault injection on PutVectors: share answered 429 TooManyRequests or 503 ServiceUnavailable (half each)
     "fault_rate": 0.0,
+    # PutVectors answers on demand (see _put_vectors_refusal): 503 for a request of more vectors than this
+    # ("too many vectors for the resource capacity"); 402 once the index would hold more vectors than this (the
+    # account's vector quota); 403 AccessDenied for s3vectors:PutVectors. None/False = off.
+    "put_capacity_vectors": None,
+    "vector_quota": None,
+    "deny_put_vectors": False,
     "seed": None,
     # keep vector data (False saves memory in long benchmarks; Get/List then return no data, Query is refused)
     "store_data": True,
@@ -164,6 +174,9 @@ class _IndexStats:
         "rejected_fault_429",
         "rejected_fault_503",
         "rejected_validation",
+        "rejected_denied",
+        "rejected_capacity_503",
+        "rejected_quota_402",
         "largest_request_vectors",
         "largest_request_bytes",
         "bytes_accepted",
@@ -852,6 +865,30 @@ class S3VectorsStandin:
         index.q_requests.take(1)
         index.q_vectors.take(n_vectors)
 
+    def _put_vectors_refusal(self, index: _Index, staged: list, st: _IndexStats) -> None:
+        """With the lock held: the PutVectors answers a test asks for with put_capacity_vectors, vector_quota and
+        deny_put_vectors (403 first, as the service authorises before it looks at the request)."""
+        o = self.options
+        if o["deny_put_vectors"]:
+            st.rejected_denied += 1
+            raise ApiError("AccessDeniedException", 403,
+                           f"User: arn:aws:iam::{self.account_id}:user/tester is not authorized to perform: "
+                           f"s3vectors:PutVectors on resource: {index.arn} because no identity-based policy allows "
+                           "the s3vectors:PutVectors action")
+        capacity = o["put_capacity_vectors"]
+        if capacity and len(staged) > capacity:
+            st.rejected_capacity_503 += 1
+            raise ApiError("ServiceUnavailableException", 503,
+                           "Please reduce the number of vectors in the request: too many vectors for the resource "
+                           "capacity")
+        quota = o["vector_quota"]
+        if quota is not None:
+            new = sum(1 for key, _ in staged if key not in index.vectors)
+            if len(index.vectors) + new > quota:
+                st.rejected_quota_402 += 1
+                raise ApiError("ServiceQuotaExceededException", 402,
+                               f"The request would exceed the service quota of {quota} vectors")
+
     def put_vectors(self, body: dict, size: int) -> dict:
         index = self._index_snapshot(body)
         try:
@@ -888,6 +925,7 @@ class S3VectorsStandin:
             if current is not index:
                 raise _not_found(f"Vector index {index.name} was deleted while the request was processed")
             st = self._stats(index)
+            self._put_vectors_refusal(index, staged, st)
             self._admit_write(index, len(staged), st, fault_check=True)
             store = index.vectors
             before = len(store)
