@@ -16,7 +16,6 @@ import shutil
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import orjson
@@ -279,7 +278,7 @@ def read_manifest(s3, bucket: str, key: str, owner: str) -> dict | None:
         return None
 
 
-def load_job(job: dict, info: dict, clients, config: common.Config, args, limiter, index_ready) -> dict:
+def load_job(job: dict, info: dict, clients, config: common.Config, args, limiter) -> dict:
     """Stream one job's output files into the index; returns the job's counts. Resumes from its checkpoint."""
     s3, s3v, put_client, owner = clients
     job_id = common.job_id_from_arn(job["job_arn"])
@@ -346,9 +345,7 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
             for raw, start, end in vectors.read_lines(body, offset):
                 batch = loader.line(raw, key, start, end)
                 if batch is not None:
-                    index_ready()
                     sender.submit(batch)
-            index_ready()
             sender.submit(batcher.flush(loader.mark(key, obj["Size"], done=True), allow_empty=True))
             progress.print(f"✓ Processed {name} ({loader.counts['total'] - counted} records read)")
         sender.close()
@@ -427,7 +424,7 @@ def load_run(args, config: common.Config) -> int:
     for job in loadable:
         if args.reload:
             job.pop("load", None)
-        counts = load_job(job, info, (s3, s3v, put_client, owner), config, args, limiter, lambda: None)
+        counts = load_job(job, info, (s3, s3v, put_client, owner), config, args, limiter)
         for key in totals:
             totals[key] += counts.get(key, 0)
         confirmed |= counts["confirmed_keys"]

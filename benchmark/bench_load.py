@@ -69,7 +69,7 @@ STEADY_TARGET_RATIO = 0.92  # once loading
 RSS_TARGET_MB = 200
 MAIN_THREAD_MS_TARGET = 0.15  # CPU ms a vector on 03's main thread (reading, parsing, encoding, batching)
 PROCESS_MS_TARGET = 0.30  # CPU ms a vector of 03 as a whole (with the threads that sign and send)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: recordIds of 12 alphanumerics
 
 
 # ---------------------------------------------------------------------------------------------------- the data
@@ -153,7 +153,7 @@ def dataset(cache_root: Path, records: int, dimension: int, per_file: int, numbe
                     uri = image_uri(chunk + offset)
                     # the Bedrock emulator's line: recordId, modelInput, modelOutput, written by json.dumps
                     line = json.dumps({
-                        "recordId": common.vector_key(uri),
+                        "recordId": common.record_id(uri),
                         "modelInput": common.image_request(uri, "jpeg", ACCOUNT_ID, dimension, PURPOSE),
                         "modelOutput": {"embeddings": [{"embeddingType": "IMAGE", "embedding": "@"}]},
                     })
