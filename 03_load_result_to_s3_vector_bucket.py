@@ -24,6 +24,7 @@ import orjson
 import accounting
 import common
 import jobs
+import ondemand
 import vectors
 from common import StepError, ok
 
@@ -319,6 +320,16 @@ def run(argv) -> int:
         confirmed |= counts["confirmed_keys"]
         if "mismatch" in counts:
             problems.append(counts["mismatch"])
+    # The run's on-demand part (images too few for a job of their own): embedded here and loaded like a job.
+    parts = [job for job in info["jobs"] if ondemand.is_part(job) and (args.reload or not common.job_loaded(job))]
+    if parts:
+        runtime = common.make_client("bedrock-runtime", config, max_pool_connections=ondemand.THREADS + 2)
+    for part in parts:
+        counts = ondemand.load_part(part, config, runtime, put_client, report_file(part["job_name"]), index.result)
+        common.save_job_info(config.job_info_file, info)
+        for key in totals:
+            totals[key] += counts.get(key, 0)
+        confirmed |= counts["confirmed_keys"]
     index.result()  # its errors (an index of another dimension) are reported even when nothing was loaded
 
     common.banner("Summary")

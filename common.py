@@ -115,6 +115,8 @@ SETTINGS = {
         Setting("MAX_JOB_BYTES", "--max-job-bytes", "Bedrock quota: bytes of input per job", "5000000000"),
         Setting("MAX_CONCURRENT_JOBS", "--max-concurrent-jobs", "Bedrock quota: jobs submitted or in progress",
                 "10"),
+        Setting("ON_DEMAND_MAX_IMAGES", "--on-demand-max-images", "at most this many images of a run are embedded "
+                "on demand (InvokeModel) instead of in a batch job of their own; 0: never", "100"),
     )
 }
 QUOTA_SETTINGS = ("MIN_RECORDS_PER_JOB", "MAX_RECORDS_PER_FILE", "MAX_RECORDS_PER_JOB", "MAX_INPUT_FILE_BYTES",
@@ -150,6 +152,7 @@ class Config:
     expected_bucket_owner: str | None = None
     output_kms_key_id: str | None = None
     quotas: Quotas = field(default_factory=Quotas)
+    on_demand_max_images: int = 100
 
 
 def _attr(env: str) -> str:
@@ -209,6 +212,7 @@ def load_config(args: argparse.Namespace, required: Iterable[str] = (), env: dic
         expected_bucket_owner=raw["EXPECTED_BUCKET_OWNER"],
         output_kms_key_id=raw["OUTPUT_KMS_KEY_ID"],
         quotas=Quotas(*(int(raw[name]) for name in QUOTA_SETTINGS)),
+        on_demand_max_images=int(raw["ON_DEMAND_MAX_IMAGES"]),
     )
 
 
@@ -231,6 +235,8 @@ def _invalid(raw: dict[str, str | None]) -> list[str]:
     for name in QUOTA_SETTINGS:
         if not (raw[name] or "").isdigit() or int(raw[name]) < 1:
             problems.append(f"{name}={raw[name]!r} must be a positive whole number")
+    if not (raw["ON_DEMAND_MAX_IMAGES"] or "").isdigit():
+        problems.append(f"ON_DEMAND_MAX_IMAGES={raw['ON_DEMAND_MAX_IMAGES']!r} must be a whole number (0: never)")
     if not problems and int(raw["MAX_RECORDS_PER_JOB"]) < 2 * int(raw["MIN_RECORDS_PER_JOB"]):
         problems.append("MAX_RECORDS_PER_JOB must be at least twice MIN_RECORDS_PER_JOB")
     if not raw["AWS_REGION"] or not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d", raw["AWS_REGION"]):

@@ -401,7 +401,7 @@ def active(job: dict) -> bool:
 
 
 def queued(job: dict) -> bool:
-    return not job.get("job_arn")
+    return not job.get("job_arn") and not job.get("on_demand")  # an on-demand part is no job: step 3 embeds it
 
 
 @dataclass
@@ -417,6 +417,10 @@ def refresh(bedrock, info: dict) -> RunState:
     """Ask Bedrock for every submitted job's status (kept in its record) and sort out what is unfinished."""
     state = RunState()
     for job in info["jobs"]:
+        if job.get("on_demand"):  # no Bedrock job: waits only for step 3 to embed and load it
+            if not common.job_loaded(job):
+                state.unloaded.append(job)
+            continue
         if queued(job):
             state.queued.append(job)
             continue

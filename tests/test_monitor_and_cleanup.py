@@ -31,7 +31,7 @@ def status_of(world, job) -> str:
 
 
 def test_prompt_answered_y_on_a_terminal_polls_until_completed(world):
-    job = submit(world, step_seconds=0.4)
+    job = submit(world, step_seconds=1.0)  # still running when the prompt comes, even on a loaded machine
     leader, follower = pty.openpty()
     process = subprocess.Popen([sys.executable, str(ROOT / STEPS[2]), "--interval", "0.2"], cwd=world.cwd,
                                env=world.env, stdin=follower, stdout=follower, stderr=follower, close_fds=True)
