@@ -137,8 +137,7 @@ def run_lines(info: dict, rows: int) -> list[str]:
     """The run as a compact table: one line a job (the most telling first) up to `rows` lines, then a summary
     line by status and the overall progress."""
     batch = [job for job in info["jobs"] if not job.get("on_demand")]
-    prefix = run_name_prefix([job["job_name"] for job in batch]) if len(batch) > 1 else None
-    label = lambda job: job["job_name"][len(prefix):] if prefix else job["job_name"]  # noqa: E731
+    label = (lambda job: job["job_name"].rsplit("-", 1)[-1]) if len(batch) > 1 else (lambda job: job["job_name"])
     total = processed = 0
     by_status: dict[str, int] = {}
     table = []
@@ -179,8 +178,8 @@ class Display:
         self.height = 0  # lines of the block on screen, to redraw
 
     def rows(self) -> int:
-        """Lines a block may take: a screenful, less the lines around it."""
-        return max(self.size().lines - 6, 5)
+        """Lines the table may take: a screenful, less the block's title, summary and footer (7) and a spare."""
+        return max(self.size().lines - 9, 5)
 
     def show(self, events: str, block: list[str]) -> None:
         width = self.size().columns
