@@ -5,7 +5,8 @@ upload them next to the images and submit Bedrock batch inference jobs.
 
 Images already in the vector index are left out (--all embeds everything again). More images than one job takes
 are split into several jobs by folder (see jobs.py); those the concurrent-job quota does not let start yet stay
-queued in batch_job_info.json, and 02_monitor_job.py --wait submits them as slots free up.
+queued in batch_job_info.json, and 02_monitor_job.py --wait submits them as slots free up. A few images that
+would need a job of their own (up to ON_DEMAND_MAX_IMAGES) are left to step 3, which embeds them on demand.
 """
 
 from __future__ import annotations
