@@ -183,7 +183,7 @@ class Display:
 
     def show(self, events: str, block: list[str]) -> None:
         width = self.size().columns
-        if self.tty and self.height:
+        if self.height:  # only ever set on a terminal
             self.out.write(f"\x1b[{self.height}F\x1b[J")  # to the block's first line, clear to the end
         self.out.write(events)
         if self.tty:
