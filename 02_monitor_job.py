@@ -158,7 +158,7 @@ def run_lines(info: dict, rows: int) -> list[str]:
     lines += [line for _, _, line in shown]
     if len(shown) < len(table):
         lines.append(f"... and {len(table) - len(shown)} more job(s)")
-    lines.append("Jobs: " + ", ".join(f"{status} {n}" for status, n in sorted(by_status.items())))
+    lines.append("Jobs: " + (", ".join(f"{status} {n}" for status, n in sorted(by_status.items())) or "none"))
     lines.append(f"Overall progress: {100.0 * processed / max(total, 1):.1f}% ({processed}/{total} records)")
     for part in info["jobs"]:
         if part.get("on_demand"):

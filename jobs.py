@@ -167,9 +167,10 @@ class _Planner:
         if folder not in self.kinds_memo:
             children = sorted(self.tree[folder].children)
             small = [c for c in children if self.totals[c] < self.quotas.min_records_per_job]
-            fitting = sorted((c for c in children if c not in small and self.fits(c)),
-                             key=lambda c: (self.totals[c], c))
-            larger = [c for c in children if c not in small and c not in fitting]
+            fitting = sorted((c for c in children if self.totals[c] >= self.quotas.min_records_per_job
+                              and self.fits(c)), key=lambda c: (self.totals[c], c))
+            taken = set(small) | set(fitting)
+            larger = [c for c in children if c not in taken]
             prefix = [0]
             for c in fitting:
                 prefix.append(prefix[-1] + self.totals[c])
