@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import shutil
 import sys
 import tempfile
 from collections import defaultdict
@@ -23,8 +24,10 @@ import orjson
 
 import accounting
 import common
+import jobinfo
 import jobs
 import ondemand
+import rejects
 import vectors
 from common import StepError, ok
 
@@ -52,17 +55,19 @@ LIST_SEGMENTS = 8
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 2)[2] + "\n\n" + common.EXIT_CODES_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="list and plan the jobs; upload and submit nothing")
     parser.add_argument("--all", action="store_true", help="embed every image, even those already in the index")
     parser.add_argument("--force", action="store_true", help="start a new run although the last one has not finished")
     parser.add_argument("--retry-failed", nargs="?", const="", metavar="FILE",
-                        help="submit exactly the images the last run did not load (from not_loaded.jsonl, which "
-                             "03 writes beside the job-info file, or FILE)")
+                        help="submit exactly the images the last run did not load (runs/<stamp>/not_loaded.jsonl, "
+                             "which 03 writes, or FILE) and those that failed permanently")
     parser.add_argument("--on-demand", action="store_true",
                         help="with --retry-failed: when they are fewer than a job's minimum, embed them with "
                              "InvokeModel and load them straight away")
+    jobinfo.lock_args(parser)
     common.add_settings(parser, SETTINGS)
     args = parser.parse_args(argv)
     if args.on_demand and args.retry_failed is None:
@@ -104,8 +109,10 @@ class Listing:
                 yield orjson.loads(line)
 
 
-def list_images(objects, config: common.Config, exclude: dict[str, str], workdir: Path) -> Listing:
-    """Sort the objects; images whose vector key is in `exclude` are left out, counted by the reason given."""
+def list_images(objects, config: common.Config, exclude: dict[str, str], workdir: Path,
+                rejected: dict[str, dict] | None = None) -> Listing:
+    """Sort the objects; images whose vector key is in `exclude` are left out, counted by the reason given, and so
+    are images that failed permanently (`rejected`) while their object is unchanged."""
     listing = Listing(workdir)
     with open(listing.path, "wb") as fh:
         for obj in objects:
@@ -119,7 +126,10 @@ def list_images(objects, config: common.Config, exclude: dict[str, str], workdir
                 if len(listing.examples[reason]) < EXAMPLES_PER_REASON:
                     listing.examples[reason].append(key)
                 continue
-            why = exclude.get(common.vector_key(common.s3_uri(config.source_bucket, key)))
+            vector_key = common.vector_key(common.s3_uri(config.source_bucket, key))
+            why = exclude.get(vector_key)
+            if not why and rejected and vector_key in rejected and rejects.unchanged(rejected[vector_key], obj):
+                why = f"failed permanently on {rejected[vector_key].get('failed_on', '?')}"
             if why:
                 listing.left_out[why] += 1
                 continue
@@ -142,7 +152,7 @@ def retry_objects(entries: list[dict], config: common.Config):
         yield {"Key": key, "Size": 1}
 
 
-def embed_on_demand(listing: Listing, config: common.Config, owner: str, account_arg: str) -> int:
+def embed_on_demand(listing: Listing, config: common.Config, owner: str, out_dir: Path) -> int:
     """Embed a few images with InvokeModel (the batch record's own request body) and load them like step 3."""
     if not (config.vector_bucket and config.vector_index):
         raise common.ConfigError("VECTOR_BUCKET and VECTOR_INDEX are needed to load images embedded on demand")
@@ -156,15 +166,13 @@ def embed_on_demand(listing: Listing, config: common.Config, owner: str, account
                                  for key, fmt in listing.images_in_order()))
     loaded, failed = ondemand.embed_and_load(requests, config, runtime, s3v, dimension)
     failed = [dict(f, job_name=ondemand.JOB_ID) for f in failed]
-    path = Path(account_arg) if account_arg else accounting.account_file(config.job_info_file)
+    path = out_dir / accounting.ACCOUNT_NAME
     if failed:
         common.atomic_write(path, lambda fh: fh.write(b"".join(orjson.dumps(f) + b"\n" for f in failed)))
-    else:
-        path.unlink(missing_ok=True)
     ok(f"Embedded and loaded {len(loaded)} image(s) on demand into {config.vector_index}")
     if failed:
-        print(f"! {len(failed)} image(s) failed again — listed in {path}")
-        return 4
+        accounting.print_not_loaded(failed, path)
+        return common.EXIT_INCOMPLETE
     return common.EXIT_OK
 
 
@@ -190,7 +198,7 @@ def index_keys(s3v, config: common.Config) -> set[str]:
         return set().union(*pool.map(segment, range(LIST_SEGMENTS)))
 
 
-def print_skipped(listing: Listing) -> None:
+def print_skipped(listing: Listing, rejects_file: Path | None = None) -> None:
     if listing.skipped:
         print(f"Skipped {sum(listing.skipped.values())} object(s) that are not images the model takes:")
         for reason, count in sorted(listing.skipped.items()):
@@ -200,46 +208,85 @@ def print_skipped(listing: Listing) -> None:
             if count > EXAMPLES_PER_REASON:
                 print(f"    ... and {count - EXAMPLES_PER_REASON} more")
     for reason, n in sorted(listing.left_out.items()):
-        print(f"Left out {n} image(s): {reason}")
+        more = f" — see {rejects_file}; --retry-failed tries them again" if reason.startswith("failed perm") else ""
+        print(f"Left out {n} image(s) that {reason}{more}" if more else f"Left out {n} image(s): {reason}")
 
 
-def previous_run(bedrock, path: Path, force: bool) -> tuple[dict | None, set[str]]:
-    """What the job-info file's run means for this one: (the run to go on submitting, or None; the record ids of
-    a replaced run's jobs still running, which must not be submitted twice).
+def previous_run(bedrock, path: Path, force: bool) -> tuple[dict | None, dict | None, set[str]]:
+    """What the job-info file's run means for this one: (the run to go on submitting, or None; the run this one
+    replaces, or None; the record ids of a replaced run's jobs still running, which must not be submitted twice).
 
     A run with queued jobs (never submitted, or whose submit got no answer) is resumed. A run with jobs still
-    running or not yet loaded is refused unless --force.
+    running or not yet loaded is refused (exit 6) unless --force. Nothing is changed here: the replaced run's files
+    are removed by `retire` once this run is ready to be submitted.
     """
-    if not path.exists():
-        return None, set()
-    info = common.load_job_info(path)
+    if not jobinfo.exists(path):
+        return None, None, set()
+    info = jobinfo.load(path)
     if any(jobs.queued(job) for job in info["jobs"]) and not force:
-        return info, set()
+        return info, None, set()
     state = jobs.refresh(bedrock, info)
     unfinished = [f"{job['job_name']} is {job['status']}" for job in state.running]
     unfinished += [f"{job['job_name']} ended {job['status']} but is not loaded" for job in state.unloaded]
     if unfinished and not force:
         raise StepError(f"{path} holds a run that has not finished ({'; '.join(unfinished[:3])}) — finish it with "
-                        "02_monitor_job.py --wait, 03 and 04, or pass --force to start a new run")
+                        "02_monitor_job.py --wait, 03 and 04 (daily_run.py does all three), or pass --force to "
+                        "start a new run", common.EXIT_REFUSED)
     in_flight: set[str] = set()
+    for job in state.running:
+        for manifest in job["manifests"]:
+            if Path(manifest["local_path"]).exists():
+                in_flight.update(common.vector_key(uri) for _, uri in
+                                 accounting.manifest_file_records(Path(manifest["local_path"])))
     if unfinished:
         print(f"Replacing the unfinished run in {path} (--force): {'; '.join(unfinished[:3])}")
-        for job in state.running:
-            for manifest in job["manifests"]:
-                if Path(manifest["local_path"]).exists():
-                    in_flight.update(rid for rid, _ in accounting.manifest_file_records(Path(manifest["local_path"])))
-    else:
-        print(f"Replacing the finished run in {path}")
-        for job in info["jobs"]:
-            for manifest in job["manifests"]:
-                local = Path(manifest["local_path"])
-                if common.is_own_manifest(local.name):
-                    local.unlink(missing_ok=True)
-    return None, in_flight
+    return None, info, in_flight
+
+
+def retire(old: dict | None, path: Path) -> None:
+    """Remove the local manifests of the run this one replaces (its reports stay in its runs/ folder)."""
+    if old is None:
+        return
+    print(f"Replacing the finished run in {path}")
+    for job in old["jobs"]:
+        for manifest in job["manifests"]:
+            local = Path(manifest["local_path"])
+            if common.is_own_manifest(local.name):
+                local.unlink(missing_ok=True)
+
+
+def check_before_paying(s3, s3v, config: common.Config, owner: str) -> None:
+    """What would make the jobs fail or their results unloadable, checked before anything is uploaded or paid for:
+    the output s3Uri Bedrock must accept, the result bucket, and the dimension of an existing index."""
+    output = common.s3_uri(config.result_bucket, config.result_prefix)
+    if len(output) > common.MAX_S3_URI or not common.S3_URI_RE.fullmatch(output):
+        raise common.ConfigError(f"RESULT_PREFIX {config.result_prefix!r} cannot be a Bedrock output location: its "
+                                 f"s3Uri {output[:80]} must be at most {common.MAX_S3_URI} characters of letters, "
+                                 "digits and -!_*'(). in folder names")
+    from botocore.exceptions import ClientError
+
+    try:
+        s3.list_objects_v2(Bucket=config.result_bucket, Prefix=config.result_prefix, MaxKeys=1,
+                           ExpectedBucketOwner=owner)
+    except ClientError as exc:
+        if common.error_code(exc) == "NoSuchBucket":
+            raise StepError(f"RESULT_BUCKET {config.result_bucket} does not exist — create it or fix RESULT_BUCKET; "
+                            "nothing was uploaded", common.EXIT_USAGE) from None
+        raise
+    if s3v is None:
+        return
+    try:
+        index = s3v.get_index(vectorBucketName=config.vector_bucket, indexName=config.vector_index)["index"]
+    except s3v.exceptions.NotFoundException:
+        return  # step 3 creates it with EMBEDDING_DIMENSION
+    if index["dimension"] != config.embedding_dimension:
+        raise StepError(f"index {config.vector_index} in {config.vector_bucket} holds {index['dimension']}-dimension "
+                        f"vectors but EMBEDDING_DIMENSION={config.embedding_dimension} — set EMBEDDING_DIMENSION="
+                        f"{index['dimension']} or choose another VECTOR_INDEX; nothing was uploaded", common.EXIT_USAGE)
 
 
 def write_manifests(listing: Listing, planned: list[jobs.PlannedJob], config: common.Config, owner: str,
-                    stamp: str) -> list[dict]:
+                    stamp: str, manifest_dir: Path) -> list[dict]:
     """Pass 2: stream the listing into each planned job's manifest files (split at the per-file quotas)."""
     ranges: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
     for number, job in enumerate(planned):
@@ -264,8 +311,8 @@ def write_manifests(listing: Listing, planned: list[jobs.PlannedJob], config: co
         }
         for n, job in enumerate(planned)
     ]
-    writers = [ManifestWriter(record, stamp, None if single else n + 1, config.quotas) for n, record in
-               enumerate(records)]
+    writers = [ManifestWriter(record, stamp, None if single else n + 1, config.quotas, manifest_dir)
+               for n, record in enumerate(records)]
     try:
         for key, fmt in listing.images_in_order():
             folder = jobs.folder_of(key)
@@ -286,8 +333,8 @@ def write_manifests(listing: Listing, planned: list[jobs.PlannedJob], config: co
 class ManifestWriter:
     """A job's manifest files: a new part when the next line would pass the records or bytes per file."""
 
-    def __init__(self, job: dict, stamp: str, number: int | None, quotas: common.Quotas):
-        self.job, self.stamp, self.number, self.quotas = job, stamp, number, quotas
+    def __init__(self, job: dict, stamp: str, number: int | None, quotas: common.Quotas, manifest_dir: Path):
+        self.job, self.stamp, self.number, self.quotas, self.dir = job, stamp, number, quotas, manifest_dir
         self.fh = None
         self.records = self.bytes = 0
 
@@ -307,7 +354,7 @@ class ManifestWriter:
         name += "" if self.number is None else f"-{self.number:02d}"
         name += "" if part == 1 else f"-part{part}"
         name += common.MANIFEST_SUFFIX
-        local = Path(name).resolve()
+        local = (self.dir / name).resolve()
         self.job["manifests"].append({"local_path": str(local), "s3_key": self.job["input_folder"] + name,
                                       "records": 0})
         self.fh = open(local, "wb")
@@ -378,14 +425,22 @@ def run(argv) -> int:
             "digits and -!_*'(). in folder names — move the images under such a folder",
             common.EXIT_USAGE,
         )
+    if args.dry_run:  # changes nothing, so it needs no lock
+        return create(args, config)
+    with jobinfo.locked(config.job_info_file, "01_create_job.py", wait=args.wait_lock):
+        return create(args, config)
+
+
+def create(args, config: common.Config) -> int:
+    prefix, input_uri = config.source_prefix, common.s3_uri(config.source_bucket, config.source_prefix)
     sts = common.make_client("sts", config)
     s3 = common.make_client("s3", config)
     bedrock = common.make_client("bedrock", config)
-    save = lambda info: common.save_job_info(config.job_info_file, info)  # noqa: E731
+    save = lambda info: jobinfo.save(config.job_info_file, info)  # noqa: E731
 
-    in_flight: set[str] = set()
+    replaced, in_flight = None, set()
     if not args.dry_run:
-        unfinished, in_flight = previous_run(bedrock, config.job_info_file, args.force)
+        unfinished, replaced, in_flight = previous_run(bedrock, config.job_info_file, args.force)
         if unfinished is not None:
             print(f"Resuming the submission of the run in {config.job_info_file}")
             jobs.submit_ready(s3, bedrock, unfinished, common.in_job_region(config, unfinished), save,
@@ -394,80 +449,100 @@ def run(argv) -> int:
 
     account = common.caller_account(sts)
     owner = common.bucket_owner(config, account)
+    indexed = config.vector_bucket and config.vector_index
+    s3v = common.make_client("s3vectors", config, max_pool_connections=LIST_SEGMENTS + 2) if indexed else None
+    check_before_paying(s3, s3v, config, owner)
+
+    rejects_file = rejects.file_for(config.job_info_file)
+    rejected = rejects.load(rejects_file)
     retry = None
     if args.retry_failed is not None:
-        retry = accounting.read_account(Path(args.retry_failed) if args.retry_failed
-                                        else accounting.account_file(config.job_info_file))
-        print(f"Retrying the {len(retry)} image(s) the last run did not load")
+        account_path = Path(args.retry_failed) if args.retry_failed else accounting.latest_account(
+            config.job_info_file)
+        retry = accounting.read_account(account_path) if account_path else []
+        known = {entry["source_uri"] for entry in retry}
+        retry += [entry for entry in rejected.values() if entry["source_uri"] not in known]
+        if not retry:
+            ok("Nothing to retry: the last run loaded every image and none failed permanently")
+            return common.EXIT_OK
+        print(f"Retrying the {len(retry)} image(s) the last runs did not load"
+              + (f" (from {account_path})" if account_path else ""))
+        rejected = {}  # --retry-failed tries the permanently failed images again
     exclude: dict[str, str] = {}
-    if retry is not None and not args.all and config.vector_bucket and config.vector_index:
-        s3v = common.make_client("s3vectors", config)
+    if retry is not None and not args.all and indexed:
         keys = [common.vector_key(entry["source_uri"]) for entry in retry]
         exclude = {k: "already in the vector index" for k in
                    accounting.present_keys(s3v, config.vector_bucket, config.vector_index, keys)}
-    elif not args.all and config.vector_bucket and config.vector_index:
+    elif not args.all and indexed:
         print(f"Checking which images are already in index {config.vector_index}")
-        s3v = common.make_client("s3vectors", config, max_pool_connections=LIST_SEGMENTS + 2)
         exclude = {key: "already in the vector index" for key in index_keys(s3v, config)}
     elif not args.all:
         print("VECTOR_BUCKET/VECTOR_INDEX not set: every image is embedded (set them to skip images already loaded)")
     exclude.update({key: "in a job of the replaced run still running" for key in in_flight})
 
     stamp = common.timestamp()
+    run_dir = jobinfo.runs_folder(config.job_info_file) / stamp
     with tempfile.TemporaryDirectory(prefix="bedrock-batch-") as workdir:
         if retry is None:
             print(f"Listing images from {input_uri} (including subdirectories)")
             objects = common.list_objects(s3, config.source_bucket, config.source_prefix, owner)
         else:
             objects = retry_objects(retry, config)
-        listing = list_images(objects, config, exclude, Path(workdir))
+        listing = list_images(objects, config, exclude, Path(workdir), rejected)
         ok(f"Found {listing.images} images")
-        print_skipped(listing)
+        print_skipped(listing, rejects_file)
         if listing.foreign:
             raise StepError(
                 f"{common.s3_uri(config.source_bucket, listing.foreign[0])} is a .jsonl this tool did not create; "
                 f"Bedrock would read it as input of the job ({len(listing.foreign)} such file(s)) — move it out of "
-                f"{input_uri}"
+                f"{input_uri}", common.EXIT_REFUSED
             )
         if listing.images == 0 and listing.left_out:
-            ok("Nothing new to embed")
+            ok("Nothing to do: no new images to embed")
             return common.EXIT_OK
         if retry is not None and listing.images < config.quotas.min_records_per_job:
             if not args.on_demand:
                 raise StepError(f"{listing.images} image(s) to retry, fewer than a batch job's minimum of "
                                 f"{config.quotas.min_records_per_job} — run 01_create_job.py --retry-failed "
-                                "--on-demand to embed them with InvokeModel", common.EXIT_USAGE)
-            return embed_on_demand(listing, config, owner, args.retry_failed)
+                                "--on-demand to embed them with InvokeModel", common.EXIT_REFUSED)
+            return embed_on_demand(listing, config, owner, jobinfo.runs_folder(config.job_info_file) / stamp)
         if config.on_demand_max_images < listing.images < config.quotas.min_records_per_job:
             raise StepError(
                 f"found {listing.images} images to embed under {input_uri}; a batch job needs at least "
                 f"{config.quotas.min_records_per_job} — add images, use a larger prefix, or set "
-                f"ON_DEMAND_MAX_IMAGES={listing.images} to embed them on demand"
+                f"ON_DEMAND_MAX_IMAGES={listing.images} to embed them on demand", common.EXIT_REFUSED
             )
         can_root = lambda folder: bool(common.S3_URI_RE.fullmatch(common.s3_uri(config.source_bucket, folder)))  # noqa
         plan = jobs.plan_jobs({f: tuple(c) for f, c in listing.counts.items()}, prefix, config.quotas, can_root,
                               config.on_demand_max_images)
         planned = plan.jobs + ([jobs.PlannedJob(prefix, plan.on_demand)] if plan.on_demand else [])
         print("Creating JSONL files")
-        job_records = write_manifests(listing, planned, config, owner, stamp)
+        manifest_dir = Path(workdir) if args.dry_run else run_dir
+        manifest_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            job_records = write_manifests(listing, planned, config, owner, stamp, manifest_dir)
+        except BaseException:
+            if not args.dry_run:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         if plan.on_demand:
             mark_on_demand(job_records[-1], stamp)
-    for job in job_records:
-        for manifest in job["manifests"]:
-            print(f"Created {Path(manifest['local_path']).name} with {manifest['records']} records")
-    ok(f"Created JSONL with {listing.images} records")
-    print_plan(job_records, config)
-    if args.dry_run:
-        first = orjson.loads(Path(job_records[0]["manifests"][0]["local_path"]).read_bytes().split(b"\n", 1)[0])
-        remove_local(job_records)
-        common.banner("Dry run: nothing uploaded, no job submitted")
-        print(f"Model: {config.model_id}")
-        print(f"Output: {job_records[0]['output_s3_uri']}")
-        print(f"Role: {config.role_arn}")
-        print(f"Records: {listing.images}")
-        print(f"First record: {orjson.dumps(first).decode()}")
-        return common.EXIT_OK
+        for job in job_records:
+            for manifest in job["manifests"]:
+                print(f"Created {Path(manifest['local_path']).name} with {manifest['records']} records")
+        ok(f"Created JSONL with {listing.images} records")
+        print_plan(job_records, config)
+        if args.dry_run:
+            first = orjson.loads(Path(job_records[0]["manifests"][0]["local_path"]).read_bytes().split(b"\n", 1)[0])
+            common.banner("Dry run: nothing uploaded, no job submitted")
+            print(f"Model: {config.model_id}")
+            print(f"Output: {job_records[0]['output_s3_uri']}")
+            print(f"Role: {config.role_arn}")
+            print(f"Records: {listing.images}")
+            print(f"First record: {orjson.dumps(first).decode()}")
+            return common.EXIT_OK
 
+    retire(replaced, config.job_info_file)
     if listing.own_manifests:
         print(f"Cleaning up old JSONL files from {input_uri}")
         for key in listing.own_manifests:
@@ -483,6 +558,7 @@ def run(argv) -> int:
         "result_bucket": config.result_bucket,
         "result_prefix": config.result_prefix,
         "created": common.now_iso(),
+        "run": stamp,
         "jobs": job_records,
     }
     save(info)  # the whole run, queued, before anything is submitted
@@ -492,8 +568,7 @@ def run(argv) -> int:
 
 def mark_on_demand(record: dict, stamp: str) -> None:
     """The run's on-demand part: a manifest like a job's, never uploaded nor submitted; step 3 embeds it."""
-    record.update(job_name=f"nova-mme-embedding-{stamp}-on-demand", on_demand=True, status=ondemand.STATUS)
-    record.pop("client_request_token", None)
+    record.update(job_name=f"nova-mme-embedding-{stamp}-on-demand", on_demand=True)
 
 
 def finish(info: dict, config: common.Config) -> int:

@@ -3,9 +3,6 @@
     uv run 02_monitor_job.py            # asks whether to keep polling (on a terminal)
     uv run 02_monitor_job.py --wait     # polls without asking (cron, scripts)
     uv run 02_monitor_job.py --no-wait  # prints the status once
-
-Exit status: 0 Completed; 3 still running (or --timeout reached); 4 PartiallyCompleted;
-5 Failed, Stopped or Expired; 1 an AWS error; 2 a setting or the job-info file is wrong.
 """
 
 from __future__ import annotations
@@ -21,13 +18,14 @@ import time
 from datetime import datetime, timedelta
 
 import common
+import jobinfo
 import jobs
 from common import ok
 
 SETTINGS = ("AWS_REGION", "JOB_INFO_FILE", "EXPECTED_BUCKET_OWNER", "MAX_CONCURRENT_JOBS")
-EXIT_RUNNING = 3
-EXIT_PARTIAL = 4
-EXIT_FAILED = 5
+EXIT_RUNNING = common.EXIT_RUNNING
+EXIT_PARTIAL = common.EXIT_INCOMPLETE
+EXIT_FAILED = common.EXIT_JOB_FAILED
 PROMPT = "Job is still running. Monitor until completion? (y/n): "
 LIST_PAGE_SIZE = 1000  # ListModelInvocationJobs' largest page
 LIST_FROM = 4  # jobs to check from which one ListModelInvocationJobs is cheaper than a GetModelInvocationJob each
@@ -36,13 +34,15 @@ STATUS_ORDER = ("Failed", "Expired", "Stopped", "Stopping", "PartiallyCompleted"
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1] + "\n" + common.EXIT_CODES_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--wait", action="store_true", help="poll until the job ends, without asking")
     mode.add_argument("--no-wait", action="store_true", help="print the status once and exit")
     parser.add_argument("--interval", type=float, default=30.0, metavar="SECONDS", help="seconds between polls (30)")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="stop polling after this long")
+    jobinfo.lock_args(parser)
     common.add_settings(parser, SETTINGS)
     args = parser.parse_args(argv)
     if args.interval < 0 or (args.timeout is not None and args.timeout < 0):
@@ -262,7 +262,7 @@ class Run:
         self.single = len([job for job in info["jobs"] if not job.get("on_demand")]) == 1
 
     def save(self) -> None:
-        common.save_job_info(self.path, self.info)
+        jobinfo.save(self.path, self.info)
 
     def poll(self) -> tuple[bool, list[str]]:
         """Check every job once; (whether the whole run has ended, the status block of a single-job run)."""
@@ -293,12 +293,16 @@ def run(argv, sleep=time.sleep, clock=time.monotonic, display: Display | None = 
     args = parse_args(argv)
     config = common.load_config(args)
     common.banner("Bedrock Batch Inference - Monitor Job")
-    info = common.load_job_info(config.job_info_file)
+    with jobinfo.locked(config.job_info_file, "02_monitor_job.py", wait=args.wait_lock):
+        return monitor(args, config, sleep, clock, display or Display())
+
+
+def monitor(args, config: common.Config, sleep, clock, display: Display) -> int:
+    info = jobinfo.load(config.job_info_file)
     print(f"Loaded job info from {config.job_info_file}")
     if len(info["jobs"]) == 1 and info["jobs"][0].get("job_arn"):
         print(f"Job ARN: {info['jobs'][0]['job_arn']}")
     the_run = Run(info, common.in_job_region(config, info), config.job_info_file)
-    display = display or Display()
     started, poll, waiting = clock(), 1, args.wait
 
     def check() -> bool:

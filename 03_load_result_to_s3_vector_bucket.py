@@ -5,9 +5,8 @@ into an S3 Vectors index.
 
 Loads every job of the run. Results are streamed (memory stays flat whatever their size) and loaded at the
 index's write quota. Interrupted, the step resumes where the index last confirmed. It ends with the account of
-every image of every manifest — loaded, failed or missing — and lists those not loaded in not_loaded.jsonl.
-Exit status: 0 every image loaded; 4 some failed or are missing; 1 an AWS error; 2 a setting or the job-info
-file is wrong, or the run has not ended.
+every image of every manifest — loaded, failed or missing — and lists those not loaded in
+runs/<stamp>/not_loaded.jsonl; images Bedrock rejected for good go to failed_permanently.jsonl, which 01 reads.
 """
 
 from __future__ import annotations
@@ -23,30 +22,35 @@ import orjson
 
 import accounting
 import common
+import jobinfo
 import jobs
 import ondemand
+import rejects
 import vectors
 from common import StepError, ok
 
 SETTINGS = ("AWS_REGION", "VECTOR_BUCKET", "VECTOR_INDEX", "JOB_INFO_FILE", "EXPECTED_BUCKET_OWNER")
 REQUIRED = ("VECTOR_BUCKET", "VECTOR_INDEX")
-EXIT_INCOMPLETE = 4
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1] + "\n" + common.EXIT_CODES_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reload", action="store_true", help="load everything again, ignoring earlier progress")
     parser.add_argument("--accept-failures", action="store_true",
                         help="exit 0 even when some records failed (they are still reported)")
     parser.add_argument("--report", metavar="FILE",
-                        help="where the images not loaded are listed (default: beside the job-info file)")
+                        help="where the images not loaded are listed (default: runs/<stamp>/not_loaded.jsonl)")
+    parser.add_argument("--no-create", action="store_true",
+                        help="refuse (exit 2) instead of creating a vector bucket or index that does not exist")
     parser.add_argument("--vectors-per-second", type=float, default=2500, help="the index's write quota (2500)")
     parser.add_argument("--requests-per-second", type=float, default=1000, help="the index's request quota (1000)")
     parser.add_argument("--threads", type=int, default=3, help="PutVectors requests in flight (3)")
     parser.add_argument("--retry-for", type=float, default=900, metavar="SECONDS",
                         help="keep retrying a PutVectors the index does not accept for this long (900)")
     parser.add_argument("--verbose", action="store_true", help="print every batch")
+    jobinfo.lock_args(parser)
     common.add_settings(parser, SETTINGS)
     args = parser.parse_args(argv)
     if args.vectors_per_second <= 0 or args.requests_per_second <= 0 or args.threads < 1:
@@ -115,14 +119,15 @@ class Checkpoint:
     """How far the index has confirmed every record: batches complete out of order, the mark moves in order.
 
     Saved into the job-info file (after every confirmed batch, and at the end), so a killed load resumes
-    after the last confirmed batch instead of from the start.
+    after the last confirmed batch instead of from the start. It names the vector bucket and index it was made
+    against: it means nothing for another index.
     """
 
-    def __init__(self, info: dict, job: dict, path: Path):
-        self.info, self.job, self.path = info, job, path
+    def __init__(self, info: dict, job: dict, path: Path, where: dict):
+        self.info, self.job, self.path, self.where = info, job, path, where
         self.done: dict[int, vectors.Batch] = {}
         self.next_seq = 0
-        self.state = dict(job.get("load") or {"files": {}})
+        self.state = dict(job.get("load") or {"files": {}}, **where)
         self.inserted = self.state.get("counts", {}).get("inserted", 0)
         self.lock = threading.Lock()
         self.save_lock = threading.Lock()
@@ -140,13 +145,13 @@ class Checkpoint:
                 files = dict(self.state.get("files", {}))
                 files[mark["file"]] = {"offset": mark["offset"], "done": mark["done"]}
                 self.state = {"files": files, "counts": dict(mark["counts"], inserted=self.inserted),
-                              "report_bytes": mark["report_bytes"]}
+                              "report_bytes": mark["report_bytes"], **self.where}
 
     def save(self) -> None:
         with self.save_lock:
             with self.lock:
                 self.job["load"] = self.state  # replaced, never mutated, by confirm()
-            common.save_job_info(self.path, self.info)
+            jobinfo.save(self.path, self.info)
 
 
 class Progress:
@@ -199,8 +204,16 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
     files = output_files(s3, result_bucket, job_prefix, owner)
     ok(f"Found {len(files)} output files")
 
+    where = {"vector_bucket": config.vector_bucket, "vector_index": config.vector_index}
     state = job.get("load") or {}
-    report_path = report_file(job_id)
+    if state and {k: state.get(k) for k in where} != where:
+        made = f"{state.get('vector_bucket', '?')}/{state.get('vector_index', '?')}"
+        print(f"The load checkpoint of {job['job_name']} was made against {made}, not "
+              f"{config.vector_bucket}/{config.vector_index}: loading this job from the start")
+        job.pop("load")
+        state = {}
+    report_path = report_file(config.job_info_file, info, job_id)
+    report_path.parent.mkdir(parents=True, exist_ok=True)
     report = open(report_path, "r+b" if state and report_path.exists() else "wb")
     report.truncate(state.get("report_bytes", 0))
     report.seek(0, 2)
@@ -208,7 +221,7 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
         print(f"Resuming: {state.get('counts', {}).get('inserted', 0)} vectors already confirmed")
 
     dimension = int(job.get("embedding_dimension", config.embedding_dimension))
-    checkpoint = Checkpoint(info, job, config.job_info_file)
+    checkpoint = Checkpoint(info, job, config.job_info_file, where)
     batcher = vectors.Batcher(config.vector_bucket, config.vector_index)
     loader = Loader(job_id, dimension, batcher, report, state)
     progress = Progress(int(job.get("record_count") or 0), sys.stdout.isatty())
@@ -256,6 +269,8 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
         raise
     progress.close()
     report.close()
+    if report_path.stat().st_size == 0:
+        report_path.unlink()  # nothing failed: no empty report
     with checkpoint.lock:
         checkpoint.state = dict(checkpoint.state, finished=True)
     checkpoint.save()
@@ -275,8 +290,9 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
     return counts
 
 
-def report_file(job_id: str) -> Path:
-    return Path(f"load_report_{job_id}.jsonl")
+def report_file(job_info_file: Path, info: dict, job_id: str) -> Path:
+    """A job's load report: each output line step 3 could not load, in the run's folder."""
+    return jobinfo.run_folder(job_info_file, info) / f"load_report_{job_id}.jsonl"
 
 
 def run(argv) -> int:
@@ -284,7 +300,12 @@ def run(argv) -> int:
     vectors.keep_memory_flat()
     config = common.load_config(args, REQUIRED)
     common.banner("Bedrock Batch Inference - Load Results to Vector Bucket")
-    info = common.load_job_info(config.job_info_file)
+    with jobinfo.locked(config.job_info_file, "03_load_result_to_s3_vector_bucket.py", wait=args.wait_lock):
+        return load_run(args, config)
+
+
+def load_run(args, config: common.Config) -> int:
+    info = jobinfo.load(config.job_info_file)
     config = common.in_job_region(config, info)
     print(f"Loaded job info from {config.job_info_file}")
 
@@ -299,12 +320,13 @@ def run(argv) -> int:
     running += [f"{job['job_name']} is {job['status']}" for job in state.running]
     if running:
         raise StepError(f"the run has not ended ({'; '.join(running[:3])}) — wait for it with "
-                        "02_monitor_job.py --wait", common.EXIT_USAGE)
-    loadable = [job for job in info["jobs"] if job["status"] in common.LOADABLE_STATUSES]
+                        "02_monitor_job.py --wait", common.EXIT_REFUSED)
+    loadable = [job for job in info["jobs"] if job.get("status") in common.LOADABLE_STATUSES]
     dimension = max(int(job.get("embedding_dimension", config.embedding_dimension)) for job in info["jobs"])
     # The index is made ready while the first results are read; the first PutVectors waits for it.
     setup = ThreadPoolExecutor(1)
-    index = setup.submit(vectors.ensure_index, s3v, config.vector_bucket, config.vector_index, dimension)
+    index = setup.submit(vectors.ensure_index, s3v, config.vector_bucket, config.vector_index, dimension,
+                         create=not args.no_create)
     setup.shutdown(wait=False)
 
     limiter = vectors.RateLimiter(args.vectors_per_second, args.requests_per_second)
@@ -325,8 +347,9 @@ def run(argv) -> int:
     if parts:
         runtime = common.make_client("bedrock-runtime", config, max_pool_connections=ondemand.THREADS + 2)
     for part in parts:
-        counts = ondemand.load_part(part, config, runtime, put_client, report_file(part["job_name"]), index.result)
-        common.save_job_info(config.job_info_file, info)
+        counts = ondemand.load_part(part, config, runtime, put_client,
+                                    report_file(config.job_info_file, info, part["job_name"]), index.result)
+        jobinfo.save(config.job_info_file, info)
         for key in totals:
             totals[key] += counts.get(key, 0)
         confirmed |= counts["confirmed_keys"]
@@ -339,24 +362,45 @@ def run(argv) -> int:
     print(f"Vectors Inserted: {totals['inserted']}")
     print(f"Vector Bucket: {config.vector_bucket}")
     print(f"Index Name: {config.vector_index}")
-    path = Path(args.report) if args.report else accounting.account_file(config.job_info_file)
-    account = accounting.account_run(info, s3v, config, report_file, path, confirmed)
+    run_dir = jobinfo.run_folder(config.job_info_file, info)
+    path = Path(args.report) if args.report else run_dir / accounting.ACCOUNT_NAME
+    account = accounting.account_run(info, s3v, config, lambda job_id: report_file(config.job_info_file, info, job_id),
+                                     path, confirmed)
     accounting.print_account(account)
+    remember_rejects(s3, s3v, config, owner, account["permanent"])
     print(common.RULE)
     if account["failed"] or account["missing"]:
-        problems.append(f"{account['failed']} image(s) failed and {account['missing']} are missing — "
-                        f"listed in {path}; retry them with 01_create_job.py --retry-failed")
+        accounting.print_not_loaded(account["shown"], path, account["failed"] + account["missing"])
+        problems.append("retry them with 01_create_job.py --retry-failed (the next run also picks up the missing "
+                        "ones and those that failed for a passing reason)")
+        info["account_file"] = str(path.resolve())
     else:
         path.unlink(missing_ok=True)
-    info["account_file"] = str(path.resolve())
-    common.save_job_info(config.job_info_file, info)
+        info.pop("account_file", None)
+    jobinfo.save(config.job_info_file, info)
     if not problems:
         ok("Results loaded successfully!")
         print("You can now query the vector bucket.")
         return common.EXIT_OK
     for problem in problems:
         print(f"! {problem}")
-    return common.EXIT_OK if args.accept_failures else EXIT_INCOMPLETE
+    return common.EXIT_OK if args.accept_failures else common.EXIT_INCOMPLETE
+
+
+def remember_rejects(s3, s3v, config: common.Config, owner: str, permanent: list[dict]) -> None:
+    """Keep the images Bedrock rejected for good out of later runs, and forget those now in the index."""
+    path = rejects.file_for(config.job_info_file)
+    known = rejects.load(path)
+    found = rejects.remember(s3, owner, permanent)
+    loaded = accounting.present_keys(s3v, config.vector_bucket, config.vector_index, list(known)) if known else set()
+    if not found and not loaded:
+        return
+    merged = {key: entry for key, entry in known.items() if key not in loaded}
+    merged.update(found)
+    rejects.save(path, merged)
+    if found:
+        print(f"{len(found)} image(s) failed permanently (Bedrock refused the image itself): later runs leave them "
+              f"out while they are unchanged — see {path}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,9 @@
 
     uv run 04_remove_completed_task.py [--force]
 
-Only what 01_create_job.py created is removed; results in the result bucket and load reports are kept.
-Refuses while the job has not ended, or while its results are not loaded yet, unless --force.
+Only what 01_create_job.py created is removed. Kept: the results in the result bucket, and in runs/<stamp>/ the
+run's load reports and the list of images not loaded (the run's folder goes when nothing is left in it).
+Refuses (exit 6) while the job has not ended, or while its results are not loaded yet, unless --force.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import common
+import jobinfo
 import jobs
 from common import StepError, ok
 
@@ -20,9 +22,11 @@ SETTINGS = ("AWS_REGION", "JOB_INFO_FILE", "EXPECTED_BUCKET_OWNER")
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1] + "\n" + common.EXIT_CODES_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--force", action="store_true", help="clean up even if the job runs or is not loaded")
+    jobinfo.lock_args(parser)
     common.add_settings(parser, SETTINGS)
     return parser.parse_args(argv)
 
@@ -31,20 +35,25 @@ def check_can_remove(bedrock, info: dict) -> None:
     state = jobs.refresh(bedrock, info)
     for job in state.queued:
         raise StepError(f"job {job['job_name']} is still queued — let 02_monitor_job.py --wait submit it, "
-                        "or pass --force")
+                        "or pass --force", common.EXIT_REFUSED)
     for job in state.running:
         raise StepError(f"job {job['job_name']} is still {job['status']} — wait for it (02_monitor_job.py --wait) "
-                        "or pass --force")
+                        "or pass --force", common.EXIT_REFUSED)
     for job in state.unloaded:
         raise StepError(f"the results of job {job['job_name']} are not loaded yet — run "
-                        "03_load_result_to_s3_vector_bucket.py first, or pass --force")
+                        "03_load_result_to_s3_vector_bucket.py first, or pass --force", common.EXIT_REFUSED)
 
 
 def run(argv) -> int:
     args = parse_args(argv)
     config = common.load_config(args)
     common.banner("Bedrock Batch Inference - Remove Completed Task Files")
-    info = common.load_job_info(config.job_info_file)
+    with jobinfo.locked(config.job_info_file, "04_remove_completed_task.py", wait=args.wait_lock):
+        return remove(args, config)
+
+
+def remove(args, config: common.Config) -> int:
+    info = jobinfo.load(config.job_info_file)
     config = common.in_job_region(config, info)
     print(f"Loaded job info from {config.job_info_file}")
     for job in info["jobs"]:
@@ -80,6 +89,10 @@ def run(argv) -> int:
             local.unlink()
             ok(f"Deleted: {local.name}")
             removed_local += 1
+    run_dir = jobinfo.run_folder(config.job_info_file, info)
+    kept = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    if run_dir.is_dir() and not kept:
+        run_dir.rmdir()
     config.job_info_file.unlink()  # last: until here a re-run can finish the clean-up
     ok(f"Deleted: {config.job_info_file}")
     removed_local += 1
@@ -90,6 +103,8 @@ def run(argv) -> int:
     print(common.RULE)
     ok("Cleanup completed successfully!")
     print("Task files have been removed from local and S3.")
+    if kept:
+        print(f"Kept in {run_dir}: {', '.join(kept)}")
     return common.EXIT_OK
 
 

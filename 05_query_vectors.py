@@ -8,7 +8,7 @@ A text is embedded with embeddingPurpose IMAGE_RETRIEVAL (text → image search)
 --purpose overrides. The index decides the dimension (GetIndex); EMBEDDING_DIMENSION must match it.
 A filter is an S3 Vectors metadata filter on `source_uri` or `job_id`, with $eq $ne $gt $gte $lt $lte $in $nin
 $exists $and $or, e.g. '{"source_uri": {"$in": ["s3://bucket/2024/a.jpg", "s3://bucket/2024/b.jpg"]}}'.
-Exit status: 0 the hits were printed (none is not an error); 1 an AWS error; 2 a setting, flag or input is wrong.
+No hits is not an error (exit 0).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv):
-    parser = Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    parser = Parser(description=__doc__.split("\n\n")[0],
+                    epilog=__doc__.split("\n\n", 1)[1] + "\n" + common.EXIT_CODES_HELP,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("text", nargs="?", help="what to search for, in words")
     parser.add_argument("--image", metavar="PATH_OR_S3_URI",

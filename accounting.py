@@ -1,7 +1,8 @@
 """The account of a run: every image of every manifest ends loaded, failed (with Bedrock's reason) or missing.
 
 "Loaded" is asked of the index itself (GetVectors on the image's key), so nothing counts as loaded that is not
-there. The images not loaded are written to `not_loaded.jsonl` beside the job-info file, one JSON line each:
+there. The images not loaded are written to `runs/<stamp>/not_loaded.jsonl` beside the job-info file, one JSON
+line each:
 `{"source_uri", "recordId", "job_name", "status": "failed"|"missing", "error_code", "error_message"}` — the list
 `01_create_job.py --retry-failed` submits again.
 """
@@ -16,14 +17,35 @@ from typing import Callable, Iterator
 import orjson
 
 import common
+import jobinfo
+import rejects
 
 GET_VECTORS_KEYS = 100  # S3 Vectors' limit per GetVectors
 THREADS = 8
 ACCOUNT_NAME = "not_loaded.jsonl"
 
 
-def account_file(job_info_file: Path) -> Path:
-    return Path(job_info_file).resolve().parent / ACCOUNT_NAME
+SHOWN = 10  # images named on the console; the file lists all
+
+
+def latest_account(job_info_file: Path) -> Path | None:
+    """The newest run's account (`runs/<stamp>/not_loaded.jsonl`), or the one an earlier version wrote beside the
+    job-info file; None when there is none."""
+    found = sorted(jobinfo.runs_folder(job_info_file).glob(f"*/{ACCOUNT_NAME}"))
+    if found:
+        return found[-1]
+    legacy = Path(job_info_file).resolve().parent / ACCOUNT_NAME
+    return legacy if legacy.exists() else None
+
+
+def print_not_loaded(entries: list[dict], path: Path, total: int | None = None) -> None:
+    """Name the first images not loaded, with their reason, and the file that lists them all."""
+    total = len(entries) if total is None else total
+    print(f"! {total} image(s) not loaded — all listed in {path}:")
+    for entry in entries[:SHOWN]:
+        print(f"  {entry['source_uri']}: {entry['status']} ({entry['error_code']}: {entry['error_message']})")
+    if total > SHOWN:
+        print(f"  ... and {total - SHOWN} more")
 
 
 def manifest_file_records(path: Path) -> Iterator[tuple[str, str]]:
@@ -107,7 +129,7 @@ def account_run(info: dict, s3v, config: common.Config, report_file: Callable[[s
 
     Keys the index confirmed to this process (`confirmed`) count as loaded; the index is asked about the rest.
     """
-    totals = {"loaded": 0, "failed": 0, "missing": 0, "jobs": []}
+    totals = {"loaded": 0, "failed": 0, "missing": 0, "jobs": [], "shown": [], "permanent": []}
 
     def entries():
         for job in info["jobs"]:
@@ -119,8 +141,9 @@ def account_run(info: dict, s3v, config: common.Config, report_file: Callable[[s
             job_id = common.job_id_from_arn(job["job_arn"]) if job.get("job_arn") else None
             job_id = job["job_name"] if job.get("on_demand") else job_id  # its load report, written by step 3
             failed = failures(report_file(job_id)) if job_id else {}
-            status = job.get("status") or "never submitted"
+            status = job.get("status") or ("on demand" if job.get("on_demand") else "never submitted")
             counts = {"job_name": job["job_name"], "status": status, "loaded": 0, "failed": 0, "missing": 0}
+            permanent: list[dict] = []
             for (record_id, uri), key in zip(records, keys):
                 if key in present:
                     counts["loaded"] += 1
@@ -135,7 +158,13 @@ def account_run(info: dict, s3v, config: common.Config, report_file: Callable[[s
                     reason += f": {job['message']})" if job.get("message") else ")"
                     entry.update(status="missing", error_code="Missing", error_message=reason)
                     counts["missing"] += 1
+                if len(totals["shown"]) < SHOWN:
+                    totals["shown"].append(entry)
+                if entry["status"] == "failed" and rejects.is_permanent(entry["error_code"], entry["error_message"]):
+                    permanent.append(entry)
                 yield entry
+            if counts["failed"] < len(records):  # every record failed: the job's trouble, not each image's
+                totals["permanent"] += permanent
             for key in ("loaded", "failed", "missing"):
                 totals[key] += counts[key]
             totals["jobs"].append(counts)

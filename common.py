@@ -1,4 +1,5 @@
-"""Shared vocabulary of the four steps: configuration, AWS clients, the job-info file, S3 helpers, console output.
+"""Shared vocabulary of the steps: configuration, AWS clients, S3 helpers, console output (the job-info file is
+jobinfo.py's).
 
 Every function here takes what it works on as arguments (a client, a config, a path); nothing runs at import.
 """
@@ -34,6 +35,17 @@ EXIT_REFUSED = 6  # the run is not ready for this step (unfinished run, too few 
 EXIT_LOCKED = 7  # another step holds the lock on the job-info file
 EXIT_OVER_BUDGET = 8  # 01: the run's cost estimate is over MAX_RUN_COST_USD
 EXIT_INTERRUPTED = 130  # Ctrl-C: run the step again to continue
+EXIT_CODES_HELP = """exit status (the same for every step):
+  0    done, or nothing to do
+  1    an AWS call failed
+  2    a setting, flag or local file (the job-info file, an account file) is wrong
+  3    02: the run is still going (or --timeout was reached)
+  4    some images failed or are missing (03, 01 --on-demand); 02: a job PartiallyCompleted
+  5    02: a job Failed, was Stopped or Expired
+  6    refused: the run is not ready for this step (a run not finished, too few images, results not loaded)
+  7    another step holds the lock on the job-info file (--wait-lock waits for it)
+  8    01: the run's cost estimate is over MAX_RUN_COST_USD
+  130  interrupted (Ctrl-C): run the step again to continue"""
 
 TERMINAL_STATUSES = frozenset({"Completed", "PartiallyCompleted", "Failed", "Stopped", "Expired"})
 # Statuses whose output folder holds results worth loading.
@@ -57,6 +69,7 @@ MANIFEST_PREFIX = "batch_input_"
 MANIFEST_SUFFIX = ".jsonl"
 
 # Bedrock's patterns, from botocore's service model (see ../shared/aws-facts.md).
+MAX_S3_URI = 1024  # characters of a job's input or output s3Uri
 S3_URI_RE = re.compile(r"s3://[a-z0-9][-.a-z0-9]{1,61}[a-z0-9](?:/[-!_*'().a-z0-9A-Z]+)*/?")
 ROLE_ARN_RE = re.compile(r"arn:aws(-[^:]+)?:iam::([0-9]{12})?:role/.+")
 BUCKET_RE = re.compile(r"[a-z0-9][-.a-z0-9]{1,61}[a-z0-9]")
@@ -351,7 +364,7 @@ def now_iso() -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Files: atomic writes, the job-info file
+# Files: atomic writes, the run's records
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -369,48 +382,6 @@ def atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def save_job_info(path: Path, info: dict) -> None:
-    atomic_write(path, lambda fh: fh.write((json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode()))
-
-
-def load_job_info(path: Path) -> dict:
-    """Read `batch_job_info.json`; a missing or malformed file is a StepError that says what to do."""
-    path = Path(path)
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StepError(f"{path} not found — run 01_create_job.py first", EXIT_USAGE) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StepError(f"{path} is not valid JSON ({exc}) — fix it or run 01_create_job.py again", EXIT_USAGE) from None
-    problems = _job_info_problems(info)
-    if problems:
-        raise StepError(f"{path} is malformed: {problems} — fix it or run 01_create_job.py again", EXIT_USAGE)
-    return info
-
-
-def _job_info_problems(info) -> str:
-    if not isinstance(info, dict):
-        return "not a JSON object"
-    jobs = info.get("jobs")
-    if not isinstance(jobs, list) or not jobs:
-        return "no 'jobs' list"
-    for i, job in enumerate(jobs):
-        if not isinstance(job, dict):
-            return f"jobs[{i}] is not an object"
-        missing = [k for k in ("job_name", "input_folder", "input_s3_uri", "output_s3_uri", "manifests")
-                   if job.get(k) is None]
-        if missing:
-            return f"jobs[{i}] lacks {', '.join(missing)}"
-        if not isinstance(job["manifests"], list) or not all(
-                isinstance(m, dict) and isinstance(m.get("s3_key"), str) and isinstance(m.get("local_path"), str)
-                for m in job["manifests"]):
-            return f"jobs[{i}].manifests is not a list of {{s3_key, local_path}}"
-    for key in ("region", "source_bucket", "result_bucket", "account_id"):
-        if not isinstance(info.get(key), str):
-            return f"'{key}' missing"
-    return ""
 
 
 def in_job_region(config: Config, info: dict) -> Config:

@@ -20,7 +20,6 @@ import common
 import vectors
 
 JOB_ID = "on-demand"  # the `job_id` metadata of vectors embedded on demand
-STATUS = "OnDemand"  # the status of a run's on-demand part in batch_job_info.json
 THREADS = 4  # InvokeModel calls in flight
 
 

@@ -31,12 +31,19 @@ RETRYABLE_CODES = frozenset(
 )
 
 
-def ensure_index(s3vectors, bucket: str, index: str, dimension: int) -> None:
-    """Create the vector bucket and index when missing; refuse an index of another dimension."""
+def ensure_index(s3vectors, bucket: str, index: str, dimension: int, create: bool = True) -> None:
+    """Create the vector bucket and index when missing, and say so (`create=False`: refuse instead); refuse an
+    index of another dimension."""
+    def missing(what: str) -> None:
+        if not create:
+            raise common.StepError(f"{what} does not exist — check VECTOR_BUCKET and VECTOR_INDEX, or run without "
+                                   "--no-create to create it", common.EXIT_USAGE)
+
     try:
         s3vectors.get_vector_bucket(vectorBucketName=bucket)
     except s3vectors.exceptions.NotFoundException:
-        print(f"Creating vector bucket {bucket}")
+        missing(f"vector bucket {bucket}")
+        print(f"! Vector bucket {bucket} does not exist: creating it (--no-create refuses instead)")
         try:
             s3vectors.create_vector_bucket(vectorBucketName=bucket)
         except s3vectors.exceptions.ConflictException:
@@ -44,7 +51,9 @@ def ensure_index(s3vectors, bucket: str, index: str, dimension: int) -> None:
     try:
         existing = s3vectors.get_index(vectorBucketName=bucket, indexName=index)["index"]
     except s3vectors.exceptions.NotFoundException:
-        print(f"Creating index {index} (float32, {dimension} dimensions, cosine)")
+        missing(f"index {index} in vector bucket {bucket}")
+        print(f"! Index {index} does not exist: creating it (float32, {dimension} dimensions, cosine; --no-create "
+              "refuses instead)")
         try:
             s3vectors.create_index(vectorBucketName=bucket, indexName=index, dataType="float32",
                                    dimension=dimension, distanceMetric="cosine")
@@ -53,8 +62,8 @@ def ensure_index(s3vectors, bucket: str, index: str, dimension: int) -> None:
         return
     if existing["dimension"] != dimension:
         raise common.StepError(
-            f"index {index} in {bucket} holds {existing['dimension']}-dimension vectors but the job produced "
-            f"{dimension} — use another VECTOR_INDEX or EMBEDDING_DIMENSION={existing['dimension']}",
+            f"index {index} in {bucket} holds {existing['dimension']}-dimension vectors but the run's vectors have "
+            f"{dimension} — load them into another index (VECTOR_INDEX=<new name>, step 3 creates it)",
             common.EXIT_USAGE,
         )
 

@@ -37,6 +37,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
+import jobinfo  # noqa: E402
 from tests.standins import bedrock as bedrock_standin  # noqa: E402
 from tests.standins import serve  # noqa: E402
 from tests.standins.stack import ACCOUNT_ID, REGION, aws_env  # noqa: E402
@@ -394,7 +395,7 @@ def write_job_info(workdir: Path, job: Job, data: Dataset) -> Path:
         }],
     }
     path = workdir / "batch_job_info.json"
-    common.save_job_info(path, info)
+    jobinfo.save(path, info)
     return path
 
 

@@ -78,6 +78,12 @@ class World:
             timeout=timeout,
         )
 
+    def daily(self, *args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+        """Run daily_run.py as cron would, polling the jobs often."""
+        return subprocess.run([sys.executable, str(ROOT / "daily_run.py"), "--interval", "0.05", *args],
+                              cwd=self.cwd, env={**self.env, **(env or {})}, capture_output=True, text=True,
+                              timeout=timeout)
+
     def emulator(self, path: str, payload: dict | None = None):
         url = self.stack.bedrock_url + path
         data = None if payload is None else json.dumps(payload).encode()
@@ -108,6 +114,14 @@ class World:
 
     def job_info(self) -> dict:
         return json.loads((self.cwd / "batch_job_info.json").read_text())
+
+    def run_dir(self) -> Path:
+        """The newest run's folder (`runs/<stamp>/` beside the job-info file): its manifests and reports."""
+        return sorted((self.cwd / "runs").iterdir())[-1]
+
+    def account(self) -> list[dict]:
+        """The newest run's list of images not loaded."""
+        return [json.loads(line) for line in (self.run_dir() / "not_loaded.jsonl").read_text().splitlines()]
 
 
 def make_role(iam, name: str, source_bucket: str, result_bucket: str) -> str:

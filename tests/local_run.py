@@ -4,14 +4,16 @@
 
 Starts moto (S3, STS, IAM), the Bedrock batch emulator and the S3 Vectors stand-in, creates the buckets, the
 service role (with iam/setup_service_role.sh) and the images, writes a `.env` in the work folder, and runs the
-four steps there in order, as separate processes, exactly as a user runs them. No AWS account is needed.
-With --serve it then keeps the stand-ins running and prints the variables that point a shell at them.
+five steps there in order, as separate processes, exactly as a user runs them. No AWS account is needed.
+With --serve it then keeps the stand-ins running and writes `standins.env` in the work folder: `source` it in a
+shell in the checkout and the scripts there reach the stand-ins and this run's buckets and job-info file.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -27,6 +29,7 @@ STEPS = [
     ["02_monitor_job.py", "--wait", "--interval", "1"],
     ["03_load_result_to_s3_vector_bucket.py"],
     ["04_remove_completed_task.py"],
+    ["05_query_vectors.py", "a red sports car", "--top-k", "5"],
 ]
 FOLDERS = ["", "beach/", "city/night/", "城市/"]
 SUFFIXES = [".jpg", ".png", ".jpeg", ".PNG", ".gif", ".webp"]
@@ -63,6 +66,9 @@ def setup(running: standins.Stack, workdir: Path, images: int) -> dict[str, str]
     settings["ROLE_ARN"] = f"arn:aws:iam::{account}:role/BedrockBatchInferenceRole"
     (workdir / ".env").write_text("".join(f"{k}={v}\n" for k, v in settings.items()), encoding="utf-8")
     print(f"Wrote {workdir / '.env'}")
+    exports = {**running.env, **settings, "JOB_INFO_FILE": str(workdir / "batch_job_info.json")}
+    (workdir / "standins.env").write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in exports.items()),
+                                          encoding="utf-8")
     return env
 
 
@@ -83,12 +89,12 @@ def main(argv: list[str] | None = None) -> int:
             if code != 0:
                 print(f"{step[0]} exited {code}")
                 return code
-        print(f"\nAll four steps ran against the local stand-ins. Work folder: {workdir}")
+        print(f"\nAll five steps ran against the local stand-ins. Work folder: {workdir}")
         if args.serve:
-            print("Stand-ins running; point a shell at them with:")
-            for key, value in running.env.items():
-                print(f"export {key}={value}")
-            print("Ctrl-C to stop.")
+            print("Stand-ins running. In another shell, in this checkout:")
+            print(f"  source {shlex.quote(str(workdir / 'standins.env'))}")
+            print('  uv run 05_query_vectors.py "beach at night"')
+            print("Ctrl-C to stop.", flush=True)
             while True:
                 time.sleep(3600)
         return 0

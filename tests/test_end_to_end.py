@@ -62,13 +62,20 @@ def test_four_steps_end_to_end(world):
     assert f"Successful: {len(good)}" in loaded.stdout
     assert f"Vectors Inserted: {len(good)}" in loaded.stdout
     assert "✓ Counts match manifest.json.out" in loaded.stdout
-    report = [json.loads(line) for line in (world.cwd / f"load_report_{job['job_id']}.jsonl").read_text().splitlines()]
+    run_dir = world.run_dir()
+    report = [json.loads(line) for line in (run_dir / f"load_report_{job['job_id']}.jsonl").read_text().splitlines()]
     assert [r["source_uri"] for r in report] == [broken_uri]
     assert report[0]["recordId"] == common.vector_key(broken_uri)
     assert f"Images loaded: {len(good)}, failed: 1, missing: 0" in loaded.stdout
-    account = [json.loads(line) for line in (world.cwd / "not_loaded.jsonl").read_text().splitlines()]
+    account = world.account()
     assert [(a["source_uri"], a["status"]) for a in account] == [(broken_uri, "failed")]
-    assert "not_loaded.jsonl; retry them with 01_create_job.py --retry-failed" in loaded.stdout
+    assert f"! 1 image(s) not loaded — all listed in {run_dir / 'not_loaded.jsonl'}:" in loaded.stdout
+    assert f"  {broken_uri}: failed (400: " in loaded.stdout  # named on the console, with Bedrock's reason
+    assert "retry them with 01_create_job.py --retry-failed" in loaded.stdout
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(
+        [f"load_report_{job['job_id']}.jsonl", "not_loaded.jsonl", job["manifests"][0]["s3_key"].rsplit("/")[-1]])
+    rejected = [json.loads(line) for line in (world.cwd / "failed_permanently.jsonl").read_text().splitlines()]
+    assert [(r["source_uri"], r["error_code"], r["size"]) for r in rejected] == [(broken_uri, "400", 22)]
 
     index = world.index_metadata()
     assert index == {common.vector_key(uri): {"source_uri": uri, "job_id": job["job_id"]} for uri in good}
@@ -81,25 +88,71 @@ def test_four_steps_end_to_end(world):
     assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
     assert "✓ Cleanup completed successfully!" in cleaned.stdout
     assert not (world.cwd / "batch_job_info.json").exists()
-    assert not list(world.cwd.glob("batch_input_*.jsonl"))
-    assert (world.cwd / f"load_report_{job['job_id']}.jsonl").exists()  # the account of failures is kept
+    assert not list(world.cwd.rglob("batch_input_*.jsonl"))
+    # What a person needs stays: the failures' report and the list of images not loaded.
+    assert sorted(p.name for p in run_dir.iterdir()) == [f"load_report_{job['job_id']}.jsonl", "not_loaded.jsonl"]
+    assert f"Kept in {run_dir}: load_report_{job['job_id']}.jsonl, not_loaded.jsonl" in cleaned.stdout
     assert common.object_exists(s3, world.source_bucket, "2024/notes.txt", "123456789012")
 
 
-def test_an_index_of_another_dimension_stops_the_load(world):
-    world.put_images([f"img-{i:03d}.png" for i in range(100)], prefix="2024/")
+def make_index(world, dimension: int) -> None:
     s3v = world.client("s3vectors")
     s3v.create_vector_bucket(vectorBucketName=world.vector_bucket)
     s3v.create_index(vectorBucketName=world.vector_bucket, indexName=world.vector_index, dataType="float32",
-                     dimension=1024, distanceMetric="cosine")
+                     dimension=dimension, distanceMetric="cosine")
+
+
+def test_an_index_of_another_dimension_stops_01_before_anything_is_paid_for(world):
+    world.put_images([f"img-{i:03d}.png" for i in range(100)], prefix="2024/")
+    make_index(world, 1024)
+    created = world.step(1)
+    assert created.returncode == 2
+    assert created.stderr.strip() == (
+        f"error: index {world.vector_index} in {world.vector_bucket} holds 1024-dimension vectors but "
+        "EMBEDDING_DIMENSION=256 — set EMBEDDING_DIMENSION=1024 or choose another VECTOR_INDEX; nothing was uploaded")
+    assert not (world.cwd / "batch_job_info.json").exists() and not (world.cwd / "runs").exists()
+    assert [o["Key"] for o in world.client("s3").list_objects_v2(Bucket=world.source_bucket)["Contents"]
+            if o["Key"].endswith(".jsonl")] == []
+    assert world.emulator("/_emulator/jobs")["jobs"] == []
+    # The advice works: with the index's dimension the run goes through.
+    assert world.step(1, env={"EMBEDDING_DIMENSION": "1024"}).returncode == 0
+
+
+def test_an_index_changed_after_the_submit_stops_the_load_with_advice_that_works(world):
+    world.put_images([f"img-{i:03d}.png" for i in range(100)], prefix="2024/")
     assert world.step(1).returncode == 0
+    make_index(world, 1024)
     assert world.step(2, "--wait", "--interval", "0.05", "--timeout", "60").returncode == 0
     loaded = world.step(3)
     assert loaded.returncode == 2
     assert loaded.stderr.strip() == (
-        f"error: index {world.vector_index} in {world.vector_bucket} holds 1024-dimension vectors but the job "
-        f"produced 256 — use another VECTOR_INDEX or EMBEDDING_DIMENSION=1024")
+        f"error: index {world.vector_index} in {world.vector_bucket} holds 1024-dimension vectors but the run's "
+        "vectors have 256 — load them into another index (VECTOR_INDEX=<new name>, step 3 creates it)")
     assert world.index_keys() == set()
+    again = world.step(3, env={"VECTOR_INDEX": "another-index"})
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "! Index another-index does not exist: creating it" in again.stdout
+
+
+def test_a_missing_result_bucket_stops_01_before_anything_is_uploaded(world):
+    world.put_images([f"img-{i:03d}.png" for i in range(100)], prefix="2024/")
+    created = world.step(1, env={"RESULT_BUCKET": "no-such-result-bucket"})
+    assert created.returncode == 2
+    assert created.stderr.strip() == ("error: RESULT_BUCKET no-such-result-bucket does not exist — create it or fix "
+                                      "RESULT_BUCKET; nothing was uploaded")
+    assert not (world.cwd / "batch_job_info.json").exists() and not (world.cwd / "runs").exists()
+    assert not [o for o in world.client("s3").list_objects_v2(Bucket=world.source_bucket)["Contents"]
+                if o["Key"].endswith(".jsonl")]
+
+
+def test_an_output_location_bedrock_would_refuse_stops_01(world):
+    world.put_images([f"img-{i:03d}.png" for i in range(100)], prefix="2024/")
+    created = world.step(1, env={"RESULT_PREFIX": "out put/"})
+    assert created.returncode == 2 and created.stderr.startswith("error: RESULT_PREFIX 'out put/' cannot be a "
+                                                                 "Bedrock output location")
+    long = world.step(1, env={"RESULT_PREFIX": "a" * 1010 + "/"})
+    assert long.returncode == 2 and "must be at most 1024 characters" in long.stderr
+    assert not (world.cwd / "batch_job_info.json").exists()
 
 
 def test_output_kms_key_reaches_the_job(world):

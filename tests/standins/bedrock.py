@@ -72,6 +72,9 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "final_message": None,  # the `message` of a job forced to Failed/Expired/PartiallyCompleted
     "throttle_create": 0,  # the next N CreateModelInvocationJob calls answer ThrottlingException
     "throttle_invoke": 0,  # the next N InvokeModel calls answer ThrottlingException
+    # While true (read live, not copied into the job), every job waits in Scheduled: a test holds a run "still
+    # going" for as long as it needs, then configures it false to let the jobs go on.
+    "hold_scheduled": False,
     # With iam_endpoint_url: the job's S3 accesses must be allowed by the role's policies (inline and attached).
     "enforce_role_policies": True,
 }
@@ -755,6 +758,9 @@ class BedrockEmulator:
             return self._finish(job, "Expired", opts["final_message"] or
                                 "The job expired because it was scheduled but did not start before its timeout of "
                                 f"{job.timeout_hours} hours.")
+        while self.options["hold_scheduled"]:
+            if job.stop_event.wait(0.02):
+                return self._stopped(job)
         if not (self._wait(job) and self._transition(job, "InProgress", processed=0, success=0, errors=0)):
             return self._stopped(job)
         if opts["final_status"] == "Failed":

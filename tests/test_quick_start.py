@@ -1,0 +1,45 @@
+"""The README's quick start works as printed: the local run goes through all five steps, and with --serve the two
+lines it prints make the scripts in the checkout reach the stand-ins."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+from tests.test_daily_run import wait_for_line
+
+
+def exports(path) -> dict[str, str]:
+    found = {}
+    for line in path.read_text().splitlines():
+        name, _, value = line.removeprefix("export ").partition("=")
+        found[name] = shlex.split(value)[0] if value else ""
+    return found
+
+
+def test_local_run_with_serve_then_a_query_from_the_checkout(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    local = subprocess.Popen([sys.executable, "-m", "tests.local_run", "--images", "120", "--workdir", str(tmp_path),
+                              "--serve"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        shown = wait_for_line(local, "Ctrl-C to stop.")
+        assert "$ uv run 05_query_vectors.py a red sports car --top-k 5" in shown
+        assert "✓ 5 hit(s)" in shown
+        assert "All five steps ran against the local stand-ins." in shown
+        source_line = f"  source {shlex.quote(str(tmp_path / 'standins.env'))}"
+        assert source_line in shown.splitlines()
+        # In another shell, in the checkout, as printed: the environment the file sets.
+        query = subprocess.run([sys.executable, str(ROOT / "05_query_vectors.py"), "beach at night"], cwd=ROOT,
+                               env={**env, **exports(tmp_path / "standins.env")}, capture_output=True, text=True,
+                               timeout=120)
+        assert query.returncode == 0, query.stdout + query.stderr
+        assert "Index Name: my-image-index (1024 dimensions, cosine)" in query.stdout
+        assert "✓ 10 hit(s)" in query.stdout
+    finally:
+        local.send_signal(signal.SIGINT)
+        local.communicate(timeout=60)
+    assert local.returncode == 130

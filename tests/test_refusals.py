@@ -1,0 +1,114 @@
+"""What the steps refuse, and that a refusal changes nothing: a running job's images are never submitted twice, 03
+loads nothing while a job runs, an account naming images elsewhere and a foreign manifest are refused."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import common
+
+
+def s3_keys(world, suffix: str = "") -> list[str]:
+    listed = world.client("s3").list_objects_v2(Bucket=world.source_bucket).get("Contents", [])
+    return sorted(o["Key"] for o in listed if o["Key"].endswith(suffix))
+
+
+def manifest_uris(path) -> list[str]:
+    return [common.image_uri(json.loads(line)) for line in path.read_text().splitlines()]
+
+
+def test_force_while_a_job_of_the_replaced_run_runs_never_submits_its_images_again(world):
+    first = world.put_images([f"a/img-{i:03d}.png" for i in range(100)], prefix="2024/")
+    world.emulator("/_emulator/config", {"hold_scheduled": True})
+    assert world.step(1).returncode == 0
+    old = world.job_info()["jobs"][0]
+    second = world.put_images([f"b/img-{i:03d}.png" for i in range(100)], prefix="2024/")
+
+    refused = world.step(1)
+    assert refused.returncode == common.EXIT_REFUSED
+    assert "holds a run that has not finished" in refused.stderr
+
+    forced = world.step(1, "--force")
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert "Left out 100 image(s): in a job of the replaced run still running" in forced.stdout
+    new = world.job_info()["jobs"]
+    submitted = [uri for job in new for m in job["manifests"] for uri in manifest_uris(world.cwd / m["local_path"])]
+    assert sorted(submitted) == sorted(second)
+    assert not set(submitted) & set(first)
+    assert all(job["job_name"] != old["job_name"] for job in new)
+
+
+def wait_for_status(world, status: str) -> None:
+    """Until the emulator's only job reaches `status` (a state it then keeps for as long as the test needs)."""
+    for _ in range(2000):
+        jobs = world.emulator("/_emulator/jobs")["jobs"]
+        if jobs and jobs[0]["status"] == status:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the job never reached {status}")
+
+
+def test_03_while_a_job_is_in_progress_refuses_and_writes_no_account(world):
+    world.put_images([f"a/img-{i:03d}.png" for i in range(100)], prefix="2024/")
+    world.emulator("/_emulator/config", {"record_seconds": 5.0})  # 100 records: InProgress for minutes
+    assert world.step(1).returncode == 0
+    wait_for_status(world, "InProgress")
+    loaded = world.step(3)
+    assert loaded.returncode == common.EXIT_REFUSED
+    assert loaded.stderr.startswith("error: the run has not ended (nova-mme-embedding-") and "is InProgress" in \
+        loaded.stderr
+    assert not list(world.cwd.rglob("not_loaded.jsonl")) and not list(world.cwd.rglob("load_report_*"))
+    assert "load" not in world.job_info()["jobs"][0]
+    assert world.index_keys() == set()
+    world.client("bedrock").stop_model_invocation_job(jobIdentifier=world.job_info()["jobs"][0]["job_arn"])
+
+
+def test_retry_failed_refuses_an_account_naming_images_outside_the_source_prefix(world):
+    world.put_images([f"a/img-{i:03d}.png" for i in range(100)], prefix="2024/")
+    account = world.cwd / "runs" / "20261201-000000" / "not_loaded.jsonl"
+    account.parent.mkdir(parents=True)
+    outside = f"s3://{world.source_bucket}/elsewhere/img.png"
+    account.write_text(json.dumps({"source_uri": outside, "status": "missing"}) + "\n")
+    retried = world.step(1, "--retry-failed")
+    assert retried.returncode == common.EXIT_USAGE
+    assert retried.stderr == (f"error: {outside} is not under s3://{world.source_bucket}/2024/ — retry with the "
+                              "settings of the run that produced the account\n")
+    assert not (world.cwd / "batch_job_info.json").exists()
+    assert s3_keys(world, ".jsonl") == []
+
+
+def test_a_foreign_upper_case_manifest_under_the_prefix_is_refused_not_deleted(world):
+    world.put_images([f"a/img-{i:03d}.png" for i in range(100)], prefix="2024/")
+    world.client("s3").put_object(Bucket=world.source_bucket, Key="2024/a/batch_input_x.JSONL", Body=b"{}\n")
+    created = world.step(1)
+    assert created.returncode == common.EXIT_REFUSED
+    assert created.stderr.startswith(f"error: s3://{world.source_bucket}/2024/a/batch_input_x.JSONL is a .jsonl this "
+                                     "tool did not create")
+    assert s3_keys(world, ".JSONL") == ["2024/a/batch_input_x.JSONL"]
+    assert s3_keys(world, ".jsonl") == []
+    assert not (world.cwd / "batch_job_info.json").exists()
+    assert world.emulator("/_emulator/jobs")["jobs"] == []
+
+
+def test_retry_failed_decides_before_it_replaces_anything(world):
+    """The README's retry sequence: a refused --retry-failed deletes nothing; --on-demand, 02 --wait and 03 work."""
+    world.put_images([f"a/img-{i:03d}.png" for i in range(100)], prefix="2024/")
+    world.client("s3").put_object(Bucket=world.source_bucket, Key="2024/a/broken.png", Body=b"not a png")
+    assert world.step(1).returncode == 0
+    assert world.step(2, "--wait", "--interval", "0.05").returncode == 0
+    assert world.step(3).returncode == common.EXIT_INCOMPLETE
+    before = sorted(p.relative_to(world.cwd) for p in world.cwd.rglob("*"))
+
+    refused = world.step(1, "--retry-failed")
+    assert refused.returncode == common.EXIT_REFUSED
+    assert "1 image(s) to retry, fewer than a batch job's minimum of 100" in refused.stderr
+    assert sorted(p.relative_to(world.cwd) for p in world.cwd.rglob("*")) == before  # nothing deleted
+
+    on_demand = world.step(1, "--retry-failed", "--on-demand")
+    assert on_demand.returncode == common.EXIT_INCOMPLETE  # Bedrock refuses it again
+    assert world.step(2, "--wait", "--interval", "0.05").returncode == 0
+    again = world.step(3)
+    assert again.returncode == common.EXIT_INCOMPLETE, again.stdout + again.stderr
+    assert f"s3://{world.source_bucket}/2024/a/broken.png: failed (400" in again.stdout
+    assert world.step(4).returncode == 0
