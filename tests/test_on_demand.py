@@ -4,6 +4,7 @@ with fewer new images than a job's minimum) are embedded with InvokeModel by ste
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import common
 
@@ -90,7 +91,8 @@ def test_a_remainder_that_would_cost_a_wave_is_embedded_by_step_3(world):
     loaded = world.step(3)
     assert loaded.returncode == 4, loaded.stdout + loaded.stderr
     assert "Images loaded: 300, failed: 1, missing: 0" in loaded.stdout
-    (entry,) = [json.loads(line) for line in (world.cwd / "not_loaded.jsonl").read_text().splitlines()]
+    account = Path(world.job_info()["account_file"])  # not_loaded.jsonl in the run's folder
+    (entry,) = [json.loads(line) for line in account.read_text().splitlines()]
     assert entry["source_uri"] == bad and entry["status"] == "failed" and entry["error_code"] == "ValidationException"
     assert entry["job_name"].endswith("-on-demand")
     index = world.index_metadata()
