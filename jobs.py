@@ -109,12 +109,11 @@ def waves(roots: list[str], max_concurrent: int) -> list[list[int]]:
 def waits_for(roots: list[str], planned_waves: list[list[int]]) -> dict[int, list[int]]:
     """For each job after the first wave, the jobs of earlier waves whose folders nest with its own (none: it
     waits for a free slot)."""
-    wave_of = {i: w for w, members in enumerate(planned_waves) for i in members}
-    out = {}
-    for w, members in enumerate(planned_waves[1:], start=1):
+    out, before = {}, list(planned_waves[0]) if planned_waves else []
+    for members in planned_waves[1:]:
         for i in members:
-            out[i] = [j for j in sorted(wave_of, key=lambda j: (wave_of[j], j))
-                      if wave_of[j] < w and nested(roots[i], roots[j])]
+            out[i] = [j for j in before if nested(roots[i], roots[j])]
+        before += members
     return out
 
 

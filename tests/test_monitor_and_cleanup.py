@@ -130,7 +130,7 @@ def test_ctrl_c_stops_monitoring_and_leaves_the_job_running(world):
 def test_01_refuses_to_replace_a_running_job_unless_forced(world):
     job = submit(world, step_seconds=5.0)
     again = world.step(1)
-    assert again.returncode == 1
+    assert again.returncode == common.EXIT_REFUSED
     assert f"holds a run that has not finished ({job['job_name']} is" in again.stderr
     assert world.job_info()["jobs"][0]["job_arn"] == job["job_arn"]
 
@@ -139,7 +139,7 @@ def test_01_refuses_to_replace_a_run_whose_results_are_not_loaded(world):
     job = submit(world)
     assert world.step(2, "--wait", "--interval", "0.05", "--timeout", "60").returncode == 0
     again = world.step(1)
-    assert again.returncode == 1
+    assert again.returncode == common.EXIT_REFUSED
     assert f"{job['job_name']} ended Completed but is not loaded" in again.stderr
     assert world.job_info()["jobs"][0]["job_arn"] == job["job_arn"]
 
@@ -147,7 +147,7 @@ def test_01_refuses_to_replace_a_run_whose_results_are_not_loaded(world):
 def test_04_refuses_while_the_job_runs_unless_forced(world):
     job = submit(world, step_seconds=5.0)
     running = world.step(4)
-    assert running.returncode == 1 and "is still" in running.stderr
+    assert running.returncode == common.EXIT_REFUSED and "is still" in running.stderr
     assert (world.cwd / "batch_job_info.json").exists()
     forced = world.step(4, "--force")
     assert forced.returncode == 0, forced.stderr
@@ -161,7 +161,7 @@ def test_04_refuses_until_the_results_are_loaded(world):
     submit(world)
     assert world.step(2, "--wait", "--interval", "0.05", "--timeout", "60").returncode == 0
     not_loaded = world.step(4)
-    assert not_loaded.returncode == 1 and "not loaded yet" in not_loaded.stderr
+    assert not_loaded.returncode == common.EXIT_REFUSED and "not loaded yet" in not_loaded.stderr
     assert (world.cwd / "batch_job_info.json").exists()
     assert world.step(3).returncode == 0
     cleaned = world.step(4)

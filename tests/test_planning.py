@@ -176,7 +176,7 @@ def submit_in_random_order(plan: jobs.Plan, concurrent: int, rng: random.Random,
     `concurrent` jobs run and no two of them nest. Returns how many times submit_ready was called."""
     monkeypatch.setattr(jobs, "upload_manifests", lambda *args: None)
     arns = iter(f"arn:aws:bedrock:us-east-1:123456789012:model-invocation-job/{n:012d}" for n in range(10**6))
-    monkeypatch.setattr(jobs, "create_job", lambda bedrock, owner, job: next(arns))
+    monkeypatch.setattr(jobs, "create_job", lambda *args, **kwargs: next(arns))
     info = {"account_id": "123456789012", "source_bucket": "b",
             "jobs": [{"job_name": f"j{n}", "input_folder": job.root} for n, job in enumerate(plan.jobs)]}
     config = common.Config()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import common
 
@@ -72,7 +73,7 @@ def test_failed_records_come_back_through_retry_failed(world):
     assert world.step(1).returncode == 0
     _, loaded = run_all(world, expect_load=4)
     assert "Images loaded: 200, failed: 120, missing: 0" in loaded.stdout
-    account = [json.loads(line) for line in (world.cwd / "not_loaded.jsonl").read_text().splitlines()]
+    account = [json.loads(line) for line in Path(world.job_info()["account_file"]).read_text().splitlines()]
     assert sorted(a["source_uri"] for a in account) == sorted(flaky)
     assert {a["error_code"] for a in account} == {"500"}
 
@@ -82,7 +83,7 @@ def test_failed_records_come_back_through_retry_failed(world):
     assert [j["record_count"] for j in world.job_info()["jobs"]] == [120]
     _, loaded = run_all(world)
     assert "Images loaded: 120, failed: 0, missing: 0" in loaded.stdout
-    assert not (world.cwd / "not_loaded.jsonl").exists()
+    assert "account_file" not in world.job_info()  # nothing left to list
     assert len(world.index_keys()) == 320
 
 
@@ -94,7 +95,7 @@ def test_a_few_failures_are_embedded_on_demand(world):
     world.emulator("/_emulator/config", {"fail_keys_regex": None})
 
     refused = world.step(1, "--retry-failed")
-    assert refused.returncode == 2
+    assert refused.returncode == common.EXIT_REFUSED
     assert "10 image(s) to retry, fewer than a batch job's minimum of 100" in refused.stderr
     assert "--on-demand" in refused.stderr
 
@@ -102,7 +103,6 @@ def test_a_few_failures_are_embedded_on_demand(world):
     assert on_demand.returncode == 0, on_demand.stdout + on_demand.stderr
     assert "Embedded and loaded 10 image(s) on demand" in on_demand.stdout
     assert len(world.index_keys()) == 110
-    assert not (world.cwd / "not_loaded.jsonl").exists()
 
 
 def test_a_partially_completed_job_reports_its_missing_images(world):
@@ -114,7 +114,7 @@ def test_a_partially_completed_job_reports_its_missing_images(world):
     loaded = world.step(3)
     assert loaded.returncode == 4
     assert "Images loaded: 110, failed: 0, missing: 10" in loaded.stdout
-    account = [json.loads(line) for line in (world.cwd / "not_loaded.jsonl").read_text().splitlines()]
+    account = [json.loads(line) for line in Path(world.job_info()["account_file"]).read_text().splitlines()]
     assert {a["status"] for a in account} == {"missing"}
     assert all("PartiallyCompleted" in a["error_message"] for a in account)
     assert world.step(3, "--accept-failures").returncode == 0
