@@ -214,7 +214,8 @@ def print_skipped(listing: Listing, rejects_file: Path | None = None) -> None:
 
 def previous_run(bedrock, path: Path, force: bool) -> tuple[dict | None, dict | None, set[str]]:
     """What the job-info file's run means for this one: (the run to go on submitting, or None; the run this one
-    replaces, or None; the record ids of a replaced run's jobs still running, which must not be submitted twice).
+    replaces, or None; the vector keys of the images of a replaced run's jobs still running, which must not be
+    submitted twice).
 
     A run with queued jobs (never submitted, or whose submit got no answer) is resumed. A run with jobs still
     running or not yet loaded is refused (exit 6) unless --force. Nothing is changed here: the replaced run's files
@@ -313,6 +314,7 @@ def write_manifests(listing: Listing, planned: list[jobs.PlannedJob], config: co
     ]
     writers = [ManifestWriter(record, stamp, None if single else n + 1, config.quotas, manifest_dir)
                for n, record in enumerate(records)]
+    record_ids = [common.RecordIds() for _ in records]  # recordIds unique within each job
     try:
         for key, fmt in listing.images_in_order():
             folder = jobs.folder_of(key)
@@ -320,7 +322,8 @@ def write_manifests(listing: Listing, planned: list[jobs.PlannedJob], config: co
             seen[folder] += 1
             number = next(n for start, end, n in ranges[folder] if start <= index < end)
             uri = common.s3_uri(config.source_bucket, key)
-            record = common.image_record(uri, fmt, owner, config.embedding_dimension, config.embedding_purpose)
+            record = common.image_record(uri, fmt, owner, config.embedding_dimension, config.embedding_purpose,
+                                         record_ids[number].assign(uri))
             writers[number].write(orjson.dumps(record) + b"\n")
     finally:
         for writer in writers:
@@ -480,7 +483,9 @@ def create(args, config: common.Config) -> int:
         print("VECTOR_BUCKET/VECTOR_INDEX not set: every image is embedded (set them to skip images already loaded)")
     exclude.update({key: "in a job of the replaced run still running" for key in in_flight})
 
-    stamp = common.timestamp()
+    stamp = base = common.timestamp()
+    while (jobinfo.runs_folder(config.job_info_file) / stamp).exists():  # two runs within a second
+        stamp = f"{base}-{len(stamp) - len(base) + 2}"
     run_dir = jobinfo.runs_folder(config.job_info_file) / stamp
     with tempfile.TemporaryDirectory(prefix="bedrock-batch-") as workdir:
         if retry is None:

@@ -62,11 +62,13 @@ def token_counts(s3, job: dict, job_id: str, owner: str) -> dict | None:
         return None
 
 
-def print_status(job: dict, manifest: dict | None) -> None:
+def print_status(job: dict, manifest: dict | None, name: str) -> None:
+    """The article's status block; `name` is the job-info record's, shown when Bedrock leaves jobName out (the
+    response model does not require it)."""
     common.banner("Batch Inference Job Status")
     print(f">>> STATUS: {job['status']} <<<")
     print("Job Information:")
-    print(f"Job Name: {job['jobName']}")
+    print(f"Job Name: {job.get('jobName') or name}")
     print(f"Job ARN: {job['jobArn']}")
     print(f"Submit Time: {job.get('submitTime')}")
     print(f"Last Modified: {job.get('lastModifiedTime')}")
@@ -277,7 +279,7 @@ class Run:
                 manifest = token_counts(self.s3, job, common.job_id_from_arn(job["job_arn"]), self.owner) \
                     if status.get("totalRecordCount") is not None else None
                 with contextlib.redirect_stdout(io.StringIO()) as shown:
-                    print_status(status, manifest)
+                    print_status(status, manifest, job["job_name"])
                 block = shown.getvalue().splitlines()
             if job["status"] in common.TERMINAL_STATUSES and not job.get("input_removed"):
                 remove_input(self.s3, self.info, job, self.owner)

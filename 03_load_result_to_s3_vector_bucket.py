@@ -67,6 +67,7 @@ class Loader:
         self.batcher = batcher
         self.report = report
         self.counts = dict(start.get("counts") or {"total": 0, "success": 0, "error": 0, "inserted": 0})
+        self.mismatched_ids = 0  # lines read by this process whose recordId is not their image's (only reported)
 
     def mark(self, file_key: str, offset: int, counts: dict | None = None, done: bool = False) -> dict:
         """The position to resume from: the file and byte offset, the counts and the report's size there."""
@@ -94,6 +95,8 @@ class Loader:
             self.fail(None, None, "MalformedLine", "not a JSON object", file_key, offset)
             return None
         record_id, uri = record.get("recordId"), common.image_uri(record)
+        if uri is not None and not common.record_id_matches(record_id, uri):  # joined by the URI: only reported
+            self.mismatched_ids += 1
         if "error" in record:
             err = record["error"] if isinstance(record["error"], dict) else {"errorMessage": str(record["error"])}
             self.fail(record_id, uri, err.get("errorCode", "Error"), err.get("errorMessage", ""), file_key, offset)
@@ -278,6 +281,9 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
     elapsed = time.monotonic() - started
     ok(f"Total vectors inserted: {counts['inserted']} in {elapsed:.1f}s "
        f"({sender.stats['requests']} requests, {sender.stats['throttled']} throttled)")
+    if loader.mismatched_ids:
+        print(f"! {loader.mismatched_ids} output line(s) carry a recordId that 01 did not give their image; "
+              "they were joined to their image by the URI in modelInput")
     manifest = read_manifest(s3, result_bucket, f"{job_prefix}manifest.json.out", owner)
     if manifest is None:
         print("(manifest.json.out not found: counts not cross-checked)")

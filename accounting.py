@@ -67,16 +67,20 @@ def manifest_records(job: dict) -> Iterator[tuple[str, str]]:
         yield from manifest_file_records(path)
 
 
-def failures(report: Path) -> dict[str, tuple[str, str]]:
-    """recordId -> (error code, message) from a job's load report."""
-    found = {}
+def failures(report: Path) -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str, str]]]:
+    """A job's load report joined to images: (vector key of the line's image URI -> (error code, message),
+    recordId -> (error code, message) for the lines that name no image URI)."""
+    by_key, by_record_id = {}, {}
     if report.exists():
         with open(report, "rb") as fh:
             for line in fh:
                 entry = orjson.loads(line)
-                if entry.get("recordId"):
-                    found[entry["recordId"]] = (str(entry.get("error_code")), entry.get("error_message", ""))
-    return found
+                found = (str(entry.get("error_code")), entry.get("error_message", ""))
+                if isinstance(entry.get("source_uri"), str):
+                    by_key[common.vector_key(entry["source_uri"])] = found
+                elif isinstance(entry.get("recordId"), str):
+                    by_record_id[entry["recordId"]] = found
+    return by_key, by_record_id
 
 
 class Presence:
@@ -140,7 +144,7 @@ def account_run(info: dict, s3v, config: common.Config, report_file: Callable[[s
             present |= presence.keys(unknown)
             job_id = common.job_id_from_arn(job["job_arn"]) if job.get("job_arn") else None
             job_id = job["job_name"] if job.get("on_demand") else job_id  # its load report, written by step 3
-            failed = failures(report_file(job_id)) if job_id else {}
+            failed, failed_without_uri = failures(report_file(job_id)) if job_id else ({}, {})
             status = job.get("status") or ("on demand" if job.get("on_demand") else "never submitted")
             counts = {"job_name": job["job_name"], "status": status, "loaded": 0, "failed": 0, "missing": 0}
             permanent: list[dict] = []
@@ -149,8 +153,10 @@ def account_run(info: dict, s3v, config: common.Config, report_file: Callable[[s
                     counts["loaded"] += 1
                     continue
                 entry = {"source_uri": uri, "recordId": record_id, "job_name": job["job_name"]}
-                if record_id in failed:
-                    code, message = failed[record_id]
+                # Joined by the image URI (step 3 cross-checks the recordId); a line without a URI, by its recordId.
+                failure = failed.get(key) or failed_without_uri.get(record_id)
+                if failure is not None:
+                    code, message = failure
                     entry.update(status="failed", error_code=code, error_message=message)
                     counts["failed"] += 1
                 else:

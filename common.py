@@ -73,7 +73,10 @@ MAX_S3_URI = 1024  # characters of a job's input or output s3Uri
 S3_URI_RE = re.compile(r"s3://[a-z0-9][-.a-z0-9]{1,61}[a-z0-9](?:/[-!_*'().a-z0-9A-Z]+)*/?")
 ROLE_ARN_RE = re.compile(r"arn:aws(-[^:]+)?:iam::([0-9]{12})?:role/.+")
 BUCKET_RE = re.compile(r"[a-z0-9][-.a-z0-9]{1,61}[a-z0-9]")
-VECTOR_NAME_RE = re.compile(r"[a-z0-9][-.a-z0-9]{1,61}[a-z0-9]")
+# S3 Vectors names (S3 user guide, s3-vectors-buckets-naming and s3-vectors-indexes): a vector bucket takes no dots,
+# unlike an S3 bucket; an index may.
+VECTOR_BUCKET_RE = re.compile(r"[a-z0-9][-a-z0-9]{1,61}[a-z0-9]")
+VECTOR_INDEX_RE = re.compile(r"[a-z0-9][-.a-z0-9]{1,61}[a-z0-9]")
 ACCOUNT_RE = re.compile(r"[0-9]{12}")
 
 
@@ -234,9 +237,12 @@ def _invalid(raw: dict[str, str | None]) -> list[str]:
     for name in ("SOURCE_BUCKET", "RESULT_BUCKET"):
         if raw[name] and not BUCKET_RE.fullmatch(raw[name]):
             problems.append(f"{name}={raw[name]!r} is not a valid S3 bucket name")
-    for name in ("VECTOR_BUCKET", "VECTOR_INDEX"):
-        if raw[name] and not VECTOR_NAME_RE.fullmatch(raw[name]):
-            problems.append(f"{name}={raw[name]!r} must be 3-63 lowercase letters, digits, '-' or '.'")
+    if raw["VECTOR_BUCKET"] and not VECTOR_BUCKET_RE.fullmatch(raw["VECTOR_BUCKET"]):
+        problems.append(f"VECTOR_BUCKET={raw['VECTOR_BUCKET']!r} must be 3-63 lowercase letters, digits or '-' (no dots), "
+                        "starting and ending with a letter or digit")
+    if raw["VECTOR_INDEX"] and not VECTOR_INDEX_RE.fullmatch(raw["VECTOR_INDEX"]):
+        problems.append(f"VECTOR_INDEX={raw['VECTOR_INDEX']!r} must be 3-63 lowercase letters, digits, '-' or '.', "
+                        "starting and ending with a letter or digit")
     if raw["ROLE_ARN"] and not ROLE_ARN_RE.fullmatch(raw["ROLE_ARN"]):
         problems.append(f"ROLE_ARN={raw['ROLE_ARN']!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
     if raw["EMBEDDING_DIMENSION"] not in {str(d) for d in DIMENSIONS}:
@@ -302,7 +308,8 @@ def describe_aws_error(exc: Exception) -> str:
         code, message = err.get("Code", "Error"), err.get("Message", str(exc))
         op = getattr(exc, "operation_name", "")
         hint = {
-            "AccessDenied": "check the caller's IAM policy (bash iam/setup_service_role.sh --user-policy)",
+            "AccessDenied": "check the caller's IAM policy (bash iam/setup_service_role.sh --user-policy) and that "
+                            "the bucket belongs to EXPECTED_BUCKET_OWNER",
             "AccessDeniedException": "check the caller's IAM policy (bash iam/setup_service_role.sh --user-policy)",
             "NoSuchBucket": "check the bucket settings in .env",
             "ExpiredToken": "refresh your AWS credentials and run the step again",
@@ -434,8 +441,50 @@ def is_own_manifest(key: str) -> bool:
 
 
 def vector_key(source_uri: str) -> str:
-    """The vector key (and batch recordId) of an image: stable for its S3 URI, so loading twice overwrites."""
+    """The vector key of an image: stable for its S3 URI, so loading twice overwrites."""
     return hashlib.sha256(source_uri.encode("utf-8")).hexdigest()[:32]
+
+
+# A batch recordId: at most 12 characters [A-Za-z0-9] (Bedrock's documented length has varied; 12 alphanumerics is
+# what is known to work), derived from the image's URI. Results are joined by the URI in modelInput; the recordId
+# is only a cross-check, so an id Bedrock shortened or replaced costs a warning, not an image.
+RECORD_ID_LENGTH = 12
+RECORD_ID_ATTEMPTS = 16  # ids tried for one URI before a job's manifest gives up (62**12 ids: never reached)
+_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def record_id(source_uri: str, attempt: int = 0) -> str:
+    """The recordId of an image in a batch manifest; `attempt` > 0 derives another one after a collision."""
+    data = source_uri.encode("utf-8") if attempt == 0 else f"{attempt}\n{source_uri}".encode("utf-8")
+    number = int.from_bytes(hashlib.sha256(data).digest()[:9], "big")  # 72 bits, 62**12 is about 2**71.4
+    chars = []
+    for _ in range(RECORD_ID_LENGTH):
+        number, digit = divmod(number, 62)
+        chars.append(_BASE62[digit])
+    return "".join(chars)
+
+
+def record_id_matches(rid, source_uri: str) -> bool:
+    """Whether `rid` is one of the recordIds 01 may have given the image (the cross-check of an output line)."""
+    return isinstance(rid, str) and any(rid == record_id(source_uri, a) for a in range(RECORD_ID_ATTEMPTS))
+
+
+class RecordIds:
+    """The recordIds of one job: each derived from its image's URI, and unique within the job (a collision takes
+    the URI's next id, so the same manifests always get the same ids)."""
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+        self.collisions = 0
+
+    def assign(self, source_uri: str) -> str:
+        for attempt in range(RECORD_ID_ATTEMPTS):
+            rid = record_id(source_uri, attempt)
+            if rid not in self.used:
+                self.used.add(rid)
+                self.collisions += attempt > 0
+                return rid
+        raise StepError(f"no unique recordId left for {source_uri} in its job")
 
 
 def job_id_from_arn(job_arn: str) -> str:
@@ -462,9 +511,10 @@ def image_uri(record: dict) -> str | None:
         return None
 
 
-def image_record(uri: str, fmt: str, owner: str, dimension: int, purpose: str) -> dict:
-    """One line of the batch manifest; the recordId is the image's vector key, so results join back to it."""
-    return {"recordId": vector_key(uri), "modelInput": image_request(uri, fmt, owner, dimension, purpose)}
+def image_record(uri: str, fmt: str, owner: str, dimension: int, purpose: str, rid: str | None = None) -> dict:
+    """One line of the batch manifest. Results join back to the image by the URI in modelInput; `rid` is the
+    recordId the job's RecordIds gave it (by default the URI's first id)."""
+    return {"recordId": rid or record_id(uri), "modelInput": image_request(uri, fmt, owner, dimension, purpose)}
 
 
 # --------------------------------------------------------------------------------------------------------------

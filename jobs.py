@@ -455,13 +455,18 @@ def submit_ready(s3, bedrock, info: dict, config: common.Config, save, max_concu
         try:
             job["job_arn"] = create_job(bedrock, owner, job)
         except ClientError as exc:
-            if common.error_code(exc) in ("ValidationException", "AccessDeniedException"):
+            found = earlier_submit(bedrock, job, exc)
+            if found:
+                print(f"Job {job['job_name']} was already submitted (the answer was lost): {found}")
+                job["job_arn"] = found
+            elif common.error_code(exc) in ("ValidationException", "AccessDeniedException"):
                 raise common.StepError(f"{common.describe_aws_error(exc)} — fix the cause, then "
                                        "01_create_job.py --force plans the run again") from None
-            if common.error_code(exc) not in ("ServiceQuotaExceededException", "ThrottlingException"):
+            elif common.error_code(exc) not in ("ServiceQuotaExceededException", "ThrottlingException"):
                 raise
-            print(f"Job {job['job_name']} stays queued: {common.describe_aws_error(exc)}")
-            break
+            else:
+                print(f"Job {job['job_name']} stays queued: {common.describe_aws_error(exc)}")
+                break
         job["job_id"] = common.job_id_from_arn(job["job_arn"])
         job["status"] = "Submitted"
         save(info)
@@ -483,6 +488,34 @@ def upload_manifests(s3, bucket: str, job: dict, owner: str) -> None:
             raise common.StepError(f"manifest {local} is gone — run 04_remove_completed_task.py --force and "
                                    "01_create_job.py again") from None
         common.ok(f"Uploaded to {uri}")
+
+
+def earlier_submit(bedrock, job: dict, exc) -> str | None:
+    """The ARN of the job an earlier submit of `job` created, when Bedrock refused the repeat with an error.
+
+    The API reference says a repeated clientRequestToken is ignored without an error; whether the earlier job's ARN
+    comes back is unverified. If Bedrock answers ConflictException, or ValidationException naming the token or the
+    job name, the job is looked up by name (nameContains matches parts of names too: the name must be equal) and
+    taken when it is ours: the same token when Bedrock shows it, else the same input and output folders.
+    """
+    code, message = common.error_code(exc), exc.response.get("Error", {}).get("Message", "")
+    if not (code == "ConflictException" or (code == "ValidationException" and (
+            job["client_request_token"] in message or job["job_name"] in message))):
+        return None
+    for page in bedrock.get_paginator("list_model_invocation_jobs").paginate(nameContains=job["job_name"]):
+        for summary in page.get("invocationJobSummaries", []):
+            if summary.get("jobName") == job["job_name"] and _same_submit(summary, job):
+                return summary["jobArn"]
+    return None
+
+
+def _same_submit(summary: dict, job: dict) -> bool:
+    token = summary.get("clientRequestToken")
+    if token is not None:
+        return token == job["client_request_token"]
+    input_uri = summary.get("inputDataConfig", {}).get("s3InputDataConfig", {}).get("s3Uri")
+    output_uri = summary.get("outputDataConfig", {}).get("s3OutputDataConfig", {}).get("s3Uri")
+    return input_uri == job["input_s3_uri"] and output_uri == job["output_s3_uri"]
 
 
 def create_job(bedrock, owner: str, job: dict) -> str:

@@ -65,7 +65,7 @@ def test_malformed_job_info(world, step, content):
     result = world.step(step)
     assert result.returncode == 2
     line = one_line(result)
-    assert "batch_job_info.json" in line and ("malformed" in line or "not valid JSON" in line)
+    assert "batch_job_info.json" in line and ("is damaged: " in line or "not valid JSON" in line)
     assert (world.cwd / "batch_job_info.json").read_text() == content  # left as it was
 
 
@@ -73,7 +73,7 @@ def test_missing_source_bucket(world):
     result = world.step(1, env={"SOURCE_BUCKET": "no-such-bucket-here"})
     assert result.returncode == 1
     assert one_line(result).startswith("error: NoSuchBucket:")
-    assert not list(world.cwd.glob("batch_input_*"))
+    assert not list(world.cwd.rglob("batch_input_*"))
     assert not (world.cwd / "batch_job_info.json").exists()
 
 
@@ -130,11 +130,11 @@ def test_prefix_that_bedrock_cannot_take_stops_before_upload(world):
 def test_fewer_than_100_images_uploads_nothing(world):
     world.put_images([f"img{i}.png" for i in range(99)], prefix="2024/")
     result = world.step(1, env={"ON_DEMAND_MAX_IMAGES": "50"})  # within it, they go on demand (test_on_demand)
-    assert result.returncode == 6  # refused: the run is not ready
+    assert result.returncode == common.EXIT_REFUSED
     assert "found 99 images" in one_line(result) and "at least 100" in result.stderr
     keys = [o["Key"] for o in world.client("s3").list_objects_v2(Bucket=world.source_bucket)["Contents"]]
     assert not [k for k in keys if k.endswith(".jsonl")]
-    assert not list(world.cwd.glob("batch_input_*")) and not (world.cwd / "batch_job_info.json").exists()
+    assert not list(world.cwd.rglob("batch_input_*")) and not (world.cwd / "batch_job_info.json").exists()
     jobs = world.client("bedrock").list_model_invocation_jobs()["invocationJobSummaries"]
     assert not [j for j in jobs if j["inputDataConfig"]["s3InputDataConfig"]["s3Uri"].startswith(
         f"s3://{world.source_bucket}/")]
@@ -146,7 +146,7 @@ def test_foreign_jsonl_is_named_and_never_deleted(world):
     s3.put_object(Bucket=world.source_bucket, Key="2024/sub/their-data.jsonl", Body=b"{}\n")
     s3.put_object(Bucket=world.source_bucket, Key="2024/batch_input_20240101-000000.jsonl", Body=b"{}\n")
     result = world.step(1)
-    assert result.returncode == 1
+    assert result.returncode == common.EXIT_REFUSED
     assert f"s3://{world.source_bucket}/2024/sub/their-data.jsonl" in one_line(result)
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=world.source_bucket)["Contents"]}
     assert {"2024/sub/their-data.jsonl", "2024/batch_input_20240101-000000.jsonl"} <= keys
@@ -163,7 +163,7 @@ def test_dry_run_submits_nothing(world):
     assert first["modelInput"]["singleEmbeddingParams"]["image"]["source"]["s3Location"]["bucketOwner"] == ACCOUNT
     keys = [o["Key"] for o in world.client("s3").list_objects_v2(Bucket=world.source_bucket)["Contents"]]
     assert not [k for k in keys if k.endswith(".jsonl")]
-    assert not list(world.cwd.glob("batch_input_*")) and not (world.cwd / "batch_job_info.json").exists()
+    assert not list(world.cwd.rglob("batch_input_*")) and not (world.cwd / "batch_job_info.json").exists()
 
 
 def test_a_role_bedrock_cannot_use_stops_01_with_what_to_do(world):

@@ -543,3 +543,98 @@ def test_the_role_must_be_assumable_and_allowed(stack, s3, buckets):
     assert job["status"] == "Completed", job.get("message")
     job = wait(bedrock, create(bedrock, src, out, roleArn=no_put))
     assert job["status"] == "Failed" and "s3:PutObject" in job["message"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Unverified behaviours, each an option the emulator plays both ways.
+
+
+def test_record_id_length_and_alphabet_options(bedrock, s3, buckets, stack):
+    src, out = buckets
+    keys = [f"2024/img{i:04d}.jpg" for i in range(100)]
+    put_images(s3, src, keys)
+
+    def job_with_ids(ids) -> dict:
+        for old in s3.list_objects_v2(Bucket=src, Prefix="2024/").get("Contents", []):
+            if old["Key"].endswith(".jsonl"):
+                s3.delete_object(Bucket=src, Key=old["Key"])
+        put_jsonl(s3, src, "2024/batch_input_X.jsonl",
+                  [{"recordId": rid, "modelInput": model_input(f"s3://{src}/{key}")} for rid, key in zip(ids, keys)])
+        return wait(bedrock, create(bedrock, src, out))
+
+    twelve = [f"A{i:011d}" for i in range(100)]
+    thirteen = [f"A{i:012d}" for i in range(100)]
+    underscore = [f"IMG_{i:08X}" for i in range(100)]  # the article's form: 12 characters with an underscore
+    assert job_with_ids(thirteen)["status"] == "Completed"  # by default no limit
+    control(stack.url, "config", {"max_record_id_length": 12})
+    failed = job_with_ids(thirteen)
+    assert failed["status"] == "Failed" and "longer than 12" in failed["message"]
+    assert job_with_ids(twelve)["status"] == "Completed"
+    assert job_with_ids(underscore)["status"] == "Completed"
+    control(stack.url, "config", {"record_id_alphanumeric": True})
+    failed = job_with_ids(underscore)
+    assert failed["status"] == "Failed" and "alphanumeric" in failed["message"]
+    assert job_with_ids(twelve)["status"] == "Completed"
+
+
+def test_rewritten_record_ids(bedrock, s3, buckets, stack):
+    src, out = buckets
+    image_job_input(s3, src, "2024", 100)
+    control(stack.url, "config", {"rewrite_record_ids": True})
+    job = wait(bedrock, create(bedrock, src, out))
+    lines = lines_of(outputs(s3, out, job["jobArn"][-12:])["batch_input_X.jsonl.out"])
+    ids = {line["recordId"] for line in lines}
+    assert len(ids) == 100 and not ids & {f"IMG{i:04d}" for i in range(100)}
+
+
+@pytest.mark.parametrize("answer", [None, "ConflictException", "ValidationException"])
+def test_repeated_client_request_token_answers(bedrock, s3, buckets, stack, answer):
+    src, out = buckets
+    control(stack.url, "config", {"repeated_token_answer": answer})
+    first = create(bedrock, src, out, jobName="nightly-7", clientRequestToken="token-20261201")
+    if answer is None:
+        assert create(bedrock, src, out, jobName="nightly-7", clientRequestToken="token-20261201") == first
+    else:
+        with pytest.raises(ClientError) as exc_info:
+            create(bedrock, src, out, jobName="nightly-7", clientRequestToken="token-20261201")
+        assert error_code(exc_info) == answer
+        named = "nightly-7" if answer == "ConflictException" else "token-20261201"
+        assert named in exc_info.value.response["Error"]["Message"]
+    assert len(bedrock.list_model_invocation_jobs()["invocationJobSummaries"]) == 1
+
+
+def test_job_name_left_out_of_get(bedrock, buckets, stack):
+    src, out = buckets
+    arn = create(bedrock, src, out, jobName="nameless-1")
+    assert bedrock.get_model_invocation_job(jobIdentifier=arn)["jobName"] == "nameless-1"
+    control(stack.url, "config", {"omit_job_name": True})
+    assert "jobName" not in bedrock.get_model_invocation_job(jobIdentifier=arn)
+    summaries = bedrock.list_model_invocation_jobs()["invocationJobSummaries"]
+    assert [s["jobName"] for s in summaries] == ["nameless-1"]  # required in the summary
+
+
+def test_output_while_in_progress_and_a_stopped_job_without_output(bedrock, s3, buckets, stack):
+    src, out = buckets
+    image_job_input(s3, src, "2024", 100)
+    control(stack.url, "config", {"hold_after_records": 30, "progress_output_every": 10})
+    arn = create(bedrock, src, out)
+    job = wait(bedrock, arn, statuses=("InProgress",))
+    while job.get("processedRecordCount", 0) < 30:
+        job = wait(bedrock, arn, statuses=("InProgress",))
+    files = outputs(s3, out, arn[-12:])
+    assert set(files) == {"batch_input_X.jsonl.out"}  # no manifest.json.out before the end
+    assert len(lines_of(files["batch_input_X.jsonl.out"])) == 30
+    assert bedrock.get_model_invocation_job(jobIdentifier=arn)["status"] == "InProgress"  # held
+    bedrock.stop_model_invocation_job(jobIdentifier=arn)
+    assert wait(bedrock, arn)["status"] == "Stopped"
+    assert len(lines_of(outputs(s3, out, arn[-12:])["batch_input_X.jsonl.out"])) == 30
+
+    control(stack.url, "config", {"hold_after_records": 20, "progress_output_every": 0, "stopped_output": "none"})
+    arn = create(bedrock, src, out)
+    job = wait(bedrock, arn, statuses=("InProgress",))
+    while job.get("processedRecordCount", 0) < 20:
+        job = wait(bedrock, arn, statuses=("InProgress",))
+    bedrock.stop_model_invocation_job(jobIdentifier=arn)
+    job = wait(bedrock, arn)
+    assert job["status"] == "Stopped" and job["processedRecordCount"] == 20
+    assert outputs(s3, out, arn[-12:]) == {}  # nothing written, not even manifest.json.out

@@ -65,7 +65,7 @@ def test_four_steps_end_to_end(world):
     run_dir = world.run_dir()
     report = [json.loads(line) for line in (run_dir / f"load_report_{job['job_id']}.jsonl").read_text().splitlines()]
     assert [r["source_uri"] for r in report] == [broken_uri]
-    assert report[0]["recordId"] == common.vector_key(broken_uri)
+    assert report[0]["recordId"] == common.record_id(broken_uri)
     assert f"Images loaded: {len(good)}, failed: 1, missing: 0" in loaded.stdout
     account = world.account()
     assert [(a["source_uri"], a["status"]) for a in account] == [(broken_uri, "failed")]

@@ -72,7 +72,7 @@ def test_network_failing_in_the_middle_of_the_listing(world, proxy):
     failed = world.step(1, env={"AWS_ENDPOINT_URL_S3": url, **FAST_FAIL})
     assert failed.returncode == 1
     assert one_line(failed).startswith("error: ")
-    assert not (world.cwd / "batch_job_info.json").exists() and not list(world.cwd.glob("batch_input_*"))
+    assert not (world.cwd / "batch_job_info.json").exists() and not list(world.cwd.rglob("batch_input_*"))
     assert jsonl_in_bucket(world) == []
 
     assert world.step(1).returncode == 0
@@ -184,9 +184,9 @@ def test_a_truncated_last_line_is_accounted_for_and_retried(world):
     loaded = world.step(3)
     assert loaded.returncode == 4
     assert "Images loaded: 119, failed: 0, missing: 1" in loaded.stdout
-    account = [json.loads(line) for line in (world.cwd / "not_loaded.jsonl").read_text().splitlines()]
+    account = world.account()
     assert [a["source_uri"] for a in account] == [cut]
-    report = [json.loads(line) for line in (world.cwd / f"load_report_{job['job_id']}.jsonl").read_text().splitlines()]
+    report = [json.loads(line) for line in (world.run_dir() / f"load_report_{job['job_id']}.jsonl").read_text().splitlines()]
     assert [r["error_code"] for r in report] == ["MalformedLine"]
 
     retried = world.step(1, "--retry-failed", "--on-demand")
@@ -201,7 +201,7 @@ def test_a_job_that_produced_nothing_is_retried_whole(world, final):
     assert world.step(1).returncode == 0
     loaded = finish_run(world, expect_load=4)
     assert "Images loaded: 0, failed: 0, missing: 110" in loaded.stdout
-    account = [json.loads(line) for line in (world.cwd / "not_loaded.jsonl").read_text().splitlines()]
+    account = world.account()
     assert {a["status"] for a in account} == {"missing"} and all(final in a["error_message"] for a in account)
 
     world.emulator("/_emulator/config", {"final_status": None})
@@ -226,7 +226,7 @@ def test_a_hand_edited_job_info_stops_01_without_touching_anything(world):
     (world.cwd / "batch_job_info.json").write_text('{"jobs": [{"job_name": "x"}]}')
     result = world.step(1)
     assert result.returncode == 2
-    assert re.search(r"batch_job_info.json is malformed", one_line(result))
+    assert re.search(r"batch_job_info.json is damaged", one_line(result))
     assert jsonl_in_bucket(world) == []
 
 
@@ -239,7 +239,7 @@ def test_ctrl_c_during_the_listing_leaves_nothing_behind(world, proxy):
         return None
 
     interrupt_while_stalled(world, 1, proxy(world.stack.moto_url, stall), "Listing images")
-    assert not (world.cwd / "batch_job_info.json").exists() and not list(world.cwd.glob("batch_input_*"))
+    assert not (world.cwd / "batch_job_info.json").exists() and not list(world.cwd.rglob("batch_input_*"))
     assert jsonl_in_bucket(world) == []
     assert world.step(1).returncode == 0
 
@@ -261,7 +261,7 @@ def test_a_stopped_job_loads_what_it_produced_and_lists_the_rest(world):
     done = len(world.index_keys())
     assert 20 <= done < 150
     assert f"Images loaded: {done}, failed: 0, missing: {150 - done}" in loaded.stdout
-    account = [json.loads(line) for line in (world.cwd / "not_loaded.jsonl").read_text().splitlines()]
+    account = world.account()
     assert all(a["status"] == "missing" and "Stopped" in a["error_message"] for a in account)
     assert {a["source_uri"] for a in account} | {u for u in uris if common.vector_key(u) in world.index_keys()} \
         == set(uris)
@@ -281,4 +281,4 @@ def test_ctrl_c_during_the_clean_up_then_run_it_again(world, proxy):
     assert (world.cwd / "batch_job_info.json").exists()  # removed last: the clean-up can be run again
     cleaned = world.step(4)
     assert cleaned.returncode == 0, cleaned.stderr
-    assert not (world.cwd / "batch_job_info.json").exists() and not list(world.cwd.glob("batch_input_*"))
+    assert not (world.cwd / "batch_job_info.json").exists() and not list(world.cwd.rglob("batch_input_*"))

@@ -47,8 +47,8 @@ def test_caller_and_role_policies_cover_every_call_of_the_four_steps(world):
     # No credential in what the steps print (a pre-signed link is step 5's answer, not a log) or leave behind.
     assert not [o for o in outputs[:3] + outputs[-1:] if SECRET in o or TOKEN in o]
     assert not [o for o in outputs[3:-1] if SECRET in o]
-    for path in world.cwd.iterdir():
-        if path.name != "calls.jsonl":
+    for path in world.cwd.rglob("*"):
+        if path.name != "calls.jsonl" and path.is_file():
             assert SECRET not in path.read_text(errors="replace") and TOKEN not in path.read_text(errors="replace")
 
     recorded = [json.loads(line) for line in calls.read_text().splitlines()]

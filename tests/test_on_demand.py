@@ -37,7 +37,7 @@ def test_a_day_with_fewer_images_than_a_job_takes_goes_on_demand(world):
     assert world.vectors_accepted() == 30
     cleaned = world.step(4)
     assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
-    assert not list(world.cwd.glob("batch_input_*.jsonl"))
+    assert not list(world.cwd.rglob("batch_input_*.jsonl"))
 
 
 def test_too_few_images_over_the_on_demand_limit_are_refused(world):
@@ -71,7 +71,7 @@ def test_dry_run_prints_jobs_waves_and_who_waits(world):
     assert "Planned 2 job(s) in 1 wave(s)" in with_on_demand.stdout
     assert "/2024/a/, starts at once" in with_on_demand.stdout and "/2024/b/, starts at once" in with_on_demand.stdout
     assert "30 image(s) embedded on demand (InvokeModel) by step 3" in with_on_demand.stdout
-    assert not (world.cwd / "batch_job_info.json").exists() and not list(world.cwd.glob("batch_input_*.jsonl"))
+    assert not (world.cwd / "batch_job_info.json").exists() and not list(world.cwd.rglob("batch_input_*.jsonl"))
 
 
 def test_a_remainder_that_would_cost_a_wave_is_embedded_by_step_3(world):

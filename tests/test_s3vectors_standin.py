@@ -660,3 +660,30 @@ if __name__ == "__main__":
     a = ap.parse_args()
     rate = measure_throughput(a.requests, a.streams)
     print(f"{rate:.0f} vectors/s ({a.streams} stream(s) of 500-vector PutVectors, 3072 dims, quota disabled)")
+
+
+# ------------------------------------------------------------------------ since general availability
+
+
+@pytest.mark.parametrize("mode", ["ENHANCED", "CLASSIC"])
+def test_get_index_returns_the_ga_fields(standin_factory, mode):
+    s = standin_factory(**NO_QUOTA, default_index_mode=mode)
+    arn = s.index(dimension=8)
+    index = s.client.get_index(indexArn=arn)["index"]  # botocore parses every field: all are in its Index shape
+    assert index["indexMode"] == mode
+    assert index["encryptionConfiguration"] == {"sseType": "AES256"}  # the bucket's
+    assert (index["dimension"], index["distanceMetric"], index["dataType"]) == (8, "cosine", "float32")
+    assert s.client.get_vector_bucket(vectorBucketName=BUCKET)["vectorBucket"]["defaultIndexMode"] == mode
+    with pytest.raises(ValueError):
+        make_app(options={"default_index_mode": "FAST"})
+
+
+def test_list_vectors_pages_may_count_data_that_is_not_returned(standin_factory):
+    s = standin_factory(**NO_QUOTA, max_list_response_bytes=4000)
+    arn = s.index(dimension=100)  # 400 bytes of data a vector
+    s.client.put_vectors(indexArn=arn, vectors=[vec(f"k{i:02d}", [1.0] * 100, source="x" * 50) for i in range(50)])
+    assert len(s.client.list_vectors(indexArn=arn, maxResults=50)["vectors"]) == 50  # keys only: one page
+    s.control("POST", "config", {"list_bytes_count_stored_data": True})
+    page = s.client.list_vectors(indexArn=arn, maxResults=50)
+    assert 1 <= len(page["vectors"]) < 10 and "nextToken" in page
+    assert sorted(all_keys(s.client, arn, PaginationConfig={"PageSize": 50})) == [f"k{i:02d}" for i in range(50)]

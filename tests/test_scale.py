@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import common
 
@@ -73,7 +72,7 @@ def test_failed_records_come_back_through_retry_failed(world):
     assert world.step(1).returncode == 0
     _, loaded = run_all(world, expect_load=4)
     assert "Images loaded: 200, failed: 120, missing: 0" in loaded.stdout
-    account = [json.loads(line) for line in Path(world.job_info()["account_file"]).read_text().splitlines()]
+    account = world.account()
     assert sorted(a["source_uri"] for a in account) == sorted(flaky)
     assert {a["error_code"] for a in account} == {"500"}
 
@@ -83,7 +82,7 @@ def test_failed_records_come_back_through_retry_failed(world):
     assert [j["record_count"] for j in world.job_info()["jobs"]] == [120]
     _, loaded = run_all(world)
     assert "Images loaded: 120, failed: 0, missing: 0" in loaded.stdout
-    assert "account_file" not in world.job_info()  # nothing left to list
+    assert len(list(world.cwd.rglob("not_loaded.jsonl"))) == 1  # the first run's; the retry loaded everything
     assert len(world.index_keys()) == 320
 
 
@@ -103,6 +102,9 @@ def test_a_few_failures_are_embedded_on_demand(world):
     assert on_demand.returncode == 0, on_demand.stdout + on_demand.stderr
     assert "Embedded and loaded 10 image(s) on demand" in on_demand.stdout
     assert len(world.index_keys()) == 110
+    assert len(list(world.cwd.rglob("not_loaded.jsonl"))) == 1  # the first run's; on demand loaded everything
+    again = world.step(1, "--retry-failed")
+    assert again.returncode == 0 and "Left out 10 image(s): already in the vector index" in again.stdout
 
 
 def test_a_partially_completed_job_reports_its_missing_images(world):
@@ -114,7 +116,7 @@ def test_a_partially_completed_job_reports_its_missing_images(world):
     loaded = world.step(3)
     assert loaded.returncode == 4
     assert "Images loaded: 110, failed: 0, missing: 10" in loaded.stdout
-    account = [json.loads(line) for line in Path(world.job_info()["account_file"]).read_text().splitlines()]
+    account = world.account()
     assert {a["status"] for a in account} == {"missing"}
     assert all("PartiallyCompleted" in a["error_message"] for a in account)
     assert world.step(3, "--accept-failures").returncode == 0

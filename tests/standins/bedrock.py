@@ -77,8 +77,23 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "hold_scheduled": False,
     # With iam_endpoint_url: the job's S3 accesses must be allowed by the role's policies (inline and attached).
     "enforce_role_policies": True,
+    # Unverified behaviours, each played both ways (see "Assumptions about AWS" in README.md):
+    # recordId: the docs have said "11 character alphanumeric string" and now say "alphanumeric string". A record
+    # whose recordId is longer than this (0: no limit), or not alphanumeric, fails the job's validation.
+    "max_record_id_length": 0,
+    "record_id_alphanumeric": False,
+    "rewrite_record_ids": False,  # output lines carry a recordId of the service's own, not the input's
+    # A repeated clientRequestToken: None answers the earlier job's ARN; "ConflictException" (naming the job) or
+    # "ValidationException" (naming the token) refuse it.
+    "repeated_token_answer": None,
+    "omit_job_name": False,  # GetModelInvocationJob leaves out jobName (not required in its response model)
+    "stopped_output": "partial",  # what a Stopped job leaves: "partial" (the records done so far) or "none"
+    "hold_after_records": 0,  # N > 0: the job stays InProgress after N records until it is stopped
+    "progress_output_every": 0,  # N > 0: while InProgress, the output so far is written every N records
 }
 _FINAL_STATUSES = (None, "Failed", "Expired", "PartiallyCompleted")
+_REPEATED_TOKEN_ANSWERS = (None, "ConflictException", "ValidationException")
+_STOPPED_OUTPUTS = ("partial", "none")
 _DEFAULT_TIMEOUT_HOURS = 168  # unverified: the service's default when timeoutDurationInHours is omitted
 _LIST_DEFAULT_MAX_RESULTS = 100  # unverified: page size when maxResults is omitted
 
@@ -370,6 +385,12 @@ class BedrockEmulator:
             elif name == "final_status":
                 if value not in _FINAL_STATUSES:
                     raise ValueError(f"final_status must be one of {_FINAL_STATUSES}")
+            elif name == "repeated_token_answer":
+                if value not in _REPEATED_TOKEN_ANSWERS:
+                    raise ValueError(f"repeated_token_answer must be one of {_REPEATED_TOKEN_ANSWERS}")
+            elif name == "stopped_output":
+                if value not in _STOPPED_OUTPUTS:
+                    raise ValueError(f"stopped_output must be one of {_STOPPED_OUTPUTS}")
             elif name == "final_message":
                 if value is not None and not isinstance(value, str):
                     raise ValueError("final_message must be a string")
@@ -589,7 +610,7 @@ class BedrockEmulator:
                 # return an error." (CreateModelInvocationJob reference)
                 for job in self.jobs.values():
                     if job.token == token:
-                        return {"jobArn": job.arn}
+                        return self._repeated_token(job)
             if any(job.name == name for job in self.jobs.values()):
                 # unverified: the code for a job name already taken (ConflictException is in the operation's errors)
                 raise ApiError("ConflictException", f"A batch inference job named {name} already exists.")
@@ -618,6 +639,16 @@ class BedrockEmulator:
         threading.Thread(target=self._run, args=(job,), name=f"bedrock-job-{job_id}", daemon=True).start()
         return {"jobArn": arn}
 
+    def _repeated_token(self, job: _Job) -> dict:
+        """A create with the clientRequestToken of an earlier one: the earlier job's ARN, or (option) an error."""
+        answer = self.options["repeated_token_answer"]
+        if answer == "ConflictException":
+            raise ApiError("ConflictException", f"A batch inference job named {job.name} already exists.")
+        if answer == "ValidationException":
+            raise ApiError("ValidationException",
+                           f"The clientRequestToken {job.token} has already been used by another request.")
+        return {"jobArn": job.arn}
+
     def _find(self, identifier: str) -> _Job:
         c = _Checks()
         c.string(identifier, "jobIdentifier", required=True, max_len=1011, pattern=_PATTERNS["jobIdentifier"])
@@ -630,7 +661,10 @@ class BedrockEmulator:
 
     def get_job(self, identifier: str) -> dict:
         with self._lock:
-            return self._find(identifier).describe()
+            described = self._find(identifier).describe()
+            if self.options["omit_job_name"]:
+                described.pop("jobName")
+            return described
 
     def stop_job(self, identifier: str) -> dict:
         with self._lock:
@@ -728,10 +762,10 @@ class BedrockEmulator:
             self._stopped(job)
 
     def _stopped(self, job: _Job, plan: _Plan | None = None, outputs: dict | None = None) -> None:
-        """Stopping -> Stopped; the records processed so far are written, as the service does (unverified)."""
+        """Stopping -> Stopped; the records processed so far are written (unverified: option stopped_output)."""
         if job.discarded:
             return
-        if plan is not None and outputs is not None:
+        if plan is not None and outputs is not None and job.options["stopped_output"] == "partial":
             self._write_outputs(job, plan, outputs)
         time.sleep(job.options["step_seconds"])
         self._end(job, "Stopped", force=True)
@@ -885,12 +919,41 @@ class BedrockEmulator:
                 record_id = uuid.uuid5(uuid.NAMESPACE_URL, f"{uri}#{number}").hex[:11].upper()
             elif not isinstance(record_id, str):
                 raise _JobFailed(f"Line {number} of the input file {uri}: recordId must be a string.")
+            else:
+                self._check_record_id(job, record_id, number, uri)
             records.append((record_id, record["modelInput"]))
             if len(records) > job.options["max_records_per_file"]:
                 raise _JobFailed(f"The input file {uri} has more than {job.options['max_records_per_file']} records, "
                                  "the quota of records per batch inference input file.")
         rel = key[len(folder):] if folder is not None else key.rsplit("/", 1)[-1]
         return _InputFile(key=key, rel=rel, records=records)
+
+    @staticmethod
+    def _check_record_id(job: _Job, record_id: str, number: int, uri: str) -> None:
+        """The options max_record_id_length and record_id_alphanumeric (unverified rules, so both are options)."""
+        most = job.options["max_record_id_length"]
+        if most and len(record_id) > most:
+            raise _JobFailed(f"Line {number} of the input file {uri}: recordId '{record_id}' is longer than {most} "
+                             "characters.")
+        if job.options["record_id_alphanumeric"] and not re.fullmatch(r"[A-Za-z0-9]+", record_id):
+            raise _JobFailed(f"Line {number} of the input file {uri}: recordId '{record_id}' must be alphanumeric.")
+
+    @staticmethod
+    def _output_record_id(job: _Job, record_id: str, rel: str, n: int) -> str:
+        """The recordId an output line carries: the input's, or (option rewrite_record_ids) one of its own."""
+        if not job.options["rewrite_record_ids"]:
+            return record_id
+        return uuid.uuid5(uuid.NAMESPACE_URL, f"{job.job_id}/{rel}#{n}").hex[:11].upper()
+
+    def _hold(self, job: _Job, plan: _Plan, outputs: dict[str, list[str]]) -> None:
+        """Options progress_output_every and hold_after_records: output written while InProgress; a job that
+        stays InProgress (until stopped) after some records."""
+        opts = job.options
+        every, hold = opts["progress_output_every"], opts["hold_after_records"]
+        if every and job.processed % every == 0:
+            self._write_outputs(job, plan, outputs, with_manifest=False)
+        if hold and job.processed >= hold:
+            job.stop_event.wait()
 
     def _process(self, job: _Job, plan: _Plan) -> tuple[dict[str, list[str]], bool]:
         """Runs every record; returns the output lines of each input file and whether all of them were reached."""
@@ -918,7 +981,9 @@ class BedrockEmulator:
                 source_key = _source_key(model_input) or record_id
                 if drop_re is not None and drop_re.search(source_key):
                     continue
-                line: dict[str, Any] = {"recordId": record_id, "modelInput": model_input}
+                line: dict[str, Any] = {"recordId": self._output_record_id(job, record_id, input_file.rel,
+                                                                          len(lines)),
+                                        "modelInput": model_input}
                 try:
                     result, tokens = _nova_mme(model_input, read, opts["max_image_bytes"], self.account_id)
                     if fail_re is not None and fail_re.search(source_key):
@@ -938,6 +1003,9 @@ class BedrockEmulator:
                     job.last_modified = _now()
                 if opts["record_seconds"]:
                     job.stop_event.wait(opts["record_seconds"])
+                self._hold(job, plan, outputs)
+                if job.stop_event.is_set() or job.discarded:
+                    return outputs, False
         return outputs, True
 
     def _read_object(self, bucket: str, key: str, max_bytes: int) -> bytes:
@@ -954,7 +1022,7 @@ class BedrockEmulator:
                                f"maximum of {max_bytes} bytes.")
         return obj["Body"].read()
 
-    def _write_outputs(self, job: _Job, plan: _Plan, outputs: dict[str, list[str]]) -> None:
+    def _write_outputs(self, job: _Job, plan: _Plan, outputs: dict[str, list[str]], with_manifest: bool = True) -> None:
         out_cfg = job.output_config["s3OutputDataConfig"]
         extra = {}
         if out_cfg.get("s3EncryptionKeyId"):
@@ -965,6 +1033,8 @@ class BedrockEmulator:
                 continue
             random.Random(f"{job.job_id}/{rel}").shuffle(lines)  # the order of output lines is not guaranteed
             self._put(job, plan.output_bucket, f"{base}{rel}.out", ("\n".join(lines) + "\n").encode(), extra)
+        if not with_manifest:
+            return
         with self._lock:
             manifest = {"totalRecordCount": job.total, "processedRecordCount": job.processed,
                         "successRecordCount": job.success, "errorRecordCount": job.errors,

@@ -3,6 +3,8 @@
 `fail(method, path_and_query) -> str | None` decides per request: None forwards it; "drop" forwards it and then
 breaks the answer (the request reached the service, the caller never hears back); "refuse" breaks it without
 forwarding; any other string is sent back as an XML/JSON error code with HTTP 400 (e.g. "ExpiredToken").
+
+`BucketOwnerCheck` puts in front of moto's S3 the check moto leaves out: ExpectedBucketOwner.
 """
 
 from __future__ import annotations
@@ -61,3 +63,26 @@ class FaultyProxy:
         connection.shutdown(socket.SHUT_RDWR)
         connection.close()
         return []
+
+
+class BucketOwnerCheck(FaultyProxy):
+    """moto's S3 with S3's ExpectedBucketOwner check, which moto ignores: a request whose
+    x-amz-expected-bucket-owner header names an account other than the bucket owner (every moto bucket belongs to
+    `owner`) is answered 403 AccessDenied, as S3 answers it, and never reaches moto."""
+
+    def __init__(self, target: str, owner: str = "123456789012", fail=lambda method, path: None):
+        super().__init__(target, fail)
+        self.owner = owner
+        self.refused: list[tuple[str, str]] = []
+
+    def __call__(self, environ, start_response):
+        expected = environ.get("HTTP_X_AMZ_EXPECTED_BUCKET_OWNER")
+        if expected is None or expected == self.owner:
+            return super().__call__(environ, start_response)
+        request = Request(environ)
+        request.get_data()  # read the body, so the connection stays usable
+        with self.lock:
+            self.refused.append((request.method, request.full_path if request.query_string else request.path))
+        body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+                b"<Message>Access Denied</Message></Error>")
+        return Response(body, status=403, content_type="application/xml")(environ, start_response)

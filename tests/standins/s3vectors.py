@@ -26,6 +26,10 @@ Not verified against the real service (cheap to change, each is an option or one
     the object without the non-filterable keys); KB taken as 1024 bytes; metadata values must be string, number,
     boolean or a list of those;
   * ListVectors stops a page early once the returned keys+data+metadata pass 1 MiB (the model documents "1 MB");
+    with list_bytes_count_stored_data, data and metadata count even when not returned;
+  * GetIndex returns indexMode (the bucket's defaultIndexMode when the index was created: option
+    default_index_mode, ENHANCED as for buckets created from 2026-09-30) and the index's encryptionConfiguration
+    (the bucket's unless CreateIndex names one);
     segments partition keys by crc32(key) % segmentCount; pages are in key order;
   * $ne / $nin match a vector that lacks the key; $gt.. on an array value match if any element does;
   * euclidean distance is the plain L2 distance (not squared); cosine distance is 1 - cos;
@@ -73,6 +77,9 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "max_list_results": 1000,
     "default_list_results": 500,
     "max_list_response_bytes": 1024 * 1024,
+    # unverified: whether ListVectors' 1 MB of "processed" data counts each vector's stored data and metadata even
+    # when returnData/returnMetadata leave them out (True: pages of 3072-dimension vectors hold about 80 keys)
+    "list_bytes_count_stored_data": False,
     "max_segment_count": 16,
     "max_top_k": 100,
     "max_list_buckets_results": 500,
@@ -84,7 +91,11 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "seed": None,
     # keep vector data (False saves memory in long benchmarks; Get/List then return no data, Query is refused)
     "store_data": True,
+    # indexMode of new indexes (the bucket's defaultIndexMode): ENHANCED for vector buckets created from 2026-09-30,
+    # CLASSIC before
+    "default_index_mode": "ENHANCED",
 }
+_INDEX_MODES = ("CLASSIC", "ENHANCED")
 
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]\Z")
 _INDEX_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
@@ -167,7 +178,7 @@ class _IndexStats:
 class _Index:
     __slots__ = (
         "bucket", "name", "arn", "created", "dimension", "metric", "metadata_configuration", "non_filterable",
-        "vectors", "version", "sorted_cache", "segment_cache", "q_vectors", "q_requests",
+        "vectors", "version", "sorted_cache", "segment_cache", "q_vectors", "q_requests", "mode", "encryption",
     )
 
     def __init__(self, bucket: str, name: str, arn: str, dimension: int, metric: str,
@@ -176,6 +187,7 @@ class _Index:
         self.created = time.time()
         self.dimension, self.metric = dimension, metric
         self.metadata_configuration = metadata_configuration
+        self.mode, self.encryption = "CLASSIC", None  # set by S3VectorsStandin._index_mode_and_encryption
         self.non_filterable = frozenset((metadata_configuration or {}).get("nonFilterableMetadataKeys") or ())
         # key -> (array('f') | None, norm, metadata | None)
         self.vectors: dict[str, tuple[array | None, float, dict | None]] = {}
@@ -204,12 +216,13 @@ class _Index:
 
 
 class _Bucket:
-    __slots__ = ("name", "arn", "created", "encryption", "indexes")
+    __slots__ = ("name", "arn", "created", "encryption", "indexes", "default_mode")
 
-    def __init__(self, name: str, arn: str, encryption: dict | None):
+    def __init__(self, name: str, arn: str, encryption: dict | None, default_mode: str = "ENHANCED"):
         self.name, self.arn, self.created = name, arn, time.time()
         self.encryption = encryption or {"sseType": "AES256"}
         self.indexes: dict[str, _Index] = {}
+        self.default_mode = default_mode
 
 
 # ------------------------------------------------------------------------------------------ input helpers
@@ -374,6 +387,8 @@ class S3VectorsStandin:
             raise ValueError(f"unknown options: {sorted(unknown)}")
         self.region, self.account_id = region, account_id
         self.options = {**DEFAULT_OPTIONS, **(options or {})}
+        if self.options["default_index_mode"] not in _INDEX_MODES:
+            raise ValueError(f"default_index_mode must be one of {_INDEX_MODES}")
         self.lock = threading.Lock()
         self.buckets: dict[str, _Bucket] = {}
         self.stats: dict[str, _IndexStats] = {}
@@ -522,6 +537,8 @@ class S3VectorsStandin:
         unknown = set(changes) - set(DEFAULT_OPTIONS)
         if unknown:
             raise _validation(f"unknown options: {sorted(unknown)}")
+        if changes.get("default_index_mode", "ENHANCED") not in _INDEX_MODES:
+            raise _validation(f"default_index_mode must be one of {_INDEX_MODES}")
         if "fault_rate" in changes:
             fr = changes["fault_rate"]
             if not _is_number(fr) or not 0 <= fr <= 1:
@@ -614,7 +631,7 @@ class S3VectorsStandin:
         with self.lock:
             if name in self.buckets:
                 raise _conflict(f"Vector bucket {name} already exists")
-            self.buckets[name] = _Bucket(name, arn, enc)
+            self.buckets[name] = _Bucket(name, arn, enc, self.options["default_index_mode"])
         return {"vectorBucketArn": arn}
 
     def get_vector_bucket(self, body: dict, _size: int) -> dict:
@@ -622,7 +639,8 @@ class S3VectorsStandin:
         with self.lock:
             b = self._bucket(name)
             return {"vectorBucket": {"vectorBucketName": b.name, "vectorBucketArn": b.arn,
-                                     "creationTime": b.created, "encryptionConfiguration": b.encryption}}
+                                     "creationTime": b.created, "encryptionConfiguration": b.encryption,
+                                     "defaultIndexMode": b.default_mode}}
 
     def delete_vector_bucket(self, body: dict, _size: int) -> dict:
         name = self._bucket_name_from(body)
@@ -695,18 +713,34 @@ class S3VectorsStandin:
                                f"vector bucket {bucket_name} already holds {len(bucket.indexes)} indexes")
             arn = f"{bucket.arn}/index/{name}"
             bucket.indexes[name] = _Index(bucket_name, name, arn, dimension, metric, mc, self.options)
+            self._index_mode_and_encryption(bucket, bucket.indexes[name], body)
         return {"indexArn": arn}
+
+    @staticmethod
+    def _index_mode_and_encryption(bucket: _Bucket, index: _Index, body: dict) -> None:
+        """Since general availability an index has a mode (the bucket's default when created) and an encryption
+        configuration (the bucket's unless CreateIndex names one)."""
+        enc = body.get("encryptionConfiguration")
+        if enc is not None and type(enc) is not dict:
+            raise _validation("encryptionConfiguration must be an object")
+        index.mode, index.encryption = bucket.default_mode, enc or dict(bucket.encryption)
+
+    @staticmethod
+    def _index_description(ix: _Index) -> dict:
+        """GetIndex's `index`: every member of botocore's Index shape the stand-in knows."""
+        out = {"vectorBucketName": ix.bucket, "indexName": ix.name, "indexArn": ix.arn, "creationTime": ix.created,
+               "dataType": "float32", "dimension": ix.dimension, "distanceMetric": ix.metric,
+               "indexMode": ix.mode}
+        if ix.metadata_configuration is not None:
+            out["metadataConfiguration"] = ix.metadata_configuration
+        if ix.encryption is not None:
+            out["encryptionConfiguration"] = ix.encryption
+        return out
 
     def get_index(self, body: dict, _size: int) -> dict:
         bucket_name, index_name = self._index_names_from(body)
         with self.lock:
-            ix = self._index(bucket_name, index_name)
-            out = {"vectorBucketName": ix.bucket, "indexName": ix.name, "indexArn": ix.arn,
-                   "creationTime": ix.created, "dataType": "float32", "dimension": ix.dimension,
-                   "distanceMetric": ix.metric}
-            if ix.metadata_configuration is not None:
-                out["metadataConfiguration"] = ix.metadata_configuration
-            return {"index": out}
+            return {"index": self._index_description(self._index(bucket_name, index_name))}
 
     def delete_index(self, body: dict, _size: int) -> dict:
         bucket_name, index_name = self._index_names_from(body)
@@ -926,7 +960,6 @@ class S3VectorsStandin:
             after = tok[0]
         return_data, return_metadata = _opt_bool(body, "returnData"), _opt_bool(body, "returnMetadata")
         budget = o["max_list_response_bytes"] or math.inf
-        data_bytes = 4 * index.dimension if return_data else 0
         with self.lock:
             keys = index.sorted_keys(seg_count, seg_index)
             start = bisect.bisect_right(keys, after) if after is not None else 0
@@ -937,9 +970,7 @@ class S3VectorsStandin:
             while pos < len(keys) and len(page) < max_results:
                 k = keys[pos]
                 entry = store[k]
-                cost = len(k) + data_bytes
-                if return_metadata and entry[2]:
-                    cost += len(orjson.dumps(entry[2]))
+                cost = self._list_cost(k, entry, index.dimension, return_data, return_metadata)
                 if page and used + cost > budget:
                     break
                 used += cost
@@ -950,6 +981,17 @@ class S3VectorsStandin:
         if more and page:
             out["nextToken"] = _encode_token([page[-1][0], seg_count, seg_index])
         return out
+
+    def _list_cost(self, key: str, entry: tuple, dimension: int, return_data: bool, return_metadata: bool) -> int:
+        """The bytes a vector adds to a ListVectors page (a page stops after max_list_response_bytes): its key,
+        plus its data and metadata when returned — or always, with list_bytes_count_stored_data (unverified)."""
+        stored = self.options["list_bytes_count_stored_data"]
+        cost = len(key)
+        if return_data or stored:
+            cost += 4 * dimension
+        if (return_metadata or stored) and entry[2]:
+            cost += len(orjson.dumps(entry[2]))
+        return cost
 
     def query_vectors(self, body: dict, _size: int) -> dict:
         index = self._index_snapshot(body)
