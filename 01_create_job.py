@@ -228,7 +228,8 @@ def previous_run(bedrock, path: Path, force: bool) -> tuple[dict | None, dict | 
         return info, None, set()
     state = jobs.refresh(bedrock, info)
     unfinished = [f"{job['job_name']} is {job['status']}" for job in state.running]
-    unfinished += [f"{job['job_name']} ended {job['status']} but is not loaded" for job in state.unloaded]
+    unfinished += [f"{job['job_name']} " + (f"ended {job['status']}" if job.get("status") else "(on demand)")
+                   + " but is not loaded" for job in state.unloaded]
     if unfinished and not force:
         raise StepError(f"{path} holds a run that has not finished ({'; '.join(unfinished[:3])}) — finish it with "
                         "02_monitor_job.py --wait, 03 and 04 (daily_run.py does all three), or pass --force to "

@@ -26,7 +26,8 @@ def test_a_day_with_fewer_images_than_a_job_takes_goes_on_demand(world):
     monitored = world.step(2, "--wait", "--interval", "0.05", "--timeout", "30")
     assert monitored.returncode == 0, monitored.stdout + monitored.stderr
     refused = world.step(1)  # the part is not loaded yet: the run has not finished
-    assert refused.returncode != 0 and "not loaded" in refused.stderr
+    assert refused.returncode == common.EXIT_REFUSED, refused.stderr
+    assert "(on demand) but is not loaded" in refused.stderr and refused.stderr.count("\n") == 1
 
     loaded = world.step(3)
     assert loaded.returncode == 0, loaded.stdout + loaded.stderr
