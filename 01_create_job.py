@@ -1,7 +1,7 @@
 """Step 1: list the images under an S3 prefix, write JSONL manifests of Nova Multimodal Embeddings requests,
 upload them next to the images and submit Bedrock batch inference jobs.
 
-    uv run 01_create_job.py [--dry-run] [--all] [--force]
+    uv run 01_create_job.py [--dry-run] [--all] [--force] [--inventory s3://bucket/.../manifest.json]
 
 Images already in the vector index are left out (--all embeds everything again). More images than one job takes
 are split into several jobs by folder (see jobs.py); those the concurrent-job quota does not let start yet stay
@@ -12,21 +12,27 @@ would need a job of their own (up to ON_DEMAND_MAX_IMAGES) are left to step 3, w
 from __future__ import annotations
 
 import argparse
+import bisect
 import hashlib
+import itertools
 import shutil
 import sys
 import tempfile
-from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict, defaultdict
+from hashlib import sha256
 from pathlib import Path
 
 import orjson
 
 import accounting
 import common
+import cost
+import inventory
 import jobinfo
 import jobs
 import ondemand
+import keyset
+import listing as listing_module
 import rejects
 import vectors
 from common import StepError, ok
@@ -48,10 +54,12 @@ SETTINGS = (
     "OUTPUT_KMS_KEY_ID",
     *common.QUOTA_SETTINGS,
     "ON_DEMAND_MAX_IMAGES",
+    *common.COST_SETTINGS,
 )
 REQUIRED = ("SOURCE_BUCKET", "RESULT_BUCKET", "ROLE_ARN")
 EXAMPLES_PER_REASON = 5
-LIST_SEGMENTS = 8
+LOOKUP_CHUNK = 4096  # images checked against the index's keys at once
+OPEN_MANIFESTS = 4  # manifest files open at once while writing, whatever the number of jobs
 
 
 def parse_args(argv):
@@ -64,6 +72,9 @@ def parse_args(argv):
     parser.add_argument("--retry-failed", nargs="?", const="", metavar="FILE",
                         help="submit exactly the images the last run did not load (runs/<stamp>/not_loaded.jsonl, "
                              "which 03 writes, or FILE) and those that failed permanently")
+    parser.add_argument("--inventory", metavar="S3_URI",
+                        help="read the objects from this S3 Inventory report (s3://bucket/.../manifest.json; CSV, "
+                             "gzipped CSV or Parquet) instead of listing SOURCE_PREFIX")
     parser.add_argument("--on-demand", action="store_true",
                         help="with --retry-failed: when they are fewer than a job's minimum, embed them with "
                              "InvokeModel and load them straight away")
@@ -72,26 +83,28 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.on_demand and args.retry_failed is None:
         parser.error("--on-demand goes with --retry-failed")
+    if args.inventory is not None and args.retry_failed is not None:
+        parser.error("--inventory and --retry-failed do not go together")
     return args
 
 
-def classify(obj: dict) -> tuple[str | None, str | None]:
+def classify(key: str, size: int) -> tuple[str | None, str | None]:
     """(image format, None) for an image the model takes, else (None, reason it is skipped)."""
-    key = obj["Key"]
     if key.endswith("/"):
         return None, "folder marker"
-    fmt = common.IMAGE_FORMATS.get(Path(key).suffix.lower())
+    slash, dot = key.rfind("/"), key.rfind(".")
+    fmt = common.IMAGE_FORMATS.get(key[dot:].lower()) if slash + 1 < dot < len(key) - 1 else None  # Path.suffix
     if fmt is None:
         return None, "not an image"
-    if obj["Size"] == 0:
+    if size == 0:
         return None, "empty"
-    if obj["Size"] > common.MAX_IMAGE_BYTES:
+    if size > common.MAX_IMAGE_BYTES:
         return None, "over the model's 50 MB"
     return fmt, None
 
 
 class Listing:
-    """Pass 1: what is under the prefix, with the images kept in a temporary file (memory stays flat)."""
+    """Pass 1: what is under the prefix, with the images kept in a sorted temporary file (memory stays flat)."""
 
     def __init__(self, workdir: Path):
         self.path = workdir / "images.jsonl"
@@ -104,40 +117,60 @@ class Listing:
         self.images = 0
 
     def images_in_order(self):
+        """(key, image format) of every image, sorted: the same order whatever order the listing came in."""
         with open(self.path, "rb") as fh:
             for line in fh:
                 yield orjson.loads(line)
 
 
-def list_images(objects, config: common.Config, exclude: dict[str, str], workdir: Path,
+def list_images(objects, config: common.Config, exclude: list[tuple[keyset.KeySet, str]], workdir: Path,
                 rejected: dict[str, dict] | None = None) -> Listing:
-    """Sort the objects; images whose vector key is in `exclude` are left out, counted by the reason given, and so
-    are images that failed permanently (`rejected`) while their object is unchanged."""
+    """Sort the objects, (key, size, ETag) triples in any order; images whose vector key is in one of the `exclude`
+    sets are left out, counted by the reason paired with the set, and so are images that failed permanently
+    (`rejected`) while their object is unchanged."""
     listing = Listing(workdir)
-    with open(listing.path, "wb") as fh:
-        for obj in objects:
-            key = obj["Key"]
-            if key.lower().endswith(".jsonl"):
-                (listing.own_manifests if common.is_own_manifest(key) else listing.foreign).append(key)
-                continue
-            fmt, reason = classify(obj)
-            if fmt is None:
-                listing.skipped[reason] += 1
-                if len(listing.examples[reason]) < EXAMPLES_PER_REASON:
-                    listing.examples[reason].append(key)
-                continue
-            vector_key = common.vector_key(common.s3_uri(config.source_bucket, key))
-            why = exclude.get(vector_key)
-            if not why and rejected and vector_key in rejected and rejects.unchanged(rejected[vector_key], obj):
-                why = f"failed permanently on {rejected[vector_key].get('failed_on', '?')}"
-            if why:
-                listing.left_out[why] += 1
-                continue
-            fh.write(orjson.dumps([key, fmt]) + b"\n")
-            folder = jobs.folder_of(key)
-            listing.counts[folder][0] += 1
-            listing.counts[folder][1] += 400 + 2 * len(key.encode())  # a generous estimate of its manifest line
-            listing.images += 1
+
+    def images():
+        for chunk in iter(lambda: list(itertools.islice(objects, LOOKUP_CHUNK)), []):
+            candidates = []
+            for key, size, etag in chunk:
+                if key[-6:].lower() == ".jsonl":
+                    (listing.own_manifests if common.is_own_manifest(key) else listing.foreign).append(key)
+                    continue
+                fmt, reason = classify(key, size)
+                if fmt is None:
+                    listing.skipped[reason] += 1
+                    examples = listing.examples[reason]  # the first few in key order, whatever order they come in
+                    if len(examples) < EXAMPLES_PER_REASON or key < examples[-1]:
+                        bisect.insort(examples, key)
+                        del examples[EXAMPLES_PER_REASON:]
+                    continue
+                candidates.append((key, fmt, size, etag))
+            keep = [True] * len(candidates)
+            if (exclude or rejected) and candidates:
+                uri = common.s3_uri(config.source_bucket)  # keyset.digest of each image's URI, inlined
+                digests = [sha256((uri + c[0]).encode()).digest()[:keyset.KEY_BYTES] for c in candidates]
+                for keys, why in exclude:
+                    for i in keys.contains(digests).nonzero()[0].tolist():
+                        if keep[i]:
+                            keep[i] = False
+                            listing.left_out[why] += 1
+                for i, (digest, (_, _, size, etag)) in enumerate(zip(digests, candidates)):
+                    entry = rejected.get(digest.hex()) if rejected and keep[i] else None
+                    if entry and rejects.unchanged(entry, {"ETag": etag, "Size": size}):
+                        keep[i] = False
+                        listing.left_out[f"failed permanently on {entry.get('failed_on', '?')}"] += 1
+            for (key, fmt, _, _), kept in zip(candidates, keep):
+                if not kept:
+                    continue
+                folder = jobs.folder_of(key)
+                listing.counts[folder][0] += 1
+                listing.counts[folder][1] += 400 + 2 * len(key.encode())  # a generous estimate of its manifest line
+                listing.images += 1
+                yield orjson.dumps([key, fmt]) + b"\n"
+
+    objects = iter(objects)
+    listing_module.sort_lines(images(), listing.path)
     return listing
 
 
@@ -149,7 +182,7 @@ def retry_objects(entries: list[dict], config: common.Config):
             folder = common.s3_uri(config.source_bucket, config.source_prefix)
             raise StepError(f"{entry['source_uri']} is not under {folder} — retry with the settings of the run that "
                             "produced the account", common.EXIT_USAGE)
-        yield {"Key": key, "Size": 1}
+        yield key, 1, None
 
 
 def embed_on_demand(listing: Listing, config: common.Config, owner: str, out_dir: Path) -> int:
@@ -176,26 +209,16 @@ def embed_on_demand(listing: Listing, config: common.Config, owner: str, out_dir
     return common.EXIT_OK
 
 
-def index_keys(s3v, config: common.Config) -> set[str]:
+def index_keys(s3v, config: common.Config) -> keyset.KeySet:
     """Every key in the vector index (empty when it does not exist yet), read in parallel segments."""
     try:
         s3v.get_index(vectorBucketName=config.vector_bucket, indexName=config.vector_index)
     except s3v.exceptions.NotFoundException:
-        return set()
-
-    def segment(i: int) -> set[str]:
-        keys, token = set(), None
-        while True:
-            page = s3v.list_vectors(vectorBucketName=config.vector_bucket, indexName=config.vector_index,
-                                    maxResults=1000, segmentCount=LIST_SEGMENTS, segmentIndex=i,
-                                    **({"nextToken": token} if token else {}))
-            keys.update(v["key"] for v in page.get("vectors", []))
-            token = page.get("nextToken")
-            if not token:
-                return keys
-
-    with ThreadPoolExecutor(LIST_SEGMENTS) as pool:
-        return set().union(*pool.map(segment, range(LIST_SEGMENTS)))
+        return keyset.KeySet()
+    keys = keyset.index_keys(s3v, config.vector_bucket, config.vector_index)
+    print(f"  {len(keys)} key(s) in the index" + (f", {len(keys.foreign)} of them not written by this tool"
+                                                  if keys.foreign else ""))
+    return keys
 
 
 def print_skipped(listing: Listing, rejects_file: Path | None = None) -> None:
@@ -289,7 +312,9 @@ def check_before_paying(s3, s3v, config: common.Config, owner: str) -> None:
 
 def write_manifests(listing: Listing, planned: list[jobs.PlannedJob], config: common.Config, owner: str,
                     stamp: str, manifest_dir: Path) -> list[dict]:
-    """Pass 2: stream the listing into each planned job's manifest files (split at the per-file quotas)."""
+    """Pass 2: stream the listing into each planned job's manifest files in `manifest_dir` (split at the per-file
+    quotas), with at most OPEN_MANIFESTS files open. On any failure (Ctrl-C included) every manifest written so far
+    is removed before the error goes on."""
     ranges: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
     for number, job in enumerate(planned):
         for folder, start, end in job.allocations:
@@ -313,61 +338,124 @@ def write_manifests(listing: Listing, planned: list[jobs.PlannedJob], config: co
         }
         for n, job in enumerate(planned)
     ]
-    writers = [ManifestWriter(record, stamp, None if single else n + 1, config.quotas, manifest_dir)
+    files = OpenFiles(OPEN_MANIFESTS)
+    last_folder, start, end, number, writer = None, 0, 0, 0, None
+    writers = [ManifestWriter(record, stamp, None if single else n + 1, config.quotas, manifest_dir, files)
                for n, record in enumerate(records)]
     record_ids = [common.RecordIds() for _ in records]  # recordIds unique within each job
     try:
-        for key, fmt in listing.images_in_order():
-            folder = jobs.folder_of(key)
-            index = seen[folder]
-            seen[folder] += 1
-            number = next(n for start, end, n in ranges[folder] if start <= index < end)
-            uri = common.s3_uri(config.source_bucket, key)
-            record = common.image_record(uri, fmt, owner, config.embedding_dimension, config.embedding_purpose,
-                                         record_ids[number].assign(uri))
-            writers[number].write(orjson.dumps(record) + b"\n")
-    finally:
-        for writer in writers:
-            writer.close()
-    for record in records:
-        record["client_request_token"] = manifest_token(record)
+        try:
+            for key, fmt in listing.images_in_order():
+                folder = key[: key.rfind("/") + 1]  # jobs.folder_of
+                index = seen[folder]
+                seen[folder] = index + 1
+                if folder != last_folder or not start <= index < end:
+                    start, end, number = next(r for r in ranges[folder] if r[0] <= index < r[1])
+                    if writer is not None and writer is not writers[number]:
+                        writer.flush()  # only the writer in use holds lines not written yet
+                    writer, last_folder = writers[number], folder
+                uri = common.s3_uri(config.source_bucket, key)
+                record = common.image_record(uri, fmt, owner, config.embedding_dimension, config.embedding_purpose,
+                                             record_ids[number].assign(uri))
+                writer.write(orjson.dumps(record) + b"\n")
+            for writer in writers:
+                writer.flush()
+        finally:
+            files.close_all()
+        for record in records:
+            record["client_request_token"] = manifest_token(record)
+    except BaseException as exc:
+        files.remove_all()
+        if isinstance(exc, OSError):
+            raise StepError(f"cannot write the manifests in {manifest_dir}: {exc.strerror or exc} — free space "
+                            "or file handles there and run 01 again", common.EXIT_USAGE) from None
+        raise
     return records
+
+
+class OpenFiles:
+    """Files written a piece at a time, at most `limit` open at once: the least recently written one is closed
+    and opened again (to append) when its turn comes. Remembers every file it created, to remove them all."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.open: OrderedDict[Path, object] = OrderedDict()
+        self.created: list[Path] = []
+
+    def create(self, path: Path) -> None:
+        self.created.append(path)
+        self._open(path, "wb")
+
+    def write(self, path: Path, data: bytes) -> None:
+        fh = self.open.get(path)
+        if fh is None:
+            fh = self._open(path, "ab")
+        else:
+            self.open.move_to_end(path)
+        fh.write(data)
+
+    def close(self, path: Path) -> None:
+        fh = self.open.pop(path, None)
+        if fh is not None:
+            fh.close()
+
+    def _open(self, path: Path, mode: str):
+        while len(self.open) >= self.limit:
+            self.open.popitem(last=False)[1].close()
+        fh = self.open[path] = open(path, mode)
+        return fh
+
+    def close_all(self) -> None:
+        while self.open:
+            self.open.popitem()[1].close()
+
+    def remove_all(self) -> None:
+        self.close_all()
+        for path in self.created:
+            path.unlink(missing_ok=True)
 
 
 class ManifestWriter:
     """A job's manifest files: a new part when the next line would pass the records or bytes per file."""
 
-    def __init__(self, job: dict, stamp: str, number: int | None, quotas: common.Quotas, manifest_dir: Path):
-        self.job, self.stamp, self.number, self.quotas, self.dir = job, stamp, number, quotas, manifest_dir
-        self.fh = None
+    def __init__(self, job: dict, stamp: str, number: int | None, quotas: common.Quotas, manifest_dir: Path,
+                 files: OpenFiles):
+        self.job, self.stamp, self.number, self.quotas = job, stamp, number, quotas
+        self.manifest_dir, self.files = manifest_dir, files
+        self.path: Path | None = None
+        self.pending: list[bytes] = []  # lines not written yet
         self.records = self.bytes = 0
 
     def write(self, line: bytes) -> None:
-        if self.fh is None or self.records >= self.quotas.max_records_per_file or \
+        if self.path is None or self.records >= self.quotas.max_records_per_file or \
                 self.bytes + len(line) > self.quotas.max_input_file_bytes:
             self.open_next()
-        self.fh.write(line)
+        self.pending.append(line)
+        if len(self.pending) >= 512:
+            self.flush()
         self.records += 1
         self.bytes += len(line)
         self.job["manifests"][-1]["records"] = self.records
 
+    def flush(self) -> None:
+        if self.pending:
+            self.files.write(self.path, b"".join(self.pending))
+            self.pending.clear()
+
     def open_next(self) -> None:
-        self.close()
+        if self.path is not None:
+            self.flush()
+            self.files.close(self.path)
         part = len(self.job["manifests"]) + 1
         name = f"{common.MANIFEST_PREFIX}{self.stamp}"
         name += "" if self.number is None else f"-{self.number:02d}"
         name += "" if part == 1 else f"-part{part}"
         name += common.MANIFEST_SUFFIX
-        local = (self.dir / name).resolve()
-        self.job["manifests"].append({"local_path": str(local), "s3_key": self.job["input_folder"] + name,
+        self.path = (self.manifest_dir / name).resolve()
+        self.job["manifests"].append({"local_path": str(self.path), "s3_key": self.job["input_folder"] + name,
                                       "records": 0})
-        self.fh = open(local, "wb")
+        self.files.create(self.path)
         self.records = self.bytes = 0
-
-    def close(self) -> None:
-        if self.fh is not None:
-            self.fh.close()
-            self.fh = None
 
 
 def manifest_token(job: dict) -> str:
@@ -454,7 +542,8 @@ def create(args, config: common.Config) -> int:
     account = common.caller_account(sts)
     owner = common.bucket_owner(config, account)
     indexed = config.vector_bucket and config.vector_index
-    s3v = common.make_client("s3vectors", config, max_pool_connections=LIST_SEGMENTS + 2) if indexed else None
+    s3v = keyset.lean(common.make_client("s3vectors", config, max_pool_connections=keyset.MAX_SEGMENTS + 2)) \
+        if indexed else None
     check_before_paying(s3, s3v, config, owner)
 
     rejects_file = rejects.file_for(config.job_info_file)
@@ -472,34 +561,42 @@ def create(args, config: common.Config) -> int:
         print(f"Retrying the {len(retry)} image(s) the last runs did not load"
               + (f" (from {account_path})" if account_path else ""))
         rejected = {}  # --retry-failed tries the permanently failed images again
-    exclude: dict[str, str] = {}
+    exclude: list[tuple[keyset.KeySet, str]] = []
     if retry is not None and not args.all and indexed:
         keys = [common.vector_key(entry["source_uri"]) for entry in retry]
-        exclude = {k: "already in the vector index" for k in
-                   accounting.present_keys(s3v, config.vector_bucket, config.vector_index, keys)}
+        exclude.append((keyset.KeySet.of(accounting.present_keys(s3v, config.vector_bucket, config.vector_index,
+                                                                  keys)), "already in the vector index"))
     elif not args.all and indexed:
         print(f"Checking which images are already in index {config.vector_index}")
-        exclude = {key: "already in the vector index" for key in index_keys(s3v, config)}
+        exclude.append((index_keys(s3v, config), "already in the vector index"))
     elif not args.all:
         print("VECTOR_BUCKET/VECTOR_INDEX not set: every image is embedded (set them to skip images already loaded)")
-    exclude.update({key: "in a job of the replaced run still running" for key in in_flight})
+    if in_flight:
+        exclude.append((keyset.KeySet.of(in_flight), "in a job of the replaced run still running"))
 
     stamp = base = common.timestamp()
     while (jobinfo.runs_folder(config.job_info_file) / stamp).exists():  # two runs within a second
         stamp = f"{base}-{len(stamp) - len(base) + 2}"
     run_dir = jobinfo.runs_folder(config.job_info_file) / stamp
     with tempfile.TemporaryDirectory(prefix="bedrock-batch-") as workdir:
-        if retry is None:
-            print(f"Listing images from {input_uri} (including subdirectories)")
-            objects = common.list_objects(s3, config.source_bucket, config.source_prefix, owner)
-        else:
+        if retry is not None:
             objects = retry_objects(retry, config)
+        elif args.inventory:
+            print(f"Reading the images under {input_uri} from the S3 Inventory report {args.inventory}")
+            objects = inventory.objects(s3, args.inventory, config.source_bucket, config.source_prefix, owner,
+                                        Path(workdir))
+        else:
+            print(f"Listing images from {input_uri} (including subdirectories)")
+            lister = listing_module.lean(common.make_client("s3", config,
+                                                            max_pool_connections=listing_module.LIST_THREADS + 2))
+            objects = ((o["Key"], o["Size"], o.get("ETag")) for o in
+                       listing_module.list_objects(lister, config.source_bucket, config.source_prefix, owner))
         listing = list_images(objects, config, exclude, Path(workdir), rejected)
         ok(f"Found {listing.images} images")
         print_skipped(listing, rejects_file)
         if listing.foreign:
             raise StepError(
-                f"{common.s3_uri(config.source_bucket, listing.foreign[0])} is a .jsonl this tool did not create; "
+                f"{common.s3_uri(config.source_bucket, min(listing.foreign))} is a .jsonl this tool did not create; "
                 f"Bedrock would read it as input of the job ({len(listing.foreign)} such file(s)) — move it out of "
                 f"{input_uri}", common.EXIT_REFUSED
             )
@@ -511,6 +608,8 @@ def create(args, config: common.Config) -> int:
                 raise StepError(f"{listing.images} image(s) to retry, fewer than a batch job's minimum of "
                                 f"{config.quotas.min_records_per_job} — run 01_create_job.py --retry-failed "
                                 "--on-demand to embed them with InvokeModel", common.EXIT_REFUSED)
+            cost.guard((common.s3_uri(config.source_bucket, k) for k, _ in listing.images_in_order()), config,
+                       on_demand=True)
             return embed_on_demand(listing, config, owner, jobinfo.runs_folder(config.job_info_file) / stamp)
         if config.on_demand_max_images < listing.images < config.quotas.min_records_per_job:
             raise StepError(
@@ -522,6 +621,7 @@ def create(args, config: common.Config) -> int:
         plan = jobs.plan_jobs({f: tuple(c) for f, c in listing.counts.items()}, prefix, config.quotas, can_root,
                               config.on_demand_max_images)
         planned = plan.jobs + ([jobs.PlannedJob(prefix, plan.on_demand)] if plan.on_demand else [])
+        cost.guard((common.s3_uri(config.source_bucket, k) for k, _ in listing.images_in_order()), config)
         print("Creating JSONL files")
         manifest_dir = Path(workdir) if args.dry_run else run_dir
         manifest_dir.mkdir(parents=True, exist_ok=True)

@@ -329,11 +329,8 @@ def load_run(args, config: common.Config) -> int:
                         "02_monitor_job.py --wait", common.EXIT_REFUSED)
     loadable = [job for job in info["jobs"] if job.get("status") in common.LOADABLE_STATUSES]
     dimension = max(int(job.get("embedding_dimension", config.embedding_dimension)) for job in info["jobs"])
-    # The index is made ready while the first results are read; the first PutVectors waits for it.
-    setup = ThreadPoolExecutor(1)
-    index = setup.submit(vectors.ensure_index, s3v, config.vector_bucket, config.vector_index, dimension,
-                         create=not args.no_create)
-    setup.shutdown(wait=False)
+    # Before any checkpoint is touched: a missing index refused (--no-create) or of another dimension changes nothing.
+    vectors.ensure_index(s3v, config.vector_bucket, config.vector_index, dimension, create=not args.no_create)
 
     limiter = vectors.RateLimiter(args.vectors_per_second, args.requests_per_second)
     totals = {"total": 0, "success": 0, "error": 0, "inserted": 0}
@@ -342,7 +339,7 @@ def load_run(args, config: common.Config) -> int:
     for job in loadable:
         if args.reload:
             job.pop("load", None)
-        counts = load_job(job, info, (s3, s3v, put_client, owner), config, args, limiter, index.result)
+        counts = load_job(job, info, (s3, s3v, put_client, owner), config, args, limiter, lambda: None)
         for key in totals:
             totals[key] += counts.get(key, 0)
         confirmed |= counts["confirmed_keys"]
@@ -354,12 +351,11 @@ def load_run(args, config: common.Config) -> int:
         runtime = common.make_client("bedrock-runtime", config, max_pool_connections=ondemand.THREADS + 2)
     for part in parts:
         counts = ondemand.load_part(part, config, runtime, put_client,
-                                    report_file(config.job_info_file, info, part["job_name"]), index.result)
+                                    report_file(config.job_info_file, info, part["job_name"]), lambda: None)
         jobinfo.save(config.job_info_file, info)
         for key in totals:
             totals[key] += counts.get(key, 0)
         confirmed |= counts["confirmed_keys"]
-    index.result()  # its errors (an index of another dimension) are reported even when nothing was loaded
 
     common.banner("Summary")
     print(f"Total Records Processed: {totals['total']}")

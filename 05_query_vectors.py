@@ -3,11 +3,13 @@ vectors are nearest.
 
     uv run 05_query_vectors.py "a red sports car" [--top-k 10] [--filter JSON] [--presign SECONDS] [--json]
     uv run 05_query_vectors.py --image photo.jpg          (or --image s3://bucket/2024/photo.jpg)
+    uv run 05_query_vectors.py "a red sports car" --html results.html [--open]
 
 A text is embedded with embeddingPurpose IMAGE_RETRIEVAL (text → image search), an image with GENERIC_RETRIEVAL;
 --purpose overrides. The index decides the dimension (GetIndex); EMBEDDING_DIMENSION must match it.
 A filter is an S3 Vectors metadata filter on `source_uri` or `job_id`, with $eq $ne $gt $gte $lt $lte $in $nin
 $exists $and $or, e.g. '{"source_uri": {"$in": ["s3://bucket/2024/a.jpg", "s3://bucket/2024/b.jpg"]}}'.
+--html writes the hits as a page of thumbnails (pre-signed links valid --presign SECONDS, default 3600).
 No hits is not an error (exit 0).
 """
 
@@ -16,10 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import webbrowser
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import common
+import results_page
 from common import StepError, ok
 
 SETTINGS = ("AWS_REGION", "VECTOR_BUCKET", "VECTOR_INDEX", "MODEL_ID", "EMBEDDING_DIMENSION", "EXPECTED_BUCKET_OWNER")
@@ -29,6 +33,7 @@ IMAGE_PURPOSE = "GENERIC_RETRIEVAL"  # image → image: both sides are images
 DEFAULT_TOP_K = 10
 MAX_TOP_K = 100  # QueryVectors' topK limit
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4's limit for a pre-signed URL
+HTML_PRESIGN_SECONDS = 3600  # the page's thumbnails load through pre-signed links valid this long by default
 MAX_TEXT_CHARS = 8192  # past this the model reads the start (truncationMode END)
 MAX_INVOKE_BODY_BYTES = 25_000_000  # botocore's bedrock-runtime model: InvokeModel body max
 BODY_ALLOWANCE = 1024  # the request around an inline image's base64
@@ -55,6 +60,10 @@ def parse_args(argv):
                         help=f"add a pre-signed HTTPS link to each image, valid SECONDS (1-{MAX_PRESIGN_SECONDS})")
     parser.add_argument("--json", action="store_true",
                         help="print only a JSON array of {rank, key, distance, source_uri, metadata, url}")
+    parser.add_argument("--html", metavar="FILE",
+                        help="also write the hits as an HTML page of thumbnails to FILE (links valid --presign "
+                             f"SECONDS, default {HTML_PRESIGN_SECONDS})")
+    parser.add_argument("--open", action="store_true", help="open the --html page in the default browser")
     parser.add_argument("--purpose", choices=common.EMBEDDING_PURPOSES, metavar="PURPOSE",
                         help=f"embeddingPurpose of the query (default: {TEXT_PURPOSE} for a text, "
                              f"{IMAGE_PURPOSE} for an image)")
@@ -70,6 +79,13 @@ def parse_args(argv):
         parser.error("--image is empty")
     if not 1 <= args.top_k <= MAX_TOP_K:
         parser.error(f"--top-k must be between 1 and {MAX_TOP_K}, not {args.top_k}")
+    if args.open and args.html is None:
+        parser.error("--open goes with --html FILE")
+    if args.html is not None and not args.html.strip():
+        parser.error("--html needs a file name")
+    args.show_links = args.presign is not None  # the links go on the console only when --presign asks for them
+    if args.html is not None and args.presign is None:
+        args.presign = HTML_PRESIGN_SECONDS
     if args.presign is not None and not 1 <= args.presign <= MAX_PRESIGN_SECONDS:
         parser.error(f"--presign must be between 1 and {MAX_PRESIGN_SECONDS} seconds (7 days), not {args.presign}")
     return args
@@ -85,6 +101,7 @@ class Query:
     image_uri: str | None = None
     image_data: bytes | None = None
     image_format: str | None = None
+    image_path: str | None = None
 
     def request(self, dimension: int, owner: str | None) -> dict:
         """The InvokeModel body."""
@@ -141,7 +158,8 @@ def read_query(args) -> Query:
         return Query(f"image {args.image}", purpose, image_uri=args.image, image_format=fmt)
     path = Path(args.image).expanduser()
     data, fmt = read_local_image(path)
-    return Query(f"image {path} ({len(data):,} bytes)", purpose, image_data=data, image_format=fmt)
+    return Query(f"image {path} ({len(data):,} bytes)", purpose, image_data=data, image_format=fmt,
+                 image_path=str(path))
 
 
 def parse_filter(raw: str | None) -> dict | None:
@@ -182,12 +200,20 @@ def query_index(s3v, bucket: str, index: str, vector: list[float], top_k: int, f
               "returnMetadata": True, "returnDistance": True}
     if flt is not None:
         params["filter"] = flt
+    found: list[dict] = []
     try:
-        return s3v.query_vectors(**params)["vectors"]
+        for _ in range(top_k):  # every page holds at least one result: at most top_k pages
+            page = s3v.query_vectors(**params)
+            found.extend(page.get("vectors", []))
+            token = page.get("nextToken")
+            if not token or len(found) >= top_k:
+                break
+            params["nextToken"] = token  # the same query again, for the next page (S3 user guide)
     except s3v.exceptions.ValidationException as exc:
         if flt is None:
             raise
         raise StepError(f"{common.describe_aws_error(exc)} — check --filter", common.EXIT_USAGE) from None
+    return found[:top_k]
 
 
 def to_hits(vectors: list[dict]) -> list[dict]:
@@ -215,7 +241,31 @@ def add_links(hits: list[dict], config: common.Config, seconds: int) -> None:
             "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=seconds)
 
 
-def print_hits(hits: list[dict], top_k: int, filtered: bool) -> None:
+def presign(config: common.Config, uri: str, seconds: int) -> str:
+    """A pre-signed GetObject link for an s3:// URI (made locally: no call)."""
+    bucket, key = common.parse_s3_uri(uri)
+    client = common.make_presign_client(config, path_style="." in bucket)
+    return client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=seconds)
+
+
+def write_page(path: Path, query: Query, hits: list[dict], config: common.Config, purpose: str, seconds: int) -> None:
+    """The results page (results_page.py), written atomically; the query image is shown too when it can be."""
+    if query.text is not None:
+        shown = results_page.QueryShown(text=query.text)
+    elif query.image_uri is not None:
+        shown = results_page.QueryShown(image_name=query.image_uri, image_src=presign(config, query.image_uri, seconds))
+    else:
+        shown = results_page.QueryShown(image_name=query.image_path,
+                                        image_src=results_page.data_uri(query.image_data, query.image_format))
+    page = results_page.render(shown, hits, index=config.vector_index, bucket=config.vector_bucket,
+                               model=config.model_id, purpose=purpose, presign_seconds=seconds)
+    try:
+        common.atomic_write(path, lambda fh: fh.write(page.encode("utf-8")))
+    except OSError as exc:
+        raise StepError(f"{path}: cannot write the page ({exc.strerror})", common.EXIT_USAGE) from None
+
+
+def print_hits(hits: list[dict], top_k: int, filtered: bool, links: bool) -> None:
     if not hits:
         print("No hits" + (" match the filter." if filtered else ": the index is empty."))
         return
@@ -224,7 +274,7 @@ def print_hits(hits: list[dict], top_k: int, filtered: bool) -> None:
     for hit in hits:
         distance = "" if hit["distance"] is None else f"{hit['distance']:.4f}"
         print(f"{hit['rank']:>4}  {distance:>8}  {hit['source_uri'] or '(no source_uri) key ' + hit['key']}")
-        if hit.get("url"):
+        if links and hit.get("url"):
             print(f"{'':16}{hit['url']}")
 
 
@@ -264,13 +314,20 @@ def run(argv) -> int:
     hits = to_hits(query_index(s3v, config.vector_bucket, config.vector_index, vector, args.top_k, flt))
     if args.presign is not None:
         add_links(hits, config, args.presign)
+    if args.html is not None:
+        page = Path(args.html).expanduser()
+        write_page(page, query, hits, config, query.purpose, args.presign)
     if args.json:
         print(json.dumps(hits, indent=2, ensure_ascii=False))
-        return common.EXIT_OK
-    print(common.RULE)
-    print_hits(hits, args.top_k, flt is not None)
-    if args.presign is not None and hits:
-        print(f"Links are valid for {args.presign} s (less if your credentials expire sooner).")
+    else:
+        print(common.RULE)
+        print_hits(hits, args.top_k, flt is not None, args.show_links)
+        if args.show_links and hits:
+            print(f"Links are valid for {args.presign} s (less if your credentials expire sooner).")
+        if args.html is not None:
+            ok(f"Wrote the results page {page} (its image links are valid for {args.presign} s)")
+    if args.open:
+        webbrowser.open(page.resolve().as_uri())
     return common.EXIT_OK
 
 

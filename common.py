@@ -133,10 +133,22 @@ SETTINGS = {
                 "10"),
         Setting("ON_DEMAND_MAX_IMAGES", "--on-demand-max-images", "at most this many images of a run are embedded "
                 "on demand (InvokeModel) instead of in a batch job of their own; 0: never", "100"),
+        # Prices for 01's cost estimate (cost.py): us-east-1's, unverified — check the pricing pages for your region.
+        Setting("PRICE_PER_IMAGE_USD", "--price-per-image", "batch embedding price per image, USD", "0.00003"),
+        Setting("ON_DEMAND_PRICE_PER_IMAGE_USD", "--on-demand-price-per-image",
+                "on-demand (InvokeModel) embedding price per image, USD", "0.00006"),
+        Setting("S3VECTORS_PUT_PRICE_PER_GB_USD", "--put-price-per-gb", "S3 Vectors PUT price per logical GB, USD",
+                "0.20"),
+        Setting("S3VECTORS_STORAGE_PRICE_PER_GB_MONTH_USD", "--storage-price-per-gb-month",
+                "S3 Vectors storage price per logical GB-month, USD", "0.06"),
+        Setting("MAX_RUN_COST_USD", "--max-cost", "refuse a run whose cost estimate is over this many USD"),
     )
 }
 QUOTA_SETTINGS = ("MIN_RECORDS_PER_JOB", "MAX_RECORDS_PER_FILE", "MAX_RECORDS_PER_JOB", "MAX_INPUT_FILE_BYTES",
                   "MAX_JOB_BYTES", "MAX_CONCURRENT_JOBS")
+PRICE_SETTINGS = ("PRICE_PER_IMAGE_USD", "ON_DEMAND_PRICE_PER_IMAGE_USD", "S3VECTORS_PUT_PRICE_PER_GB_USD",
+                  "S3VECTORS_STORAGE_PRICE_PER_GB_MONTH_USD")
+COST_SETTINGS = (*PRICE_SETTINGS, "MAX_RUN_COST_USD")
 
 
 @dataclass(frozen=True)
@@ -149,6 +161,16 @@ class Quotas:
     max_input_file_bytes: int = 1_000_000_000
     max_job_bytes: int = 5_000_000_000
     max_concurrent_jobs: int = 10
+
+
+@dataclass(frozen=True)
+class Prices:
+    """The prices of 01's cost estimate (cost.py), in USD."""
+
+    per_image: float = 0.00003
+    on_demand_per_image: float = 0.00006
+    s3vectors_put_per_gb: float = 0.20
+    s3vectors_storage_per_gb_month: float = 0.06
 
 
 @dataclass(frozen=True)
@@ -169,6 +191,8 @@ class Config:
     output_kms_key_id: str | None = None
     quotas: Quotas = field(default_factory=Quotas)
     on_demand_max_images: int = 100
+    prices: Prices = field(default_factory=Prices)
+    max_run_cost_usd: float | None = None
 
 
 def _attr(env: str) -> str:
@@ -229,6 +253,8 @@ def load_config(args: argparse.Namespace, required: Iterable[str] = (), env: dic
         output_kms_key_id=raw["OUTPUT_KMS_KEY_ID"],
         quotas=Quotas(*(int(raw[name]) for name in QUOTA_SETTINGS)),
         on_demand_max_images=int(raw["ON_DEMAND_MAX_IMAGES"]),
+        prices=Prices(*(float(raw[name]) for name in PRICE_SETTINGS)),
+        max_run_cost_usd=float(raw["MAX_RUN_COST_USD"]) if raw["MAX_RUN_COST_USD"] else None,
     )
 
 
@@ -256,6 +282,9 @@ def _invalid(raw: dict[str, str | None]) -> list[str]:
             problems.append(f"{name}={raw[name]!r} must be a positive whole number")
     if not (raw["ON_DEMAND_MAX_IMAGES"] or "").isdigit():
         problems.append(f"ON_DEMAND_MAX_IMAGES={raw['ON_DEMAND_MAX_IMAGES']!r} must be a whole number (0: never)")
+    for name in COST_SETTINGS:
+        if raw[name] is not None and not re.fullmatch(r"[0-9]+(\.[0-9]*)?|\.[0-9]+", raw[name].strip()):
+            problems.append(f"{name}={raw[name]!r} must be an amount in USD like 0.00003")
     if not problems and int(raw["MAX_RECORDS_PER_JOB"]) < 2 * int(raw["MIN_RECORDS_PER_JOB"]):
         problems.append("MAX_RECORDS_PER_JOB must be at least twice MIN_RECORDS_PER_JOB")
     if not raw["AWS_REGION"] or not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d", raw["AWS_REGION"]):

@@ -2,7 +2,8 @@
 #
 # Create or update the IAM service role that Amazon Bedrock assumes to run the batch
 # inference job (article, section 3.2), or print the policy the person running the
-# numbered scripts needs (section 3.3), or delete the role.
+# numbered scripts needs (section 3.3), or put that policy on an IAM user or role (the
+# article's "paste this policy into the console"), or delete the role.
 #
 # The policies are the JSON templates beside this script; ${NAME} placeholders in them are
 # filled from the settings and the account that `aws sts get-caller-identity` reports.
@@ -18,7 +19,8 @@ readonly SETTINGS=(AWS_REGION AWS_DEFAULT_REGION AWS_PROFILE SOURCE_BUCKET SOURC
 
 usage() {
   cat <<'EOF'
-Usage: bash iam/setup_service_role.sh [--user-policy | --delete | --help]
+Usage: bash iam/setup_service_role.sh [--user-policy | --attach-caller-policy user/NAME|role/NAME |
+                                       --detach-caller-policy user/NAME|role/NAME | --delete | --help]
 
 Creates the IAM role Amazon Bedrock assumes to run the batch inference job, or updates it
 when it exists (trust policy and inline permissions policy are rewritten each run):
@@ -31,6 +33,15 @@ At the end it prints the role ARN to put into ROLE_ARN in .env.
 Options:
   --user-policy  print (JSON only, to stdout) the least-privilege policy the identity that
                  runs the numbered scripts needs; changes nothing
+  --attach-caller-policy user/NAME|role/NAME
+                 put that policy on the IAM user or role: as the customer managed policy
+                 <ROLE_NAME>Caller (created, or given a new default version when the settings
+                 changed), attached to it. Running it again changes nothing. For a Bedrock API
+                 key, NAME is the key's IAM user: the first part of the key's id, BedrockAPIKey-...
+                 (A managed policy, not an inline one: a user's inline policies may hold 2,048
+                 characters in all, and this policy is longer.)
+  --detach-caller-policy user/NAME|role/NAME
+                 detach it again; the policy itself is deleted once nothing uses it
   --delete       delete the role and its inline policy (succeeds if they are already gone)
   -h, --help     show this help
 
@@ -39,12 +50,12 @@ project root, like the numbered scripts); a variable set in the environment wins
 .env lines are KEY=VALUE, optionally with `export`, quotes and # comments; only the names
 below are read from it and nothing in it is executed.
   AWS_REGION         default AWS_DEFAULT_REGION, then us-east-1
-  SOURCE_BUCKET      required (role, --user-policy)
+  SOURCE_BUCKET      required (role, --user-policy, --attach-caller-policy)
   SOURCE_PREFIX      e.g. 2024/ (a missing trailing / is added); empty means the whole bucket
-  RESULT_BUCKET      required (role, --user-policy)
+  RESULT_BUCKET      required (role, --user-policy, --attach-caller-policy)
   RESULT_PREFIX      default output/
-  VECTOR_BUCKET      required (--user-policy)
-  VECTOR_INDEX       required (--user-policy)
+  VECTOR_BUCKET      required (--user-policy, --attach-caller-policy)
+  VECTOR_INDEX       required (--user-policy, --attach-caller-policy)
   MODEL_ID           default amazon.nova-2-multimodal-embeddings-v1:0
   ROLE_NAME          default BedrockBatchInferenceRole
   OUTPUT_KMS_KEY_ID  optional KMS key id or key ARN that encrypts the job's output
@@ -150,7 +161,7 @@ check() {
 validate_settings() {
   check AWS_REGION '^[a-z]{2}(-[a-z]+)+-[0-9]+$' "an AWS region name"
   check ROLE_NAME '^[A-Za-z0-9+=,.@_-]{1,64}$' "a valid IAM role name"
-  [[ "$1" != delete ]] || return 0
+  [[ "$1" != delete && "$1" != detach ]] || return 0
   local bucket='^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$'
   # Letters, digits and -!_'(). in folder names (the batch job's s3Uri rule); no * or ?, which
   # would be wildcards in the policy.
@@ -324,11 +335,104 @@ delete_role() {
   echo "Remove ROLE_ARN from .env."
 }
 
+# parse_identity user/NAME|role/NAME: sets IDENTITY_KIND (user or role) and IDENTITY_NAME
+parse_identity() {
+  if [[ ! "$1" =~ ^(user|role)/([A-Za-z0-9+=,.@_-]{1,64})$ ]]; then
+    die "'$1' is not user/NAME or role/NAME (an IAM user or role of this account, e.g. user/BedrockAPIKey-abcd)"
+  fi
+  IDENTITY_KIND="${BASH_REMATCH[1]}"
+  IDENTITY_NAME="${BASH_REMATCH[2]}"
+}
+
+# same_json A B: whether two JSON documents are equal as values
+same_json() {
+  python3 -c 'import json, sys; sys.exit(json.loads(sys.argv[1]) != json.loads(sys.argv[2]))' "$1" "$2"
+}
+
+# The customer managed policy that holds the caller policy: one per ROLE_NAME, attached to every
+# identity that runs the steps (the access-key user, a Bedrock API key's user, a role).
+caller_policy_arn() {
+  printf 'arn:%s:iam::%s:policy/%s' "$PARTITION" "$ACCOUNT_ID" "$CALLER_POLICY_NAME"
+}
+
+attach_caller_policy() {
+  local kind="$IDENTITY_KIND" name="$IDENTITY_NAME" arn document kms_template="" current default count oldest
+  arn="$(caller_policy_arn)"
+  [[ -z "$OUTPUT_KMS_KEY_ID" ]] || kms_template="$SCRIPT_DIR/caller-kms-statement.json"
+  document="$(render "$SCRIPT_DIR/caller-policy.json" "$kms_template")"
+
+  banner "Attaching the caller policy to $kind $name"
+  if ! run_aws iam "get-$kind" "--$kind-name" "$name" --output text --query "${kind^}.Arn" >/dev/null; then
+    aws_error_is NoSuchEntity && die "there is no IAM $kind named $name in account $ACCOUNT_ID"
+    die "reading IAM $kind $name failed: $(aws_error)"
+  fi
+  if default="$(run_aws iam get-policy --policy-arn "$arn" --query Policy.DefaultVersionId --output text)"; then
+    current="$(run_aws iam get-policy-version --policy-arn "$arn" --version-id "$default"       --query PolicyVersion.Document --output json)" || die "reading policy $arn failed: $(aws_error)"
+    if same_json "$current" "$document"; then
+      echo "✓ Policy $CALLER_POLICY_NAME is up to date ($default)"
+    else
+      # IAM keeps at most five versions of a policy: make room by deleting the oldest non-default one.
+      count="$(run_aws iam list-policy-versions --policy-arn "$arn" --query 'length(Versions)' --output text)" ||
+        die "listing the versions of $arn failed: $(aws_error)"
+      if ((count >= 5)); then
+        oldest="$(run_aws iam list-policy-versions --policy-arn "$arn" --output text           --query 'sort_by(Versions[?!IsDefaultVersion], &CreateDate)[0].VersionId')" ||
+          die "listing the versions of $arn failed: $(aws_error)"
+        run_aws iam delete-policy-version --policy-arn "$arn" --version-id "$oldest" ||
+          die "deleting version $oldest of $arn failed: $(aws_error)"
+      fi
+      run_aws iam create-policy-version --policy-arn "$arn" --policy-document "$document" --set-as-default         >/dev/null || die "updating policy $arn failed: $(aws_error)"
+      echo "✓ Policy $CALLER_POLICY_NAME updated to the current settings"
+    fi
+  elif aws_error_is NoSuchEntity; then
+    run_aws iam create-policy --policy-name "$CALLER_POLICY_NAME" --policy-document "$document"       --description "What the identity running the bedrock-batch steps needs (iam/setup_service_role.sh)"       >/dev/null || die "creating policy $CALLER_POLICY_NAME failed: $(aws_error)"
+    echo "✓ Policy $CALLER_POLICY_NAME created"
+  else
+    die "reading policy $arn failed: $(aws_error)"
+  fi
+  run_aws iam "attach-$kind-policy" "--$kind-name" "$name" --policy-arn "$arn" ||
+    die "attaching $arn to $kind $name failed: $(aws_error)"
+  echo "✓ Attached $arn to $kind $name"
+}
+
+detach_caller_policy() {
+  local kind="$IDENTITY_KIND" name="$IDENTITY_NAME" arn attached version
+  arn="$(caller_policy_arn)"
+  banner "Detaching the caller policy from $kind $name"
+  if run_aws iam "detach-$kind-policy" "--$kind-name" "$name" --policy-arn "$arn"; then
+    echo "✓ Detached $arn from $kind $name"
+  elif aws_error_is NoSuchEntity; then
+    echo "✓ $arn is not attached to $kind $name"
+  else
+    die "detaching $arn from $kind $name failed: $(aws_error)"
+  fi
+  if ! attached="$(run_aws iam get-policy --policy-arn "$arn" --query Policy.AttachmentCount --output text)"; then
+    aws_error_is NoSuchEntity && return 0
+    die "reading policy $arn failed: $(aws_error)"
+  fi
+  if ((attached > 0)); then
+    echo "Policy $CALLER_POLICY_NAME is still attached to $attached other identity(ies): kept"
+    return 0
+  fi
+  for version in $(run_aws iam list-policy-versions --policy-arn "$arn" --output text     --query 'Versions[?!IsDefaultVersion].VersionId'); do
+    run_aws iam delete-policy-version --policy-arn "$arn" --version-id "$version" ||
+      die "deleting version $version of $arn failed: $(aws_error)"
+  done
+  run_aws iam delete-policy --policy-arn "$arn" || die "deleting policy $arn failed: $(aws_error)"
+  echo "✓ Deleted policy $CALLER_POLICY_NAME (nothing used it any more)"
+}
+
 main() {
-  local mode=create
+  local mode=create identity=""
   while (($# > 0)); do
     case "$1" in
       --user-policy) mode=user-policy ;;
+      --attach-caller-policy | --detach-caller-policy)
+        mode="${1#--}"
+        mode="${mode%-caller-policy}"
+        (($# > 1)) || die "$1 needs user/NAME or role/NAME"
+        identity="$2"
+        shift
+        ;;
       --delete) mode=delete ;;
       -h | --help)
         usage
@@ -355,11 +459,13 @@ main() {
   OUTPUT_KMS_KEY_ID="${OUTPUT_KMS_KEY_ID:-}"
   EXPECTED_BUCKET_OWNER="${EXPECTED_BUCKET_OWNER:-}"
   local policy_name="${ROLE_NAME}Permissions"
+  CALLER_POLICY_NAME="${ROLE_NAME}Caller"
 
   case "$mode" in
     create) require_settings SOURCE_BUCKET RESULT_BUCKET ;;
-    user-policy) require_settings SOURCE_BUCKET RESULT_BUCKET VECTOR_BUCKET VECTOR_INDEX ;;
+    user-policy | attach) require_settings SOURCE_BUCKET RESULT_BUCKET VECTOR_BUCKET VECTOR_INDEX ;;
   esac
+  [[ -z "$identity" ]] || parse_identity "$identity"
   validate_settings "$mode"
   command -v aws >/dev/null || die "the AWS CLI (aws) is not on PATH; run: uv run bash iam/setup_service_role.sh"
   command -v python3 >/dev/null || die "python3 is not on PATH (it fills in the policy templates)"
@@ -378,6 +484,14 @@ main() {
     create)
       find_account
       create_or_update_role "$policy_name"
+      ;;
+    attach)
+      find_account
+      attach_caller_policy
+      ;;
+    detach)
+      find_account
+      detach_caller_policy
       ;;
   esac
 }

@@ -29,7 +29,7 @@ STEPS = [
     ["02_monitor_job.py", "--wait", "--interval", "1"],
     ["03_load_result_to_s3_vector_bucket.py"],
     ["04_remove_completed_task.py"],
-    ["05_query_vectors.py", "a red sports car", "--top-k", "5"],
+    ["05_query_vectors.py", "a red sports car", "--top-k", "5", "--html", "results.html"],
 ]
 FOLDERS = ["", "beach/", "city/night/", "城市/"]
 SUFFIXES = [".jpg", ".png", ".jpeg", ".PNG", ".gif", ".webp"]
@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{step[0]} exited {code}")
                 return code
         print(f"\nAll five steps ran against the local stand-ins. Work folder: {workdir}")
+        print(f"The search's results page: {(workdir / 'results.html').as_uri()} (its thumbnails load while the "
+              "stand-ins run: --serve)")
         if args.serve:
             print("Stand-ins running. In another shell, in this checkout:")
             print(f"  source {shlex.quote(str(workdir / 'standins.env'))}")

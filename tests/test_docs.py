@@ -37,6 +37,7 @@ def test_help_works_without_settings_or_aws(script, tmp_path):
 
 
 @pytest.mark.parametrize("module", ["common", "vectors", "jobs", "accounting", "jobinfo", "rejects", "daily_run",
+                                    "cost", "results_page",
                                     *[s[:-3] for s in SCRIPTS]])
 def test_nothing_runs_at_import(module, tmp_path):
     code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import importlib; importlib.import_module({module!r})"

@@ -334,6 +334,97 @@ def test_user_policy_needs_the_vector_settings(run, iam):
     assert result.stdout == ""
 
 
+CALLER = f"{ROLE}Caller"
+KEY_USER = "BedrockAPIKey-abcd"  # a Bedrock API key's IAM user: the first part of the key's id
+
+
+def caller_policy_arn(account):
+    return f"arn:aws:iam::{account}:policy/{CALLER}"
+
+
+def default_document(iam, arn):
+    version = iam.get_policy(PolicyArn=arn)["Policy"]["DefaultVersionId"]
+    return iam.get_policy_version(PolicyArn=arn, VersionId=version)["PolicyVersion"]["Document"]
+
+
+def test_attach_caller_policy_puts_the_user_policy_on_a_user_idempotently(run, iam, account):
+    iam.create_user(UserName=KEY_USER)
+    arn = caller_policy_arn(account)
+    first = run("--attach-caller-policy", f"user/{KEY_USER}")
+    assert first.returncode == 0, first.stderr
+    assert in_order([f"Attaching the caller policy to user {KEY_USER}", f"✓ Policy {CALLER} created",
+                     f"✓ Attached {arn} to user {KEY_USER}"], first.stdout)
+    assert default_document(iam, arn) == expected_caller_policy(account) == json.loads(run("--user-policy").stdout)
+    assert [p["PolicyArn"] for p in iam.list_attached_user_policies(UserName=KEY_USER)["AttachedPolicies"]] == [arn]
+    assert iam.list_user_policies(UserName=KEY_USER)["PolicyNames"] == []
+
+    again = run("--attach-caller-policy", f"user/{KEY_USER}")
+    assert again.returncode == 0, again.stderr
+    assert f"✓ Policy {CALLER} is up to date (v1)" in again.stdout
+    assert len(iam.list_policy_versions(PolicyArn=arn)["Versions"]) == 1
+    assert len(iam.list_attached_user_policies(UserName=KEY_USER)["AttachedPolicies"]) == 1
+
+
+def test_changed_settings_give_the_policy_a_new_version_and_old_ones_are_pruned(run, iam, account):
+    iam.create_user(UserName=KEY_USER)
+    arn = caller_policy_arn(account)
+    for n in range(7):
+        result = run("--attach-caller-policy", f"user/{KEY_USER}", settings={**SETTINGS, "VECTOR_INDEX": f"index-{n}"})
+        assert result.returncode == 0, result.stderr
+        assert default_document(iam, arn)["Statement"][-2]["Resource"].endswith(f"/index/index-{n}")
+    assert "updated to the current settings" in result.stdout
+    assert len(iam.list_policy_versions(PolicyArn=arn)["Versions"]) == 5  # IAM's limit: the oldest were deleted
+
+
+def test_attach_to_a_role_and_detach_from_both(run, iam, account):
+    iam.create_user(UserName=KEY_USER)
+    iam.create_role(RoleName="StepsRunner", AssumeRolePolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"},
+                                                 "Action": "sts:AssumeRole"}]}))
+    arn = caller_policy_arn(account)
+    assert run("--attach-caller-policy", f"user/{KEY_USER}").returncode == 0
+    to_role = run("--attach-caller-policy", "role/StepsRunner")
+    assert to_role.returncode == 0, to_role.stderr
+    assert [p["PolicyArn"] for p in iam.list_attached_role_policies(RoleName="StepsRunner")["AttachedPolicies"]] == [arn]
+
+    from_user = run("--detach-caller-policy", f"user/{KEY_USER}", settings={})  # detaching needs no bucket settings
+    assert from_user.returncode == 0, from_user.stderr
+    assert "still attached to 1 other identity" in from_user.stdout
+    assert iam.list_attached_user_policies(UserName=KEY_USER)["AttachedPolicies"] == []
+    assert iam.get_policy(PolicyArn=arn)["Policy"]["AttachmentCount"] == 1
+
+    from_role = run("--detach-caller-policy", "role/StepsRunner", settings={})
+    assert from_role.returncode == 0, from_role.stderr
+    assert f"✓ Deleted policy {CALLER}" in from_role.stdout
+    assert not [p for p in iam.list_policies(Scope="Local")["Policies"] if p["PolicyName"] == CALLER]
+
+    again = run("--detach-caller-policy", "role/StepsRunner", settings={})
+    assert again.returncode == 0, again.stderr
+    assert "is not attached to role StepsRunner" in again.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attach-caller-policy", "user/NoSuchUser"], "there is no IAM user named NoSuchUser"),
+    (["--attach-caller-policy", "group/admins"], "'group/admins' is not user/NAME or role/NAME"),
+    (["--attach-caller-policy", "user/bad name"], "is not user/NAME or role/NAME"),
+    (["--attach-caller-policy"], "--attach-caller-policy needs user/NAME or role/NAME"),
+])
+def test_attach_errors_are_one_line_and_change_nothing(run, iam, args, message):
+    result = run(*args)
+    assert result.returncode != 0
+    assert message in one_error_line(result)
+    assert not [p for p in iam.list_policies(Scope="Local")["Policies"] if p["PolicyName"] == CALLER]
+
+
+def test_attach_needs_the_settings_of_the_policy(run, iam):
+    iam.create_user(UserName=KEY_USER)
+    result = run("--attach-caller-policy", f"user/{KEY_USER}",
+                 settings={k: v for k, v in SETTINGS.items() if k != "VECTOR_BUCKET"})
+    assert result.returncode != 0
+    assert "VECTOR_BUCKET" in one_error_line(result)
+    assert iam.list_attached_user_policies(UserName=KEY_USER)["AttachedPolicies"] == []
+
+
 def test_delete_removes_role_and_succeeds_when_already_gone(run, iam):
     assert run().returncode == 0
 

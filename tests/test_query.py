@@ -11,6 +11,8 @@ import subprocess
 import sys
 import urllib.parse
 import urllib.request
+from datetime import datetime, timezone
+from html.parser import HTMLParser
 
 import pytest
 
@@ -20,7 +22,9 @@ from tests.conftest import ROOT, STEPS, World, import_step, make_role
 from tests.standins.embedding import embed_image, embed_text
 
 EXTENSIONS = ["png", "jpg", "gif", "webp"]
-KEYS = [f"img-{i:03d}.{EXTENSIONS[i % 4]}" for i in range(100)] + ["tricky/with space+plus.png", "tricky/中文.jpg"]
+XSS_KEY = "tricky/<img src=x onerror=alert(1)> \"q\" 'a'&amp;.png"  # a key that is also markup
+KEYS = [f"img-{i:03d}.{EXTENSIONS[i % 4]}" for i in range(100)] + ["tricky/with space+plus.png", "tricky/中文.jpg",
+                                                                   XSS_KEY]
 DIMENSION = 256
 ROW = re.compile(r"^\s*(\d+)\s+(\d+\.\d{4})\s+(s3://\S.*)$")
 
@@ -310,3 +314,237 @@ def test_an_s3_image_that_does_not_exist(loaded):
     assert result.returncode == 1
     line = one_line(result)
     assert line.startswith("error: ValidationException:") and "does not exist" in line
+
+
+# ---------------------------------------------------------------------------------------------------- pages of results
+
+
+def test_queryvectors_pages_are_all_read_up_to_top_k(loaded):
+    # The stand-in answers at most 30 results a page (its default query_page_size): 45 come in two pages, 100 in four.
+    hits = query_json(loaded, "a red sports car", "--top-k", "45")
+    assert [h["rank"] for h in hits] == list(range(1, 46))
+    assert len({h["key"] for h in hits}) == 45
+    distances = [h["distance"] for h in hits]
+    assert distances == sorted(distances)
+    assert [h["key"] for h in query_json(loaded, "a red sports car", "--top-k", "30")] == [h["key"] for h in hits[:30]]
+    assert len(query_json(loaded, "a red sports car", "--top-k", "100")) == 100
+
+
+def test_the_standin_pages_queryvectors_and_refuses_a_token_of_another_query():
+    import boto3
+    from botocore.exceptions import ClientError
+
+    from tests.standins import s3vectors, serve
+
+    served = serve(s3vectors.make_app(options={"query_page_size": 4}))
+    try:
+        c = boto3.client("s3vectors", region_name="us-east-1", endpoint_url=served.url,
+                         aws_access_key_id="testing", aws_secret_access_key="testing")
+        c.create_vector_bucket(vectorBucketName="pages")
+        c.create_index(vectorBucketName="pages", indexName="idx", dataType="float32", dimension=2,
+                       distanceMetric="euclidean")
+        c.put_vectors(vectorBucketName="pages", indexName="idx",
+                      vectors=[{"key": f"v{n:02d}", "data": {"float32": [float(n), 0.0]}} for n in range(10)])
+        query = {"vectorBucketName": "pages", "indexName": "idx", "topK": 9, "queryVector": {"float32": [0.0, 0.0]}}
+        first = c.query_vectors(**query)
+        assert [v["key"] for v in first["vectors"]] == ["v00", "v01", "v02", "v03"]
+        pages = list(c.get_paginator("query_vectors").paginate(**query))
+        assert [len(p["vectors"]) for p in pages] == [4, 4, 1]
+        assert [v["key"] for p in pages for v in p["vectors"]] == [f"v{n:02d}" for n in range(9)]
+        assert "nextToken" not in pages[-1]
+        with pytest.raises(ClientError, match="another query"):
+            c.query_vectors(**{**query, "queryVector": {"float32": [1.0, 0.0]}}, nextToken=first["nextToken"])
+        with pytest.raises(ClientError, match="invalid nextToken"):
+            c.query_vectors(**query, nextToken="bm90IGEgdG9rZW4")
+    finally:
+        served.stop()
+
+
+# ---------------------------------------------------------------------------------------------------- the HTML page
+
+
+class _Tags(HTMLParser):
+    """The elements, attributes and text of a page, as a browser's parser reads them."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def parse_page(text: str) -> _Tags:
+    parser = _Tags()
+    parser.feed(text)
+    parser.close()
+    return parser
+
+
+NASTY = ["<img src=x onerror=alert(1)>", "</script><script>alert(2)</script>", "\"'&<>", "中文 é ☃", "a b+c=d%20"]
+PAGE_TAGS = {"html", "head", "meta", "title", "style", "body", "header", "h1", "div", "p", "main", "ol", "li",
+             "a", "img", "span", "footer", "br"}
+
+
+def test_the_page_escapes_every_text_and_attribute():
+    import results_page
+
+    hits = [{"rank": n + 1, "key": f"k{n}", "distance": 0.5, "source_uri": f"s3://b/{text}.png",
+             "url": f"https://b.s3.us-east-1.amazonaws.com/{urllib.parse.quote(text)}.png?X-Amz-Signature=1&a=\"'<"}
+            for n, text in enumerate(NASTY)]
+    hits.append({"rank": 9, "key": "<k>", "distance": None, "source_uri": None, "url": "javascript:alert(3)"})
+    for query in (results_page.QueryShown(text=NASTY[0] + NASTY[1]),
+                  results_page.QueryShown(image_name="s3://b/" + NASTY[0], image_src="javascript:alert(4)")):
+        page = results_page.render(query, hits, index="i<x>", bucket="b\"x", model="m'x", purpose="p&x",
+                                   presign_seconds=3600)
+        parsed = parse_page(page)
+        assert {tag for tag, _ in parsed.tags} <= PAGE_TAGS  # nothing a key brought in became an element
+        assert "<script" not in page.lower()
+        assert all(not name.startswith("on") for _, attrs in parsed.tags for name in attrs)
+        assert "javascript:" not in page
+        text = "".join(parsed.text)
+        for nasty in NASTY:  # each shows as the text it is
+            assert f"s3://b/{nasty}.png" in text
+        srcs = [attrs["src"] for tag, attrs in parsed.tags if tag == "img"]
+        assert srcs == [h["url"] for h in hits[:-1]]  # attribute values come back exactly
+        assert "(no source_uri) key <k>" in text
+        csp = next(a["content"] for t, a in parsed.tags if t == "meta" and a.get("http-equiv") ==
+                   "Content-Security-Policy")
+        assert csp.startswith("default-src 'none'; img-src data: https://b.s3.us-east-1.amazonaws.com; style-src 'sha")
+        assert "script-src" not in csp and "unsafe" not in csp
+    assert "valid for 1 hour" in page
+
+
+def test_the_page_says_how_long_its_links_last():
+    import results_page
+
+    when = datetime(2026, 1, 2, 3, 4, tzinfo=timezone.utc)
+    page = results_page.render(results_page.QueryShown(text="x"), [], index="i", bucket="b", model="m",
+                               purpose="p", presign_seconds=7200, generated=when)
+    assert "valid for 2 hours, until 2026-01-02 05:04 UTC" in page
+    assert "No hits." in page
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from tests.browser import Browser, find_chromium
+
+    executable = find_chromium()
+    if executable is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is missing: .ci/run installs it (apt-get install chromium)")
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    with Browser(executable) as running:
+        yield running
+
+
+def render_in_browser(browser, page_file, shot=None) -> dict:
+    """Open the page from file:// in headless Chromium; what the person looking at it gets."""
+    page = browser.page(width=1280, height=4000)  # every lazy thumbnail inside the viewport: all of them load
+    page.open(page_file.resolve().as_uri())
+    seen = page.evaluate("""({
+        images: [...document.images].map(i => ({src: i.currentSrc, width: i.naturalWidth, alt: i.alt,
+                                                 link: i.closest('a') && i.closest('a').href})),
+        uris: [...document.querySelectorAll('.uri')].map(e => e.textContent),
+        query: document.querySelector('.query').textContent,
+        scripts: document.scripts.length,
+        handlers: [...document.querySelectorAll('*')].filter(e => [...e.attributes].some(
+                   a => a.name.startsWith('on'))).length,
+        footer: document.querySelector('footer').textContent,
+    })""")
+    if shot is not None:
+        page.screenshot(shot)
+    seen["dialogs"] = [e for e in page.events if e["method"] == "Page.javascriptDialogOpening"]
+    return seen
+
+
+def test_the_html_page_in_a_real_browser(loaded, browser, tmp_path):
+    wanted = [uri_of(loaded, k) for k in (XSS_KEY, "img-000.png", "img-001.jpg", "img-002.gif", "img-003.webp",
+                                          "tricky/with space+plus.png", "tricky/中文.jpg")]
+    page_file = tmp_path / "results page.html"
+    result = loaded.step(5, "a red sports car", "--html", str(page_file), "--filter",
+                         json.dumps({"source_uri": {"$in": wanted}}))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"✓ Wrote the results page {page_file}" in result.stdout
+    assert "valid for 3600 s" in result.stdout
+    assert "X-Amz-Signature" not in result.stdout  # the links are in the page; the console shows them for --presign
+    hits = query_json(loaded, "a red sports car", "--filter", json.dumps({"source_uri": {"$in": wanted}}))
+    text = page_file.read_text(encoding="utf-8")
+    assert "<img src=x onerror" not in text and "<script" not in text
+
+    seen = render_in_browser(browser, page_file, tmp_path / "results.png")
+    assert seen["uris"] == [h["source_uri"] for h in hits]  # in rank order, as text: the markup key included
+    assert uri_of(loaded, XSS_KEY) in seen["uris"]
+    assert seen["query"] == "“a red sports car”"
+    assert len(seen["images"]) == len(wanted)
+    for image, hit in zip(seen["images"], hits):
+        assert image["width"] > 0, image  # the thumbnail loaded through its pre-signed link to the local S3
+        assert image["src"].startswith(loaded.env["AWS_ENDPOINT_URL_S3"]) and "X-Amz-Expires=3600" in image["src"]
+        assert image["link"] == image["src"]  # each image links to itself
+        assert image["alt"] == hit["source_uri"]
+    assert seen["scripts"] == 0 and seen["handlers"] == 0 and seen["dialogs"] == []
+    assert "valid for 1 hour" in seen["footer"]
+    assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_html_page_of_an_image_query_shows_the_image(loaded, browser, tmp_path):
+    s3_page, local_page = tmp_path / "s3.html", tmp_path / "local.html"
+    uri = uri_of(loaded, "img-008.png")
+    assert loaded.step(5, "--image", uri, "--top-k", "3", "--html", str(s3_page), "--presign", "120").returncode == 0
+    local = tmp_path / "query.png"
+    local.write_bytes(image_bytes(loaded, "img-004.png"))
+    assert loaded.step(5, "--image", str(local), "--top-k", "2", "--html", str(local_page)).returncode == 0
+
+    seen = render_in_browser(browser, s3_page)
+    query_image, *thumbnails = seen["images"]
+    assert query_image["width"] > 0 and "X-Amz-Expires=120" in query_image["src"]
+    assert uri in seen["query"] and seen["uris"][0] == uri and len(thumbnails) == 3
+    assert "valid for 2 minutes" in seen["footer"]
+    seen = render_in_browser(browser, local_page)
+    assert seen["images"][0]["src"].startswith("data:image/png;base64,") and seen["images"][0]["width"] > 0
+    assert str(local) in seen["query"] and seen["uris"][0] == uri_of(loaded, "img-004.png")
+
+
+def test_a_broken_link_shows_the_placeholder_and_the_uri(loaded, browser, tmp_path):
+    import results_page
+
+    hits = query_json(loaded, "--image", uri_of(loaded, "img-012.png"), "--top-k", "2", "--presign", "60")
+    hits[1]["url"] = hits[1]["url"].replace("img-", "gone-")  # the object is not there: 403/404 like an expired link
+    page_file = tmp_path / "broken.html"
+    page_file.write_text(results_page.render(results_page.QueryShown(text="broken"), hits, index="i", bucket="b",
+                                             model="m", purpose="p", presign_seconds=60), encoding="utf-8")
+    seen = render_in_browser(browser, page_file, tmp_path / "broken.png")
+    assert [i["width"] > 0 for i in seen["images"]] == [True, False]
+    assert seen["images"][1]["alt"] == hits[1]["source_uri"]  # the placeholder (img::after) shows the alt text
+    assert seen["uris"] == [h["source_uri"] for h in hits]
+
+
+def test_open_shows_the_page_in_the_default_browser(loaded, tmp_path, monkeypatch):
+    step = import_step(5)
+    opened = []
+    monkeypatch.setattr(step.webbrowser, "open", opened.append)
+    for name, value in loaded.env.items():
+        monkeypatch.setenv(name, value)
+    page_file = tmp_path / "open.html"
+    assert step.main(["car", "--top-k", "1", "--html", str(page_file), "--open"]) == 0
+    assert opened == [page_file.resolve().as_uri()]
+    assert page_file.exists()
+
+
+@pytest.mark.parametrize("args, message", [(["car", "--open"], "--open goes with --html FILE"),
+                                           (["car", "--html", " "], "--html needs a file name")])
+def test_html_flags_are_checked_before_any_call(world, args, message):
+    result = world.step(5, *args)
+    assert result.returncode == 2
+    assert message in one_line(result)
+
+
+def test_a_page_that_cannot_be_written_is_one_line(loaded, tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = loaded.step(5, "car", "--html", str(tmp_path / "file" / "page.html"))
+    assert result.returncode == 2
+    assert "cannot write the page" in one_line(result)

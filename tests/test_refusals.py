@@ -112,3 +112,33 @@ def test_retry_failed_decides_before_it_replaces_anything(world):
     assert again.returncode == common.EXIT_INCOMPLETE, again.stdout + again.stderr
     assert f"s3://{world.source_bucket}/2024/a/broken.png: failed (400" in again.stdout
     assert world.step(4).returncode == 0
+
+
+def test_a_checkpoint_belongs_to_its_index(world):
+    """A typo in the index given to 03 after a completed load: announced, loaded from the start, never counted from
+    the old checkpoint; with --no-create it is refused and nothing is created."""
+    world.put_images([f"a/img-{i:03d}.png" for i in range(100)], prefix="2024/")
+    assert world.step(1).returncode == 0
+    assert world.step(2, "--wait", "--interval", "0.05").returncode == 0
+    assert world.step(3).returncode == 0
+    accepted = world.vectors_accepted()
+
+    refused = world.step(3, "--no-create", env={"VECTOR_BUCKET": "vectors-typo"})
+    assert refused.returncode == common.EXIT_USAGE
+    assert refused.stderr == ("error: vector bucket vectors-typo does not exist — check VECTOR_BUCKET and "
+                              "VECTOR_INDEX, or run without --no-create to create it\n")
+    s3v = world.client("s3vectors")
+    assert "vectors-typo" not in [b["vectorBucketName"] for b in s3v.list_vector_buckets()["vectorBuckets"]]
+
+    typo = world.step(3, env={"VECTOR_INDEX": "images-typo"})
+    assert typo.returncode == 0, typo.stdout + typo.stderr
+    assert (f"The load checkpoint of {world.job_info()['jobs'][0]['job_name']} was made against "
+            f"{world.vector_bucket}/{world.vector_index}, not {world.vector_bucket}/images-typo: loading this job "
+            "from the start") in typo.stdout
+    assert "! Index images-typo does not exist: creating it" in typo.stdout
+    assert "Vectors Inserted: 100" in typo.stdout and "(1 requests, " in typo.stdout
+    keys = s3v.list_vectors(vectorBucketName=world.vector_bucket, indexName="images-typo")["vectors"]
+    assert len(keys) == 100
+    assert world.vectors_accepted() == accepted  # the first index got nothing more
+    back = world.step(3, env={"VECTOR_INDEX": world.vector_index})  # and back: from the start again, no error
+    assert back.returncode == 0 and "Vectors Inserted: 100" in back.stdout

@@ -25,9 +25,10 @@ class Served:
     stop: Callable[[], None]
 
 
-def serve(app, host: str = "127.0.0.1", port: int = 0) -> Served:
-    """Run a WSGI app on a loopback port in a daemon thread; returns its URL and a stop function."""
-    server = make_server(host, port, app, threaded=True, request_handler=_QuietHandler)
+def serve(app, host: str = "127.0.0.1", port: int = 0, ssl_context=None) -> Served:
+    """Run a WSGI app on a loopback port in a daemon thread; returns its URL and a stop function.
+    With an `ssl_context` (tests.standins.tls) it serves HTTPS."""
+    server = make_server(host, port, app, threaded=True, request_handler=_QuietHandler, ssl_context=ssl_context)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
 
@@ -35,4 +36,5 @@ def serve(app, host: str = "127.0.0.1", port: int = 0) -> Served:
         server.shutdown()
         thread.join()
 
-    return Served(url=f"http://{host}:{server.server_port}", stop=stop)
+    scheme = "https" if ssl_context is not None else "http"
+    return Served(url=f"{scheme}://{host}:{server.server_port}", stop=stop)

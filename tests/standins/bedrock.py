@@ -11,6 +11,7 @@ the role's policy. Where the behaviour of the real service is not known, the cho
     served = serve(app)                     # from tests.standins
     POST {served.url}/_emulator/config      {"step_seconds": 0.01, "fail_keys_regex": "broken"}
     GET  {served.url}/_emulator/jobs        jobs, statuses, counts and recorded S3 accesses
+    GET  {served.url}/_emulator/auth        how each call was authenticated: Bearer (API key) or SigV4
     POST {served.url}/_emulator/reset       forget every job, back to the options given to make_app
 """
 
@@ -367,6 +368,7 @@ class BedrockEmulator:
         self._initial_options = self._checked_options({**DEFAULT_OPTIONS, **(options or {})})
         self.options = dict(self._initial_options)
         self.jobs: dict[str, _Job] = {}
+        self.auth_seen: list[dict] = []  # how each call was authenticated (see _record_auth)
         self._lock = threading.RLock()
         client_args = dict(region_name=region, aws_access_key_id="testing", aws_secret_access_key="testing",
                            config=Config(retries={"mode": "standard", "max_attempts": 3}))
@@ -418,6 +420,7 @@ class BedrockEmulator:
                 job.discarded = True
                 job.stop_event.set()
             self.jobs.clear()
+            self.auth_seen.clear()
             self.options = dict(self._initial_options)
 
     # ---------------------------------------------------------------------------------------------- WSGI
@@ -450,16 +453,37 @@ class BedrockEmulator:
         if segments and segments[0] == "_emulator":
             return self._control(request, segments[1:])
         if segments == ["model-invocation-job"] and method == "POST":
+            self._record_auth(request, "CreateModelInvocationJob")
             return self._json(self.create_job(self._body(request)))
         if segments == ["model-invocation-jobs"] and method == "GET":
+            self._record_auth(request, "ListModelInvocationJobs")
             return self._json(self.list_jobs(request.args))
         if len(segments) == 2 and segments[0] == "model-invocation-job" and method == "GET":
+            self._record_auth(request, "GetModelInvocationJob")
             return self._json(self.get_job(segments[1]))
         if len(segments) == 3 and segments[0] == "model-invocation-job" and segments[2] == "stop" and method == "POST":
+            self._record_auth(request, "StopModelInvocationJob")
             return self._json(self.stop_job(segments[1]))
         if len(segments) == 3 and segments[0] == "model" and segments[2] == "invoke" and method == "POST":
+            self._record_auth(request, "InvokeModel")
             return self._json(self.invoke_model(segments[1], request.get_data()))
         raise ApiError("UnknownOperationException", f"No operation matches {method} {request.path}")
+
+    def _record_auth(self, request: Request, operation: str) -> None:
+        """Remember how a call was authenticated (GET /_emulator/auth): a Bedrock API key is sent as
+        `Authorization: Bearer <key>`, credentials as SigV4 (`AWS4-HMAC-SHA256 Credential=<access key id>/...`).
+        Neither is verified: the emulator only records which one came."""
+        header = request.headers.get("Authorization", "")
+        scheme, _, rest = header.partition(" ")
+        if scheme == "Bearer":
+            who = rest
+        elif scheme == "AWS4-HMAC-SHA256":
+            who = rest.split("Credential=", 1)[-1].split("/", 1)[0]
+        else:
+            scheme, who = scheme or "none", ""
+        with self._lock:
+            self.auth_seen.append({"operation": operation, "scheme": scheme, "credential": who,
+                                   "https": request.scheme == "https"})
 
     @staticmethod
     def _body(request: Request) -> dict:
@@ -484,6 +508,9 @@ class BedrockEmulator:
             with self._lock:
                 return self._json({"jobs": [{**job.describe(), "jobId": job.job_id,
                                              "s3Accesses": list(job.accesses)} for job in self.jobs.values()]})
+        if path == ["auth"] and request.method == "GET":
+            with self._lock:
+                return self._json({"calls": list(self.auth_seen)})
         if path == ["reset"] and request.method == "POST":
             self.reset()
             return self._json({})

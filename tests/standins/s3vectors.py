@@ -82,6 +82,10 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "list_bytes_count_stored_data": False,
     "max_segment_count": 16,
     "max_top_k": 100,
+    # QueryVectors answers at most this many results a page, the rest behind nextToken (the user guide: "when topK
+    # exceeds the page size, results are returned across multiple pages"); the real page size is unverified: 0 = one
+    # page whatever topK
+    "query_page_size": 30,
     "max_list_buckets_results": 500,
     # write quota per index (token buckets, burst = one second's worth); 0/None disables
     "vectors_per_second": 2500,
@@ -1027,6 +1031,7 @@ class S3VectorsStandin:
                 d = min(2.0, max(0.0, 1.0 - cos))
             scored.append((d, key, meta))
         best = heapq.nsmallest(top_k, scored, key=lambda t: (t[0], t[1]))
+        best, next_token = self._query_page(body, best)
         out_vectors = []
         for d, key, meta in best:
             item: dict = {"key": key}
@@ -1035,7 +1040,33 @@ class S3VectorsStandin:
             if return_metadata:
                 item["metadata"] = meta if meta is not None else {}
             out_vectors.append(item)
-        return {"vectors": out_vectors, "distanceMetric": index.metric}
+        out: dict = {"vectors": out_vectors, "distanceMetric": index.metric}
+        if next_token is not None:
+            out["nextToken"] = next_token
+        return out
+
+    def _query_page(self, body: dict, ranked: list) -> tuple[list, str | None]:
+        """The page of the ranked results a QueryVectors request asks for, and the token of the next page.
+
+        A token holds the offset of the next page and a fingerprint of the query; the user guide says to repeat the
+        same queryVector, topK, filter and queryMode with it, so a token sent with another query is refused. The
+        ranking is computed afresh for each page (writes between pages may show; the service's snapshot semantics
+        and token lifetime ("several minutes") are not modelled).
+        """
+        size = self.options["query_page_size"] or len(ranked) or 1
+        query = {name: body.get(name) for name in ("vectorBucketName", "indexName", "indexArn", "topK", "queryVector",
+                                                   "filter", "queryMode")}
+        fingerprint = zlib.crc32(orjson.dumps(query, option=orjson.OPT_SORT_KEYS))
+        start = 0
+        if body.get("nextToken") is not None:
+            token = _decode_token(body["nextToken"])
+            if type(token) is not list or len(token) != 3 or token[0] != "query" or type(token[1]) is not int:
+                raise _validation("invalid nextToken")
+            if token[2] != fingerprint:
+                raise _validation("nextToken belongs to another query: repeat the same queryVector, topK and filter")
+            start = token[1]
+        end = start + size
+        return ranked[start:end], (_encode_token(["query", end, fingerprint]) if end < len(ranked) else None)
 
 
 def _check_bucket_name(name: Any) -> None:

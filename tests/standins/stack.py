@@ -7,7 +7,9 @@ through the standard AWS_ENDPOINT_URL_<SERVICE> variables, the way the scripts a
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import logging
@@ -15,6 +17,7 @@ import logging
 from moto.server import ThreadedMotoServer
 
 from . import bedrock, s3vectors, serve
+from . import tls as _tls
 
 ACCOUNT_ID = "123456789012"  # moto's default account
 REGION = "us-east-1"
@@ -26,6 +29,7 @@ class Stack:
     bedrock_url: str
     s3vectors_url: str
     env: dict[str, str]
+    certificates: _tls.Certificates | None = None  # when the Bedrock emulator serves HTTPS (tls=True)
     _stops: list[Callable[[], None]] = field(default_factory=list)
 
     def stop(self) -> None:
@@ -54,21 +58,33 @@ def aws_env(moto_url: str, bedrock_url: str, s3vectors_url: str) -> dict[str, st
     }
 
 
-def start(bedrock_options: dict | None = None, s3vectors_options: dict | None = None) -> Stack:
+def start(bedrock_options: dict | None = None, s3vectors_options: dict | None = None, *, tls: bool = False) -> Stack:
+    """With tls=True the Bedrock emulator serves HTTPS with a throw-away CA that AWS_CA_BUNDLE names (botocore sends
+    a Bedrock API key only over https)."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log from moto's server
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     moto.start()
     host, port = moto.get_host_and_port()
     moto_url = f"http://{host}:{port}"
+    certificates, stops = None, [moto.stop]
+    if tls:
+        folder = tempfile.TemporaryDirectory(prefix="standin-tls-")
+        certificates = _tls.make(Path(folder.name))
+        stops.append(folder.cleanup)
     emulator = serve(
         bedrock.make_app(s3_endpoint_url=moto_url, iam_endpoint_url=moto_url, region=REGION, account_id=ACCOUNT_ID,
-                         options=bedrock_options)
+                         options=bedrock_options),
+        ssl_context=certificates.server_context() if certificates else None,
     )
     vectors = serve(s3vectors.make_app(region=REGION, account_id=ACCOUNT_ID, options=s3vectors_options))
+    env = aws_env(moto_url, emulator.url, vectors.url)
+    if certificates:
+        env["AWS_CA_BUNDLE"] = str(certificates.ca_file)
     return Stack(
         moto_url=moto_url,
         bedrock_url=emulator.url,
         s3vectors_url=vectors.url,
-        env=aws_env(moto_url, emulator.url, vectors.url),
-        _stops=[moto.stop, emulator.stop, vectors.stop],
+        env=env,
+        certificates=certificates,
+        _stops=[*stops, emulator.stop, vectors.stop],
     )

@@ -1,0 +1,168 @@
+"""01 --inventory: an S3 Inventory report (CSV, gzipped CSV, Parquet) gives the same images, plan and manifests as
+listing the bucket; ORC, a report without Size, of another bucket or with a damaged file stop with one line."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import re
+import sys
+from urllib.parse import quote_plus
+
+import duckdb
+import orjson
+import pytest
+
+import common
+import inventory
+import listing
+from tests.conftest import import_step
+from tests.test_listing import config_for, manifests, plan_and_write
+
+create_job = import_step(1)
+SCHEMA = "Bucket, Key, VersionId, IsLatest, IsDeleteMarker, Size, LastModifiedDate, ETag, StorageClass"
+KEYS = ([f"2024/a/img-{i:03d}.png" for i in range(60)] + [f"2024/b/c/photo-{i:03d}.jpg" for i in range(45)]
+        + [f"2024/top-{i}.webp" for i in range(10)]
+        + ["2024/a/my photo+1.jpg", "2024/a/café, \"quoted\".png", "2024/notes.txt", "2024/b/old.jsonl.txt"])
+
+
+@pytest.fixture
+def bucket(world):
+    s3 = world.client("s3")
+    for n, key in enumerate(KEYS):
+        s3.put_object(Bucket=world.source_bucket, Key=key, Body=b"\xff" * (n + 1))
+    s3.put_object(Bucket=world.source_bucket, Key="2024/empty.jpg", Body=b"")
+    s3.put_object(Bucket=world.source_bucket, Key="2023/outside.jpg", Body=b"x")
+    return world
+
+
+def rows(world) -> list[list[str]]:
+    """The report's rows: every object of the bucket, plus an old version and a deleted object (versions: All)."""
+    s3 = world.client("s3")
+    out = []
+    for obj in listing.list_sequential(s3, world.source_bucket, "", "123456789012"):
+        out.append([world.source_bucket, obj["Key"], "v2", "true", "false", str(obj["Size"]), "2026-12-01T00:00:00Z",
+                    "etag", "STANDARD"])
+    out.append([world.source_bucket, "2024/a/img-000.png", "v1", "false", "false", "7", "2026-11-01T00:00:00Z",
+                "etag", "STANDARD"])
+    out.append([world.source_bucket, "2024/a/deleted.png", "v3", "true", "true", "", "2026-11-01T00:00:00Z",
+                "", ""])
+    out.reverse()  # a report is in no particular order
+    return out
+
+
+def publish(world, fmt: str, tmp_path, manifest_extra: dict | None = None) -> str:
+    """Upload a report in `fmt` (csv, csv.gz, parquet) in two data files, and return its manifest's URI."""
+    s3 = world.client("s3")
+    data = rows(world)
+    halves = [data[: len(data) // 2], data[len(data) // 2:]]
+    files = []
+    for n, part in enumerate(halves):
+        if fmt.startswith("csv"):
+            text = io.StringIO()
+            csv.writer(text, lineterminator="\n").writerows(
+                [r[0], quote_plus(r[1], safe="/"), *r[2:]] for r in part)  # keys URL-encoded, as S3 writes them
+            body = text.getvalue().encode()
+            body = gzip.compress(body) if fmt == "csv.gz" else body
+        else:
+            path = tmp_path / f"part{n}.parquet"
+            con = duckdb.connect()
+            con.execute("CREATE TABLE t (bucket VARCHAR, key VARCHAR, version_id VARCHAR, is_latest BOOLEAN, "
+                        "is_delete_marker BOOLEAN, size BIGINT, last_modified_date TIMESTAMP, e_tag VARCHAR, "
+                        "storage_class VARCHAR)")
+            con.executemany("INSERT INTO t VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            [[r[0], r[1], r[2], r[3] == "true", r[4] == "true", int(r[5]) if r[5] else None,
+                              r[6][:-1], r[7], r[8]] for r in part])
+            con.execute(f"COPY t TO '{path}' (FORMAT PARQUET)")
+            con.close()
+            body = path.read_bytes()
+        key = f"inventory/{world.source_bucket}/daily/data/part{n}.{fmt}"
+        s3.put_object(Bucket=world.result_bucket, Key=key, Body=body)
+        files.append({"key": key, "size": len(body), "MD5checksum": hashlib.md5(body).hexdigest()})
+    manifest = {"sourceBucket": world.source_bucket, "destinationBucket": f"arn:aws:s3:::{world.result_bucket}",
+                "version": "2016-11-30", "creationTimestamp": "1764547200000",
+                "fileFormat": "Parquet" if fmt == "parquet" else "CSV", "files": files,
+                **({"fileSchema": SCHEMA} if fmt != "parquet" else
+                   {"fileSchema": "message s3.inventory { required binary bucket (STRING); ... }"}),
+                **(manifest_extra or {})}
+    key = f"inventory/{world.source_bucket}/daily/2026-12-01T00-00Z/manifest.json"
+    s3.put_object(Bucket=world.result_bucket, Key=key, Body=orjson.dumps(manifest))
+    return f"s3://{world.result_bucket}/{key}"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "csv.gz", "parquet"])
+def test_an_inventory_gives_the_same_manifests_as_listing(bucket, tmp_path, fmt):
+    world = bucket
+    uri = publish(world, fmt, tmp_path)
+    config = config_for(world, MIN_RECORDS_PER_JOB="20", MAX_RECORDS_PER_JOB="50", MAX_RECORDS_PER_FILE="30")
+    s3 = world.client("s3")
+    results = []
+    for name in ("listed", "inventory"):
+        work, out = tmp_path / f"work-{name}", tmp_path / f"out-{name}"
+        work.mkdir()
+        out.mkdir()
+        if name == "listed":
+            objects = listing.list_objects(listing.lean(s3), world.source_bucket, "2024/", "123456789012")
+        else:
+            objects = inventory.objects(s3, uri, world.source_bucket, "2024/", "123456789012", work)
+        records = plan_and_write(objects, config, work, out)
+        results.append(([(r["job_name"], r["input_folder"], r["record_count"], r["client_request_token"])
+                         for r in records], manifests(records)))
+        assert list(work.iterdir()) == [work / "images.jsonl"]  # the downloaded report files are gone
+    assert results[0] == results[1]
+    lines = [orjson.loads(line) for body in results[0][1].values() for line in body.splitlines()]
+    uris = {common.image_uri(line) for line in lines}
+    assert len(lines) == 117 and f"s3://{world.source_bucket}/2024/a/my photo+1.jpg" in uris
+    assert f"s3://{world.source_bucket}/2024/a/café, \"quoted\".png" in uris
+
+
+def test_01_dry_run_from_an_inventory_says_what_a_listing_says(bucket, tmp_path):
+    world = bucket
+    uri = publish(world, "csv.gz", tmp_path)
+    listed = world.step(1, "--dry-run")
+    from_report = world.step(1, "--dry-run", "--inventory", uri)
+    assert listed.returncode == from_report.returncode == 0, listed.stderr + from_report.stderr
+    assert "Found 117 images" in from_report.stdout and "Reading the images under" in from_report.stdout
+
+    def summary(out: str) -> list[str]:
+        return [re.sub(r"\d{8}-\d{6}", "STAMP", line) for line in out.splitlines() if line.startswith(("✓ Found", "Skipped", "  ", "    -", "Planned",
+                                                                      "Records:", "First record"))]
+    assert summary(listed.stdout) == summary(from_report.stdout)
+
+
+def one_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"fileFormat": "ORC"}, "is an ORC report, which 01 does not read"),
+    ({"fileSchema": "Bucket, Key, LastModifiedDate"}, "has no Size field"),
+    ({"sourceBucket": "another-bucket"}, "is a report of bucket another-bucket"),
+    ({"files": "nope"}, "is not an S3 Inventory manifest.json"),
+])
+def test_a_report_01_cannot_use_stops_it_with_one_line(bucket, tmp_path, extra, message):
+    uri = publish(bucket, "csv", tmp_path, extra)
+    result = bucket.step(1, "--dry-run", "--inventory", uri)
+    assert result.returncode == common.EXIT_USAGE
+    assert message in one_line(result)
+
+
+def test_a_damaged_data_file_stops_01(bucket, tmp_path):
+    uri = publish(bucket, "csv.gz", tmp_path)
+    key = f"inventory/{bucket.source_bucket}/daily/data/part1.csv.gz"
+    bucket.client("s3").put_object(Bucket=bucket.result_bucket, Key=key, Body=b"cut short")
+    result = bucket.step(1, "--dry-run", "--inventory", uri)
+    assert result.returncode == common.EXIT_ERROR
+    assert "does not match the MD5 checksum" in one_line(result)
+    assert not list(bucket.cwd.rglob("batch_input_*"))
+
+
+def test_parquet_without_duckdb_says_how_to_install_it(bucket, tmp_path, monkeypatch):
+    uri = publish(bucket, "parquet", tmp_path)
+    monkeypatch.setitem(sys.modules, "duckdb", None)
+    with pytest.raises(common.StepError, match="uv sync --extra parquet"):
+        list(inventory.objects(bucket.client("s3"), uri, bucket.source_bucket, "2024/", "123456789012", tmp_path))
