@@ -5,7 +5,8 @@ upload them next to the images and submit Bedrock batch inference jobs.
 
 Images already in the vector index are left out (--all embeds everything again). More images than one job takes
 are split into several jobs by folder (see jobs.py); those the concurrent-job quota does not let start yet stay
-queued in batch_job_info.json, and 02_monitor_job.py --wait submits them as slots free up.
+queued in batch_job_info.json, and 02_monitor_job.py --wait submits them as slots free up. A few images that
+would need a job of their own (up to ON_DEMAND_MAX_IMAGES) are left to step 3, which embeds them on demand.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import cost
 import inventory
 import jobinfo
 import jobs
+import ondemand
 import keyset
 import listing as listing_module
 import rejects
@@ -51,6 +53,7 @@ SETTINGS = (
     "EXPECTED_BUCKET_OWNER",
     "OUTPUT_KMS_KEY_ID",
     *common.QUOTA_SETTINGS,
+    "ON_DEMAND_MAX_IMAGES",
     *common.COST_SETTINGS,
 )
 REQUIRED = ("SOURCE_BUCKET", "RESULT_BUCKET", "ROLE_ARN")
@@ -184,48 +187,22 @@ def retry_objects(entries: list[dict], config: common.Config):
 
 def embed_on_demand(listing: Listing, config: common.Config, owner: str, out_dir: Path) -> int:
     """Embed a few images with InvokeModel (the batch record's own request body) and load them like step 3."""
-    from botocore.exceptions import ClientError
-
     if not (config.vector_bucket and config.vector_index):
         raise common.ConfigError("VECTOR_BUCKET and VECTOR_INDEX are needed to load images embedded on demand")
-    runtime = common.make_client("bedrock-runtime", config)
+    runtime = common.make_client("bedrock-runtime", config, max_pool_connections=ondemand.THREADS + 2)
     s3v = common.make_client("s3vectors", config)
     dimension = config.embedding_dimension
     vectors.ensure_index(s3v, config.vector_bucket, config.vector_index, dimension)
-    limiter = vectors.RateLimiter(2500, 1000)
-    loaded = []
-    sender = vectors.PutVectorsSender(s3v, config.vector_bucket, config.vector_index, limiter, threads=2,
-                                      on_done=lambda batch: loaded.append(batch.count))
-    batcher = vectors.Batcher(config.vector_bucket, config.vector_index)
-    failed = []
     print(f"Embedding {listing.images} image(s) on demand with {config.model_id}")
-    for key, fmt in listing.images_in_order():
-        uri = common.s3_uri(config.source_bucket, key)
-        body = common.image_request(uri, fmt, owner, dimension, config.embedding_purpose)
-        try:
-            embedding = common.embed(runtime, config.model_id, body)
-            part = vectors.encode_vector(common.vector_key(uri), embedding, dimension,
-                                         {"source_uri": uri, "job_id": "on-demand"})
-        except ClientError as exc:
-            if common.error_code(exc) not in ("ValidationException", "ModelErrorException"):
-                raise
-            failed.append({"source_uri": uri, "recordId": common.vector_key(uri), "job_name": "on-demand",
-                           "status": "failed", "error_code": common.error_code(exc),
-                           "error_message": exc.response["Error"].get("Message", "")})
-            continue
-        except vectors.VectorError as exc:
-            failed.append({"source_uri": uri, "recordId": common.vector_key(uri), "job_name": "on-demand",
-                           "status": "failed", "error_code": "InvalidEmbedding", "error_message": str(exc)})
-            continue
-        batch = batcher.add(part, dict)
-        if batch is not None:
-            sender.submit(batch)
-    sender.submit(batcher.flush({}, allow_empty=True))
-    sender.close()
+    requests = ((uri, common.image_request(uri, fmt, owner, dimension, config.embedding_purpose))
+                for uri, fmt in ((common.s3_uri(config.source_bucket, key), fmt)
+                                 for key, fmt in listing.images_in_order()))
+    loaded, failed = ondemand.embed_and_load(requests, config, runtime, s3v, dimension)
+    failed = [dict(f, job_name=ondemand.JOB_ID) for f in failed]
     path = out_dir / accounting.ACCOUNT_NAME
     if failed:
         common.atomic_write(path, lambda fh: fh.write(b"".join(orjson.dumps(f) + b"\n" for f in failed)))
-    ok(f"Embedded and loaded {sum(loaded)} image(s) on demand into {config.vector_index}")
+    ok(f"Embedded and loaded {len(loaded)} image(s) on demand into {config.vector_index}")
     if failed:
         accounting.print_not_loaded(failed, path)
         return common.EXIT_INCOMPLETE
@@ -274,7 +251,8 @@ def previous_run(bedrock, path: Path, force: bool) -> tuple[dict | None, dict | 
         return info, None, set()
     state = jobs.refresh(bedrock, info)
     unfinished = [f"{job['job_name']} is {job['status']}" for job in state.running]
-    unfinished += [f"{job['job_name']} ended {job['status']} but is not loaded" for job in state.unloaded]
+    unfinished += [f"{job['job_name']} " + (f"ended {job['status']}" if job.get("status") else "(on demand)")
+                   + " but is not loaded" for job in state.unloaded]
     if unfinished and not force:
         raise StepError(f"{path} holds a run that has not finished ({'; '.join(unfinished[:3])}) — finish it with "
                         "02_monitor_job.py --wait, 03 and 04 (daily_run.py does all three), or pass --force to "
@@ -496,12 +474,35 @@ def remove_local(job_records: list[dict]) -> None:
             Path(manifest["local_path"]).unlink(missing_ok=True)
 
 
-def print_plan(job_records: list[dict], quotas: common.Quotas) -> None:
-    print(f"Planned {len(job_records)} job(s) (quotas: {quotas.min_records_per_job}-{quotas.max_records_per_job} "
-          f"records per job, {quotas.max_records_per_file} per file, {quotas.max_concurrent_jobs} at a time):")
-    for job in job_records:
+def print_plan(job_records: list[dict], config: common.Config) -> None:
+    """The plan: each job with its records, its wave and the jobs it waits for; the part embedded on demand."""
+    quotas = config.quotas
+    batch = [job for job in job_records if not job.get("on_demand")]
+    roots = [job["input_folder"] for job in batch]
+    waves = jobs.waves(roots, quotas.max_concurrent_jobs)
+    wave_of = {i: w for w, members in enumerate(waves) for i in members}
+    waits = jobs.waits_for(roots, waves)
+    print(f"Planned {len(batch)} job(s) in {len(waves)} wave(s) (quotas: {quotas.min_records_per_job}-"
+          f"{quotas.max_records_per_job} records per job, {quotas.max_records_per_file} per file, "
+          f"{quotas.max_concurrent_jobs} at a time):")
+    short = lambda i: batch[i]["job_name"].rsplit("-", 1)[-1] if len(batch) > 1 else batch[i]["job_name"]  # noqa
+    for i, job in enumerate(batch):
         files = len(job["manifests"])
-        print(f"  {job['job_name']}: {job['record_count']} records in {files} file(s), input {job['input_s3_uri']}")
+        if i not in waits:
+            after = "starts at once"
+        elif waits[i]:
+            names = [short(j) for j in waits[i]]
+            after = "after " + ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "") + \
+                    " (folders nest)"
+        else:
+            after = f"when a slot frees ({quotas.max_concurrent_jobs} at a time)"
+        print(f"  {job['job_name']}: wave {wave_of[i] + 1}, {job['record_count']} records in {files} file(s), "
+              f"input {job['input_s3_uri']}, {after}")
+    for job in job_records:
+        if job.get("on_demand"):
+            print(f"  {job['job_name']}: {job['record_count']} image(s) embedded on demand (InvokeModel) by step 3 "
+                  f"instead of a job below the minimum of {quotas.min_records_per_job} "
+                  f"(ON_DEMAND_MAX_IMAGES={config.on_demand_max_images})")
 
 
 def run(argv) -> int:
@@ -610,13 +611,16 @@ def create(args, config: common.Config) -> int:
             cost.guard((common.s3_uri(config.source_bucket, k) for k, _ in listing.images_in_order()), config,
                        on_demand=True)
             return embed_on_demand(listing, config, owner, jobinfo.runs_folder(config.job_info_file) / stamp)
-        if listing.images < config.quotas.min_records_per_job:
+        if config.on_demand_max_images < listing.images < config.quotas.min_records_per_job:
             raise StepError(
                 f"found {listing.images} images to embed under {input_uri}; a batch job needs at least "
-                f"{config.quotas.min_records_per_job} — add images or use a larger prefix", common.EXIT_REFUSED
+                f"{config.quotas.min_records_per_job} — add images, use a larger prefix, or set "
+                f"ON_DEMAND_MAX_IMAGES={listing.images} to embed them on demand", common.EXIT_REFUSED
             )
         can_root = lambda folder: bool(common.S3_URI_RE.fullmatch(common.s3_uri(config.source_bucket, folder)))  # noqa
-        planned = jobs.plan_jobs({f: tuple(c) for f, c in listing.counts.items()}, prefix, config.quotas, can_root)
+        plan = jobs.plan_jobs({f: tuple(c) for f, c in listing.counts.items()}, prefix, config.quotas, can_root,
+                              config.on_demand_max_images)
+        planned = plan.jobs + ([jobs.PlannedJob(prefix, plan.on_demand)] if plan.on_demand else [])
         cost.guard((common.s3_uri(config.source_bucket, k) for k, _ in listing.images_in_order()), config)
         print("Creating JSONL files")
         manifest_dir = Path(workdir) if args.dry_run else run_dir
@@ -627,11 +631,13 @@ def create(args, config: common.Config) -> int:
             if not args.dry_run:
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
+        if plan.on_demand:
+            mark_on_demand(job_records[-1], stamp)
         for job in job_records:
             for manifest in job["manifests"]:
                 print(f"Created {Path(manifest['local_path']).name} with {manifest['records']} records")
         ok(f"Created JSONL with {listing.images} records")
-        print_plan(job_records, config.quotas)
+        print_plan(job_records, config)
         if args.dry_run:
             first = orjson.loads(Path(job_records[0]["manifests"][0]["local_path"]).read_bytes().split(b"\n", 1)[0])
             common.banner("Dry run: nothing uploaded, no job submitted")
@@ -666,9 +672,15 @@ def create(args, config: common.Config) -> int:
     return finish(info, config)
 
 
+def mark_on_demand(record: dict, stamp: str) -> None:
+    """The run's on-demand part: a manifest like a job's, never uploaded nor submitted; step 3 embeds it."""
+    record.update(job_name=f"nova-mme-embedding-{stamp}-on-demand", on_demand=True)
+
+
 def finish(info: dict, config: common.Config) -> int:
     submitted = [j for j in info["jobs"] if j.get("job_arn")]
-    waiting = [j for j in info["jobs"] if not j.get("job_arn")]
+    waiting = [j for j in info["jobs"] if jobs.queued(j)]
+    parts = [j for j in info["jobs"] if j.get("on_demand")]
     for job in submitted:
         print(f"Job {job['job_name']}: {job['job_arn']}")
     print(f"Saving job information to {config.job_info_file}")
@@ -678,8 +690,10 @@ def finish(info: dict, config: common.Config) -> int:
         ok("Batch job created successfully!")
         print(f"Job ID: {job['job_id']}")
         print(f"Job ARN: {job['job_arn']}")
+    for part in parts:
+        print(f"{part['record_count']} image(s) go on demand: step 3 embeds them with InvokeModel and loads them")
     common.banner(f"✓ Batch Job{'s' if len(submitted) != 1 else ''} Created Successfully!" if submitted
-                  else "Jobs queued")
+                  else "Jobs queued" if waiting else "No batch job: the images go on demand")
     if waiting:
         print(f"{len(waiting)} job(s) queued: 02_monitor_job.py --wait submits them as slots free up.")
     print("Next steps:")

@@ -8,10 +8,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import os
+import shutil
 import sys
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import common
 import jobinfo
@@ -23,6 +27,10 @@ EXIT_RUNNING = common.EXIT_RUNNING
 EXIT_PARTIAL = common.EXIT_INCOMPLETE
 EXIT_FAILED = common.EXIT_JOB_FAILED
 PROMPT = "Job is still running. Monitor until completion? (y/n): "
+LIST_PAGE_SIZE = 1000  # ListModelInvocationJobs' largest page
+LIST_FROM = 4  # jobs to check from which one ListModelInvocationJobs is cheaper than a GetModelInvocationJob each
+STATUS_ORDER = ("Failed", "Expired", "Stopped", "Stopping", "PartiallyCompleted", "InProgress", "Scheduled",
+                "Validating", "Submitted", "Submitting", "Queued", "Completed")
 
 
 def parse_args(argv):
@@ -88,39 +96,112 @@ def print_status(job: dict, manifest: dict | None, name: str) -> None:
     print(common.RULE)
 
 
-def check(bedrock, s3, job: dict, owner: str, verbose: bool) -> dict:
-    """Fetch the job's status into the job-info record; print the article's status block when `verbose`."""
-    status = bedrock.get_model_invocation_job(jobIdentifier=job["job_arn"])
+def record_status(job: dict, status: dict) -> None:
+    """Keep a job's status, counts and failure message (from Get or List: the same fields) in its record."""
     job["status"] = status["status"]
     job["counts"] = {k: status.get(k) for k in ("totalRecordCount", "processedRecordCount", "successRecordCount",
                                                  "errorRecordCount") if status.get(k) is not None}
     if status.get("message"):
         job["message"] = status["message"]
-    if verbose:
-        manifest = token_counts(s3, job, common.job_id_from_arn(job["job_arn"]), owner) \
-            if status.get("totalRecordCount") is not None else None
-        print_status(status, manifest, job["job_name"])
-    return status
 
 
-def print_run(info: dict) -> None:
-    """One line a job and the run's overall progress."""
-    common.banner(f"Batch Inference Run: {len(info['jobs'])} jobs")
+def run_name_prefix(names: list[str]) -> str | None:
+    """The jobs' common name prefix, as ListModelInvocationJobs' nameContains takes it (None: no useful one)."""
+    prefix = os.path.commonprefix(names)[:63]
+    while prefix and not prefix[0].isalnum():
+        prefix = prefix[1:]
+    return prefix or None
+
+
+def job_statuses(bedrock, run_jobs: list[dict], since: str | None) -> dict[str, dict]:
+    """jobArn -> status of each job, read with ListModelInvocationJobs (paged, filtered by the jobs' name prefix
+    and the run's start) instead of one GetModelInvocationJob a job; a job the list misses is asked for by Get."""
+    wanted = {job["job_arn"] for job in run_jobs}
+    found: dict[str, dict] = {}
+    if len(run_jobs) >= LIST_FROM:
+        query: dict = {"PaginationConfig": {"PageSize": LIST_PAGE_SIZE}}
+        prefix = run_name_prefix([job["job_name"] for job in run_jobs])
+        if prefix:
+            query["nameContains"] = prefix
+        if since:
+            # The run's start, less a day for a clock that is off: the filter only trims the list.
+            query["submitTimeAfter"] = datetime.fromisoformat(since) - timedelta(days=1)
+        for page in bedrock.get_paginator("list_model_invocation_jobs").paginate(**query):
+            for summary in page.get("invocationJobSummaries", []):
+                if summary["jobArn"] in wanted:
+                    found[summary["jobArn"]] = summary
+    for arn in sorted(wanted - set(found)):
+        found[arn] = bedrock.get_model_invocation_job(jobIdentifier=arn)
+    return found
+
+
+def run_lines(info: dict, rows: int) -> list[str]:
+    """The run as a compact table: one line a job (the most telling first) up to `rows` lines, then a summary
+    line by status and the overall progress."""
+    batch = [job for job in info["jobs"] if not job.get("on_demand")]
+    label = (lambda job: job["job_name"].rsplit("-", 1)[-1]) if len(batch) > 1 else (lambda job: job["job_name"])
     total = processed = 0
-    for job in info["jobs"]:
+    by_status: dict[str, int] = {}
+    table = []
+    for job in batch:
         counts = job.get("counts", {})
         status = job.get("status") or ("Submitting" if job.get("uploaded") else "Queued")
+        by_status[status] = by_status.get(status, 0) + 1
         total += job["record_count"]
-        processed += counts.get("processedRecordCount", 0) if status not in ("Queued", "Submitting") else 0
-        stats = f"{counts.get('processedRecordCount', 0)}/{job['record_count']}" if counts else f"-/{job['record_count']}"
-        print(f"{job['job_name']:<40} {status:<18} {stats:>13}  {job['input_s3_uri']}")
-    by_status: dict[str, int] = {}
-    for job in info["jobs"]:
-        key = job.get("status") or "Queued"
-        by_status[key] = by_status.get(key, 0) + 1
-    print("Jobs: " + ", ".join(f"{status} {n}" for status, n in sorted(by_status.items())))
-    print(f"Overall progress: {100.0 * processed / max(total, 1):.1f}% ({processed}/{total} records)")
-    print(common.RULE)
+        done = counts.get("processedRecordCount", 0) if status not in ("Queued", "Submitting") else 0
+        processed += done
+        stats = f"{done}/{job['record_count']}" if counts else f"-/{job['record_count']}"
+        rank = STATUS_ORDER.index(status) if status in STATUS_ORDER else 0
+        table.append((rank, len(table), f"{label(job):<8} {status:<18} {stats:>15}  {job['input_folder'] or '/'}"))
+    table.sort()
+    lines = [f"{'job':<8} {'status':<18} {'processed':>15}  input folder"]
+    room = max(rows - 1, 1)
+    shown = table if len(table) <= room else table[:room - 1]
+    lines += [line for _, _, line in shown]
+    if len(shown) < len(table):
+        lines.append(f"... and {len(table) - len(shown)} more job(s)")
+    lines.append("Jobs: " + (", ".join(f"{status} {n}" for status, n in sorted(by_status.items())) or "none"))
+    lines.append(f"Overall progress: {100.0 * processed / max(total, 1):.1f}% ({processed}/{total} records)")
+    for part in info["jobs"]:
+        if part.get("on_demand"):
+            lines.append(f"On demand: {part['record_count']} image(s), embedded and loaded by step 3")
+    return lines
+
+
+class Display:
+    """Prints what each poll shows. On a terminal, the block is redrawn in place (cursor up and clear) instead of
+    scrolling, its lines cut to the terminal's width; what happened meanwhile (a job submitted, inputs removed)
+    is printed above it and scrolls. Elsewhere (cron, a log file) everything is simply printed."""
+
+    def __init__(self, out=None, tty: bool | None = None, size=shutil.get_terminal_size):
+        self.out = out or sys.stdout
+        self.tty = self.out.isatty() if tty is None else tty
+        self.size = size
+        self.height = 0  # lines of the block on screen, to redraw
+
+    def rows(self) -> int:
+        """Lines the table may take: a screenful, less the block's title, summary and footer (7) and a spare."""
+        return max(self.size().lines - 9, 5)
+
+    def show(self, events: str, block: list[str]) -> None:
+        width = self.size().columns
+        if self.height:  # only ever set on a terminal
+            self.out.write(f"\x1b[{self.height}F\x1b[J")  # to the block's first line, clear to the end
+        self.out.write(events)
+        if self.tty:
+            block = [line[:max(width - 1, 10)] for line in block]
+        self.out.write("".join(line + "\n" for line in block))
+        self.out.flush()
+        self.height = len(block) if self.tty else 0
+
+    def forget(self) -> None:
+        """Something else was printed below the block (a prompt): the next block starts below it."""
+        self.height = 0
+
+
+def elapsed_text(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def remove_input(s3, info: dict, job: dict, owner: str) -> None:
@@ -160,6 +241,8 @@ def finish(info: dict) -> int:
         print("Next step: uv run 03_load_result_to_s3_vector_bucket.py")
         return code
     for job in info["jobs"]:
+        if job.get("on_demand"):
+            continue
         if job.get("status") == "PartiallyCompleted":
             print(f"! Job {job['job_name']} partially completed: not every record was processed in time.")
         elif job.get("status") != "Completed":
@@ -178,47 +261,70 @@ class Run:
         self.bedrock = common.make_client("bedrock", config)
         self.s3 = common.make_client("s3", config)
         self.owner = common.bucket_owner(config, info["account_id"])
+        self.single = len([job for job in info["jobs"] if not job.get("on_demand")]) == 1
 
     def save(self) -> None:
         jobinfo.save(self.path, self.info)
 
-    def poll(self) -> bool:
-        """Check every job once; True when the whole run has ended."""
-        single = len(self.info["jobs"]) == 1
-        for job in common.submitted_jobs(self.info):
-            if job.get("status") in common.TERMINAL_STATUSES and job.get("input_removed"):
-                continue
-            check(self.bedrock, self.s3, job, self.owner, verbose=single)
+    def poll(self) -> tuple[bool, list[str]]:
+        """Check every job once; (whether the whole run has ended, the status block of a single-job run)."""
+        block = []
+        to_check = [job for job in common.submitted_jobs(self.info)
+                    if not (job.get("status") in common.TERMINAL_STATUSES and job.get("input_removed"))]
+        statuses = job_statuses(self.bedrock, to_check, self.info.get("created"))
+        for job in to_check:
+            status = statuses[job["job_arn"]]
+            record_status(job, status)
+            if self.single:
+                manifest = token_counts(self.s3, job, common.job_id_from_arn(job["job_arn"]), self.owner) \
+                    if status.get("totalRecordCount") is not None else None
+                with contextlib.redirect_stdout(io.StringIO()) as shown:
+                    print_status(status, manifest, job["job_name"])
+                block = shown.getvalue().splitlines()
             if job["status"] in common.TERMINAL_STATUSES and not job.get("input_removed"):
                 remove_input(self.s3, self.info, job, self.owner)
         self.save()
         jobs.submit_ready(self.s3, self.bedrock, self.info, self.config, lambda _: self.save(),
                           self.config.quotas.max_concurrent_jobs)
-        if not single:
-            print_run(self.info)
-        return all(job.get("job_arn") and job.get("status") in common.TERMINAL_STATUSES for job in self.info["jobs"])
+        ended = all(job.get("job_arn") and job.get("status") in common.TERMINAL_STATUSES
+                    for job in self.info["jobs"] if not job.get("on_demand"))
+        return ended, block
 
 
-def run(argv, sleep=time.sleep, clock=time.monotonic) -> int:
+def run(argv, sleep=time.sleep, clock=time.monotonic, display: Display | None = None) -> int:
     args = parse_args(argv)
     config = common.load_config(args)
     common.banner("Bedrock Batch Inference - Monitor Job")
     with jobinfo.locked(config.job_info_file, "02_monitor_job.py", wait=args.wait_lock):
-        return monitor(args, config, sleep, clock)
+        return monitor(args, config, sleep, clock, display or Display())
 
 
-def monitor(args, config: common.Config, sleep, clock) -> int:
+def monitor(args, config: common.Config, sleep, clock, display: Display) -> int:
     info = jobinfo.load(config.job_info_file)
     print(f"Loaded job info from {config.job_info_file}")
     if len(info["jobs"]) == 1 and info["jobs"][0].get("job_arn"):
         print(f"Job ARN: {info['jobs'][0]['job_arn']}")
     the_run = Run(info, common.in_job_region(config, info), config.job_info_file)
+    started, poll, waiting = clock(), 1, args.wait
 
-    ended = the_run.poll()
-    waiting = args.wait
+    def check() -> bool:
+        """Poll once and show it: what happened (submits, clean-ups) above the block, which a terminal redraws."""
+        with contextlib.redirect_stdout(io.StringIO()) as events:
+            ended, block = the_run.poll()
+        if not the_run.single:
+            block = [common.RULE, f"Batch Inference Run: {len(info['jobs'])} jobs", common.RULE,
+                     *run_lines(info, display.rows()), common.RULE]
+        footer = f"[Poll #{poll}] {datetime.now().strftime('%Y-%m-%d %H:%M:%S')} · elapsed " \
+                 f"{elapsed_text(clock() - started)}"
+        if not ended and waiting and display.tty:
+            footer += f" · next check in {args.interval:g} seconds"
+        display.show(events.getvalue(), block + [footer])
+        return ended
+
+    ended = check()
     if not ended and not args.wait and not args.no_wait and sys.stdin.isatty():
         waiting = ask_to_wait()
-    started, poll = clock(), 1
+        display.forget()
     try:
         while not ended:
             if not waiting:
@@ -227,11 +333,11 @@ def monitor(args, config: common.Config, sleep, clock) -> int:
             if args.timeout is not None and clock() - started + args.interval > args.timeout:
                 print(f"Timed out after {args.timeout:g}s; the jobs keep running.")
                 return EXIT_RUNNING
-            print(f"Next check in {args.interval:g} seconds...")
+            if not display.tty:
+                print(f"Next check in {args.interval:g} seconds...")
             sleep(args.interval)
             poll += 1
-            print(f"\n[Poll #{poll}] {datetime.now().strftime('%Y-%m-%d %H:%M:%S')}")
-            ended = the_run.poll()
+            ended = check()
     except KeyboardInterrupt:
         print("\nStopped monitoring; the job keeps running. Run 02_monitor_job.py again to check on it.")
         return common.EXIT_INTERRUPTED

@@ -24,6 +24,7 @@ import accounting
 import common
 import jobinfo
 import jobs
+import ondemand
 import rejects
 import vectors
 from common import StepError, ok
@@ -412,7 +413,7 @@ def load_run(args, config: common.Config) -> int:
     if running:
         raise StepError(f"the run has not ended ({'; '.join(running[:3])}) — wait for it with "
                         "02_monitor_job.py --wait", common.EXIT_REFUSED)
-    loadable = [job for job in info["jobs"] if job["status"] in common.LOADABLE_STATUSES]
+    loadable = [job for job in info["jobs"] if job.get("status") in common.LOADABLE_STATUSES]
     dimension = max(int(job.get("embedding_dimension", config.embedding_dimension)) for job in info["jobs"])
     # Before any checkpoint is touched: a missing index refused (--no-create) or of another dimension changes nothing.
     vectors.ensure_index(s3v, config.vector_bucket, config.vector_index, dimension, create=not args.no_create)
@@ -430,6 +431,17 @@ def load_run(args, config: common.Config) -> int:
         confirmed |= counts["confirmed_keys"]
         if "mismatch" in counts:
             problems.append(counts["mismatch"])
+    # The run's on-demand part (images too few for a job of their own): embedded here and loaded like a job.
+    parts = [job for job in info["jobs"] if ondemand.is_part(job) and (args.reload or not common.job_loaded(job))]
+    if parts:
+        runtime = common.make_client("bedrock-runtime", config, max_pool_connections=ondemand.THREADS + 2)
+    for part in parts:
+        counts = ondemand.load_part(part, config, runtime, put_client,
+                                    report_file(config.job_info_file, info, part["job_name"]), lambda: None)
+        jobinfo.save(config.job_info_file, info)
+        for key in totals:
+            totals[key] += counts.get(key, 0)
+        confirmed |= counts["confirmed_keys"]
 
     common.banner("Summary")
     print(f"Total Records Processed: {totals['total']}")

@@ -83,22 +83,48 @@ def failures(report: Path) -> tuple[dict[str, tuple[str, str]], dict[str, tuple[
     return by_key, by_record_id
 
 
-def present_keys(s3v, bucket: str, index: str, keys: list[str]) -> set[str]:
-    """The keys that are in the index, asked 100 at a time on a few threads."""
-    batches = [keys[i:i + GET_VECTORS_KEYS] for i in range(0, len(keys), GET_VECTORS_KEYS)]
+class Presence:
+    """Asks the index which keys it holds, 100 at a time on a few threads: one GetIndex and one thread pool for
+    every question of a run (a run may have hundreds of jobs)."""
 
-    def ask(batch: list[str]) -> list[str]:
-        response = s3v.get_vectors(vectorBucketName=bucket, indexName=index, keys=batch)
+    def __init__(self, s3v, bucket: str, index: str, threads: int = THREADS):
+        self.s3v, self.bucket, self.index, self.threads = s3v, bucket, index, threads
+        self.exists: bool | None = None
+        self.pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> "Presence":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+    def keys(self, keys: list[str]) -> set[str]:
+        """The keys that are in the index."""
+        if not keys:
+            return set()
+        if self.exists is None:
+            try:
+                self.s3v.get_index(vectorBucketName=self.bucket, indexName=self.index)
+                self.exists = True
+            except self.s3v.exceptions.NotFoundException:
+                self.exists = False  # no index yet: nothing is loaded
+        if not self.exists:
+            return set()
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(self.threads)
+        batches = [keys[i:i + GET_VECTORS_KEYS] for i in range(0, len(keys), GET_VECTORS_KEYS)]
+        return {key for found in self.pool.map(self._ask, batches) for key in found}
+
+    def _ask(self, batch: list[str]) -> list[str]:
+        response = self.s3v.get_vectors(vectorBucketName=self.bucket, indexName=self.index, keys=batch)
         return [v["key"] for v in response.get("vectors", [])]
 
-    if not batches:
-        return set()
-    try:
-        s3v.get_index(vectorBucketName=bucket, indexName=index)
-    except s3v.exceptions.NotFoundException:
-        return set()  # no index yet: nothing is loaded
-    with ThreadPoolExecutor(min(THREADS, len(batches))) as pool:
-        return {key for found in pool.map(ask, batches) for key in found}
+
+def present_keys(s3v, bucket: str, index: str, keys: list[str]) -> set[str]:
+    """The keys that are in the index (one question: see Presence for many)."""
+    with Presence(s3v, bucket, index) as presence:
+        return presence.keys(keys)
 
 
 def account_run(info: dict, s3v, config: common.Config, report_file: Callable[[str], Path], out: Path,
@@ -115,10 +141,11 @@ def account_run(info: dict, s3v, config: common.Config, report_file: Callable[[s
             keys = [common.vector_key(uri) for _, uri in records]
             present = {key for key in keys if key in confirmed}
             unknown = [key for key in keys if key not in present]
-            present |= present_keys(s3v, config.vector_bucket, config.vector_index, unknown)
+            present |= presence.keys(unknown)
             job_id = common.job_id_from_arn(job["job_arn"]) if job.get("job_arn") else None
+            job_id = job["job_name"] if job.get("on_demand") else job_id  # its load report, written by step 3
             failed, failed_without_uri = failures(report_file(job_id)) if job_id else ({}, {})
-            status = job.get("status") or "never submitted"
+            status = job.get("status") or ("on demand" if job.get("on_demand") else "never submitted")
             counts = {"job_name": job["job_name"], "status": status, "loaded": 0, "failed": 0, "missing": 0}
             permanent: list[dict] = []
             for (record_id, uri), key in zip(records, keys):
@@ -152,7 +179,8 @@ def account_run(info: dict, s3v, config: common.Config, report_file: Callable[[s
         for entry in entries():
             fh.write(orjson.dumps(entry) + b"\n")
 
-    common.atomic_write(out, write)
+    with Presence(s3v, config.vector_bucket, config.vector_index) as presence:
+        common.atomic_write(out, write)
     return totals
 
 

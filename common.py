@@ -131,6 +131,8 @@ SETTINGS = {
         Setting("MAX_JOB_BYTES", "--max-job-bytes", "Bedrock quota: bytes of input per job", "5000000000"),
         Setting("MAX_CONCURRENT_JOBS", "--max-concurrent-jobs", "Bedrock quota: jobs submitted or in progress",
                 "10"),
+        Setting("ON_DEMAND_MAX_IMAGES", "--on-demand-max-images", "at most this many images of a run are embedded "
+                "on demand (InvokeModel) instead of in a batch job of their own; 0: never", "100"),
         # Prices for 01's cost estimate (cost.py): us-east-1's, unverified — check the pricing pages for your region.
         Setting("PRICE_PER_IMAGE_USD", "--price-per-image", "batch embedding price per image, USD", "0.00003"),
         Setting("ON_DEMAND_PRICE_PER_IMAGE_USD", "--on-demand-price-per-image",
@@ -188,6 +190,7 @@ class Config:
     expected_bucket_owner: str | None = None
     output_kms_key_id: str | None = None
     quotas: Quotas = field(default_factory=Quotas)
+    on_demand_max_images: int = 100
     prices: Prices = field(default_factory=Prices)
     max_run_cost_usd: float | None = None
 
@@ -249,6 +252,7 @@ def load_config(args: argparse.Namespace, required: Iterable[str] = (), env: dic
         expected_bucket_owner=raw["EXPECTED_BUCKET_OWNER"],
         output_kms_key_id=raw["OUTPUT_KMS_KEY_ID"],
         quotas=Quotas(*(int(raw[name]) for name in QUOTA_SETTINGS)),
+        on_demand_max_images=int(raw["ON_DEMAND_MAX_IMAGES"]),
         prices=Prices(*(float(raw[name]) for name in PRICE_SETTINGS)),
         max_run_cost_usd=float(raw["MAX_RUN_COST_USD"]) if raw["MAX_RUN_COST_USD"] else None,
     )
@@ -276,6 +280,8 @@ def _invalid(raw: dict[str, str | None]) -> list[str]:
     for name in QUOTA_SETTINGS:
         if not (raw[name] or "").isdigit() or int(raw[name]) < 1:
             problems.append(f"{name}={raw[name]!r} must be a positive whole number")
+    if not (raw["ON_DEMAND_MAX_IMAGES"] or "").isdigit():
+        problems.append(f"ON_DEMAND_MAX_IMAGES={raw['ON_DEMAND_MAX_IMAGES']!r} must be a whole number (0: never)")
     for name in COST_SETTINGS:
         if raw[name] is not None and not re.fullmatch(r"[0-9]+(\.[0-9]*)?|\.[0-9]+", raw[name].strip()):
             problems.append(f"{name}={raw[name]!r} must be an amount in USD like 0.00003")

@@ -184,6 +184,7 @@ JOB_FIELDS = {
     "message": (_STR, False),
     "input_removed": (_BOOL, False),
     "load": (_DICT, False),
+    "on_demand": (_BOOL, False),  # the run's on-demand part: no Bedrock job, step 3 embeds its manifest
 }
 MANIFEST_FIELDS = {"local_path": (_STR, True), "s3_key": (_STR, True), "records": (_INT, False)}
 LOAD_FIELDS = {

@@ -1,18 +1,27 @@
-"""Jobs sized to Bedrock's quotas: planning a run's jobs over a folder tree, and submitting them as slots free up.
+"""Jobs sized to Bedrock's quotas: planning a run's jobs over a folder tree in as few waves as possible, and
+submitting them as slots free up.
 
 Bedrock reads *every* `.jsonl` under a job's input folder, and a record's image must sit under that folder. So
 two jobs whose input folders nest (one is the other or inside it) must never have manifests in S3 at the same
-time. The plan gives each job the highest folder it can have: a folder whose whole subtree fits one job becomes
-one job; a folder too large is split among its sub-folders, and what lies directly in it (plus sub-folders too
-small for a job of their own) is cut into balanced jobs rooted at it. Jobs whose folders nest run one after
-another; jobs in separate folders run side by side, at most MAX_CONCURRENT_JOBS at a time. A job's manifest is
+time, and at most MAX_CONCURRENT_JOBS run at once. Each job pays Bedrock's validation and scheduling wait, so
+the plan is measured in *waves* (see `waves`): the planner looks for the fewest waves, then the fewest jobs.
+
+A folder whose whole subtree fits one job is a job of its own, or is taken whole by a job of an ancestor. A
+folder with more is split: k jobs rooted at it take its own images, the sub-folders too small for a job and as
+many whole sub-folders as fit (smallest first), and its other sub-folders are planned the same way below it with
+k fewer waves to spend. Jobs rooted at a folder run alone within that folder, so k is chosen, folder by folder,
+for the fewest jobs within the run's wave budget, and the budget is the smallest that works. A remainder below
+MIN_RECORDS_PER_JOB that would need a job of its own at the top (a wave of its own) goes on demand instead
+(InvokeModel, up to ON_DEMAND_MAX_IMAGES images), or borrows images from a sibling job. A job's manifest is
 uploaded only when the job is submitted and removed when it ends.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import common
 
@@ -34,7 +43,27 @@ class PlannedJob:
 
     @property
     def records(self) -> int:
-        return sum(end - start for _, start, end in self.allocations)
+        return count(self.allocations)
+
+
+@dataclass
+class Plan:
+    """The run's batch jobs, in the order they are submitted, and the images embedded on demand by step 3."""
+
+    jobs: list[PlannedJob]
+    on_demand: list[Allocation] = field(default_factory=list)
+    max_concurrent: int = 10
+
+    @property
+    def on_demand_records(self) -> int:
+        return count(self.on_demand)
+
+    def waves(self) -> list[list[int]]:
+        return waves([job.root for job in self.jobs], self.max_concurrent)
+
+
+def count(allocations: list[Allocation]) -> int:
+    return sum(end - start for _, start, end in allocations)
 
 
 def parent_folder(folder: str) -> str:
@@ -43,6 +72,49 @@ def parent_folder(folder: str) -> str:
 
 def folder_of(key: str) -> str:
     return key[: key.rfind("/") + 1]
+
+
+def nested(a: str, b: str) -> bool:
+    """Whether two input folders overlap: one of them would read the other's manifests."""
+    return a.startswith(b) or b.startswith(a)
+
+
+def _self_and_ancestors(folder: str) -> list[str]:
+    parts = folder.split("/")[:-1]
+    return [""] + ["/".join(parts[:i]) + "/" for i in range(1, len(parts) + 1)]
+
+
+def waves(roots: list[str], max_concurrent: int) -> list[list[int]]:
+    """The waves of a plan: its jobs (given by input folder, in submit order) run the way `submit_ready` starts
+    them, as if every job took the same time. A wave takes each job in order that nests with no job already in
+    it, up to `max_concurrent`; the others wait for the next wave. Returns the job indexes of each wave."""
+    left = list(range(len(roots)))
+    out = []
+    while left:
+        wave, inside, above, waiting = [], set(), set(), []
+        for i in left:
+            root = roots[i]
+            chain = _self_and_ancestors(root)
+            if len(wave) >= max_concurrent or root in above or any(f in inside for f in chain):
+                waiting.append(i)
+                continue
+            wave.append(i)
+            inside.add(root)
+            above.update(chain)
+        out.append(wave)
+        left = waiting
+    return out
+
+
+def waits_for(roots: list[str], planned_waves: list[list[int]]) -> dict[int, list[int]]:
+    """For each job after the first wave, the jobs of earlier waves whose folders nest with its own (none: it
+    waits for a free slot)."""
+    out, before = {}, list(planned_waves[0]) if planned_waves else []
+    for members in planned_waves[1:]:
+        for i in members:
+            out[i] = [j for j in before if nested(roots[i], roots[j])]
+        before += members
+    return out
 
 
 def folder_tree(counts: dict[str, tuple[int, int]], root: str) -> dict[str, Folder]:
@@ -58,76 +130,225 @@ def folder_tree(counts: dict[str, tuple[int, int]], root: str) -> dict[str, Fold
     return tree
 
 
-def plan_jobs(counts: dict[str, tuple[int, int]], root: str, quotas: common.Quotas, can_root) -> list[PlannedJob]:
-    """Partition the images under `root` into jobs within the quotas.
+@dataclass
+class _Option:
+    """One way to plan a folder's subtree within a wave budget."""
+
+    jobs: int  # jobs rooted in the subtree
+    left: int  # images passed up to a job of an ancestor
+    waves: int  # waves the subtree's jobs need, at least (jobs rooted at a folder run alone within it)
+    build: Callable[[], tuple[list[PlannedJob], list[Allocation]]]
+
+
+class _Planner:
+    def __init__(self, tree: dict[str, Folder], quotas: common.Quotas, can_root):
+        self.tree, self.quotas, self.can_root = tree, quotas, can_root
+        self.totals: dict[str, int] = {}
+        for folder in sorted(tree, key=lambda f: -f.count("/")):  # children before parents
+            node = tree[folder]
+            self.totals[folder] = node.images + sum(self.totals[c] for c in node.children)
+        line = max((n.bytes / n.images for n in tree.values() if n.images), default=1.0)
+        # Records per job: the records quota, or fewer when the bytes quota binds first (with a margin).
+        self.cap = max(1, min(quotas.max_records_per_job, int(quotas.max_job_bytes / (line * 1.05))))
+        self.kinds_memo: dict[str, tuple] = {}
+        self.memo: dict[tuple[str, int], tuple[_Option | None, _Option | None]] = {}
+
+    def subtree(self, folder: str) -> list[Allocation]:
+        node = self.tree[folder]
+        own = [(folder, 0, node.images)] if node.images else []
+        return own + [a for child in sorted(node.children) for a in self.subtree(child)]
+
+    def fits(self, folder: str) -> bool:
+        return self.can_root(folder) and self.quotas.min_records_per_job <= self.totals[folder] <= self.cap
+
+    def kinds(self, folder: str):
+        """The folder's sub-folders: too small for a job, one job each (smallest first), and larger."""
+        if folder not in self.kinds_memo:
+            children = sorted(self.tree[folder].children)
+            small = [c for c in children if self.totals[c] < self.quotas.min_records_per_job]
+            fitting = sorted((c for c in children if self.totals[c] >= self.quotas.min_records_per_job
+                              and self.fits(c)), key=lambda c: (self.totals[c], c))
+            taken = set(small) | set(fitting)
+            larger = [c for c in children if c not in taken]
+            prefix = [0]
+            for c in fitting:
+                prefix.append(prefix[-1] + self.totals[c])
+            self.kinds_memo[folder] = (small, fitting, prefix, larger)
+        return self.kinds_memo[folder]
+
+    def best(self, folder: str, budget: int) -> tuple[_Option | None, _Option | None]:
+        """(fewest jobs with nothing passed up, fewest jobs passing images up) for the subtree in `budget` waves."""
+        key = (folder, budget)
+        if key not in self.memo:
+            self.memo[key] = self._best(folder, budget)
+        return self.memo[key]
+
+    def _best(self, folder: str, budget: int):
+        q, cap, concurrent = self.quotas, self.cap, self.quotas.max_concurrent_jobs
+        small, fitting, prefix, larger = self.kinds(folder)
+        direct = self.tree[folder].images
+        forced = direct + sum(self.totals[c] for c in small)
+        closed = opened = None
+        k_max = min(budget, math.ceil(self.totals[folder] / cap)) if self.can_root(folder) else 0
+        for k in range(k_max + 1):
+            below = budget - k
+            if below == 0 and k == 0:
+                continue
+            # The larger sub-folders: planned below with the budget left, or taken whole when none is left.
+            chosen, whole, switch = [], [], []
+            for c in larger:
+                if below == 0:
+                    whole.append(c)
+                    continue
+                c_closed, c_open = self.best(c, below)
+                if k == 0:
+                    options = [o for o in (c_closed, c_open) if o is not None]
+                    pick = min(options, key=lambda o: (o.jobs + o.left / cap, o.left)) if options else None
+                else:
+                    pick = c_closed or c_open
+                    if c_closed is not None and c_open is not None and c_open.jobs < c_closed.jobs:
+                        switch.append((len(chosen), c_open))
+                if pick is None:
+                    whole.append(c)
+                else:
+                    chosen.append(pick)
+            if k == 0 and whole:
+                continue
+            must = forced + sum(o.left for o in chosen) + sum(self.totals[c] for c in whole)
+            # Sub-folders that save jobs by passing images up to this folder's jobs, while they have room.
+            for i, c_open in sorted(switch, key=lambda s: -(chosen[s[0]].jobs - s[1].jobs) / s[1].left):
+                if must + c_open.left <= k * cap:
+                    must += c_open.left
+                    chosen[i] = c_open
+            sub_jobs = sum(o.jobs for o in chosen)
+            sub_waves = max((o.waves for o in chosen), default=0)
+            if k == 0:
+                kept = len(fitting)
+                jobs = sub_jobs + kept
+                waves_needed = max(sub_waves, 1 if kept else 0, math.ceil(jobs / concurrent))
+                if waves_needed > budget:
+                    continue
+                option = _Option(jobs, must, waves_needed, self._builder(folder, 0, chosen, whole, 0, 0))
+                if must:
+                    opened = option
+                elif closed is None or (jobs, waves_needed) < (closed.jobs, closed.waves):
+                    closed = option
+                continue
+            room = k * cap - must
+            if room < 0:
+                continue
+            taken = bisect.bisect_right(prefix, room) - 1  # the smallest sub-folders that fit, whole
+            if below == 0 and taken < len(fitting):
+                continue
+            records = must + prefix[taken]
+            kept = len(fitting) - taken
+            lend = 0
+            if 0 < records < q.min_records_per_job:
+                # Too few for a job: borrow the rest from the largest sub-folder job that keeps its minimum.
+                lend = q.min_records_per_job - records
+                donors = [c for c in fitting[taken:] if self.totals[c] - lend >= q.min_records_per_job]
+                if not donors:
+                    continue
+                records += lend
+            if records == 0:
+                continue
+            own = math.ceil(records / cap)
+            jobs_below = sub_jobs + kept
+            waves_needed = own + max(sub_waves, 1 if kept else 0, math.ceil(jobs_below / concurrent))
+            if waves_needed > budget:
+                continue
+            jobs = own + jobs_below
+            if closed is None or (jobs, waves_needed) < (closed.jobs, closed.waves):
+                closed = _Option(jobs, 0, waves_needed, self._builder(folder, own, chosen, whole, taken, lend))
+        return closed, opened
+
+    def _builder(self, folder, own, chosen, whole, taken, lend):
+        def build() -> tuple[list[PlannedJob], list[Allocation]]:
+            small, fitting, _, _ = self.kinds(folder)
+            planned: list[PlannedJob] = []
+            pool = [(folder, 0, self.tree[folder].images)] if self.tree[folder].images else []
+            pool += [a for c in small for a in self.subtree(c)]
+            for option in chosen:
+                jobs, left = option.build()
+                planned += jobs
+                pool += left
+            pool += [a for c in whole for a in self.subtree(c)]
+            pool += [a for c in fitting[:taken] for a in self.subtree(c)]
+            kept = fitting[taken:]
+            donor = max(kept, key=lambda c: self.totals[c]) if lend else None
+            for c in kept:
+                if c == donor:
+                    keep, lent = _take_last(self.subtree(c), lend)
+                    planned.append(PlannedJob(c, keep))
+                    pool += lent
+                else:
+                    planned.append(PlannedJob(c, self.subtree(c)))
+            if own == 0:
+                return planned, pool
+            return planned + [PlannedJob(folder, chunk) for chunk in split(pool, own)], []
+        return build
+
+
+def plan_jobs(counts: dict[str, tuple[int, int]], root: str, quotas: common.Quotas, can_root,
+              on_demand_max: int = 0) -> Plan:
+    """Partition the images under `root` into jobs within the quotas, in the fewest waves, then the fewest jobs.
 
     `counts` maps each folder to (images directly in it, bytes of their manifest lines); `can_root(folder)` says
-    whether Bedrock accepts the folder as an input s3Uri. Every image lands in exactly one job.
+    whether Bedrock accepts the folder as an input s3Uri. Every image lands in exactly one job, or among the at
+    most `on_demand_max` images embedded on demand (a remainder below the minimum that would otherwise need a
+    wave of its own, or a whole run below the minimum). A run below the minimum and above `on_demand_max` is one
+    job too small: the caller refuses it.
     """
-    tree = folder_tree(counts, root)
-    totals: dict[str, tuple[int, int]] = {}
-
-    def total(folder: str) -> tuple[int, int]:
-        if folder not in totals:
-            node = tree[folder]
-            n, b = node.images, node.bytes
-            for child in node.children:
-                cn, cb = total(child)
-                n, b = n + cn, b + cb
-            totals[folder] = (n, b)
-        return totals[folder]
-
-    def subtree(folder: str) -> list[Allocation]:
-        node = tree[folder]
-        own = [(folder, 0, node.images)] if node.images else []
-        return own + [a for child in sorted(node.children) for a in subtree(child)]
-
-    def fits_one_job(n: int, b: int) -> bool:
-        return quotas.min_records_per_job <= n <= quotas.max_records_per_job and b <= quotas.max_job_bytes
-
-    def visit(folder: str) -> tuple[list[PlannedJob], list[Allocation]]:
-        n, b = total(folder)
-        if can_root(folder) and fits_one_job(n, b):
-            return [PlannedJob(folder, subtree(folder))], []
-        if n < quotas.min_records_per_job:
-            return [], subtree(folder)
-        jobs: list[PlannedJob] = []
-        node = tree[folder]
-        leftover = [(folder, 0, node.images)] if node.images else []
-        for child in sorted(node.children):
-            child_jobs, child_leftover = visit(child)
-            jobs += child_jobs
-            leftover += child_leftover
-        left = sum(end - start for _, start, end in leftover)
-        if can_root(folder) and left >= quotas.min_records_per_job:
-            jobs += [PlannedJob(folder, chunk) for chunk in split(leftover, _chunks(leftover, left, tree, quotas))]
-            leftover = []
-        return jobs, leftover
-
-    jobs, leftover = visit(root)
-    if leftover:
-        jobs = absorb(jobs, leftover, root, quotas)
-    return jobs
+    planner = _Planner(folder_tree(counts, root), quotas, can_root)
+    total = planner.totals[root]
+    concurrent = quotas.max_concurrent_jobs
+    if total == 0:
+        return Plan([], [], concurrent)
+    if total < quotas.min_records_per_job:
+        if total <= on_demand_max:
+            return Plan([], planner.subtree(root), concurrent)
+        return Plan([PlannedJob(root, planner.subtree(root))], [], concurrent)
+    lowest = max(1, math.ceil(math.ceil(total / planner.cap) / concurrent))
+    highest = lowest + len(planner.tree) + math.ceil(total / planner.cap) + 1
+    candidates: list[Plan] = []
+    first = None
+    for budget in range(lowest, highest + 1):
+        closed, opened = planner.best(root, budget)
+        if closed is not None:
+            candidates.append(_finish(closed.build()[0], [], concurrent))
+        if opened is not None and opened.left < quotas.min_records_per_job and opened.left <= on_demand_max:
+            jobs, left = opened.build()
+            candidates.append(_finish(jobs, left, concurrent))
+        if candidates and first is None:
+            first = budget
+        if first is not None and budget >= first + 2:
+            break  # a budget or two past the first that works: the wave estimate is a bound, not the count
+    if not candidates:  # e.g. images directly in a run folder Bedrock cannot take as input: the old way
+        jobs, left = planner.best(root, highest)[1].build()
+        return Plan(absorb(jobs, left, root, quotas), [], concurrent)
+    return min(candidates, key=lambda p: (len(p.waves()), p.on_demand_records, len(p.jobs)))
 
 
-def _chunks(leftover: list[Allocation], n: int, tree: dict[str, Folder], quotas: common.Quotas) -> int:
-    size = sum(tree[f].bytes * (end - start) / max(tree[f].images, 1) for f, start, end in leftover)
-    return max(math.ceil(n / quotas.max_records_per_job), math.ceil(size * 1.05 / quotas.max_job_bytes), 1)
+def _finish(planned: list[PlannedJob], on_demand: list[Allocation], concurrent: int) -> Plan:
+    """The jobs in the submit order that needs fewer waves: as built (sub-folders first), or top folders first."""
+    built = Plan(planned, on_demand, concurrent)
+    shallow = Plan(sorted(planned, key=lambda j: j.root.count("/")), on_demand, concurrent)
+    return shallow if len(shallow.waves()) < len(built.waves()) else built
 
 
 def split(allocations: list[Allocation], parts: int) -> list[list[Allocation]]:
     """Cut allocations into `parts` runs of nearly equal size, in order."""
-    n = sum(end - start for _, start, end in allocations)
+    n = count(allocations)
     sizes = [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
     chunks, current, need = [], [], sizes[0]
-    queue = list(allocations)
+    queue = list(reversed(allocations))
     while queue:
-        folder, start, end = queue.pop(0)
+        folder, start, end = queue.pop()
         take = min(end - start, need)
         current.append((folder, start, start + take))
         need -= take
         if start + take < end:
-            queue.insert(0, (folder, start + take, end))
+            queue.append((folder, start + take, end))
         if need == 0:
             chunks.append(current)
             current = []
@@ -138,7 +359,9 @@ def split(allocations: list[Allocation], parts: int) -> list[list[Allocation]]:
 
 def absorb(jobs: list[PlannedJob], leftover: list[Allocation], root: str, quotas: common.Quotas) -> list[PlannedJob]:
     """Give images too few for a job of their own to a job rooted at `root`; nothing is dropped."""
-    left = sum(end - start for _, start, end in leftover)
+    left = count(leftover)
+    if not left:
+        return jobs
     if not jobs:
         return [PlannedJob(root, leftover)]  # fewer than the minimum in all: the caller reports it
     roomy = [j for j in jobs if j.records + left <= quotas.max_records_per_job]
@@ -149,21 +372,21 @@ def absorb(jobs: list[PlannedJob], leftover: list[Allocation], root: str, quotas
         return jobs
     # Every job is full: lend the leftover enough images from the largest job to make a job of its own.
     donor = max(jobs, key=lambda j: j.records)
-    want = quotas.min_records_per_job - left
+    want = max(quotas.min_records_per_job - left, 0)
     keep, lent = _take_last(donor.allocations, want)
     donor.allocations = keep
     return jobs + [PlannedJob(root, leftover + lent)]
 
 
-def _take_last(allocations: list[Allocation], count: int) -> tuple[list[Allocation], list[Allocation]]:
+def _take_last(allocations: list[Allocation], n: int) -> tuple[list[Allocation], list[Allocation]]:
     keep, lent = list(allocations), []
-    while count:
+    while n:
         folder, start, end = keep.pop()
-        take = min(count, end - start)
+        take = min(n, end - start)
         lent.insert(0, (folder, end - take, end))
         if end - take > start:
             keep.append((folder, start, end - take))
-        count -= take
+        n -= take
     return keep, lent
 
 
@@ -172,18 +395,13 @@ def _take_last(allocations: list[Allocation], count: int) -> tuple[list[Allocati
 # --------------------------------------------------------------------------------------------------------------
 
 
-def nested(a: str, b: str) -> bool:
-    """Whether two input folders overlap: one of them would read the other's manifests."""
-    return a.startswith(b) or b.startswith(a)
-
-
 def active(job: dict) -> bool:
     """Submitted (or being submitted) and not ended: its manifests are in S3."""
     return bool(job.get("uploaded")) and job.get("status") not in common.TERMINAL_STATUSES
 
 
 def queued(job: dict) -> bool:
-    return not job.get("job_arn")
+    return not job.get("job_arn") and not job.get("on_demand")  # an on-demand part is no job: step 3 embeds it
 
 
 @dataclass
@@ -199,6 +417,10 @@ def refresh(bedrock, info: dict) -> RunState:
     """Ask Bedrock for every submitted job's status (kept in its record) and sort out what is unfinished."""
     state = RunState()
     for job in info["jobs"]:
+        if job.get("on_demand"):  # no Bedrock job: waits only for step 3 to embed and load it
+            if not common.job_loaded(job):
+                state.unloaded.append(job)
+            continue
         if queued(job):
             state.queued.append(job)
             continue

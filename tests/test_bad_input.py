@@ -129,7 +129,7 @@ def test_prefix_that_bedrock_cannot_take_stops_before_upload(world):
 
 def test_fewer_than_100_images_uploads_nothing(world):
     world.put_images([f"img{i}.png" for i in range(99)], prefix="2024/")
-    result = world.step(1)
+    result = world.step(1, env={"ON_DEMAND_MAX_IMAGES": "50"})  # within it, they go on demand (test_on_demand)
     assert result.returncode == common.EXIT_REFUSED
     assert "found 99 images" in one_line(result) and "at least 100" in result.stderr
     keys = [o["Key"] for o in world.client("s3").list_objects_v2(Bucket=world.source_bucket)["Contents"]]

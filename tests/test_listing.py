@@ -142,7 +142,7 @@ def plan_and_write(objects, config, workdir, manifest_dir, stamp="20261201-00000
     found = create_job.list_images(pairs, config, [], workdir)
     can_root = lambda folder: True  # noqa: E731
     planned = jobs.plan_jobs({f: tuple(c) for f, c in found.counts.items()}, config.source_prefix, config.quotas,
-                             can_root)
+                             can_root).jobs
     return create_job.write_manifests(found, planned, config, "123456789012", stamp, manifest_dir)
 
 

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 
 import common
-from tests.conftest import ROOT, STEPS
+from tests.conftest import ROOT, STEPS, import_step
 
 ACCOUNT = "123456789012"
 
@@ -31,7 +34,7 @@ def status_of(world, job) -> str:
 
 
 def test_prompt_answered_y_on_a_terminal_polls_until_completed(world):
-    job = submit(world, step_seconds=0.4)
+    job = submit(world, step_seconds=1.0)  # still running when the prompt comes, even on a loaded machine
     leader, follower = pty.openpty()
     process = subprocess.Popen([sys.executable, str(ROOT / STEPS[2]), "--interval", "0.2"], cwd=world.cwd,
                                env=world.env, stdin=follower, stdout=follower, stderr=follower, close_fds=True)
@@ -165,3 +168,210 @@ def test_04_refuses_until_the_results_are_loaded(world):
     assert cleaned.returncode == 0, cleaned.stderr
     assert "(No S3 JSONL files left to remove)" in cleaned.stdout  # 02 removed it when the job ended
     assert "Local files removed: 2" in cleaned.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 02 at hundreds of jobs: ListModelInvocationJobs, a compact table, elapsed time, a block redrawn on a terminal
+# ---------------------------------------------------------------------------------------------------------------
+
+ONE_IMAGE_JOBS = {"MIN_RECORDS_PER_JOB": "1", "MAX_RECORDS_PER_JOB": "2", "ON_DEMAND_MAX_IMAGES": "0"}
+
+
+def count_calls(monkeypatch) -> Counter:
+    """Every AWS operation the step's clients call, by name (each page of a listing counts)."""
+    calls: Counter = Counter()
+    real = common.make_client
+
+    def counting(service, config, **kwargs):
+        client = real(service, config, **kwargs)
+        client.meta.events.register("before-call", lambda model, **_: calls.update([model.name]))
+        return client
+
+    monkeypatch.setattr(common, "make_client", counting)
+    return calls
+
+
+def in_process(world, monkeypatch) -> None:
+    for name, value in world.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(world.cwd)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now, self.sleeps = 1000.0, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        time.sleep(0.2)  # the emulator's jobs move on in real time; the step only counts this clock
+
+
+def test_02_reads_hundreds_of_jobs_with_a_few_list_calls(world, monkeypatch, capsys):
+    world.env.update(ONE_IMAGE_JOBS, MAX_CONCURRENT_JOBS="500")
+    world.emulator("/_emulator/config", {"min_records_per_job": 1, "max_concurrent_jobs": 500, "step_seconds": 0.02})
+    world.put_images([f"f{i:03d}/img.png" for i in range(210)], prefix="2024/")
+    created = world.step(1, timeout=900)
+    assert created.returncode == 0, created.stdout[-2000:] + created.stderr
+    assert "Planned 210 job(s) in 1 wave(s)" in created.stdout
+    assert all(job.get("job_arn") for job in world.job_info()["jobs"])
+
+    step2 = import_step(2)
+    monkeypatch.setattr(step2, "LIST_PAGE_SIZE", 50)  # 5 pages a poll: the paging is exercised
+    calls = count_calls(monkeypatch)
+    in_process(world, monkeypatch)
+    clock = FakeClock()
+    display = step2.Display(tty=False, size=lambda: os.terminal_size((100, 30)))
+    code = step2.run(["--wait", "--interval", "30", "--timeout", "86400"], sleep=clock.sleep, clock=clock,
+                     display=display)
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    polls = len(clock.sleeps) + 1
+    # One listing of 5 pages a poll instead of 210 GetModelInvocationJob; Get only once fewer than 4 jobs are left.
+    assert calls["ListModelInvocationJobs"] % 5 == 0
+    assert calls["ListModelInvocationJobs"] // 5 + (1 if calls["GetModelInvocationJob"] else 0) >= polls - 1
+    assert calls["ListModelInvocationJobs"] + calls["GetModelInvocationJob"] <= 5 * polls
+    assert calls["GetModelInvocationJob"] <= 3 * (polls - calls["ListModelInvocationJobs"] // 5)
+    blocks = out.split("Batch Inference Run: 210 jobs")[1:]
+    assert len(blocks) == polls
+    last = blocks[-1].split("[Poll #")[0].splitlines()  # the block, from its title to its footer
+    assert len(last) + 2 <= 30  # a screenful, with its first line (title) and the footer
+    assert "... and 191 more job(s)" in last  # 21 rows: the header, 19 jobs, this line
+    assert "Jobs: Completed 210" in last
+    assert "Overall progress: 100.0% (210/210 records)" in last
+    assert f"[Poll #{polls}] " in blocks[-1] and f"elapsed {step2.elapsed_text(30 * (polls - 1))}" in blocks[-1]
+    assert "\x1b[" not in out  # no cursor movement off a terminal
+    assert {job["status"] for job in world.job_info()["jobs"]} == {"Completed"}
+
+
+def test_statuses_the_list_misses_are_asked_for_one_by_one():
+    step2 = import_step(2)
+    jobs_ = [{"job_name": f"nova-mme-embedding-20261201-100000-{n:02d}",
+              "job_arn": f"arn:aws:bedrock:us-east-1:123456789012:model-invocation-job/{n:012d}"} for n in range(6)]
+
+    class Bedrock:
+        def __init__(self):
+            self.queries, self.gets = [], []
+
+        def get_paginator(self, name):
+            assert name == "list_model_invocation_jobs"
+            return self
+
+        def paginate(self, **query):
+            self.queries.append(query)
+            yield {"invocationJobSummaries": [{"jobArn": j["job_arn"], "status": "InProgress"} for j in jobs_[:3]]}
+            yield {"invocationJobSummaries": [{"jobArn": jobs_[4]["job_arn"], "status": "Completed"},
+                                              {"jobArn": "arn:aws:bedrock:us-east-1:123456789012:"
+                                                         "model-invocation-job/otherrun0000", "status": "Failed"}]}
+
+        def get_model_invocation_job(self, jobIdentifier):
+            self.gets.append(jobIdentifier)
+            return {"jobArn": jobIdentifier, "status": "Scheduled"}
+
+    bedrock = Bedrock()
+    found = step2.job_statuses(bedrock, jobs_, "2026-12-01T10:00:00+00:00")
+    assert {arn[-2:]: s["status"] for arn, s in found.items()} == {
+        "00": "InProgress", "01": "InProgress", "02": "InProgress", "03": "Scheduled", "04": "Completed",
+        "05": "Scheduled"}
+    assert bedrock.gets == [jobs_[3]["job_arn"], jobs_[5]["job_arn"]]
+    (query,) = bedrock.queries
+    assert query["nameContains"] == "nova-mme-embedding-20261201-100000-0"  # what the names have in common
+    assert query["submitTimeAfter"].isoformat() == "2026-11-30T10:00:00+00:00"
+    bedrock = Bedrock()
+    step2.job_statuses(bedrock, jobs_[:3], None)  # a few jobs: a Get each is cheaper than a listing
+    assert bedrock.queries == [] and len(bedrock.gets) == 3
+
+
+def run_info(statuses: list[str | None]) -> dict:
+    return {"jobs": [{"job_name": f"nova-mme-embedding-20261201-100000-{n:02d}", "input_folder": f"2024/f{n}/",
+                      "record_count": 10, **({"status": s, "job_arn": "x", "uploaded": True,
+                                              "counts": {"processedRecordCount": 10 if s == "Completed" else 4}}
+                                             if s else {})}
+                     for n, s in enumerate(statuses)]}
+
+
+def test_the_run_table_shows_the_most_telling_jobs_first_within_a_screenful():
+    step2 = import_step(2)
+    info = run_info(["Completed"] * 20 + ["InProgress", "Failed"] + [None] * 5)
+    lines = step2.run_lines(info, rows=6)
+    assert lines[0].split() == ["job", "status", "processed", "input", "folder"]
+    assert lines[1].split() == ["21", "Failed", "4/10", "2024/f21/"]
+    assert lines[2].split() == ["20", "InProgress", "4/10", "2024/f20/"]
+    assert lines[3].split()[1] == "Queued" and lines[4].split()[1] == "Queued"
+    assert lines[5] == "... and 23 more job(s)"
+    assert lines[6] == "Jobs: Completed 20, Failed 1, InProgress 1, Queued 5"
+    assert lines[7] == "Overall progress: 77.0% (208/270 records)"
+    assert len(step2.run_lines(info, rows=100)) == 1 + 27 + 2
+
+
+def test_on_a_terminal_the_block_is_redrawn_in_place():
+    step2 = import_step(2)
+    out = io.StringIO()
+    display = step2.Display(out=out, tty=True, size=lambda: os.terminal_size((20, 10)))
+    display.show("", ["a" * 50, "second"])
+    display.show("Deleted: s3://b/k\n", ["third", "fourth", "fifth"])
+    display.forget()  # a prompt was printed below the block
+    display.show("", ["sixth"])
+    assert out.getvalue() == (
+        "a" * 19 + "\nsecond\n"  # cut to the width: a wrapped line could not be redrawn
+        "\x1b[2F\x1b[J" "Deleted: s3://b/k\n" "third\nfourth\nfifth\n"  # up 2 lines, clear, then the news
+        "sixth\n"
+    )
+    plain = io.StringIO()
+    display = step2.Display(out=plain, tty=False, size=lambda: os.terminal_size((20, 10)))
+    display.show("", ["a" * 50])
+    display.show("", ["b"])
+    assert plain.getvalue() == "a" * 50 + "\nb\n"
+
+
+def test_02_wait_shows_the_elapsed_time_and_redraws_on_a_terminal(world, monkeypatch, capsys):
+    submit(world, step_seconds=0.3)
+    step2 = import_step(2)
+    in_process(world, monkeypatch)
+    clock = FakeClock()
+    display = step2.Display(tty=True, size=lambda: os.terminal_size((80, 40)))
+    code = step2.run(["--wait", "--interval", "45"], sleep=clock.sleep, clock=clock, display=display)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    polls = len(clock.sleeps) + 1
+    assert polls >= 2
+    assert out.count("\x1b[J") == polls - 1  # every block after the first replaces the one before
+    blocks = re.split(r"\x1b\[(\d+)F\x1b\[J", out.split("Job ARN: ", 1)[1].split("\n", 1)[1])
+    for block, up in zip(blocks[::2], blocks[1::2]):
+        assert int(up) == block.count("\n")  # up exactly as many lines as the block took
+    assert out.count(">>> STATUS:") == polls
+    assert f"[Poll #{polls}]" in out and f"elapsed {step2.elapsed_text(45 * (polls - 1))}" in out
+    assert "· next check in 45 seconds" in out
+    assert "Next check in" not in out  # no scrolling line between blocks on a terminal
+    assert all(len(line) < 80 for line in out.splitlines() if line.startswith(("[Poll #", "Output", "Last Modified")))
+
+
+def test_max_concurrent_jobs_decides_when_the_quota_is_higher(world):
+    world.env.update(ONE_IMAGE_JOBS, MAX_CONCURRENT_JOBS="3")
+    # The emulator's quota (50) never answers ServiceQuotaExceeded here: only the steps' own limit holds jobs back.
+    world.emulator("/_emulator/config", {"min_records_per_job": 1, "max_concurrent_jobs": 50, "step_seconds": 0.05})
+    world.put_images([f"f{i}/img.png" for i in range(8)], prefix="2024/")
+    created = world.step(1)
+    assert created.returncode == 0, created.stdout + created.stderr
+    assert len(world.emulator("/_emulator/jobs")["jobs"]) == 3
+    assert "stays queued" not in created.stdout
+    monitored = world.step(2, "--wait", "--interval", "0.05", "--timeout", "120")
+    assert monitored.returncode == 0, monitored.stdout[-3000:] + monitored.stderr
+    emulated = world.emulator("/_emulator/jobs")["jobs"]
+    assert len(emulated) == len(world.job_info()["jobs"]) >= 4
+    # Replay the emulator's own submit and end times: at most 3 at once, exactly 3 at some point, none nested.
+    events = sorted([(j["submitTime"], 1, j) for j in emulated] + [(j["endTime"], 0, j) for j in emulated],
+                    key=lambda e: e[:2])  # at the same millisecond, an end comes before a start
+    folder = lambda j: j["inputDataConfig"]["s3InputDataConfig"]["s3Uri"]  # noqa: E731
+    active, most = [], 0
+    for _, starts, job in events:
+        if starts:
+            assert not any(folder(job).startswith(folder(j)) or folder(j).startswith(folder(job)) for j in active)
+            active.append(job)
+            most = max(most, len(active))
+        else:
+            active.remove(job)
+    assert most == 3

@@ -7,7 +7,7 @@ import json
 import common
 
 QUOTAS = {"MIN_RECORDS_PER_JOB": "100", "MAX_RECORDS_PER_JOB": "500", "MAX_RECORDS_PER_FILE": "250",
-          "MAX_CONCURRENT_JOBS": "3"}
+          "MAX_CONCURRENT_JOBS": "3", "ON_DEMAND_MAX_IMAGES": "0"}  # the remainder joins a job (see test_on_demand)
 
 
 def run_all(world, expect_load: int = 0):
