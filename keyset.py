@@ -27,6 +27,16 @@ def digest(source_uri: str) -> bytes:
     return hashlib.sha256(source_uri.encode("utf-8")).digest()[:KEY_BYTES]
 
 
+def _add(keys, packed: bytearray, foreign: set) -> None:
+    """Pack each 32-hex-digit key as 16 bytes; keep any other key as it is in `foreign`."""
+    for key in keys:
+        binary = _binary(key)
+        if binary is None:
+            foreign.add(key)
+        else:
+            packed += binary
+
+
 def _binary(key: str) -> bytes | None:
     return bytes.fromhex(key) if len(key) == 2 * KEY_BYTES and _HEX.issuperset(key) else None
 
@@ -50,12 +60,7 @@ class KeySet:
     def of(cls, keys) -> KeySet:
         """From vector keys as text (a small set: the keys of a retry, of jobs still running)."""
         packed, foreign = bytearray(), set()
-        for key in keys:
-            binary = _binary(key)
-            if binary is None:
-                foreign.add(key)
-            else:
-                packed += binary
+        _add(keys, packed, foreign)
         return cls(packed, foreign)
 
     def __len__(self) -> int:
@@ -134,12 +139,7 @@ def index_keys(s3v, bucket: str, index: str, segments: int = MAX_SEGMENTS) -> Ke
                     _HEX_RUN.fullmatch(joined):
                 packed += bytes.fromhex(joined)  # the whole page at once: every key is 32 hex digits
             else:
-                for key in keys:
-                    binary = _binary(key)
-                    if binary is None:
-                        foreign.add(key)
-                    else:
-                        packed += binary
+                _add(keys, packed, foreign)
             token = page.get("nextToken")
             if not token:
                 return packed, foreign

@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
 from tests import sample_images
 from tests.standins import stack as standins
 
@@ -38,7 +39,9 @@ SUFFIXES = [".jpg", ".png", ".jpeg", ".PNG", ".gif", ".webp"]
 def setup(running: standins.Stack, workdir: Path, images: int) -> dict[str, str]:
     import boto3
 
-    env = {**os.environ, **running.env}
+    # The work folder's .env decides: settings inherited from the caller's environment would win over it.
+    env = {k: v for k, v in os.environ.items() if k not in common.SETTINGS and not k.startswith("AWS_")}
+    env.update(running.env)
     settings = {
         "SOURCE_BUCKET": "nova-mme-demo-source-image",
         "SOURCE_PREFIX": "2024/",

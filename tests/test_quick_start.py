@@ -22,7 +22,8 @@ def exports(path) -> dict[str, str]:
 
 
 def test_local_run_with_serve_then_a_query_from_the_checkout(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    # A shell with some of the settings already set (another run's): the printed line must still win.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, "SOURCE_BUCKET": "from-elsewhere"}
     local = subprocess.Popen([sys.executable, "-m", "tests.local_run", "--images", "120", "--workdir", str(tmp_path),
                               "--serve"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
