@@ -48,23 +48,34 @@ def print_not_loaded(entries: list[dict], path: Path, total: int | None = None) 
         print(f"  ... and {total - SHOWN} more")
 
 
-def manifest_file_records(path: Path) -> Iterator[tuple[str, str]]:
-    """(recordId, image URI) of every record of one local manifest."""
+def file_records(path: Path) -> Iterator[dict]:
+    """Every record of one local manifest."""
     with open(path, "rb") as fh:
         for line in fh:
             if line.strip():
-                record = orjson.loads(line)
-                yield record["recordId"], common.image_uri(record)
+                yield orjson.loads(line)
+
+
+def job_records(job: dict, gone: str) -> Iterator[dict]:
+    """Every record of the job's local manifests; a manifest that is gone is a StepError ending with `gone`."""
+    for manifest in job["manifests"]:
+        path = Path(manifest["local_path"])
+        if not path.exists():
+            raise common.StepError(f"manifest {path} of {job['job_name']} is gone: {gone}")
+        yield from file_records(path)
+
+
+def manifest_file_records(path: Path) -> Iterator[tuple[str, str]]:
+    """(recordId, image URI) of every record of one local manifest."""
+    for record in file_records(path):
+        yield record["recordId"], common.image_uri(record)
 
 
 def manifest_records(job: dict) -> Iterator[tuple[str, str]]:
     """(recordId, image URI) of every record of the job's local manifests."""
-    for manifest in job["manifests"]:
-        path = Path(manifest["local_path"])
-        if not path.exists():
-            raise common.StepError(f"manifest {path} of job {job['job_name']} is gone: its images cannot be "
-                                   "accounted for — keep the manifests until 04_remove_completed_task.py")
-        yield from manifest_file_records(path)
+    for record in job_records(job, "its images cannot be accounted for — keep the manifests until "
+                                   "04_remove_completed_task.py"):
+        yield record["recordId"], common.image_uri(record)
 
 
 def failures(report: Path) -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str, str]]]:

@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Iterator
 
 import orjson
 
+import accounting
 import common
 import vectors
 
@@ -30,16 +31,9 @@ def is_part(job: dict) -> bool:
 
 def part_records(job: dict) -> Iterator[tuple[str, dict]]:
     """(image URI, InvokeModel body) of every record of an on-demand part's local manifest."""
-    for manifest in job["manifests"]:
-        path = Path(manifest["local_path"])
-        if not path.exists():
-            raise common.StepError(f"manifest {path} of {job['job_name']} is gone: its images cannot be embedded — "
-                                   "run 01_create_job.py again (they are not in the index)")
-        with open(path, "rb") as fh:
-            for line in fh:
-                if line.strip():
-                    record = orjson.loads(line)
-                    yield common.image_uri(record), record["modelInput"]
+    for record in accounting.job_records(job, "its images cannot be embedded — run 01_create_job.py again (they "
+                                              "are not in the index)"):
+        yield common.image_uri(record), record["modelInput"]
 
 
 def embed_and_load(requests: Iterable[tuple[str, dict]], config: common.Config, runtime, s3v, dimension: int,
