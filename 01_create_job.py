@@ -22,6 +22,7 @@ from collections import OrderedDict, defaultdict
 from hashlib import sha256
 from pathlib import Path
 
+import numpy as np
 import orjson
 
 import accounting
@@ -58,7 +59,7 @@ SETTINGS = (
 )
 REQUIRED = ("SOURCE_BUCKET", "RESULT_BUCKET", "ROLE_ARN")
 EXAMPLES_PER_REASON = 5
-LOOKUP_CHUNK = 4096  # images checked against the index's keys at once
+LOOKUP_CHUNK = 16384  # images checked against the index's keys at once
 OPEN_MANIFESTS = 4  # manifest files open at once while writing, whatever the number of jobs
 
 
@@ -130,39 +131,51 @@ def list_images(objects, config: common.Config, exclude: list[tuple[keyset.KeySe
     (`rejected`) while their object is unchanged."""
     listing = Listing(workdir)
 
+    def skip(key: str, size: int) -> str | None:
+        """The image format of an object that is not the common case, after counting it if it is skipped."""
+        if key[-6:].lower() == ".jsonl":
+            (listing.own_manifests if common.is_own_manifest(key) else listing.foreign).append(key)
+            return None
+        fmt, reason = classify(key, size)
+        if fmt is None:
+            listing.skipped[reason] += 1
+            examples = listing.examples[reason]  # the first few in key order, whatever order they come in
+            if len(examples) < EXAMPLES_PER_REASON or key < examples[-1]:
+                bisect.insort(examples, key)
+                del examples[EXAMPLES_PER_REASON:]
+        return fmt
+
+    formats, max_bytes = common.IMAGE_FORMATS, common.MAX_IMAGE_BYTES
+    uri = common.s3_uri(config.source_bucket)
+
     def images():
         for chunk in iter(lambda: list(itertools.islice(objects, LOOKUP_CHUNK)), []):
-            candidates = []
-            for key, size, etag in chunk:
-                if key[-6:].lower() == ".jsonl":
-                    (listing.own_manifests if common.is_own_manifest(key) else listing.foreign).append(key)
-                    continue
-                fmt, reason = classify(key, size)
-                if fmt is None:
-                    listing.skipped[reason] += 1
-                    examples = listing.examples[reason]  # the first few in key order, whatever order they come in
-                    if len(examples) < EXAMPLES_PER_REASON or key < examples[-1]:
-                        bisect.insort(examples, key)
-                        del examples[EXAMPLES_PER_REASON:]
-                    continue
-                candidates.append((key, fmt, size, etag))
-            keep = [True] * len(candidates)
+            # The common case a chunk at a time (classify's rules inlined): a name, an image format's suffix and a
+            # size the model takes. Everything else goes through skip() one object at a time.
+            fmts = [formats.get(key[dot:].lower()) if 0 < size <= max_bytes and
+                    (dot := key.rfind(".")) > key.rfind("/") + 1 else None for key, size, _ in chunk]
+            candidates = [(key, fmt, size, etag) for (key, size, etag), fmt in zip(chunk, fmts) if fmt is not None]
+            if len(candidates) < len(chunk):
+                for (key, size, etag), fmt in zip(chunk, fmts):
+                    if fmt is None and (fmt := skip(key, size)) is not None:
+                        candidates.append((key, fmt, size, etag))
+            keep = np.ones(len(candidates), dtype=bool)
             if (exclude or rejected) and candidates:
-                uri = common.s3_uri(config.source_bucket)  # keyset.digest of each image's URI, inlined
+                # keyset.digest of each image's URI, inlined
                 digests = [sha256((uri + c[0]).encode()).digest()[:keyset.KEY_BYTES] for c in candidates]
                 for keys, why in exclude:
-                    for i in keys.contains(digests).nonzero()[0].tolist():
-                        if keep[i]:
-                            keep[i] = False
-                            listing.left_out[why] += 1
-                for i, (digest, (_, _, size, etag)) in enumerate(zip(digests, candidates)):
-                    entry = rejected.get(digest.hex()) if rejected and keep[i] else None
+                    hit = keys.contains(digests) & keep
+                    if hit.any():
+                        keep &= ~hit
+                        listing.left_out[why] += int(hit.sum())
+                for i in keep.nonzero()[0].tolist() if rejected else ():
+                    entry = rejected.get(digests[i].hex())
+                    _, _, size, etag = candidates[i]
                     if entry and rejects.unchanged(entry, {"ETag": etag, "Size": size}):
                         keep[i] = False
                         listing.left_out[f"failed permanently on {entry.get('failed_on', '?')}"] += 1
-            for (key, fmt, _, _), kept in zip(candidates, keep):
-                if not kept:
-                    continue
+            for i in keep.nonzero()[0].tolist():
+                key, fmt, _, _ = candidates[i]
                 folder = jobs.folder_of(key)
                 listing.counts[folder][0] += 1
                 listing.counts[folder][1] += 400 + 2 * len(key.encode())  # a generous estimate of its manifest line
@@ -311,10 +324,14 @@ def check_before_paying(s3, s3v, config: common.Config, owner: str) -> None:
 
 
 def write_manifests(listing: Listing, planned: list[jobs.PlannedJob], config: common.Config, owner: str,
-                    stamp: str, manifest_dir: Path) -> list[dict]:
+                    stamp: str, manifest_dir: Path, exact_ids: bool = False) -> list[dict]:
     """Pass 2: stream the listing into each planned job's manifest files in `manifest_dir` (split at the per-file
     quotas), with at most OPEN_MANIFESTS files open. On any failure (Ctrl-C included) every manifest written so far
-    is removed before the error goes on."""
+    is removed before the error goes on.
+
+    Each image gets its URI's first recordId, and the ids are kept as 12 bytes each; if two images of a job got the
+    same one (about one chance in 10¹³ at 50,000 images), the manifests are written again with common.RecordIds,
+    which gives the second image its URI's next id. A set of a million ids as strings would take ~90 MB."""
     ranges: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
     for number, job in enumerate(planned):
         for folder, start, end in job.allocations:
@@ -342,7 +359,8 @@ def write_manifests(listing: Listing, planned: list[jobs.PlannedJob], config: co
     last_folder, start, end, number, writer = None, 0, 0, 0, None
     writers = [ManifestWriter(record, stamp, None if single else n + 1, config.quotas, manifest_dir, files)
                for n, record in enumerate(records)]
-    record_ids = [common.RecordIds() for _ in records]  # recordIds unique within each job
+    record_ids = [common.RecordIds() for _ in records] if exact_ids else None  # recordIds unique within each job
+    given = [bytearray() for _ in records]  # the first ids given, 12 bytes each, checked for repeats at the end
     try:
         try:
             for key, fmt in listing.images_in_order():
@@ -355,13 +373,21 @@ def write_manifests(listing: Listing, planned: list[jobs.PlannedJob], config: co
                         writer.flush()  # only the writer in use holds lines not written yet
                     writer, last_folder = writers[number], folder
                 uri = common.s3_uri(config.source_bucket, key)
+                if record_ids is None:
+                    rid = common.record_id(uri)
+                    given[number] += rid.encode().ljust(common.RECORD_ID_LENGTH, b"\0")[:common.RECORD_ID_LENGTH]
+                else:
+                    rid = record_ids[number].assign(uri)
                 record = common.image_record(uri, fmt, owner, config.embedding_dimension, config.embedding_purpose,
-                                             record_ids[number].assign(uri))
+                                             rid)
                 writer.write(orjson.dumps(record) + b"\n")
             for writer in writers:
                 writer.flush()
         finally:
             files.close_all()
+        if record_ids is None and any(_repeats(ids) for ids in given):
+            files.remove_all()
+            return write_manifests(listing, planned, config, owner, stamp, manifest_dir, exact_ids=True)
         for record in records:
             record["client_request_token"] = manifest_token(record)
     except BaseException as exc:
@@ -371,6 +397,12 @@ def write_manifests(listing: Listing, planned: list[jobs.PlannedJob], config: co
                             "or file handles there and run 01 again", common.EXIT_USAGE) from None
         raise
     return records
+
+
+def _repeats(ids: bytearray) -> bool:
+    """Whether a recordId (12 bytes each) appears twice in `ids`."""
+    values = np.frombuffer(ids, dtype=f"V{common.RECORD_ID_LENGTH}")
+    return len(np.unique(values)) < len(values)
 
 
 class OpenFiles:
@@ -542,7 +574,7 @@ def create(args, config: common.Config) -> int:
     account = common.caller_account(sts)
     owner = common.bucket_owner(config, account)
     indexed = config.vector_bucket and config.vector_index
-    s3v = keyset.lean(common.make_client("s3vectors", config, max_pool_connections=keyset.MAX_SEGMENTS + 2)) \
+    s3v = keyset.lean(common.make_client("s3vectors", config, max_pool_connections=keyset.THREADS + 2)) \
         if indexed else None
     check_before_paying(s3, s3v, config, owner)
 

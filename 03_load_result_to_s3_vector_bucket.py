@@ -12,6 +12,7 @@ runs/<stamp>/not_loaded.jsonl; images Bedrock rejected for good go to failed_per
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import threading
@@ -25,6 +26,7 @@ import common
 import jobinfo
 import jobs
 import ondemand
+import records
 import rejects
 import vectors
 from common import StepError, ok
@@ -47,6 +49,10 @@ def parse_args(argv):
     parser.add_argument("--vectors-per-second", type=float, default=2500, help="the index's write quota (2500)")
     parser.add_argument("--requests-per-second", type=float, default=1000, help="the index's request quota (1000)")
     parser.add_argument("--threads", type=int, default=3, help="PutVectors requests in flight (3)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="processes that turn output lines into requests (default: the number of CPUs, at most "
+                             f"4, for a run of {records.MIN_RECORDS:,} records or more on 2 CPUs or more; 0: in this "
+                             "process)")
     parser.add_argument("--retry-for", type=float, default=900, metavar="SECONDS",
                         help="keep retrying a PutVectors the index does not accept for this long (900)")
     parser.add_argument("--verbose", action="store_true", help="print every batch")
@@ -55,6 +61,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.vectors_per_second <= 0 or args.requests_per_second <= 0 or args.threads < 1:
         parser.error("--vectors-per-second, --requests-per-second and --threads must be positive")
+    if args.workers is not None and args.workers < 0:
+        parser.error("--workers must be 0 or more")
     return args
 
 
@@ -80,63 +88,25 @@ class Loader:
         self.report.write(orjson.dumps({"recordId": record_id, "source_uri": uri, "error_code": code,
                                         "error_message": message, "file": file_key, "offset": offset}) + b"\n")
 
-    def line(self, raw: bytes, file_key: str, start: int, offset: int) -> vectors.Batch | None:
-        """Account for one output line (bytes start..offset); returns a batch when this line closed one.
-
-        The embedding's array (nearly all of the line) is cut out and encoded from its text; only the rest of the
-        line is parsed as JSON. A line that does not look as expected is parsed whole, as before."""
-        if not raw.strip():
+    def take(self, result: tuple | None, file_key: str, start: int, offset: int) -> vectors.Batch | None:
+        """Account for one output line (bytes start..offset) from records.examine's `result`; returns a batch when
+        this line closed one."""
+        if result is None:
             return None
         before = dict(self.counts)
         self.counts["total"] += 1
-        record = text = None
-        cut = vectors.cut_embedding(raw)
-        if cut is not None:
-            try:
-                record = orjson.loads(cut[0])
-                if record["modelOutput"]["embeddings"][0]["embedding"] == vectors.CUT_VALUE:
-                    text = cut[1]
-            except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
-                record = None
-        if text is None:
-            try:
-                record = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                self.fail(None, None, "MalformedLine", f"not JSON: {exc}", file_key, offset)
-                return None
-            if not isinstance(record, dict):
-                self.fail(None, None, "MalformedLine", "not a JSON object", file_key, offset)
-                return None
-        record_id, uri = record.get("recordId"), common.image_uri(record)
-        if uri is not None and not common.record_id_matches(record_id, uri):  # joined by the URI: only reported
-            self.mismatched_ids += 1
-        if "error" in record:
-            err = record["error"] if isinstance(record["error"], dict) else {"errorMessage": str(record["error"])}
-            self.fail(record_id, uri, err.get("errorCode", "Error"), err.get("errorMessage", ""), file_key, offset)
+        self.mismatched_ids += result[-1]
+        if result[0] == records.FAIL:
+            self.fail(*result[1:5], file_key, offset)
             return None
-        metadata = {"source_uri": uri, "job_id": self.job_id}
-        try:
-            if uri is None:
-                raise KeyError("modelInput image s3Location uri")
-            key = common.vector_key(uri)
-            if text is not None:
-                try:
-                    part = vectors.encode_text(key, text, self.dimension, metadata)
-                except orjson.JSONDecodeError as exc:
-                    self.fail(record_id, uri, "MalformedLine", f"not JSON: {exc}", file_key, offset)
-                    return None
-            else:
-                embedding = record["modelOutput"]["embeddings"][0]["embedding"]
-                part = vectors.encode_vector(key, embedding, self.dimension, metadata)
-        except (KeyError, IndexError, TypeError) as exc:
-            self.fail(record_id, uri, "MalformedLine", f"no {exc} in the record", file_key, offset)
-            return None
-        except vectors.VectorError as exc:
-            self.fail(record_id, uri, "InvalidEmbedding", str(exc), file_key, offset)
-            return None
+        _, key, part, _ = result
         self.counts["success"] += 1
         # A batch this vector closes ends just before this line: on resume, reading starts again here.
         return self.batcher.add(part, lambda: self.mark(file_key, start, before), key)
+
+    def line(self, raw: bytes, file_key: str, start: int, offset: int) -> vectors.Batch | None:
+        """take() of one line examined in this process."""
+        return self.take(records.examine(raw, self.job_id, self.dimension), file_key, start, offset)
 
 
 class Checkpoint:
@@ -279,7 +249,7 @@ def read_manifest(s3, bucket: str, key: str, owner: str) -> dict | None:
         return None
 
 
-def load_job(job: dict, info: dict, clients, config: common.Config, args, limiter) -> dict:
+def load_job(job: dict, info: dict, clients, config: common.Config, args, limiter, workers) -> dict:
     """Stream one job's output files into the index; returns the job's counts. Resumes from its checkpoint."""
     s3, s3v, put_client, owner = clients
     job_id = common.job_id_from_arn(job["job_arn"])
@@ -316,6 +286,7 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
     progress = Progress(int(job.get("record_count") or 0), sys.stdout.isatty(), already=checkpoint.inserted)
 
     def on_done(batch: vectors.Batch) -> None:
+        batcher.recycle(batch)
         checkpoint.confirm(batch)
         checkpoint.save()
         if args.verbose and batch.count:
@@ -343,10 +314,15 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
             extra = {"Range": f"bytes={offset}-"} if offset else {}
             body = s3.get_object(Bucket=result_bucket, Key=key, ExpectedBucketOwner=owner, **extra)["Body"]
             counted = loader.counts["total"]
-            for raw, start, end in vectors.read_lines(body, offset):
-                batch = loader.line(raw, key, start, end)
-                if batch is not None:
-                    sender.submit(batch)
+            prefetch = vectors.Prefetch(body)
+            try:
+                lines = vectors.read_lines(prefetch, offset, views=workers is not None)
+                for result, start, end in records.examined(lines, job_id, dimension, workers):
+                    batch = loader.take(result, key, start, end)
+                    if batch is not None:
+                        sender.submit(batch)
+            finally:
+                prefetch.close()
             sender.submit(batcher.flush(loader.mark(key, obj["Size"], done=True), allow_empty=True))
             progress.print(f"✓ Processed {name} ({loader.counts['total'] - counted} records read)")
         sender.close()
@@ -422,15 +398,23 @@ def load_run(args, config: common.Config) -> int:
     totals = {"total": 0, "success": 0, "error": 0, "inserted": 0}
     confirmed: set[str] = set()
     problems = []
-    for job in loadable:
-        if args.reload:
-            job.pop("load", None)
-        counts = load_job(job, info, (s3, s3v, put_client, owner), config, args, limiter)
-        for key in totals:
-            totals[key] += counts.get(key, 0)
-        confirmed |= counts["confirmed_keys"]
-        if "mismatch" in counts:
-            problems.append(counts["mismatch"])
+    processes = args.workers
+    if processes is None:
+        to_load = sum(int(job.get("record_count") or 0) for job in loadable if args.reload or not common.job_loaded(job))
+        cpus = os.cpu_count() or 1  # one CPU: the main process and a worker would take turns on it
+        processes = min(4, cpus) if cpus > 1 and to_load >= records.MIN_RECORDS else 0
+    with records.pool(processes) as workers:  # before any thread starts
+        if workers is not None:
+            print(f"Output lines are read in {workers.workers} worker processes")
+        for job in loadable:
+            if args.reload:
+                job.pop("load", None)
+            counts = load_job(job, info, (s3, s3v, put_client, owner), config, args, limiter, workers)
+            for key in totals:
+                totals[key] += counts.get(key, 0)
+            confirmed |= counts["confirmed_keys"]
+            if "mismatch" in counts:
+                problems.append(counts["mismatch"])
     # The run's on-demand part (images too few for a job of their own): embedded here and loaded like a job.
     parts = [job for job in info["jobs"] if ondemand.is_part(job) and (args.reload or not common.job_loaded(job))]
     if parts:

@@ -480,17 +480,18 @@ def vector_key(source_uri: str) -> str:
 RECORD_ID_LENGTH = 12
 RECORD_ID_ATTEMPTS = 16  # ids tried for one URI before a job's manifest gives up (62**12 ids: never reached)
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_BASE62_PAIRS = [low + high for high in _BASE62 for low in _BASE62]  # [n] = digits n % 62, n // 62
 
 
 def record_id(source_uri: str, attempt: int = 0) -> str:
     """The recordId of an image in a batch manifest; `attempt` > 0 derives another one after a collision."""
     data = source_uri.encode("utf-8") if attempt == 0 else f"{attempt}\n{source_uri}".encode("utf-8")
     number = int.from_bytes(hashlib.sha256(data).digest()[:9], "big")  # 72 bits, 62**12 is about 2**71.4
-    chars = []
-    for _ in range(RECORD_ID_LENGTH):
-        number, digit = divmod(number, 62)
-        chars.append(_BASE62[digit])
-    return "".join(chars)
+    pairs = []
+    for _ in range(RECORD_ID_LENGTH // 2):  # base 62, least significant digit first, two digits at a time
+        number, two = divmod(number, 62 * 62)
+        pairs.append(_BASE62_PAIRS[two])
+    return "".join(pairs)
 
 
 def record_id_matches(rid, source_uri: str) -> bool:

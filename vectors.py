@@ -11,6 +11,7 @@ endpoint resolution, credentials, SigV4 signing and retries — by swapping the 
 from __future__ import annotations
 
 import math
+import mmap
 import queue
 import random
 import struct
@@ -176,12 +177,13 @@ def envelope(bucket: str, index: str) -> tuple[bytes, bytes]:
 class Batch:
     """A PutVectors request ready to send, and what it stands for in the input (for the checkpoint)."""
 
-    body: bytes | bytearray
+    body: bytes | bytearray | memoryview
     count: int
     seq: int
     mark: dict = field(default_factory=dict)  # the loader's position after this batch
     keys: list[str] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)  # where each vector's JSON starts in the body
+    buffer: mmap.mmap | None = field(default=None, repr=False)  # what body is a view of, until Batcher.recycle
 
     def halves(self, head: bytes, tail: bytes) -> tuple["Batch", "Batch"]:
         """Two requests of half the vectors each (for an index short of capacity); the same seq and mark."""
@@ -206,7 +208,9 @@ class Batch:
 class Batcher:
     """Packs encoded vectors into PutVectors bodies of at most `max_vectors` and `max_bytes`.
 
-    Each body is written once, into the buffer that is then sent: a ~20 MB request is never copied.
+    Each body is written once, into the buffer that is then sent: a ~20 MB request is never copied. A buffer given
+    back with `recycle` once its request is sent is written again: its pages stay mapped, where a new buffer pays a
+    page fault for every 4 KiB written (measured: 45 µs a 40 KB vector on a new buffer, 10 µs on a used one).
     """
 
     def __init__(self, bucket: str, index: str, *, max_vectors: int = MAX_VECTORS_PER_PUT,
@@ -215,15 +219,28 @@ class Batcher:
         self.max_vectors = max_vectors
         self.max_bytes = max_bytes
         self.seq = 0
+        self.spare: list[mmap.mmap] = []
+        self.spare_lock = threading.Lock()
         self._start()
 
     def _start(self) -> None:
-        self.buffer = bytearray(self.head)
+        with self.spare_lock:
+            spare = self.spare.pop() if self.spare else None
+        if spare is None:  # an anonymous mapping: only the pages written take memory
+            spare = mmap.mmap(-1, max(self.max_bytes, len(self.head) + len(self.tail)))
+        self.buffer = spare
+        self.pos = 0
+        self._write(self.head)
         self.keys: list[str] = []
         self.starts: list[int] = []
 
+    def _write(self, data) -> None:
+        end = self.pos + len(data)
+        self.buffer[self.pos:end] = data
+        self.pos = end
+
     def fits(self, part: bytes) -> bool:
-        return len(self.keys) < self.max_vectors and len(self.buffer) + len(part) + 1 + len(self.tail) <= self.max_bytes
+        return len(self.keys) < self.max_vectors and self.pos + len(part) + 1 + len(self.tail) <= self.max_bytes
 
     def add(self, part: bytes, mark_before: Callable[[], dict], key: str = "") -> Batch | None:
         """Add a vector; when it does not fit, first close the current batch, marked with `mark_before()` (the
@@ -234,9 +251,9 @@ class Batcher:
         if len(self.head) + len(self.tail) + len(part) > self.max_bytes:
             raise VectorError(f"one vector takes {len(part)} bytes, more than a request may hold")
         if self.keys:
-            self.buffer += b","
-        self.starts.append(len(self.buffer))
-        self.buffer += part
+            self._write(b",")
+        self.starts.append(self.pos)
+        self._write(part)
         self.keys.append(key)
         return closed
 
@@ -245,14 +262,21 @@ class Batcher:
         if not self.keys and not allow_empty:
             return None
         if self.keys:
-            self.buffer += self.tail
-            batch = Batch(body=self.buffer, count=len(self.keys), seq=self.seq, mark=mark, keys=self.keys,
-                          starts=self.starts)
+            self._write(self.tail)
+            batch = Batch(body=memoryview(self.buffer)[:self.pos], count=len(self.keys), seq=self.seq, mark=mark,
+                          keys=self.keys, starts=self.starts, buffer=self.buffer)
+            self._start()
         else:
             batch = Batch(body=b"", count=0, seq=self.seq, mark=mark)
         self.seq += 1
-        self._start()
         return batch
+
+    def recycle(self, batch: Batch) -> None:
+        """Take back the buffer of a batch that is sent (its body must not be read after this)."""
+        if batch.buffer is not None:
+            batch.body, buffer, batch.buffer = b"", batch.buffer, None
+            with self.spare_lock:
+                self.spare.append(buffer)
 
 
 class RateLimiter:
@@ -460,11 +484,52 @@ def keep_memory_flat() -> None:
         pass  # not glibc: nothing to tune
 
 
-def read_lines(body, start: int = 0, chunk_size: int = 4 << 20) -> Iterator[tuple[bytes, int, int]]:
+class Prefetch:
+    """A streaming body read `depth` blocks ahead by a thread of its own: a socket read releases the GIL, so the
+    network's share of the work (most of it on a slow system call path) overlaps the caller's. `read` gives the
+    blocks in order, b"" at the end, and raises what the reading raised. Close it to stop the thread early."""
+
+    def __init__(self, body, block: int = 1000 << 10, depth: int = 2):  # below glibc's mmap threshold: reused
+        self.blocks: queue.Queue = queue.Queue(depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(body, block), daemon=True, name="prefetch")
+        self.thread.start()
+
+    def _run(self, body, block: int) -> None:
+        try:
+            while not self.stop.is_set():
+                data = body.read(block)
+                self._put(data)
+                if not data:
+                    return
+        except BaseException as exc:  # handed to the reader, raised there
+            self._put(exc)
+
+    def _put(self, item) -> None:
+        while not self.stop.is_set():
+            try:
+                self.blocks.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def read(self, _n: int = -1) -> bytes:
+        item = self.blocks.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)  # a read in progress ends with its timeout; nobody waits for it
+
+
+def read_lines(body, start: int = 0, chunk_size: int = 4 << 20,
+               views: bool = False) -> Iterator[tuple[bytes | memoryview, int, int]]:
     """Lines of a streaming body as (line without newline, its start offset, the offset just after it), in flat
     memory. The body is read in large blocks and each line is sliced out once (a line split across two blocks is
-    joined alone, the blocks are never concatenated). A last line without a newline is yielded too; the caller
-    decides whether it is whole."""
+    joined alone, the blocks are never concatenated); with `views`, a line within a block is a memoryview of it,
+    not a copy. A last line without a newline is yielded too; the caller decides whether it is whole."""
     pending = b""  # the start of a line that continues in the next block
     offset = start
     read = body.read
@@ -473,6 +538,7 @@ def read_lines(body, start: int = 0, chunk_size: int = 4 << 20) -> Iterator[tupl
         if not block:
             break
         find = block.find
+        lines = memoryview(block) if views else block
         pos = 0
         if pending:
             newline = find(b"\n")
@@ -490,7 +556,7 @@ def read_lines(body, start: int = 0, chunk_size: int = 4 << 20) -> Iterator[tupl
             if newline < 0:
                 break
             end = offset + newline - pos + 1
-            yield block[pos:newline], offset, end
+            yield lines[pos:newline], offset, end
             offset = end
             pos = newline + 1
         pending = block[pos:]

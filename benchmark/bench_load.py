@@ -616,12 +616,13 @@ def verify_index(servers: Servers, data: Dataset, job: Job, sample_data: bool) -
         with open(data.files[0]["path"], "rb") as fh:
             lines = [fh.readline() for _ in range(min(50, data.files[0]["records"]))]
         records = [json.loads(line) for line in lines]
+        keys = [common.vector_key(common.image_uri(r)) for r in records]  # the vector key is the URI's, not the recordId
         got = s3v.get_vectors(vectorBucketName=VECTOR_BUCKET, indexName=VECTOR_INDEX, returnData=True,
-                              keys=[r["recordId"] for r in records[:100]])["vectors"]
+                              keys=keys[:100])["vectors"]
         by_key = {v["key"]: v["data"]["float32"] for v in got}
-        for r in records:
+        for key, r in zip(keys, records):
             want_vec = np.asarray(r["modelOutput"]["embeddings"][0]["embedding"], dtype=np.float32)
-            have = by_key.get(r["recordId"])
+            have = by_key.get(key)
             if have is None or not np.array_equal(np.asarray(have, dtype=np.float32), want_vec):
                 bad_data += 1
         detail += f", {len(records) - bad_data}/{len(records)} sampled vectors equal to the output bit for bit"

@@ -37,6 +37,7 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,6 +86,11 @@ class SyntheticAws:
     def __init__(self, layout: Layout, indexed: int, latency: float, files: Path | None):
         self.layout, self.indexed, self.latency, self.files = layout, indexed, latency, files
         self.counts: Counter = Counter()
+        # The index's keys, computed once before the server answers: S3 Vectors serves ListVectors from its own
+        # fleet, so what the server spends a page should not compete with 01 for this machine's two cores.
+        prefix = f"s3://{SOURCE_BUCKET}/"
+        self.keys = np.array([hashlib.sha256((prefix + layout.key(i)).encode()).hexdigest()[:32].encode()
+                              for i in range(indexed)], dtype="S32")
         self.lock = threading.Lock()
 
     def answer(self, method: str, path: str, args: dict, body: bytes):
@@ -171,13 +177,12 @@ class SyntheticAws:
         size = min(body.get("maxResults", 500), PAGE)
         start = int(body.get("nextToken") or index)  # images index, index + count, index + 2 count, ...
         picks = range(start, self.indexed, count)[:size]
-        prefix = f"s3://{SOURCE_BUCKET}/"
-        answer: dict = {"vectors": [{"key": hashlib.sha256((prefix + self.layout.key(i)).encode()).hexdigest()[:32]}
-                                    for i in picks]}
+        keys = self.keys[picks.start:picks.stop:picks.step].tolist() if picks else []
+        page = b'{"vectors":[' + b",".join(b'{"key":"%s"}' % key for key in keys) + b"]"
         following = start + size * count
         if following < self.indexed:
-            answer["nextToken"] = str(following)
-        return 200, "application/json", orjson.dumps(answer)
+            page += b',"nextToken":"%d"' % following
+        return 200, "application/json", page + b"}"
 
 
 def serve_main(args) -> int:
@@ -299,7 +304,10 @@ def run_once(args, url: str, n: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-plan-") as work:
         workdir = Path(work)
         report = workdir / "launch.json"
-        cmd = [sys.executable, "-I", "-S", str(LAUNCHER), str(report), sys.executable, str(STEP1), "--dry-run"]
+        step = [str(STEP1)]
+        if args.profile:  # cProfile of every thread of 01, written next to --profile's prefix
+            step = [str(ROOT / "benchmark" / "profile_step.py"), f"{args.profile}-{n}", str(STEP1)]
+        cmd = [sys.executable, "-I", "-S", str(LAUNCHER), str(report), sys.executable, *step, "--dry-run"]
         if args.inventory:
             cmd += ["--inventory", f"s3://{INVENTORY_BUCKET}/inv/manifest.json"]
         urllib.request.urlopen(url + "/_stats").read()
@@ -362,6 +370,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--ulimit", type=int, default=256, help="open-file limit of 01 (0: leave as it is)")
     parser.add_argument("--parse-cost", action="store_true", help="measure CPU per 1,000 objects listed")
+    parser.add_argument("--profile", metavar="PREFIX",
+                        help="run 01 under cProfile, every thread: PREFIX-N.main.prof and PREFIX-N.threads.prof")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--files", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

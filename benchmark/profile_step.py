@@ -1,5 +1,6 @@
 """Run a script under cProfile in *every* thread: `python -m cProfile` sees only the main thread, and step 03
-sends its requests from worker threads.
+sends its requests from worker threads. The clock is each thread's CPU time (`time.thread_time`), so waiting on
+the network or on a lock costs nothing and other processes on a busy machine do not inflate the figures.
 
     python benchmark/profile_step.py OUT_PREFIX SCRIPT [ARGS...]
 
@@ -14,6 +15,7 @@ import pstats
 import runpy
 import sys
 import threading
+import time
 from pathlib import Path
 
 
@@ -25,7 +27,7 @@ def main() -> int:
     original_run = threading.Thread.run
 
     def profiled_run(self):
-        profile = cProfile.Profile()
+        profile = cProfile.Profile(time.thread_time)
         thread_profiles.append(profile)
         profile.enable()
         try:
@@ -34,7 +36,7 @@ def main() -> int:
             profile.disable()
 
     threading.Thread.run = profiled_run
-    main_profile = cProfile.Profile()
+    main_profile = cProfile.Profile(time.thread_time)
     code: object = 0
     main_profile.enable()
     try:

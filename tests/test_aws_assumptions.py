@@ -105,6 +105,9 @@ def test_record_ids_are_twelve_alphanumerics_of_the_uri_and_unique():
     others = {common.record_id(uri, attempt) for attempt in range(1, common.RECORD_ID_ATTEMPTS)}
     assert rid not in others and len(others) == common.RECORD_ID_ATTEMPTS - 1
     assert all(re.fullmatch(r"[A-Za-z0-9]{12}", other) for other in others)
+    # Pinned: manifests written by an earlier version keep their ids (a resubmit finds its job by them).
+    assert [common.record_id("s3://b/k0"), common.record_id("s3://b/k0", 1), common.record_id("s3://b/k2", 1)] == \
+        ["TxqJcwUV8Hoh", "e0eGbs3Rc5c2", "bNrmQaEBGLOJ"]
     assert common.vector_key(uri) == __import__("hashlib").sha256(uri.encode()).hexdigest()[:32]  # unchanged
 
     ids = common.RecordIds()

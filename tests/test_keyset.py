@@ -8,6 +8,7 @@ import os
 import random
 import urllib.request
 
+import orjson
 import pytest
 
 import common
@@ -91,3 +92,37 @@ def test_a_list_vectors_error_still_raises_with_the_lean_client(world):
     s3v = keyset.lean(world.client("s3vectors"))
     with pytest.raises(s3v.exceptions.NotFoundException):
         keyset.index_keys(s3v, "no-such-bucket", "no-such-index", segments=2)
+
+
+def test_a_list_vectors_page_is_read_the_same_on_either_path():
+    """A compact page of 32-hex-digit keys is cut out with regular expressions; any other page goes through orjson,
+    and both give the same keys and token."""
+    keys = [common.vector_key(f"s3://bucket/img-{i}.jpg") for i in range(5)]
+
+    def parse(body: bytes) -> dict:
+        response, parsed = {"status_code": 200, "body": body}, {}
+        keyset._parse_keys(response, parsed)
+        assert response["body"] == b"{}"
+        return parsed
+
+    def keys_of(parsed: dict) -> list[str]:
+        packed = parsed.get("packedKeys", b"")
+        return [packed[i:i + 16].hex() for i in range(0, len(packed), 16)] + [v["key"] for v in
+                                                                              parsed.get("vectors", [])]
+
+    compact = orjson.dumps({"vectors": [{"key": k} for k in keys], "nextToken": "abc_-="})
+    fast = parse(compact)
+    assert "packedKeys" in fast and "vectors" not in fast
+    assert keys_of(fast) == keys and fast["nextToken"] == "abc_-="
+    assert "nextToken" not in parse(orjson.dumps({"vectors": [{"key": k} for k in keys]}))
+    others = [
+        json.dumps({"vectors": [{"key": k} for k in keys], "nextToken": "abc_-="}).encode(),  # spaced
+        orjson.dumps({"vectors": [{"key": k} for k in keys] + [{"key": "manual-1"}], "nextToken": "abc_-="}),
+        orjson.dumps({"vectors": [{"key": k.upper()} for k in keys], "nextToken": "abc_-="}),
+        orjson.dumps({"vectors": [{"key": k} for k in keys], "nextToken": 'a"b\\c'}),  # escapes in the token
+    ]
+    for body in others:
+        slow = parse(body)
+        assert "packedKeys" not in slow and len(slow["vectors"]) in (5, 6)
+    assert keys_of(parse(others[0])) == keys and parse(others[0])["nextToken"] == "abc_-="
+    assert parse(others[3])["nextToken"] == 'a"b\\c'

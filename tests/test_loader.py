@@ -102,6 +102,11 @@ def test_read_lines_gives_offsets_across_chunks_and_a_last_line_without_newline(
     assert all(data[start:end].rstrip(b"\n") == line for line, start, end in lines)
     resumed = list(vectors.read_lines(io.BytesIO(data[17:]), start=17, chunk_size=4))
     assert resumed == lines[2:]
+    for size in (3, 4, 100):  # views of the block where a line lies within one, copies where it spans two
+        viewed = list(vectors.read_lines(io.BytesIO(data), chunk_size=size, views=True))
+        assert [(bytes(line), start, end) for line, start, end in viewed] == lines
+    assert all(isinstance(line, memoryview) for line, _, _ in
+               list(vectors.read_lines(io.BytesIO(data), chunk_size=100, views=True))[:3])
 
 
 # ---------------------------------------------------------------------------------------------------- pacing
@@ -245,3 +250,29 @@ def test_killed_mid_load_it_resumes_after_the_last_confirmed_batch(world):
         f"{world.vector_bucket}/{world.vector_index}"]
     assert stats["vectors"] == 1500
     assert stats["put_vectors_accepted"] - 1500 < 1500 - confirmed + 500  # only the unconfirmed tail is re-sent
+
+
+def test_lines_read_in_worker_processes_load_the_same_vectors(world):
+    uris = world.put_images([f"p/img-{i:04d}.png" for i in range(300)], prefix="2024/")
+    assert world.step(1).returncode == 0
+    assert world.step(2, "--wait", "--interval", "0.1", "--timeout", "120").returncode == 0
+    s3v = world.client("s3vectors")
+
+    def stored() -> dict[str, list[float]]:
+        keys = sorted(world.index_keys())
+        found = {}
+        for n in range(0, len(keys), 100):
+            for v in s3v.get_vectors(vectorBucketName=world.vector_bucket, indexName=world.vector_index,
+                                     keys=keys[n:n + 100], returnData=True, returnMetadata=True)["vectors"]:
+                found[v["key"]] = (v["data"]["float32"], v["metadata"]["source_uri"])
+        return found
+
+    pooled = world.step(3, "--workers", "2")
+    assert pooled.returncode == 0, pooled.stdout + pooled.stderr
+    assert "Output lines are read in 2 worker processes" in pooled.stdout
+    first = stored()
+    assert len(first) == 300 and {uri for _, uri in first.values()} == set(uris)
+
+    again = world.step(3, "--reload", "--workers", "0")
+    assert again.returncode == 0 and "worker processes" not in again.stdout
+    assert stored() == first

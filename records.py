@@ -1,0 +1,214 @@
+"""What step 3 makes of each line of a job's output: a PutVectors part for the index, or a failure and its reason.
+
+`examine` is pure, so lines can be examined in other processes. Turning an embedding's 3,072 numbers of text into
+float32 JSON costs about as much CPU as everything else step 3 does together: at the index's write quota (2,500
+vectors/s) it takes most of a core. `examined` hands chunks of lines to a pool of worker processes (`pool`) and
+gives the results back in order; without a pool it examines them in this process.
+"""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing
+import os
+import signal
+import threading
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import orjson
+
+import common
+import vectors
+from common import StepError
+
+OK, FAIL = "ok", "fail"
+SLOT_BYTES = 1 << 20  # lines handed to a worker at once (about 15 output lines at 3,072 dimensions)
+MIN_RECORDS = 2000  # below this a pool costs more to start (forking, importing) than it saves
+
+
+def examine(raw: bytes, job_id: str, dimension: int) -> tuple | None:
+    """One output line: None when blank; (OK, vector key, PutVectors part, recordId mismatched) for a vector the
+    index takes; (FAIL, recordId, image URI, error code, message, recordId mismatched) for anything else.
+
+    The embedding's array (nearly all of the line) is cut out and encoded from its text; only the rest of the line
+    is parsed as JSON. A line that does not look as expected is parsed whole."""
+    if not raw.strip():
+        return None
+    record = text = None
+    cut = vectors.cut_embedding(raw)
+    if cut is not None:
+        try:
+            record = orjson.loads(cut[0])
+            if record["modelOutput"]["embeddings"][0]["embedding"] == vectors.CUT_VALUE:
+                text = cut[1]
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+            record = None
+    if text is None:
+        try:
+            record = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            return FAIL, None, None, "MalformedLine", f"not JSON: {exc}", False
+        if not isinstance(record, dict):
+            return FAIL, None, None, "MalformedLine", "not a JSON object", False
+    record_id, uri = record.get("recordId"), common.image_uri(record)
+    mismatched = uri is not None and not common.record_id_matches(record_id, uri)  # joined by the URI: reported
+    if "error" in record:
+        err = record["error"] if isinstance(record["error"], dict) else {"errorMessage": str(record["error"])}
+        return FAIL, record_id, uri, err.get("errorCode", "Error"), err.get("errorMessage", ""), mismatched
+    metadata = {"source_uri": uri, "job_id": job_id}
+    try:
+        if uri is None:
+            raise KeyError("modelInput image s3Location uri")
+        key = common.vector_key(uri)
+        if text is not None:
+            try:
+                part = vectors.encode_text(key, text, dimension, metadata)
+            except orjson.JSONDecodeError as exc:
+                return FAIL, record_id, uri, "MalformedLine", f"not JSON: {exc}", mismatched
+        else:
+            embedding = record["modelOutput"]["embeddings"][0]["embedding"]
+            part = vectors.encode_vector(key, embedding, dimension, metadata)
+    except (KeyError, IndexError, TypeError) as exc:
+        return FAIL, record_id, uri, "MalformedLine", f"no {exc} in the record", mismatched
+    except vectors.VectorError as exc:
+        return FAIL, record_id, uri, "InvalidEmbedding", str(exc), mismatched
+    return OK, key, part, mismatched
+
+
+class Pool(NamedTuple):
+    executor: ProcessPoolExecutor
+    workers: int
+    shared: mmap.mmap  # 2 * workers slots, each SLOT_BYTES of lines in and SLOT_BYTES of requests out
+
+
+_shared: mmap.mmap | None = None  # the pool's shared memory, as a forked worker inherits it
+
+
+def _worker_start() -> None:
+    # Ctrl-C reaches the whole process group: the main process decides what happens, workers do not print.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _examine_slot(slot: int, lengths: list[int], job_id: str, dimension: int) -> list[tuple | None]:
+    """In a worker: examine the lines the main process put in `slot` and write each part into the slot's second
+    half, returning its (offset, length) in place of the part (a part that does not fit is returned as it is)."""
+    shared = _shared
+    pos = slot * 2 * SLOT_BYTES
+    out = end = pos + SLOT_BYTES
+    end += SLOT_BYTES
+    results: list[tuple | None] = []
+    for length in lengths:
+        result = examine(shared[pos:pos + length], job_id, dimension)
+        pos += length
+        if result is not None and result[0] == OK and out + len(result[2]) <= end:
+            part = result[2]
+            shared[out:out + len(part)] = part
+            result = (OK, result[1], (out, len(part)), result[3])
+            out += len(part)
+        results.append(result)
+    return results
+
+
+@contextmanager
+def pool(workers: int):
+    """A Pool of `workers` processes to examine lines in, shut down on the way out; None when workers is 0 or
+    when this process cannot fork safely (it runs other threads, or the system has no fork): lines are then examined
+    in this process.
+
+    Lines and requests go through shared memory: a pipe costs more CPU than the work it would carry (measured:
+    0.16 ms a line on the main side, 0.26 on the worker side). The workers are forked at once, before the caller
+    starts threads of its own."""
+    global _shared
+    if workers <= 0 or threading.active_count() != 1 or "fork" not in multiprocessing.get_all_start_methods():
+        yield None
+        return
+    _shared = mmap.mmap(-1, 2 * workers * 2 * SLOT_BYTES)  # anonymous and shared: the forked workers see it
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_worker_start)
+    try:
+        for started in [executor.submit(os.getpid) for _ in range(workers)]:
+            started.result()
+        yield Pool(executor, workers, _shared)
+    except BrokenProcessPool:
+        raise StepError("a worker process examining output lines stopped (out of memory?) — run step 3 again; "
+                        "it resumes where the index last confirmed, or give --workers 0", common.EXIT_ERROR) from None
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+        try:
+            _shared.close()
+        except BufferError:
+            pass  # a view of a part is still referenced (an error on its way out): freed with the process
+        _shared = None
+
+
+class _Done:
+    """A result examined in this process, in the queue of those the workers have."""
+
+    def __init__(self, results: list):
+        self.results = results
+
+    def result(self) -> list:
+        return self.results
+
+
+def examined(lines: Iterator[tuple[bytes | memoryview, int, int]], job_id: str, dimension: int,
+             workers: Pool | None) -> Iterator[tuple[tuple | None, int, int]]:
+    """(examine's result, start, end) for each (line, start, end), in order. With a pool, the lines (bytes or,
+    copied once into shared memory, views) go to its workers in chunks of up to SLOT_BYTES, two chunks a worker in
+    flight (memory stays flat); a line longer than a slot is examined here, in its turn. Without one, lines must be
+    bytes."""
+    if workers is None:
+        for raw, start, end in lines:
+            yield examine(raw, job_id, dimension), start, end
+        return
+    shared, slots = memoryview(workers.shared), 2 * workers.workers
+    in_flight: deque[tuple[Future | _Done, list[tuple[int, int]], int | None]] = deque()  # oldest first
+    busy: set[int] = set()
+    slot = 0
+    spans: list[tuple[int, int]] = []
+    lengths: list[int] = []
+    pos = base = 0
+
+    def oldest() -> Iterator[tuple[tuple | None, int, int]]:
+        future, done_spans, done_slot = in_flight.popleft()
+        busy.discard(done_slot)
+        yield from _results(shared, future, done_spans)
+
+    def send() -> Iterator[tuple[tuple | None, int, int]]:
+        nonlocal slot, spans, lengths, pos, base
+        in_flight.append((workers.executor.submit(_examine_slot, slot, lengths, job_id, dimension), spans, slot))
+        busy.add(slot)
+        slot = (slot + 1) % slots
+        spans, lengths = [], []
+        pos = base = slot * 2 * SLOT_BYTES
+        while slot in busy:  # the next slot still holds a chunk in flight: take its results first
+            yield from oldest()
+
+    for raw, start, end in lines:
+        if len(raw) > SLOT_BYTES:
+            if lengths:
+                yield from send()
+            in_flight.append((_Done([examine(bytes(raw), job_id, dimension)]), [(start, end)], None))
+            continue
+        if pos + len(raw) > base + SLOT_BYTES:
+            yield from send()
+        shared[pos:pos + len(raw)] = raw
+        pos += len(raw)
+        lengths.append(len(raw))
+        spans.append((start, end))
+    if lengths:
+        yield from send()
+    while in_flight:
+        yield from oldest()
+
+
+def _results(shared: memoryview, future, spans: list[tuple[int, int]]) -> Iterator[tuple[tuple | None, int, int]]:
+    for result, (start, end) in zip(future.result(), spans):
+        if result is not None and result[0] == OK and type(result[2]) is tuple:
+            offset, length = result[2]
+            result = (OK, result[1], shared[offset:offset + length], result[3])  # a view: copied once, into the batch
+        yield result, start, end

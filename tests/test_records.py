@@ -1,0 +1,152 @@
+"""Step 3's output lines examined in worker processes: the same results in the same order as in this process, the
+shared-memory slots reused, a line longer than a slot, a worker that dies; and the recycled request buffers."""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import signal
+import threading
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import orjson
+import pytest
+
+import common
+import records
+import vectors
+
+DIMENSION = 256
+
+
+def line(i: int, rng, *, text: str = "double", **changes) -> bytes:
+    uri = f"s3://images/2024/img-{i:05d}.jpg"
+    values = rng.standard_normal(DIMENSION).astype(np.float32)
+    embedding = [float(v) for v in values]  # Python's float text; "float32": the shortest float32 text
+    if text != "double":
+        embedding = orjson.loads(orjson.dumps(values, option=orjson.OPT_SERIALIZE_NUMPY))
+    record = {"recordId": common.record_id(uri),
+              "modelInput": {"taskType": "SINGLE_EMBEDDING",
+                             "singleEmbeddingParams": {"image": {"source": {"s3Location": {"uri": uri}}}}},
+              "modelOutput": {"embeddings": [{"embeddingType": "IMAGE", "embedding": embedding}]}}
+    record.update(changes)
+    return json.dumps(record).encode() if text == "double" else orjson.dumps(record)
+
+
+def sample_lines() -> list[bytes]:
+    rng = np.random.default_rng(7)
+    lines = [line(i, rng, text="double" if i % 3 else "float32") for i in range(400)]
+    lines[3] = b""  # blank
+    lines[10] = b"not json"
+    lines[11] = line(11, rng, error={"errorCode": 400, "errorMessage": "bad image"})
+    lines[12] = line(12, rng, recordId="someone-else")  # joined by the URI, reported
+    lines[13] = lines[13].replace(b"]}]}", b",1.0]}]}")  # one value too many
+    lines[50] = line(50, rng) + b" " * (70 << 10)  # longer than a slot: examined in the main process, in its turn
+    return lines
+
+
+def spans(lines: list[bytes]):
+    offset = 0
+    for raw in lines:
+        yield raw, offset, offset + len(raw) + 1
+        offset += len(raw) + 1
+
+
+def plain(results):
+    return [(tuple(bytes(x) if isinstance(x, memoryview) else x for x in r) if r else r, start, end)
+            for r, start, end in results]
+
+
+def in_a_fresh_process(check):
+    """Run `check` in a new interpreter: a pool forks only a process that runs one thread, and the test process
+    runs the stand-ins' threads."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
+        return fresh.submit(check).result()
+
+
+def workers_match_this_process():
+    records.SLOT_BYTES = 64 << 10  # a few lines a slot: the slots go round many times
+    lines = sample_lines()
+    expected = list(records.examined(spans(lines), "job-1", DIMENSION, None))
+    assert threading.active_count() == 1  # so the pool forks
+    with records.pool(2) as workers:
+        assert workers is not None
+        got = plain(records.examined(spans(lines), "job-1", DIMENSION, workers))
+    assert got == expected
+    return got
+
+
+def test_workers_give_the_results_of_this_process_in_order():
+    got = in_a_fresh_process(workers_match_this_process)
+    kinds = [r[0] if r else None for r, _, _ in got]
+    assert kinds.count(records.OK) == 396 and kinds.count(records.FAIL) == 3 and kinds[3] is None
+    assert got[12][0][-1] is True and got[13][0][3] == "InvalidEmbedding" and got[50][0][0] == records.OK
+
+
+def test_no_pool_for_no_workers_or_when_threads_run():
+    with records.pool(0) as workers:
+        assert workers is None
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        with records.pool(2) as workers:  # forking a process that runs threads is not safe
+            assert workers is None
+    finally:
+        stop.set()
+        thread.join()
+
+
+def a_worker_dies():
+    lines = sample_lines() * 3
+    try:
+        with records.pool(1) as workers:
+            os.kill(workers.executor.submit(os.getpid).result(), signal.SIGKILL)
+            list(records.examined(spans(lines), "job-1", DIMENSION, workers))
+    except common.StepError as exc:
+        return str(exc), exc.exit_code
+    return None
+
+
+def test_a_worker_that_dies_stops_with_one_line():
+    message, code = in_a_fresh_process(a_worker_dies)
+    assert "worker process" in message and "--workers 0" in message and code == common.EXIT_ERROR
+
+
+def test_a_recycled_buffer_is_written_again_and_others_stay_intact():
+    batcher = vectors.Batcher("bucket", "index", max_vectors=2)
+    parts = [orjson.dumps({"key": f"k{i}", "data": {"float32": [i + 0.5]}}) for i in range(6)]
+
+    def keys(batch) -> list[str]:
+        return [v["key"] for v in orjson.loads(batch.body)["vectors"]]
+
+    closed = [b for p in parts if (b := batcher.add(p, dict)) is not None] + [batcher.flush({})]
+    assert [keys(b) for b in closed] == [["k0", "k1"], ["k2", "k3"], ["k4", "k5"]]
+    first, second, third = closed
+    buffer = first.buffer
+    batcher.recycle(first)
+    assert first.body == b"" and first.buffer is None
+    again = [b for p in parts[:3] if (b := batcher.add(p, dict)) is not None] + [batcher.flush({})]
+    assert [keys(b) for b in again] == [["k0", "k1"], ["k2"]]
+    assert again[1].buffer is buffer  # the recycled one, written from its start
+    assert keys(second) == ["k2", "k3"] and keys(third) == ["k4", "k5"]  # not recycled: left as they were
+
+
+def test_prefetch_reads_ahead_in_order_and_hands_on_errors():
+    data = b"".join(b"line %d\n" % i for i in range(1000))
+    prefetch = vectors.Prefetch(io.BytesIO(data), block=100, depth=2)
+    assert b"".join(iter(lambda: prefetch.read(), b"")) == data
+    prefetch.close()
+
+    class Broken:
+        def read(self, _n):
+            raise ConnectionResetError("the connection dropped")
+
+    prefetch = vectors.Prefetch(Broken())
+    with pytest.raises(ConnectionResetError):
+        prefetch.read()
+    prefetch.close()
+    assert not prefetch.thread.is_alive()
