@@ -177,3 +177,25 @@ def world(stack, tmp_path) -> World:
     )
     w.emulator("/_emulator/reset", {})  # no jobs, no options left over from another test
     return w
+
+
+@pytest.fixture
+def index_endpoint(monkeypatch):
+    """The S3 Vectors stand-in in a thread with one 8-dimension index, and a client without botocore's retries
+    (the sender's own backoff is what the loader's tests look at)."""
+    from botocore.config import Config
+
+    from tests.sending import IndexEndpoint
+    from tests.standins import s3vectors, serve
+
+    app = s3vectors.make_app()
+    served = serve(app)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    client = boto3.client("s3vectors", region_name="us-east-1", endpoint_url=served.url,
+                          config=Config(retries={"total_max_attempts": 1}))
+    client.create_vector_bucket(vectorBucketName="bucket")
+    client.create_index(vectorBucketName="bucket", indexName="index", dataType="float32", dimension=8,
+                        distanceMetric="cosine")
+    yield IndexEndpoint(app, served.url, client)
+    served.stop()

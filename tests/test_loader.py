@@ -12,14 +12,12 @@ import sys
 import time
 import urllib.request
 
-import boto3
-from botocore.config import Config
 import orjson
 import pytest
 
 import vectors
 from tests.conftest import ROOT, STEPS
-from tests.standins import s3vectors, serve
+from tests.sending import FakeClock, send_parts
 
 
 def unit_vector(rng: random.Random, dimension: int) -> list[float]:
@@ -112,17 +110,6 @@ def test_read_lines_gives_offsets_across_chunks_and_a_last_line_without_newline(
 # ---------------------------------------------------------------------------------------------------- pacing
 
 
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-    def sleep(self, seconds):
-        self.now += seconds
-
-
 def test_rate_limiter_paces_vectors_and_backs_off_after_throttling():
     clock = FakeClock()
     limiter = vectors.RateLimiter(2500, 1000, clock=clock, sleep=clock.sleep)
@@ -154,21 +141,6 @@ def test_rate_limiter_respects_requests_per_second():
 # ---------------------------------------------------------------------------------------------------- sending
 
 
-@pytest.fixture
-def index_endpoint(monkeypatch):
-    served = serve(s3vectors.make_app())
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    # botocore's own retries off: the sender's backoff is what is tested.
-    client = boto3.client("s3vectors", region_name="us-east-1", endpoint_url=served.url,
-                          config=Config(retries={"total_max_attempts": 1}))
-    client.create_vector_bucket(vectorBucketName="bucket")
-    client.create_index(vectorBucketName="bucket", indexName="index", dataType="float32", dimension=8,
-                        distanceMetric="cosine")
-    yield served.url, client
-    served.stop()
-
-
 def control(url, path, payload=None):
     data = None if payload is None else json.dumps(payload).encode()
     request = urllib.request.Request(url + path, data=data, method="POST" if data else "GET")
@@ -176,25 +148,12 @@ def control(url, path, payload=None):
         return json.loads(response.read())
 
 
-def send_all(client, parts, limiter, threads=3):
-    done = []
-    sender = vectors.PutVectorsSender(client, "bucket", "index", limiter, threads=threads, on_done=done.append,
-                                      sleep=lambda s: time.sleep(min(s, 0.01)))
-    batcher = vectors.Batcher("bucket", "index", max_vectors=25)
-    for i, part in enumerate(parts):
-        if (batch := batcher.add(part, lambda i=i: {"i": i})) is not None:
-            sender.submit(batch)
-    sender.submit(batcher.flush({"i": len(parts)}))
-    sender.close()
-    return sender, done
-
-
 def test_every_vector_lands_once_when_a_third_of_the_requests_fail(index_endpoint):
-    url, client = index_endpoint
+    url, client = index_endpoint.url, index_endpoint.client
     control(url, "/_standin/config", {"fault_rate": 0.3, "seed": 3})
     rng = random.Random(1)
     parts = [vectors.encode_vector(f"k{i:04d}", unit_vector(rng, 8), 8, {"n": i}) for i in range(1000)]
-    sender, done = send_all(client, parts, vectors.RateLimiter(1e6, 1e4))
+    sender, done = send_parts(client, parts, vectors.RateLimiter(1e6, 1e4), threads=3)
     stats = control(url, "/_standin/stats")["indexes"]["bucket/index"]
     assert stats["rejected_fault_429"] > 0 and stats["rejected_fault_503"] > 0
     assert stats["vectors"] == 1000 and stats["put_vectors_accepted"] == 1000  # each once, none dropped
@@ -203,21 +162,21 @@ def test_every_vector_lands_once_when_a_third_of_the_requests_fail(index_endpoin
 
 
 def test_throttling_by_the_index_is_absorbed(index_endpoint):
-    url, client = index_endpoint
+    url, client = index_endpoint.url, index_endpoint.client
     control(url, "/_standin/config", {"vectors_per_second": 400, "requests_per_second": 1000})
     rng = random.Random(2)
     parts = [vectors.encode_vector(f"k{i:04d}", unit_vector(rng, 8), 8, {}) for i in range(600)]
-    sender, _ = send_all(client, parts, vectors.RateLimiter(4000, 1000))  # told a quota 10x the real one
+    sender, _ = send_parts(client, parts, vectors.RateLimiter(4000, 1000), threads=3)  # told a quota 10x the real one
     stats = control(url, "/_standin/stats")["indexes"]["bucket/index"]
     assert stats["rejected_quota"] > 0 and sender.stats["throttled"] == stats["rejected_quota"]
     assert stats["vectors"] == 600 and stats["put_vectors_accepted"] == 600
 
 
 def test_a_request_the_index_refuses_stops_the_load_with_its_error(index_endpoint):
-    _, client = index_endpoint
+    client = index_endpoint.client
     parts = [vectors.encode_vector("k", [0.5] * 4, 4, {})]  # the index takes 8 dimensions
     with pytest.raises(Exception) as raised:
-        send_all(client, parts, vectors.RateLimiter(1e6, 1e4))
+        send_parts(client, parts, vectors.RateLimiter(1e6, 1e4), threads=3)
     assert raised.value.response["Error"]["Code"] == "ValidationException"
 
 

@@ -7,21 +7,19 @@ from __future__ import annotations
 import io
 import json
 import math
-import random
 import types
 import urllib.request
 
-import boto3
 import numpy as np
 import orjson
 import pytest
-from botocore.config import Config
 from werkzeug.test import Client
 
 import common
 import vectors
 from tests.conftest import import_step
-from tests.standins import s3vectors, serve
+from tests.sending import FakeClock, send_parts
+from tests.standins import s3vectors
 
 
 def stored(app, text_body: bytes, key: str) -> bytes:
@@ -187,34 +185,6 @@ def test_requests_close_at_20_mib_when_bytes_bind_before_500_vectors():
 # ---------------------------------------------------------------------------------------------------- sending
 
 
-class FakeClock:
-    """Time that moves only when someone sleeps: the sender, the pacer and the stand-in's quota share it."""
-
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-    def sleep(self, seconds):
-        self.now += max(seconds, 0)
-
-
-@pytest.fixture
-def index_endpoint(monkeypatch):
-    app = s3vectors.make_app()
-    served = serve(app)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    client = boto3.client("s3vectors", region_name="us-east-1", endpoint_url=served.url,
-                          config=Config(retries={"total_max_attempts": 1}))
-    client.create_vector_bucket(vectorBucketName="bucket")
-    client.create_index(vectorBucketName="bucket", indexName="index", dataType="float32", dimension=8,
-                        distanceMetric="cosine")
-    yield app, client
-    served.stop()
-
-
 def unit_parts(n, seed=1):
     generator = np.random.default_rng(seed)
     parts = []
@@ -224,34 +194,19 @@ def unit_parts(n, seed=1):
     return parts
 
 
-def send(client, parts, limiter, *, per_request=25, clock=None, max_backoff=20.0):
-    done = []
-    clock = clock or FakeClock()
-    sender = vectors.PutVectorsSender(client, "bucket", "index", limiter, threads=1, on_done=done.append,
-                                      sleep=clock.sleep, clock=clock, jitter=random.Random(0).random,
-                                      max_backoff=max_backoff)
-    batcher = vectors.Batcher("bucket", "index", max_vectors=per_request)
-    for i, part in enumerate(parts):
-        if (batch := batcher.add(part, lambda i=i: {"i": i})) is not None:
-            sender.submit(batch)
-    sender.submit(batcher.flush({"i": len(parts)}))
-    sender.close()
-    return sender, done
-
-
 def index_stats(app):
     return app.snapshot_stats()["indexes"]["bucket/index"]
 
 
 def test_a_throttled_load_causes_a_bounded_number_of_429s(index_endpoint, monkeypatch):
-    app, client = index_endpoint
-    clock = FakeClock()
+    app, client = index_endpoint.app, index_endpoint.client
+    clock = FakeClock(1000.0)
     monkeypatch.setattr(s3vectors, "time", types.SimpleNamespace(monotonic=clock, time=lambda: clock.now))
     app.configure(vectors_per_second=400, requests_per_second=1000)  # the quota's clock is now the fake one
     # the pacer is told a quota 10x the real one: it must find the real one from the 429s, not hammer it
     # short backoffs, so that only the pacer keeps the 429s few
-    sender, done = send(client, unit_parts(3000), vectors.RateLimiter(4000, 1000, clock=clock, sleep=clock.sleep),
-                        clock=clock, max_backoff=0.02)
+    limiter = vectors.RateLimiter(4000, 1000, clock=clock, sleep=clock.sleep)
+    sender, done = send_parts(client, unit_parts(3000), limiter, clock=clock, max_backoff=0.02)
     stats = index_stats(app)
     assert stats["vectors"] == 3000 and stats["put_vectors_accepted"] == 3000
     assert sender.stats["throttled"] == stats["rejected_quota"]
@@ -260,9 +215,10 @@ def test_a_throttled_load_causes_a_bounded_number_of_429s(index_endpoint, monkey
 
 
 def test_a_request_answered_503_again_and_again_is_split_in_halves(index_endpoint):
-    app, client = index_endpoint
+    app, client = index_endpoint.app, index_endpoint.client
     app.configure(put_capacity_vectors=100)
-    sender, done = send(client, unit_parts(1000), vectors.RateLimiter(1e6, 1e4), per_request=500)
+    sender, done = send_parts(client, unit_parts(1000), vectors.RateLimiter(1e6, 1e4), per_request=500,
+                              clock=FakeClock(1000.0))
     stats = index_stats(app)
     assert stats["vectors"] == 1000 and stats["put_vectors_accepted"] == 1000  # each vector once
     assert stats["largest_request_vectors"] <= 100
@@ -273,7 +229,7 @@ def test_a_request_answered_503_again_and_again_is_split_in_halves(index_endpoin
 
 
 def test_a_single_503_is_retried_as_it_is(index_endpoint):
-    app, client = index_endpoint
+    app, client = index_endpoint.app, index_endpoint.client
     app.configure(fault_rate=1.0, seed=2)
     calls = []
 
@@ -293,11 +249,11 @@ def test_a_single_503_is_retried_as_it_is(index_endpoint):
 
 
 def quiet_send(client, parts):
-    return send(client, parts, vectors.RateLimiter(1e6, 1e4))
+    return send_parts(client, parts, vectors.RateLimiter(1e6, 1e4), clock=FakeClock(1000.0))
 
 
 def test_402_stops_with_the_quota_named(index_endpoint):
-    app, client = index_endpoint
+    app, client = index_endpoint.app, index_endpoint.client
     app.configure(vector_quota=60)
     with pytest.raises(common.StepError) as raised:
         quiet_send(client, unit_parts(100))
@@ -308,7 +264,7 @@ def test_402_stops_with_the_quota_named(index_endpoint):
 
 
 def test_403_names_the_missing_action(index_endpoint):
-    app, client = index_endpoint
+    app, client = index_endpoint.app, index_endpoint.client
     app.configure(deny_put_vectors=True)
     with pytest.raises(common.StepError) as raised:
         quiet_send(client, unit_parts(10))
@@ -357,7 +313,7 @@ class Screen(io.StringIO):
 
 def test_the_bar_fits_the_terminal_and_counts_confirmed_vectors_of_this_run():
     step3 = import_step(3)
-    clock, screen = FakeClock(), Screen()
+    clock, screen = FakeClock(1000.0), Screen()
     progress = step3.Progress(10_000, True, already=4_000, out=screen, clock=clock, width=lambda: 80)
     for n in range(1, 13):
         clock.now += 1
@@ -375,7 +331,7 @@ def test_the_bar_fits_the_terminal_and_counts_confirmed_vectors_of_this_run():
 
 def test_the_bar_has_a_rate_and_time_left_and_shrinks_with_the_terminal():
     step3 = import_step(3)
-    clock, screen = FakeClock(), Screen()
+    clock, screen = FakeClock(1000.0), Screen()
     width = [120]
     progress = step3.Progress(100_000, True, out=screen, clock=clock, width=lambda: width[0])
     clock.now += 10
@@ -390,7 +346,7 @@ def test_the_bar_has_a_rate_and_time_left_and_shrinks_with_the_terminal():
 
 def test_off_a_terminal_one_line_every_few_seconds():
     step3 = import_step(3)
-    clock, out = FakeClock(), io.StringIO()
+    clock, out = FakeClock(1000.0), io.StringIO()
     progress = step3.Progress(10_000, False, out=out, clock=clock, every=5)
     for n in range(1, 41):
         clock.now += 0.5
