@@ -59,7 +59,8 @@ SETTINGS = (
 )
 REQUIRED = ("SOURCE_BUCKET", "RESULT_BUCKET", "ROLE_ARN")
 EXAMPLES_PER_REASON = 5
-LOOKUP_CHUNK = 16384  # images checked against the index's keys at once
+LOOKUP_CHUNK = 4096  # images checked against the index's keys at once
+SEEN_ID_BYTES = 8  # of each image's recordId, kept while the manifests are written to find a repeat
 OPEN_MANIFESTS = 4  # manifest files open at once while writing, whatever the number of jobs
 
 
@@ -329,9 +330,10 @@ def write_manifests(listing: Listing, planned: list[jobs.PlannedJob], config: co
     quotas), with at most OPEN_MANIFESTS files open. On any failure (Ctrl-C included) every manifest written so far
     is removed before the error goes on.
 
-    Each image gets its URI's first recordId, and the ids are kept as 12 bytes each; if two images of a job got the
-    same one (about one chance in 10¹³ at 50,000 images), the manifests are written again with common.RecordIds,
-    which gives the second image its URI's next id. A set of a million ids as strings would take ~90 MB."""
+    Each image gets its URI's first recordId, and the first SEEN_ID_BYTES of each id are kept; if two images of a
+    job share them (about one chance in 200,000 at 50,000 images; a whole id, one in 10¹³), the manifests
+    are written again with common.RecordIds, which gives an image whose id is taken its URI's next id. A set of a
+    million ids as strings would take ~90 MB; this takes 8 MB."""
     ranges: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
     for number, job in enumerate(planned):
         for folder, start, end in job.allocations:
@@ -360,7 +362,8 @@ def write_manifests(listing: Listing, planned: list[jobs.PlannedJob], config: co
     writers = [ManifestWriter(record, stamp, None if single else n + 1, config.quotas, manifest_dir, files)
                for n, record in enumerate(records)]
     record_ids = [common.RecordIds() for _ in records] if exact_ids else None  # recordIds unique within each job
-    given = [bytearray() for _ in records]  # the first ids given, 12 bytes each, checked for repeats at the end
+    given = [bytearray(SEEN_ID_BYTES * job.records) for job in planned]  # checked for repeats at the end
+    filled = [0] * len(planned)
     try:
         try:
             for key, fmt in listing.images_in_order():
@@ -375,7 +378,9 @@ def write_manifests(listing: Listing, planned: list[jobs.PlannedJob], config: co
                 uri = common.s3_uri(config.source_bucket, key)
                 if record_ids is None:
                     rid = common.record_id(uri)
-                    given[number] += rid.encode().ljust(common.RECORD_ID_LENGTH, b"\0")[:common.RECORD_ID_LENGTH]
+                    at = filled[number]
+                    given[number][at:at + SEEN_ID_BYTES] = rid.encode()[:SEEN_ID_BYTES].ljust(SEEN_ID_BYTES, b"\0")
+                    filled[number] = at + SEEN_ID_BYTES
                 else:
                     rid = record_ids[number].assign(uri)
                 record = common.image_record(uri, fmt, owner, config.embedding_dimension, config.embedding_purpose,
@@ -385,7 +390,7 @@ def write_manifests(listing: Listing, planned: list[jobs.PlannedJob], config: co
                 writer.flush()
         finally:
             files.close_all()
-        if record_ids is None and any(_repeats(ids) for ids in given):
+        if record_ids is None and any(_repeats(memoryview(ids)[:n]) for ids, n in zip(given, filled)):
             files.remove_all()
             return write_manifests(listing, planned, config, owner, stamp, manifest_dir, exact_ids=True)
         for record in records:
@@ -399,9 +404,9 @@ def write_manifests(listing: Listing, planned: list[jobs.PlannedJob], config: co
     return records
 
 
-def _repeats(ids: bytearray) -> bool:
-    """Whether a recordId (12 bytes each) appears twice in `ids`."""
-    values = np.frombuffer(ids, dtype=f"V{common.RECORD_ID_LENGTH}")
+def _repeats(ids: memoryview) -> bool:
+    """Whether the start of a recordId (SEEN_ID_BYTES each) appears twice in `ids`."""
+    values = np.frombuffer(ids, dtype=f"V{SEEN_ID_BYTES}")
     return len(np.unique(values)) < len(values)
 
 

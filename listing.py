@@ -6,7 +6,8 @@
   empty result (botocore's `before-parse` hook and its customized response); errors go through botocore as usual.
 - Parallel: a delimiter listing finds a folder's sub-folders; they are listed side by side on a few threads
   (folders with few sub-folders are explored the same way, so a deep tree spreads too), and the pages are handed
-  to the caller as they come through a short queue: memory stays flat whatever the number of objects.
+  to the caller as they come; a thread asks for a page only while fewer than AHEAD_PAGES wait for the caller, so
+  memory stays flat whatever the number of objects and however slow the caller is.
 - Sorted: pages come in any order, so what 01 keeps of the listing goes through `sort_lines` (runs sorted in
   memory, then merged a few files at a time): the plan and the manifests never depend on the order of arrival.
 """
@@ -23,10 +24,16 @@ import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+try:
+    import resource
+except ImportError:  # Windows: no open-file limit to read
+    resource = None
+
 LIST_THREADS = 16
+AHEAD_PAGES = 8  # pages listed but not yet taken by the caller: the threads wait past this (memory stays flat)
 SPREAD = LIST_THREADS  # a folder with at least this many sub-folders has them listed whole, each on its own
-RUN_LINES = 200_000  # lines sorted in memory at once
-MERGE_FILES = 16  # sorted runs merged at once
+RUN_LINES = 100_000  # lines sorted in memory at once (about 8 MB)
+MERGE_FILES = 128  # sorted runs merged at once, fewer when the open-file limit is low: 10⁷ images in one pass
 
 _RESULT = re.compile(rb"\s*(<\?xml[^>]*\?>)?\s*<ListBucketResult[\s>]")
 _CONTENTS = re.compile(rb"<Contents>(.*?)</Contents>", re.S)
@@ -103,28 +110,24 @@ _DONE = object()
 
 
 def list_objects(s3, bucket: str, prefix: str, owner: str, threads: int = LIST_THREADS,
-                 page_size: int | None = None) -> Iterator[dict]:
+                 page_size: int | None = None, ahead: int = AHEAD_PAGES) -> Iterator[dict]:
     """Every object under `prefix` (sub-folders included), listed on `threads` threads; in no particular order.
+    At most `ahead` pages are asked for or waiting beyond the one the caller is reading.
 
     An error on any thread stops the others and is raised here; so is Ctrl-C (the threads stop at their next page).
     """
-    out: queue.Queue = queue.Queue(maxsize=2 * threads)
+    out: queue.Queue = queue.Queue()
+    credits = threading.Semaphore(ahead)  # one for each page asked for and not yet taken by the caller
     tasks: queue.Queue = queue.Queue()
     stop = threading.Event()
     lock = threading.Lock()
     pending = [1]
 
-    def put(item) -> None:
-        while not stop.is_set():
-            try:
-                out.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
     def pages(folder: str, delimiter: bool) -> Iterator[dict]:
         token = None
         while not stop.is_set():
+            if not credits.acquire(timeout=0.1):
+                continue
             page = s3.list_objects_v2(Bucket=bucket, Prefix=folder, ExpectedBucketOwner=owner,
                                       **({"Delimiter": "/"} if delimiter else {}),
                                       **({"MaxKeys": page_size} if page_size else {}),
@@ -138,7 +141,9 @@ def list_objects(s3, bucket: str, prefix: str, owner: str, threads: int = LIST_T
         children: list[str] = []
         for page in pages(folder, explore):
             if page.get("Contents"):
-                put(page["Contents"])
+                out.put(page["Contents"])  # its credit comes back when the caller takes it
+            else:
+                credits.release()
             children += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
         whole = len(children) >= SPREAD
         with lock:
@@ -155,14 +160,14 @@ def list_objects(s3, bucket: str, prefix: str, owner: str, threads: int = LIST_T
             try:
                 run(folder, explore)
             except BaseException as exc:  # handed to the caller, who raises it
-                put(exc)
+                out.put(exc)
                 stop.set()
                 return
             with lock:
                 pending[0] -= 1
                 finished = pending[0] == 0
             if finished:
-                put(_DONE)
+                out.put(_DONE)
 
     tasks.put((prefix, True))
     pool = [threading.Thread(target=worker, name=f"list-{i}", daemon=True) for i in range(threads)]
@@ -175,6 +180,7 @@ def list_objects(s3, bucket: str, prefix: str, owner: str, threads: int = LIST_T
                 return
             if isinstance(item, BaseException):
                 raise item
+            credits.release()
             yield from item
     finally:
         stop.set()
@@ -187,9 +193,20 @@ def list_objects(s3, bucket: str, prefix: str, owner: str, threads: int = LIST_T
 # --------------------------------------------------------------------------------------------------------------
 
 
+def merge_width() -> int:
+    """How many sorted runs to merge at once: MERGE_FILES, or fewer so that they take at most half the files this
+    process may open."""
+    if resource is None:
+        return MERGE_FILES
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MERGE_FILES
+    return max(2, min(MERGE_FILES, (soft - 32) // 2))
+
+
 def sort_lines(lines: Iterable[bytes], path: Path, run_lines: int = RUN_LINES) -> int:
     """Write `lines` (each ending in a newline) to `path` sorted, keeping at most `run_lines` in memory and at
-    most MERGE_FILES + 1 files open. Returns the number of lines."""
+    most merge_width() + 1 files open. Returns the number of lines."""
     runs: list[Path] = []
     count = 0
     lines = iter(lines)
@@ -203,12 +220,12 @@ def sort_lines(lines: Iterable[bytes], path: Path, run_lines: int = RUN_LINES) -
             fh.writelines(chunk)
         runs.append(run)
         del chunk
-    level = 0
-    while len(runs) > MERGE_FILES:
+    level, width = 0, merge_width()
+    while len(runs) > width:
         merged = []
-        for n in range(0, len(runs), MERGE_FILES):
+        for n in range(0, len(runs), width):
             target = path.with_name(f"{path.name}.merge{level}-{n}")
-            _merge(runs[n:n + MERGE_FILES], target)
+            _merge(runs[n:n + width], target)
             merged.append(target)
         runs, level = merged, level + 1
     if runs:

@@ -92,12 +92,22 @@ def load_part(job: dict, config: common.Config, runtime, s3v, report: Path, inde
     report, as for a job), and mark the part loaded. Returns its counts like a job's."""
     dimension = int(job.get("embedding_dimension", config.embedding_dimension))
     config = dataclasses.replace(config, model_id=job.get("model_id") or config.model_id)
-    print(f"Embedding {job['record_count']} image(s) on demand with {config.model_id} ({job['job_name']})")
-    confirmed, failed = embed_and_load(part_records(job), config, runtime, s3v, dimension, index_ready)
+    requests = list(part_records(job))
+    # A step 3 stopped half-way (Ctrl-C, a lost connection) left some of them in the index: not paid for again.
+    loaded = accounting.present_keys(s3v, config.vector_bucket, config.vector_index,
+                                     [common.vector_key(uri) for uri, _ in requests])
+    if loaded:
+        requests = [(uri, body) for uri, body in requests if common.vector_key(uri) not in loaded]
+        print(f"{len(loaded)} image(s) of {job['job_name']} are in the index already (embedded by an earlier "
+              "step 3): not embedded again")
+    print(f"Embedding {len(requests)} image(s) on demand with {config.model_id} ({job['job_name']})")
+    confirmed, failed = embed_and_load(requests, config, runtime, s3v, dimension, index_ready)
+    embedded = len(confirmed)
+    confirmed |= loaded
     common.atomic_write(report, lambda fh: fh.write(b"".join(orjson.dumps(f) + b"\n" for f in failed)))
     counts = {"total": len(confirmed) + len(failed), "success": len(confirmed), "error": len(failed),
-              "inserted": len(confirmed)}
+              "inserted": embedded}
     job["load"] = {"finished": True, "counts": counts}
-    common.ok(f"Embedded and loaded {len(confirmed)} image(s) on demand into {config.vector_index}"
+    common.ok(f"Embedded and loaded {embedded} image(s) on demand into {config.vector_index}"
               + (f"; {len(failed)} failed" if failed else ""))
     return dict(counts, confirmed_keys=confirmed)

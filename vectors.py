@@ -335,7 +335,8 @@ class PutVectorsSender:
         self.max_backoff = max_backoff
         self.give_up_after = give_up_after
         self.local = threading.local()
-        self.queue: queue.Queue = queue.Queue(maxsize=1)  # bodies are ~20 MB: few wait
+        self.queue: queue.Queue = queue.Queue()
+        self.idle = threading.Semaphore(threads)  # bodies are ~20 MB: one is handed on only when a thread is free
         self.error: BaseException | None = None
         self.stats = {"requests": 0, "retries": 0, "throttled": 0, "unavailable": 0, "split": 0, "max_vectors": 0,
                       "max_bytes": 0}
@@ -351,14 +352,13 @@ class PutVectorsSender:
             params["body"] = body
 
     def submit(self, batch: Batch) -> None:
-        while True:
+        """Hand `batch` to a sending thread, waiting until one is free."""
+        while not self.idle.acquire(timeout=0.2):
             if self.error is not None:
                 raise self.error
-            try:
-                self.queue.put(batch, timeout=0.2)
-                return
-            except queue.Full:
-                continue
+        if self.error is not None:
+            raise self.error
+        self.queue.put(batch)
 
     def close(self) -> None:
         """Wait for every queued batch; raises what stopped a worker."""
@@ -374,14 +374,15 @@ class PutVectorsSender:
             batch = self.queue.get()
             if batch is None:
                 return
-            if self.error is not None:
-                continue
             try:
-                if batch.count:
-                    self.send(batch)
-                self.on_done(batch)
+                if self.error is None:  # after an error, what is queued is dropped: the main thread stops
+                    if batch.count:
+                        self.send(batch)
+                    self.on_done(batch)
             except BaseException as exc:  # handed to the main thread, which reports it
                 self.error = exc
+            finally:
+                self.idle.release()
 
     def send(self, batch: Batch) -> None:
         """Send one batch until the index accepts all of it: throttling, 5xx and a failing network are retried with

@@ -119,11 +119,8 @@ def test_record_ids_are_twelve_alphanumerics_of_the_uri_and_unique():
     assert not common.record_id_matches(None, uri)
 
 
-def test_a_collision_in_a_job_takes_the_next_id_and_the_flow_loads_everything(world, monkeypatch):
-    uris = world.put_images([f"img-{i:03d}.png" for i in range(110)], prefix="2024/")
-    first_id = common.record_id
-    # Every image's first id is the same: each after the first must take another one, deterministically.
-    monkeypatch.setattr(common, "record_id", lambda uri, attempt=0: "Collide" if attempt == 0 else first_id(uri, attempt))
+def create_in_process(world, monkeypatch) -> None:
+    """Step 1 in this process (so that a patched common.record_id applies), then the patches undone."""
     for name in [k for k in os.environ if k.startswith("AWS_")]:
         monkeypatch.delenv(name)
     for name, value in world.env.items():
@@ -131,6 +128,30 @@ def test_a_collision_in_a_job_takes_the_next_id_and_the_flow_loads_everything(wo
     monkeypatch.chdir(world.cwd)
     assert import_step(1).main([]) == 0
     monkeypatch.undo()
+
+
+def test_ids_that_share_only_their_start_keep_their_first_id(world, monkeypatch):
+    """01 keeps the first 8 bytes of each id to find a repeat: a repeat of those alone has the manifests written
+    again with every id checked whole, and no image loses its first id."""
+    uris = world.put_images([f"img-{i:03d}.png" for i in range(110)], prefix="2024/")
+    first_id = common.record_id
+    ids_of = {uri: f"SameHead{i:04d}" for i, uri in enumerate(uris)}
+    monkeypatch.setattr(common, "record_id", lambda uri, attempt=0: ids_of[uri] if attempt == 0 else first_id(uri, attempt))
+    rewritten = []
+    step1 = import_step(1)
+    write = step1.write_manifests
+    monkeypatch.setattr(step1, "write_manifests", lambda *a, **k: rewritten.append(k.get("exact_ids", False)) or write(*a, **k))
+    create_in_process(world, monkeypatch)
+    assert rewritten == [False, True]
+    assert sorted(r["recordId"] for r in manifest_lines(world)) == sorted(ids_of.values())
+
+
+def test_a_collision_in_a_job_takes_the_next_id_and_the_flow_loads_everything(world, monkeypatch):
+    uris = world.put_images([f"img-{i:03d}.png" for i in range(110)], prefix="2024/")
+    first_id = common.record_id
+    # Every image's first id is the same: each after the first must take another one, deterministically.
+    monkeypatch.setattr(common, "record_id", lambda uri, attempt=0: "Collide" if attempt == 0 else first_id(uri, attempt))
+    create_in_process(world, monkeypatch)
     records = manifest_lines(world)
     ids = [r["recordId"] for r in records]
     assert len(set(ids)) == len(ids) == 110 and ids.count("Collide") == 1

@@ -90,6 +90,19 @@ def test_a_permanently_bad_image_is_submitted_once_then_left_out_then_retried(wo
     assert f"  {bad}: failed (ValidationException: " in retried.stdout
 
 
+def test_a_job_where_every_record_failed_is_not_remembered_as_permanent(world):
+    """When every record of a job fails, the trouble is the job's (a model or role change), not each image's: no
+    image is left out of later runs for it."""
+    s3 = world.client("s3")
+    for i in range(120):
+        s3.put_object(Bucket=world.source_bucket, Key=f"2024/a/notes-{i:03d}.png", Body=b"a text file named .png")
+    day1 = world.daily()
+    assert day1.returncode == 4, day1.stdout + day1.stderr
+    assert "Images loaded: 0, failed: 120, missing: 0" in day1.stdout
+    assert "failed permanently" not in day1.stdout
+    assert not (world.cwd / "failed_permanently.jsonl").exists()
+
+
 def test_a_changed_image_that_failed_permanently_is_tried_again(world):
     keys = [f"a/img-{i:03d}.png" for i in range(120)]
     world.put_images(keys, prefix="2024/")

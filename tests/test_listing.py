@@ -13,6 +13,7 @@ import resource
 import subprocess
 import sys
 import threading
+import time
 
 import orjson
 import pytest
@@ -114,6 +115,58 @@ def test_leaving_the_listing_early_stops_its_threads():
     next(objects)
     objects.close()  # what Ctrl-C in the consumer does
     assert listing_threads() == []
+
+
+def test_a_slow_caller_keeps_at_most_ahead_pages_listed_and_waiting():
+    fake = FailingS3(fail_at=-1)  # one folder whose pages never end: a single thread lists it, page after page
+    objects = listing.list_objects(fake, "b", "p/", "123456789012", threads=4, ahead=3)
+    taken = []
+    reader = threading.Thread(target=lambda: taken.extend(next(objects) for _ in range(5)), daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    assert len(taken) == 5  # each page taken gave its credit back
+    deadline = time.monotonic() + 30
+    while fake.calls < 5 + 3 and time.monotonic() < deadline:
+        threading.Event().wait(0.01)
+    threading.Event().wait(0.3)  # a lister that ignored the bound would have asked for many more by now
+    assert fake.calls == 5 + 3  # the five pages taken and three ahead, not one more
+    objects.close()
+    assert listing_threads() == []
+
+
+class CountingOpen:
+    """`open` for the listing module, counting the files it has open at once."""
+
+    def __init__(self):
+        self.now = self.most = 0
+
+    def __call__(self, *args, **kwargs):
+        counter, fh = self, open(*args, **kwargs)
+        counter.now += 1
+        counter.most = max(counter.most, counter.now)
+        close = fh.close
+
+        def counted_close():
+            if not fh.closed:
+                counter.now -= 1
+            close()
+        fh.close = counted_close
+        return fh
+
+
+def test_sort_lines_merges_at_most_half_the_open_file_limit_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(listing.resource, "getrlimit", lambda which: (52, 4096))
+    assert listing.merge_width() == 10  # (52 - 32) // 2: room left for sockets, manifests, the runtime
+    counting = CountingOpen()
+    monkeypatch.setattr(listing, "open", counting, raising=False)
+    lines = [orjson.dumps([f"k/{random.random()}", "png"]) + b"\n" for _ in range(300)]
+    target = tmp_path / "sorted"
+    assert listing.sort_lines(iter(lines), target, run_lines=5) == 300  # 60 runs, merged 10 at a time
+    assert target.read_bytes() == b"".join(sorted(lines))
+    assert counting.most == 10 + 1 and counting.now == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["sorted"]
+    monkeypatch.setattr(listing.resource, "getrlimit", lambda which: (1 << 20, 1 << 20))
+    assert listing.merge_width() == listing.MERGE_FILES == 128
 
 
 def test_sort_lines_merges_runs_a_few_files_at_a_time(tmp_path, monkeypatch):

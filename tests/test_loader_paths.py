@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import threading
 import types
 import urllib.request
 
@@ -246,6 +247,30 @@ def test_a_single_503_is_retried_as_it_is(index_endpoint):
     sender.submit(batcher.flush({}))
     sender.close()
     assert sender.stats["split"] == 0 and index_stats(app)["put_vectors_accepted"] == 10
+
+
+def test_a_batch_is_handed_on_only_when_a_sending_thread_is_free():
+    """A body is up to 20 MiB: the sender holds one a thread, and the caller fills the next one meanwhile."""
+    gate, sent = threading.Event(), []
+
+    class Held(vectors.PutVectorsSender):
+        def send(self, batch):
+            sent.append(batch.seq)
+            gate.wait(30)
+
+    client = types.SimpleNamespace(meta=types.SimpleNamespace(events=types.SimpleNamespace(register=lambda *a: None)))
+    sender = Held(client, "bucket", "index", vectors.RateLimiter(1e6, 1e4), threads=2, on_done=lambda b: None)
+    batches = [vectors.Batch(b"{}", 1, seq) for seq in range(3)]
+    sender.submit(batches[0])
+    sender.submit(batches[1])
+    third = threading.Thread(target=sender.submit, args=(batches[2],))
+    third.start()
+    third.join(0.3)
+    assert third.is_alive()  # both threads hold a batch: the third stays with its caller
+    gate.set()
+    third.join(30)
+    sender.close()
+    assert not third.is_alive() and sorted(sent) == [0, 1, 2]
 
 
 def quiet_send(client, parts):

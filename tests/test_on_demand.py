@@ -100,3 +100,26 @@ def test_a_remainder_that_would_cost_a_wave_is_embedded_by_step_3(world):
     assert set(index) == {common.vector_key(u) for u in uris}
     assert {index[common.vector_key(u)]["job_id"] for u in uris if "/top-" in u} == {"on-demand"}
     assert world.vectors_accepted() == 300
+
+
+def test_a_part_stopped_half_way_embeds_only_what_the_index_lacks(world):
+    """Step 3 stopped after the index took some of a part's vectors: run again, it pays only for the others."""
+    uris = world.put_images([f"day2/img-{i:02d}.png" for i in range(30)], prefix="2024/")
+    assert world.step(1).returncode == 0
+    assert world.step(3).returncode == 0
+    # As if step 3 had stopped before it recorded the part loaded, with 10 of its vectors not yet put.
+    info = world.job_info()
+    info["jobs"][0].pop("load")
+    (world.cwd / "batch_job_info.json").write_text(json.dumps(info))
+    world.client("s3vectors").delete_vectors(vectorBucketName=world.vector_bucket, indexName=world.vector_index,
+                                             keys=[common.vector_key(u) for u in uris[:10]])
+    invoked = len([c for c in world.emulator("/_emulator/auth")["calls"] if c["operation"] == "InvokeModel"])
+
+    again = world.step(3)
+    assert again.returncode == 0, again.stdout + again.stderr
+    calls = [c for c in world.emulator("/_emulator/auth")["calls"] if c["operation"] == "InvokeModel"][invoked:]
+    assert len(calls) == 10  # only the images the index lacked
+    assert "20 image(s) of" in again.stdout and "in the index already" in again.stdout
+    assert "Embedded and loaded 10 image(s) on demand" in again.stdout
+    assert "Images loaded: 30, failed: 0, missing: 0" in again.stdout
+    assert world.index_keys() == {common.vector_key(u) for u in uris}
