@@ -48,7 +48,11 @@ _EMPTY = b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult></ListBucketR
 
 def _text(raw: bytes) -> str:
     text = raw.decode("utf-8")
-    return html.unescape(text) if "&" in text else text
+    if "&" not in text:
+        return text
+    if text.count("&") == text.count("&quot;"):  # an ETag: a quarter of html.unescape's CPU
+        return text.replace("&quot;", '"')
+    return html.unescape(text)
 
 
 def _parse_lean(response_dict, customized_response_dict, **kwargs):

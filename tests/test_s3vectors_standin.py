@@ -531,6 +531,22 @@ def test_fault_injection(standin_factory):
     c.put_vectors(indexArn=arn, vectors=[vec("after", [1.0, 1.0])])
 
 
+def test_a_held_index_answers_429_beyond_its_count_until_released(standin_factory):
+    s = standin_factory(**NO_QUOTA, hold_beyond_vectors=2)
+    c = s.client
+    arn = s.index(dimension=2)
+    c.put_vectors(indexArn=arn, vectors=[vec("a", [1.0, 0.0]), vec("b", [0.0, 1.0])])
+    c.put_vectors(indexArn=arn, vectors=[vec("a", [1.0, 1.0])])  # overwriting adds nothing: taken
+    with pytest.raises(ClientError) as held:
+        c.put_vectors(indexArn=arn, vectors=[vec("c", [1.0, 2.0])])
+    assert (held.value.response["ResponseMetadata"]["HTTPStatusCode"], error_code_of(held.value)) == \
+        (429, "TooManyRequestsException")
+    assert s.control("GET", "stats")[2]["indexes"][f"{BUCKET}/{INDEX}"]["rejected_held_429"] == 1
+    s.control("POST", "config", {"hold_beyond_vectors": None})
+    c.put_vectors(indexArn=arn, vectors=[vec("c", [1.0, 2.0])])
+    assert set(all_keys(c, arn)) == {"a", "b", "c"}
+
+
 # ---------------------------------------------------------------------------------------- control / misc
 
 

@@ -102,6 +102,9 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "put_capacity_vectors": None,
     "vector_quota": None,
     "deny_put_vectors": False,
+    # 429 for any PutVectors that would take the index past this many vectors: a load held still at a known point
+    # (to be killed there), as a long throttling would. None = off.
+    "hold_beyond_vectors": None,
     "seed": None,
     # keep vector data (False saves memory in long benchmarks; Get/List then return no data, Query is refused)
     "store_data": True,
@@ -177,6 +180,7 @@ class _IndexStats:
         "rejected_denied",
         "rejected_capacity_503",
         "rejected_quota_402",
+        "rejected_held_429",
         "largest_request_vectors",
         "largest_request_bytes",
         "bytes_accepted",
@@ -866,8 +870,9 @@ class S3VectorsStandin:
         index.q_vectors.take(n_vectors)
 
     def _put_vectors_refusal(self, index: _Index, staged: list, st: _IndexStats) -> None:
-        """With the lock held: the PutVectors answers a test asks for with put_capacity_vectors, vector_quota and
-        deny_put_vectors (403 first, as the service authorises before it looks at the request)."""
+        """With the lock held: the PutVectors answers a test asks for with put_capacity_vectors, vector_quota,
+        hold_beyond_vectors and deny_put_vectors (403 first, as the service authorises before it looks at the
+        request)."""
         o = self.options
         if o["deny_put_vectors"]:
             st.rejected_denied += 1
@@ -881,13 +886,16 @@ class S3VectorsStandin:
             raise ApiError("ServiceUnavailableException", 503,
                            "Please reduce the number of vectors in the request: too many vectors for the resource "
                            "capacity")
-        quota = o["vector_quota"]
-        if quota is not None:
+        quota, hold = o["vector_quota"], o["hold_beyond_vectors"]
+        if quota is not None or hold is not None:
             new = sum(1 for key, _ in staged if key not in index.vectors)
-            if len(index.vectors) + new > quota:
+            if quota is not None and len(index.vectors) + new > quota:
                 st.rejected_quota_402 += 1
                 raise ApiError("ServiceQuotaExceededException", 402,
                                f"The request would exceed the service quota of {quota} vectors")
+            if hold is not None and len(index.vectors) + new > hold:
+                st.rejected_held_429 += 1
+                raise ApiError("TooManyRequestsException", 429, "Held: the index takes no more vectors for now")
 
     def put_vectors(self, body: dict, size: int) -> dict:
         index = self._index_snapshot(body)
