@@ -486,12 +486,16 @@ _BASE62_PAIRS = [low + high for high in _BASE62 for low in _BASE62]  # [n] = dig
 def record_id(source_uri: str, attempt: int = 0) -> str:
     """The recordId of an image in a batch manifest; `attempt` > 0 derives another one after a collision."""
     data = source_uri.encode("utf-8") if attempt == 0 else f"{attempt}\n{source_uri}".encode("utf-8")
-    number = int.from_bytes(hashlib.sha256(data).digest()[:9], "big")  # 72 bits, 62**12 is about 2**71.4
-    pairs = []
-    for _ in range(RECORD_ID_LENGTH // 2):  # base 62, least significant digit first, two digits at a time
-        number, two = divmod(number, 62 * 62)
-        pairs.append(_BASE62_PAIRS[two])
-    return "".join(pairs)
+    n = int.from_bytes(hashlib.sha256(data).digest()[:9], "big")  # 72 bits, 62**12 is about 2**71.4
+    # base 62, least significant digit first, two digits at a time: six pairs (RECORD_ID_LENGTH), written out
+    # because 01 calls this for every image
+    n, a = divmod(n, 3844)
+    n, b = divmod(n, 3844)
+    n, c = divmod(n, 3844)
+    n, d = divmod(n, 3844)
+    n, e = divmod(n, 3844)
+    pairs = _BASE62_PAIRS
+    return pairs[a] + pairs[b] + pairs[c] + pairs[d] + pairs[e] + pairs[n % 3844]
 
 
 def record_id_matches(rid, source_uri: str) -> bool:

@@ -23,6 +23,7 @@ import re
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from urllib.parse import unquote_plus
 
 try:
     import resource
@@ -55,27 +56,37 @@ def _text(raw: bytes) -> str:
     return html.unescape(text)
 
 
+def _url_name(raw: bytes) -> str:
+    text = _text(raw)
+    return unquote_plus(text) if "%" in text or "+" in text else text
+
+
 def _parse_lean(response_dict, customized_response_dict, **kwargs):
     """Read a ListObjectsV2 page's Key, Size, ETag (and what paging needs) with a few regular expressions, and hand
-    botocore an empty result to parse; botocore still decodes URL-encoded keys after this. Anything but a 200
-    ListBucketResult (an error, or S3's error in a 200) is left to botocore."""
+    botocore an empty result to parse. Anything but a 200 ListBucketResult (an error, or S3's error in a 200) is
+    left to botocore."""
     from botocore import handlers
 
     body = response_dict.get("body")
     if response_dict.get("status_code") != 200 or not isinstance(body, bytes) or not _RESULT.match(body):
         handlers._handle_200_error(response_dict=response_dict, **kwargs)
         return
-    contents = []
-    for block in _CONTENTS.findall(body):
-        key, size, etag = _KEY.search(block), _SIZE.search(block), _ETAG.search(block)
-        contents.append({"Key": _text(key.group(1)), "Size": int(size.group(1)) if size else 0,
-                         "ETag": _text(etag.group(1)) if etag else None})
-    parsed: dict = {"Contents": contents, "CommonPrefixes": [{"Prefix": _text(p)} for p in _PREFIXES.findall(body)]}
+    parsed: dict = {}
     for name, pattern in _FIELDS.items():
         found = pattern.search(body[body.rfind(b"</Contents>") + 1:] if name != "IsTruncated" else body)
         if found:
             parsed[name] = _text(found.group(1))
     parsed["IsTruncated"] = parsed.get("IsTruncated") == "true"
+    # Keys come URL-encoded (botocore asks for it); they are decoded here, only those with a % or a +, and
+    # botocore, which would decode every one, is not told the encoding.
+    name = _url_name if parsed.pop("EncodingType", None) == "url" else _text
+    contents = []
+    for block in _CONTENTS.findall(body):
+        key, size, etag = _KEY.search(block), _SIZE.search(block), _ETAG.search(block)
+        contents.append({"Key": name(key.group(1)), "Size": int(size.group(1)) if size else 0,
+                         "ETag": _text(etag.group(1)) if etag else None})
+    parsed["Contents"] = contents
+    parsed["CommonPrefixes"] = [{"Prefix": name(p)} for p in _PREFIXES.findall(body)]
     customized_response_dict.update(parsed)
     response_dict["body"] = _EMPTY
 

@@ -78,6 +78,24 @@ def test_an_error_in_a_200_answer_is_still_an_error():
     assert response["status_code"] == 500 and customized == {}
 
 
+def test_url_encoded_keys_are_decoded_as_botocore_would():
+    """S3 answers keys URL-encoded (a space as + or %20) and XML-escaped; the lean reading decodes both itself."""
+    body = (b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>b</Name><Prefix>p%2F</Prefix>'
+            b"<Contents><Key>p/a+b%2Bc%20d.jpg</Key><Size>3</Size><ETag>&quot;e1&quot;</ETag></Contents>"
+            b"<Contents><Key>p/R%26D+%3C1%3E.png</Key><Size>4</Size><ETag>&quot;e2&quot;</ETag></Contents>"
+            b"<Contents><Key>p/plain.jpg</Key><Size>5</Size></Contents>"
+            b"<CommonPrefixes><Prefix>p/sub+dir/</Prefix></CommonPrefixes>"
+            b"<EncodingType>url</EncodingType><IsTruncated>false</IsTruncated></ListBucketResult>")
+    response = {"status_code": 200, "headers": {}, "body": body}
+    customized = {}
+    listing._parse_lean(response_dict=response, customized_response_dict=customized)
+    assert customized["Contents"] == [{"Key": "p/a b+c d.jpg", "Size": 3, "ETag": '"e1"'},
+                                      {"Key": "p/R&D <1>.png", "Size": 4, "ETag": '"e2"'},
+                                      {"Key": "p/plain.jpg", "Size": 5, "ETag": None}]
+    assert customized["CommonPrefixes"] == [{"Prefix": "p/sub dir/"}]
+    assert "EncodingType" not in customized and customized["IsTruncated"] is False  # botocore decodes nothing more
+
+
 class FailingS3:
     """A stand-in S3 client whose listing pages go on for ever, and fail at the `fail_at`-th request."""
 
