@@ -15,10 +15,16 @@ import argparse
 import bisect
 import hashlib
 import itertools
+import multiprocessing
+import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from collections import OrderedDict, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from hashlib import sha256
 from pathlib import Path
 
@@ -124,6 +130,32 @@ class Listing:
             for line in fh:
                 yield orjson.loads(line)
 
+    def summary(self) -> dict:
+        """What another process hands back of its listing (its sorted file stays where it is)."""
+        return {"path": self.path, "counts": dict(self.counts), "skipped": dict(self.skipped),
+                "examples": dict(self.examples), "own_manifests": self.own_manifests, "foreign": self.foreign,
+                "left_out": dict(self.left_out), "images": self.images}
+
+    @classmethod
+    def merged(cls, parts: list[dict], workdir: Path) -> "Listing":
+        """One listing of several (`summary()`s of listings of parts of the input), its file merged in order."""
+        listing = cls(workdir)
+        for part in parts:
+            for folder, (images, size) in part["counts"].items():
+                listing.counts[folder][0] += images
+                listing.counts[folder][1] += size
+            for reason, n in part["skipped"].items():
+                listing.skipped[reason] += n
+            for reason, keys in part["examples"].items():
+                listing.examples[reason] = sorted(listing.examples[reason] + keys)[:EXAMPLES_PER_REASON]
+            for why, n in part["left_out"].items():
+                listing.left_out[why] += n
+            listing.own_manifests += part["own_manifests"]
+            listing.foreign += part["foreign"]
+            listing.images += part["images"]
+        listing_module.merge_runs([part["path"] for part in parts], listing.path)
+        return listing
+
 
 def list_images(objects, config: common.Config, exclude: list[tuple[keyset.KeySet, str]], workdir: Path,
                 rejected: dict[str, dict] | None = None) -> Listing:
@@ -186,6 +218,54 @@ def list_images(objects, config: common.Config, exclude: list[tuple[keyset.KeySe
     objects = iter(objects)
     listing_module.sort_lines(images(), listing.path)
     return listing
+
+
+_forked: dict = {}  # what list_inventory's worker processes inherit (the key sets are not copied)
+
+
+def list_inventory(s3, manifest_uri: str, config: common.Config, owner: str, exclude: list[tuple[keyset.KeySet, str]],
+                   workdir: Path, rejected: dict[str, dict] | None) -> Listing:
+    """list_images over an S3 Inventory report: its data files downloaded, then read side by side in worker
+    processes (one a CPU) forked with the index's keys, each into a sorted file; the files are merged in order.
+    Without fork, or while this process runs threads (forking would copy a held lock), the files are read here,
+    one after the other."""
+    manifest, paths = inventory.data_files(s3, manifest_uri, config.source_bucket, owner, workdir)
+    workers = min(len(paths), os.cpu_count() or 1)
+    folders = [workdir / f"part-{n}" for n in range(len(paths))]
+    for folder in folders:
+        folder.mkdir()
+    _forked.update(paths=paths, folders=folders, manifest=manifest, config=config, exclude=exclude,
+                   rejected=rejected)
+    try:
+        if workers > 1 and threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                       initializer=_ignore_ctrl_c)
+            try:
+                parts = list(pool.map(_list_data_file, range(len(paths))))
+            finally:  # on an error or Ctrl-C, files not yet started are not read
+                pool.shutdown(wait=True, cancel_futures=True)
+            print(f"Read its {len(paths)} data files in {workers} worker processes")
+        else:
+            parts = [_list_data_file(n) for n in range(len(paths))]
+    except BrokenProcessPool:
+        raise StepError("a worker process reading the inventory report stopped (out of memory?) — run 01 again",
+                        common.EXIT_ERROR) from None
+    finally:
+        _forked.clear()
+    for path in paths:
+        path.unlink(missing_ok=True)
+    return Listing.merged(parts, workdir)
+
+
+def _ignore_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides; workers stop with the pool
+
+
+def _list_data_file(n: int) -> dict:
+    f = _forked
+    objects = inventory.file_objects(f["paths"][n], f["manifest"], f["config"].source_bucket,
+                                     f["config"].source_prefix)
+    return list_images(objects, f["config"], f["exclude"], f["folders"][n], f["rejected"]).summary()
 
 
 def retry_objects(entries: list[dict], config: common.Config):
@@ -617,18 +697,17 @@ def create(args, config: common.Config) -> int:
     run_dir = jobinfo.runs_folder(config.job_info_file) / stamp
     with tempfile.TemporaryDirectory(prefix="bedrock-batch-") as workdir:
         if retry is not None:
-            objects = retry_objects(retry, config)
+            listing = list_images(retry_objects(retry, config), config, exclude, Path(workdir), rejected)
         elif args.inventory:
             print(f"Reading the images under {input_uri} from the S3 Inventory report {args.inventory}")
-            objects = inventory.objects(s3, args.inventory, config.source_bucket, config.source_prefix, owner,
-                                        Path(workdir))
+            listing = list_inventory(s3, args.inventory, config, owner, exclude, Path(workdir), rejected)
         else:
             print(f"Listing images from {input_uri} (including subdirectories)")
             lister = listing_module.lean(common.make_client("s3", config,
                                                             max_pool_connections=listing_module.LIST_THREADS + 2))
             objects = ((o["Key"], o["Size"], o.get("ETag")) for o in
                        listing_module.list_objects(lister, config.source_bucket, config.source_prefix, owner))
-        listing = list_images(objects, config, exclude, Path(workdir), rejected)
+            listing = list_images(objects, config, exclude, Path(workdir), rejected)
         ok(f"Found {listing.images} images")
         print_skipped(listing, rejects_file)
         if listing.foreign:

@@ -235,6 +235,12 @@ def sort_lines(lines: Iterable[bytes], path: Path, run_lines: int = RUN_LINES) -
             fh.writelines(chunk)
         runs.append(run)
         del chunk
+    merge_runs(runs, path)
+    return count
+
+
+def merge_runs(runs: list[Path], path: Path) -> None:
+    """Merge sorted files into `path` (removing them), at most merge_width() at a time."""
     level, width = 0, merge_width()
     while len(runs) > width:
         merged = []
@@ -247,7 +253,6 @@ def sort_lines(lines: Iterable[bytes], path: Path, run_lines: int = RUN_LINES) -
         _merge(runs, path)
     else:
         path.write_bytes(b"")
-    return count
 
 
 def _merge(runs: list[Path], target: Path) -> None:

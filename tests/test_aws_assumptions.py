@@ -136,11 +136,16 @@ def test_ids_that_share_only_their_start_keep_their_first_id(world, monkeypatch)
     uris = world.put_images([f"img-{i:03d}.png" for i in range(110)], prefix="2024/")
     first_id = common.record_id
     ids_of = {uri: f"SameHead{i:04d}" for i, uri in enumerate(uris)}
-    monkeypatch.setattr(common, "record_id", lambda uri, attempt=0: ids_of[uri] if attempt == 0 else first_id(uri, attempt))
+    monkeypatch.setattr(common, "record_id",
+                        lambda uri, attempt=0: ids_of[uri] if attempt == 0 else first_id(uri, attempt))
     rewritten = []
     step1 = import_step(1)
     write = step1.write_manifests
-    monkeypatch.setattr(step1, "write_manifests", lambda *a, **k: rewritten.append(k.get("exact_ids", False)) or write(*a, **k))
+
+    def watched(*args, **kwargs):
+        rewritten.append(kwargs.get("exact_ids", False))
+        return write(*args, **kwargs)
+    monkeypatch.setattr(step1, "write_manifests", watched)
     create_in_process(world, monkeypatch)
     assert rewritten == [False, True]
     assert sorted(r["recordId"] for r in manifest_lines(world)) == sorted(ids_of.values())

@@ -7,8 +7,11 @@ import csv
 import gzip
 import hashlib
 import io
+import os
+import random
 import re
 import sys
+import types
 from urllib.parse import quote_plus
 
 import duckdb
@@ -17,6 +20,7 @@ import pytest
 
 import common
 import inventory
+import keyset
 import listing
 from tests.conftest import import_step
 from tests.test_listing import config_for, manifests, plan_and_write
@@ -125,6 +129,8 @@ def test_01_dry_run_from_an_inventory_says_what_a_listing_says(bucket, tmp_path)
     from_report = world.step(1, "--dry-run", "--inventory", uri)
     assert listed.returncode == from_report.returncode == 0, listed.stderr + from_report.stderr
     assert "Found 117 images" in from_report.stdout and "Reading the images under" in from_report.stdout
+    if (os.cpu_count() or 1) > 1:  # the report's two data files are read side by side, and merged
+        assert "Read its 2 data files in 2 worker processes" in from_report.stdout
 
     def summary(out: str) -> list[str]:
         return [re.sub(r"\d{8}-\d{6}", "STAMP", line) for line in out.splitlines() if line.startswith(("✓ Found", "Skipped", "  ", "    -", "Planned",
@@ -161,8 +167,54 @@ def test_a_damaged_data_file_stops_01(bucket, tmp_path):
     assert not list(bucket.cwd.rglob("batch_input_*"))
 
 
+def test_a_bad_row_in_a_data_file_read_by_a_worker_stops_01_with_one_line(bucket, tmp_path):
+    uri = publish(bucket, "csv", tmp_path)
+    s3 = bucket.client("s3")
+    manifest_key = uri.split("/", 3)[3]
+    manifest = orjson.loads(s3.get_object(Bucket=bucket.result_bucket, Key=manifest_key)["Body"].read())
+    body = b'"a","b"\n'  # two fields where the schema names nine
+    s3.put_object(Bucket=bucket.result_bucket, Key=manifest["files"][1]["key"], Body=body)
+    manifest["files"][1].update(size=len(body), MD5checksum=hashlib.md5(body).hexdigest())
+    s3.put_object(Bucket=bucket.result_bucket, Key=manifest_key, Body=orjson.dumps(manifest))
+    result = bucket.step(1, "--dry-run", "--inventory", uri)
+    assert result.returncode == common.EXIT_USAGE  # the exit code a worker's error carries
+    assert one_line(result).endswith("inventory-1: a row with 2 fields where fileSchema names 9")
+    assert not list(bucket.cwd.rglob("batch_input_*"))
+
+
 def test_parquet_without_duckdb_says_how_to_install_it(bucket, tmp_path, monkeypatch):
     uri = publish(bucket, "parquet", tmp_path)
     monkeypatch.setitem(sys.modules, "duckdb", None)
     with pytest.raises(common.StepError, match="uv sync --extra parquet"):
         list(inventory.objects(bucket.client("s3"), uri, bucket.source_bucket, "2024/", "123456789012", tmp_path))
+
+
+def test_listings_of_parts_merge_into_the_listing_of_the_whole(tmp_path):
+    """What list_inventory's workers hand back (one listing a data file) merges into what one listing of every
+    object gives: counts, skipped objects and their first examples, the tool's own manifests, foreign .jsonl files,
+    images left out, and the sorted file."""
+    rng = random.Random(3)
+    objects = ([(f"2024/{f}/img-{i:03d}.{rng.choice(['png', 'jpg'])}", 10 + i, None) for f in "abc" for i in range(40)]
+               + [(f"2024/{f}/notes-{i}.txt", 5, None) for f in "ab" for i in range(4)]  # skipped in every part
+               + [(f"2024/{f}/empty-{i}.png", 0, None) for f in "bc" for i in range(3)]
+               + [("2024/a/batch_input_20260101-000000.jsonl", 9, None), ("2024/c/batch_input_x.jsonl", 9, None),
+                  ("2024/b/theirs.jsonl", 9, None)])
+    rng.shuffle(objects)
+    indexed = keyset.KeySet.of([common.vector_key(f"s3://b/{key}") for key, _, _ in objects[::7]])
+    config = types.SimpleNamespace(source_bucket="b")
+    exclude = [(indexed, "already in the vector index")]
+
+    def listed(part, name):
+        (tmp_path / name).mkdir()
+        return create_job.list_images(iter(part), config, exclude, tmp_path / name, None)
+
+    whole = listed(objects, "whole")
+    parts = [listed(objects[n::3], f"part{n}").summary() for n in range(3)]
+    merged = create_job.Listing.merged(parts, tmp_path)
+    for field in ("counts", "skipped", "examples", "left_out"):
+        assert dict(getattr(merged, field)) == dict(getattr(whole, field)), field
+    assert sorted(merged.own_manifests) == sorted(whole.own_manifests) and len(merged.own_manifests) == 2
+    assert merged.foreign == whole.foreign == ["2024/b/theirs.jsonl"]
+    assert merged.images == whole.images > 0 and whole.left_out["already in the vector index"] > 0
+    assert merged.path.read_bytes() == whole.path.read_bytes()
+    assert not [p for p in tmp_path.glob("part*/*")]  # the parts' files were merged away
