@@ -15,15 +15,11 @@ import argparse
 import bisect
 import hashlib
 import itertools
-import multiprocessing
 import os
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 from collections import OrderedDict, defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from hashlib import sha256
 from pathlib import Path
@@ -34,6 +30,7 @@ import orjson
 import accounting
 import common
 import cost
+import forking
 import inventory
 import jobinfo
 import jobs
@@ -237,9 +234,8 @@ def list_inventory(s3, manifest_uri: str, config: common.Config, owner: str, exc
     _forked.update(paths=paths, folders=folders, manifest=manifest, config=config, exclude=exclude,
                    rejected=rejected)
     try:
-        if workers > 1 and threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
-            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                       initializer=_ignore_ctrl_c)
+        if workers > 1 and forking.can_fork():
+            pool = forking.executor(workers)
             try:
                 parts = list(pool.map(_list_data_file, range(len(paths))))
             finally:  # on an error or Ctrl-C, files not yet started are not read
@@ -255,10 +251,6 @@ def list_inventory(s3, manifest_uri: str, config: common.Config, owner: str, exc
     for path in paths:
         path.unlink(missing_ok=True)
     return Listing.merged(parts, workdir)
-
-
-def _ignore_ctrl_c() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides; workers stop with the pool
 
 
 def _list_data_file(n: int) -> dict:

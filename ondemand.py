@@ -93,11 +93,11 @@ def load_part(job: dict, config: common.Config, runtime, s3v, report: Path, inde
     dimension = int(job.get("embedding_dimension", config.embedding_dimension))
     config = dataclasses.replace(config, model_id=job.get("model_id") or config.model_id)
     requests = list(part_records(job))
+    keys = [common.vector_key(uri) for uri, _ in requests]
     # A step 3 stopped half-way (Ctrl-C, a lost connection) left some of them in the index: not paid for again.
-    loaded = accounting.present_keys(s3v, config.vector_bucket, config.vector_index,
-                                     [common.vector_key(uri) for uri, _ in requests])
+    loaded = accounting.present_keys(s3v, config.vector_bucket, config.vector_index, keys)
     if loaded:
-        requests = [(uri, body) for uri, body in requests if common.vector_key(uri) not in loaded]
+        requests = [request for request, key in zip(requests, keys) if key not in loaded]
         print(f"{len(loaded)} image(s) of {job['job_name']} are in the index already (embedded by an earlier "
               "step 3): not embedded again")
     print(f"Embedding {len(requests)} image(s) on demand with {config.model_id} ({job['job_name']})")

@@ -9,10 +9,7 @@ gives the results back in order; without a pool it examines them in this process
 from __future__ import annotations
 
 import mmap
-import multiprocessing
 import os
-import signal
-import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -23,6 +20,7 @@ from typing import NamedTuple
 import orjson
 
 import common
+import forking
 import vectors
 from common import StepError
 
@@ -89,11 +87,6 @@ class Pool(NamedTuple):
 _shared: mmap.mmap | None = None  # the pool's shared memory, as a forked worker inherits it
 
 
-def _worker_start() -> None:
-    # Ctrl-C reaches the whole process group: the main process decides what happens, workers do not print.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _examine_slot(slot: int, lengths: list[int], job_id: str, dimension: int) -> list[tuple | None]:
     """In a worker: examine the lines the main process put in `slot` and write each part into the slot's second
     half, returning its (offset, length) in place of the part (a part that does not fit is returned as it is)."""
@@ -124,11 +117,11 @@ def pool(workers: int):
     0.16 ms a line on the main side, 0.26 on the worker side). The workers are forked at once, before the caller
     starts threads of its own."""
     global _shared
-    if workers <= 0 or threading.active_count() != 1 or "fork" not in multiprocessing.get_all_start_methods():
+    if workers <= 0 or not forking.can_fork():
         yield None
         return
     _shared = mmap.mmap(-1, 2 * workers * 2 * SLOT_BYTES)  # anonymous and shared: the forked workers see it
-    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_worker_start)
+    executor = forking.executor(workers)
     try:
         for started in [executor.submit(os.getpid) for _ in range(workers)]:
             started.result()

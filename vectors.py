@@ -353,11 +353,11 @@ class PutVectorsSender:
 
     def submit(self, batch: Batch) -> None:
         """Hand `batch` to a sending thread, waiting until one is free."""
-        while not self.idle.acquire(timeout=0.2):
+        while True:
             if self.error is not None:
                 raise self.error
-        if self.error is not None:
-            raise self.error
+            if self.idle.acquire(timeout=0.2):
+                break
         self.queue.put(batch)
 
     def close(self) -> None:

@@ -1,0 +1,25 @@
+"""Worker processes forked from a step, for CPU-bound work the GIL would otherwise serialise (step 3's output lines,
+01's inventory data files). Forking shares what the step already holds (the index's key set, shared memory)
+without copying it, but it is safe only while the step runs no other thread (a thread's held lock would be copied
+locked), and only where the system has fork: otherwise the caller does the work in its own process."""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import threading
+from concurrent.futures import ProcessPoolExecutor
+
+
+def can_fork() -> bool:
+    """Whether this process may fork workers now."""
+    return threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods()
+
+
+def executor(workers: int) -> ProcessPoolExecutor:
+    """A pool of `workers` forked processes that leave Ctrl-C to the step (it reaches the whole process group)."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_ignore_ctrl_c)
+
+
+def _ignore_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
