@@ -99,6 +99,44 @@ def test_text_that_is_not_json_is_refused(text):
         vectors.encode_text("k", text, 8, {})
 
 
+LONG_TEXTS = {  # 3072 values, where copying and re-formatting are decided by the text's length
+    "float32 text": orjson.dumps(np.random.default_rng(2).standard_normal(3072).astype(np.float32),
+                                 option=orjson.OPT_SERIALIZE_NUMPY),
+    "float32 values as float64 text": json.dumps(
+        [float(v) for v in np.random.default_rng(3).standard_normal(3072).astype(np.float32)]).encode(),
+    "long float text": json.dumps(list(np.random.default_rng(4).standard_normal(3072))).encode(),
+    "integers and exponents": b"[" + b",".join([b"1", b"-2e-3", b"16777217", b"-0", b"3.4028235E38"] * 614
+                                               + [b"0"] * 2) + b"]",
+    "digits beyond float64": b"[" + b",".join([b"0.1000000000000000055511151231257827021181583404541015625"] * 3072) + b"]",
+}
+
+
+@pytest.mark.parametrize("name", [*TEXTS, *LONG_TEXTS])
+def test_the_fast_path_reads_the_numbers_and_gives_the_reference_paths_bytes(name, monkeypatch):
+    text, dimension = (TEXTS[name], 8) if name in TEXTS else (LONG_TEXTS[name], 3072)
+    metadata = {"source_uri": "s3://b/a.png", "job_id": "j"}
+    reference = vectors._encode_parsed_text("k", text, dimension, metadata)
+    assert np.array_equal(vectors._numbers(text, dimension), np.asarray(orjson.loads(text), dtype=np.float64))
+
+    def no_reference(*args):
+        raise AssertionError("the reference path was taken")
+
+    monkeypatch.setattr(vectors, "_encode_parsed_text", no_reference)
+    assert vectors.encode_text("k", text, dimension, metadata) == reference
+
+
+@pytest.mark.parametrize("text", [
+    b"[0.1,0.2]",  # too few
+    b"[NaN,0,0,0,0,0,0,1]", b"[1e400,0,0,0,0,0,0,1]", b"[0.1,0.2",  # not JSON
+    b"[null,0,0,0,0,0,0,1]", b"[true,0,0,0,0,0,0,1]", b'["1",0,0,0,0,0,0,1]',  # not numbers
+    b"[[1],0,0,0,0,0,0,1]", b"[1,[0],0,0,0,0,0,1]",  # nested: simdjson's buffer would flatten them
+    b'{"a":[1,2,3,4,5,6,7,8]}',
+])
+def test_what_the_fast_path_cannot_read_is_left_to_the_reference_path(text):
+    assert vectors._numbers(text, 8) is None
+    assert vectors._numbers(TEXTS["float32 text"], 8) is not None  # the parser reads the next line after a refusal
+
+
 # ---------------------------------------------------------------------------------------------------- Loader.line
 
 
