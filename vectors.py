@@ -181,8 +181,8 @@ def _numbers(text: bytes, dimension: int) -> np.ndarray | None:
         if type(array) is not simdjson.Array or len(array) != dimension or text.find(b"[", 1) >= 0:
             return None  # as_buffer would flatten a nested array: the reference path refuses it
         buffer = array.as_buffer(of_type="d")
-    except (ValueError, TypeError):  # not JSON, a number beyond float64, or an element that is not a number
-        return None
+    except (ValueError, TypeError, RuntimeError):  # not JSON, a number beyond float64, an integer beyond 64 bits
+        return None  # (orjson reads that one as a float), an element that is not a number
     finally:
         array = None  # the parser refuses to parse again while a proxy of its last document lives
     return np.frombuffer(buffer, dtype=np.float64)

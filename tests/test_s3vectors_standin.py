@@ -703,3 +703,73 @@ def test_list_vectors_pages_may_count_data_that_is_not_returned(standin_factory)
     page = s.client.list_vectors(indexArn=arn, maxResults=50)
     assert 1 <= len(page["vectors"]) < 10 and "nextToken" in page
     assert sorted(all_keys(s.client, arn, PaginationConfig={"PageSize": 50})) == [f"k{i:02d}" for i in range(50)]
+
+
+# ----------------------------------------------------------------------------- PutVectors read by simdjson
+
+
+def _put(vectors) -> bytes:
+    head = b'{"vectorBucketName":"bucket","indexName":"index","vectors":'
+    return head + (vectors if isinstance(vectors, bytes) else orjson.dumps(vectors)) + b"}"
+
+
+def _v(key, values, **metadata):
+    return {"key": key, "data": {"float32": values}, **({"metadata": metadata} if metadata else {})}
+
+
+PUT_BODIES = {  # name: (body, whether simdjson reads it: the rest is left to orjson)
+    "plain": (_put([_v("a", [0.1, -0.2, 0.3], uri="s3://b/中文 a+b.png", n=3, ok=True), _v("b", [1, 2, 3])]), True),
+    "integers, exponents, negative zero": (_put(b'[{"key":"a","data":{"float32":[1e-8,-0,16777217]}},'
+                                                b'{"key":"b","data":{"float32":[3.4028235E38,-2.5e+3,-0.0]}}]'), True),
+    "digits beyond float64": (_put(b'[{"key":"a","data":{"float32":[0.1000000000000000055511151231257827,'
+                                   b'0.30000000000000004,7]}}]'), True),
+    "beyond float32": (_put([_v("a", [1e39, 1.0, 1.0])]), True),
+    "zero once float32": (_put([_v("a", [1e-50, 0.0, -1e-60])]), True),
+    "all zeros": (_put([_v("ok", [1.0, 1.0, 1.0]), _v("a", [0, 0.0, -0.0])]), True),
+    "too few values": (_put([_v("a", [1.0, 2.0])]), True),
+    "no values": (_put([_v("a", [])]), True),
+    "null among the values": (_put([_v("a", [None, 1.0, 1.0])]), False),
+    "true among the values": (_put([_v("a", [True, 1.0, 1.0])]), False),
+    "text among the values": (_put([_v("a", ["1", 1.0, 1.0])]), False),
+    "nested values": (_put([_v("a", [[1.0], 1.0, 1.0])]), False),
+    "NaN": (_put(b'[{"key":"a","data":{"float32":[NaN,1,1]}}]'), False),
+    "1e400": (_put(b'[{"key":"a","data":{"float32":[1e400,1,1]}}]'), False),
+    "an integer beyond 64 bits": (_put(b'[{"key":"a","data":{"float32":[100000000000000000000,1,1]}}]'), False),
+    "a list in metadata": (_put([_v("a", [1.0, 1.0, 1.0], tags=["x", "y"])]), False),
+    "a bracket in a key": (_put([_v("a[1]", [1.0, 1.0, 1.0])]), False),
+    "nested metadata": (_put([_v("a", [1.0, 1.0, 1.0], nested={"a": 1})]), True),
+    "a key twice in a vector": (_put(b'[{"key":"a","key":"b","data":{"float32":[1,1,1]}}]'), False),
+    "a key twice in the body": (_put(b'[{"key":"a","data":{"float32":[1,1,1]}}],"indexName":"other"'), False),
+    "data with another type": (_put(b'[{"key":"a","data":{"float32":[1,1,1],"float16":[1,1,1]}}]'), False),
+    "no data": (_put(b'[{"key":"a"}]'), False),
+    "a duplicate key": (_put([_v("a", [1.0, 1.0, 1.0]), _v("a", [2.0, 1.0, 1.0])]), True),
+    "no vectors": (_put([]), True),
+    "vectors not a list": (_put(b'{"key":"a"}'), False),
+}
+
+
+@pytest.mark.parametrize("name", PUT_BODIES)
+def test_put_vectors_read_by_simdjson_answers_and_stores_what_orjson_would(name, monkeypatch):
+    from werkzeug.test import Client
+
+    from tests.standins import s3vectors
+
+    body, fast = PUT_BODIES[name]
+    assert (s3vectors._read_put_vectors(body) is not None) == fast
+    seen = []
+    for reader in (s3vectors._read_put_vectors, lambda _body: None):
+        monkeypatch.setattr(s3vectors, "_read_put_vectors", reader)
+        app = make_app(options=NO_QUOTA)
+        client = Client(app)
+        assert client.post("/CreateVectorBucket", json={"vectorBucketName": "bucket"}).status_code == 200
+        assert client.post("/CreateIndex", json={"vectorBucketName": "bucket", "indexName": "index",
+                                                "dataType": "float32", "dimension": 3,
+                                                "distanceMetric": "cosine"}).status_code == 200
+        response = client.post("/PutVectors", data=body)
+        stored = app.buckets["bucket"].indexes["index"].vectors
+        seen.append((response.status_code, response.get_data(),
+                     {key: (arr.tobytes(), meta) for key, (arr, _norm, meta) in stored.items()},
+                     {key: norm for key, (_arr, norm, _meta) in stored.items()}))
+    (status_new, answer_new, vectors_new, norms_new), (status_old, answer_old, vectors_old, norms_old) = seen
+    assert (status_new, answer_new, vectors_new) == (status_old, answer_old, vectors_old)
+    assert norms_new == pytest.approx(norms_old, rel=1e-12)

@@ -59,7 +59,9 @@ import zlib
 from array import array
 from typing import Any, Callable
 
+import numpy as np
 import orjson
+import simdjson
 from werkzeug.wrappers import Request, Response
 
 DEFAULT_OPTIONS: dict[str, Any] = {
@@ -500,7 +502,10 @@ class S3VectorsStandin:
         body_bytes = self._read_body(request, environ)
         with self.lock:
             self.global_stats["requests"] += 1
-        if body_bytes.strip():
+        body = _read_put_vectors(body_bytes) if op == self.put_vectors else None
+        if body is not None:
+            pass
+        elif body_bytes.strip():
             try:
                 body = orjson.loads(body_bytes)
             except orjson.JSONDecodeError as e:
@@ -802,6 +807,8 @@ class S3VectorsStandin:
         return keys
 
     def _check_vector_data(self, data: Any, index: _Index, what: str) -> tuple[array, float]:
+        if type(data) is dict and type(data.get("float32")) is np.ndarray:
+            return self._check_float64(data["float32"], index, what)
         if type(data) is not dict or type(data.get("float32")) is not list or len(data) != 1:
             raise _validation(f"{what}: data must be {{\"float32\": [...]}}")
         values = data["float32"]
@@ -821,6 +828,23 @@ class S3VectorsStandin:
         if norm == 0.0 and index.metric == "cosine":
             raise _validation(f"{what}: an all-zero vector is not allowed in a cosine index")
         return arr, norm
+
+    @staticmethod
+    def _check_float64(values: np.ndarray, index: _Index, what: str) -> tuple[array, float]:
+        """_check_vector_data for the float64 values _read_put_vectors read: the same checks and answers."""
+        if len(values) != index.dimension:
+            raise _validation(f"{what}: vector has {len(values)} dimensions, the index has {index.dimension}")
+        with np.errstate(over="ignore", under="ignore"):
+            stored = values.astype(np.float32)  # C's cast, as array("f") makes it
+            norm = math.sqrt(values @ values)
+            if not _FLT_TINY <= norm <= _FLT_MAX:
+                wide = stored.astype(np.float64)
+                norm = math.sqrt(wide @ wide)
+        if not math.isfinite(norm):
+            raise _validation(f"{what}: vector values must be finite float32 numbers (no NaN or Infinity)")
+        if norm == 0.0 and index.metric == "cosine":
+            raise _validation(f"{what}: an all-zero vector is not allowed in a cosine index")
+        return array("f", stored.tobytes()), norm
 
     def _check_metadata(self, meta: Any, index: _Index, what: str) -> None:
         if type(meta) is not dict:
@@ -1113,6 +1137,61 @@ class S3VectorsStandin:
             start = token[1]
         end = start + size
         return ranked[start:end], (_encode_token(["query", end, fingerprint]) if end < len(ranked) else None)
+
+
+_simd = threading.local()  # a simdjson parser per serving thread
+
+
+def _read_put_vectors(body: bytes) -> dict | None:
+    """A PutVectors body as orjson reads it, except that each vector's `float32` list is a float64 numpy array read
+    by simdjson: orjson would make a Python float of each of a full request's 1.5 million numbers, most of this
+    stand-in's CPU, on the cores the loader under test shares. None for any other shape (an array nested anywhere,
+    a list in metadata, a key twice in one object, what simdjson refuses): orjson then reads the body, and every
+    refusal is decided there or by the same checks."""
+    parser = getattr(_simd, "parser", None)
+    if parser is None:
+        parser = _simd.parser = simdjson.Parser()
+    doc = vectors = item = data = values = None
+    try:
+        try:
+            doc = parser.parse(body)
+        except (ValueError, RuntimeError):  # not JSON; an integer beyond 64 bits, which orjson reads as a float
+            return None
+        vectors = doc.get("vectors") if type(doc) is simdjson.Object else None
+        if type(vectors) is not simdjson.Array or body.count(b"[") != 1 + len(vectors):
+            return None  # every "[" opens either the list or one vector's values: nothing nested, no lists else
+        out = {key: _plain(doc[key]) for key in doc.keys() if key != "vectors"}
+        read = []
+        for item in vectors:
+            if type(item) is not simdjson.Object:
+                return None
+            vector = {key: _plain(item[key]) for key in item.keys() if key != "data"}
+            data = item.get("data")
+            if data is not None:
+                values = data.get("float32") if type(data) is simdjson.Object and len(data) == 1 else None
+                if type(values) is not simdjson.Array:
+                    return None
+                try:
+                    vector["data"] = {"float32": np.frombuffer(values.as_buffer(of_type="d"), dtype=np.float64)}
+                except (TypeError, ValueError):  # an element that is not a number
+                    return None
+            if len(vector) != len(item):
+                return None
+            read.append(vector)
+        if len(out) + 1 != len(doc):
+            return None
+        out["vectors"] = read
+        return out
+    finally:
+        doc = vectors = item = data = values = None  # the parser reads again only once no proxy of this body lives
+
+
+def _plain(value: Any) -> Any:
+    if type(value) is simdjson.Object:
+        return value.as_dict()
+    if type(value) is simdjson.Array:
+        return value.as_list()
+    return value
 
 
 def _check_bucket_name(name: Any) -> None:
