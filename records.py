@@ -1,9 +1,10 @@
 """What step 3 makes of each line of a job's output: a PutVectors part for the index, or a failure and its reason.
 
 `examine` is pure, so lines can be examined in other processes. Turning an embedding's 3,072 numbers of text into
-float32 JSON costs about as much CPU as everything else step 3 does together (0.23 ms a line of Python float text
-with simdjson and orjson): at the index's write quota (2,500 vectors/s) it takes more than half a core. `examined` hands chunks of lines to a pool of worker processes (`pool`) and
-gives the results back in order; without a pool it examines them in this process.
+float32 JSON costs about as much CPU as everything else step 3 does together (≈ 0.23 ms a line of Python float
+text): at the index's write quota (2,500 vectors/s) it takes more than half a core. `examined` hands chunks of
+lines to a pool of worker processes (`pool`) and gives the results back in order; without a pool it examines them
+in this process.
 """
 
 from __future__ import annotations

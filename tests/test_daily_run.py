@@ -230,7 +230,7 @@ def test_two_01_started_together_make_one_job_and_one_manifest(world):
     loser = next(err for code, _, err in results if code)
     assert loser.count("\n") == 1 and loser.startswith("error: ")
     assert len(jobs(world)) == 1
-    assert jobs(world)[0]["totalRecordCount"] in (None, 150)
+    assert jobs(world)[0].get("totalRecordCount") in (None, 150)  # absent until the job is validated
     assert len(s3_manifests(world)) == 1
     assert len(list(world.cwd.rglob("batch_input_*.jsonl"))) == 1
 

@@ -108,7 +108,8 @@ LONG_TEXTS = {  # 3072 values, where copying and re-formatting are decided by th
     "long float text": json.dumps(list(np.random.default_rng(4).standard_normal(3072))).encode(),
     "integers and exponents": b"[" + b",".join([b"1", b"-2e-3", b"16777217", b"-0", b"3.4028235E38"] * 614
                                                + [b"0"] * 2) + b"]",
-    "digits beyond float64": b"[" + b",".join([b"0.1000000000000000055511151231257827021181583404541015625"] * 3072) + b"]",
+    "digits beyond float64": b"[" + b",".join([b"0.1000000000000000055511151231257827021181583404541015625"] * 3072)
+                             + b"]",
 }
 
 

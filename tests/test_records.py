@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 import common
+import forking
 import records
 import vectors
 
@@ -114,6 +115,24 @@ def a_worker_dies():
 def test_a_worker_that_dies_stops_with_one_line():
     message, code = in_a_fresh_process(a_worker_dies)
     assert "worker process" in message and "--workers 0" in message and code == common.EXIT_ERROR
+
+
+def _interrupt_this_process() -> str:
+    os.kill(os.getpid(), signal.SIGINT)  # delivered before kill returns: a default handler raises right here
+    return "went on"
+
+
+def ctrl_c_in_a_worker():
+    with forking.executor(1) as pool:
+        try:
+            return pool.submit(_interrupt_this_process).result()
+        except KeyboardInterrupt:
+            return "interrupted"
+
+
+def test_a_worker_leaves_ctrl_c_to_the_step():
+    # Ctrl-C reaches the whole process group: the step stops its workers itself, with its one line
+    assert in_a_fresh_process(ctrl_c_in_a_worker) == "went on"
 
 
 def test_a_recycled_buffer_is_written_again_and_others_stay_intact():

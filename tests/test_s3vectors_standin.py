@@ -718,9 +718,11 @@ def _v(key, values, **metadata):
 
 
 PUT_BODIES = {  # name: (body, whether simdjson reads it: the rest is left to orjson)
-    "plain": (_put([_v("a", [0.1, -0.2, 0.3], uri="s3://b/中文 a+b.png", n=3, ok=True), _v("b", [1, 2, 3])]), True),
+    "plain": (_put([_v("a", [0.1, -0.2, 0.3], uri="s3://b/中文 a+b.png", n=3, ok=True), _v("b", [1, 2, 3])]),
+              True),
     "integers, exponents, negative zero": (_put(b'[{"key":"a","data":{"float32":[1e-8,-0,16777217]}},'
-                                                b'{"key":"b","data":{"float32":[3.4028235E38,-2.5e+3,-0.0]}}]'), True),
+                                                b'{"key":"b","data":{"float32":[3.4028235E38,-2.5e+3,-0.0]}}]'),
+                                           True),
     "digits beyond float64": (_put(b'[{"key":"a","data":{"float32":[0.1000000000000000055511151231257827,'
                                    b'0.30000000000000004,7]}}]'), True),
     "beyond float32": (_put([_v("a", [1e39, 1.0, 1.0])]), True),

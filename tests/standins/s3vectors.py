@@ -503,18 +503,21 @@ class S3VectorsStandin:
         with self.lock:
             self.global_stats["requests"] += 1
         body = _read_put_vectors(body_bytes) if op == self.put_vectors else None
-        if body is not None:
-            pass
-        elif body_bytes.strip():
-            try:
-                body = orjson.loads(body_bytes)
-            except orjson.JSONDecodeError as e:
-                raise _validation(f"Request body is not valid JSON (NaN/Infinity are not JSON): {e}") from None
-            if type(body) is not dict:
-                raise _validation("Request body must be a JSON object")
-        else:
-            body = {}
+        if body is None:
+            body = self._parse(body_bytes)
         return self._respond(op(body, len(body_bytes)))
+
+    @staticmethod
+    def _parse(body_bytes: bytes) -> dict:
+        if not body_bytes.strip():
+            return {}
+        try:
+            body = orjson.loads(body_bytes)
+        except orjson.JSONDecodeError as e:
+            raise _validation(f"Request body is not valid JSON (NaN/Infinity are not JSON): {e}") from None
+        if type(body) is not dict:
+            raise _validation("Request body must be a JSON object")
+        return body
 
     # ---------------------------------------------------------------------------------------- control API
 
