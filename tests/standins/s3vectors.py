@@ -522,16 +522,7 @@ class S3VectorsStandin:
     # ---------------------------------------------------------------------------------------- control API
 
     def _control(self, request: Request, what: str) -> Response:
-        body: dict = {}
-        if request.method == "POST":
-            raw = request.get_data()
-            if raw.strip():
-                try:
-                    body = orjson.loads(raw)
-                except orjson.JSONDecodeError as e:
-                    raise _validation(f"invalid JSON: {e}") from None
-                if type(body) is not dict:
-                    raise _validation("body must be a JSON object")
+        body = self._parse(request.get_data()) if request.method == "POST" else {}
         if what == "stats" and request.method == "GET":
             return self._respond(self.snapshot_stats())
         if what == "config" and request.method == "GET":
