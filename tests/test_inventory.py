@@ -7,11 +7,16 @@ import csv
 import gzip
 import hashlib
 import io
+import multiprocessing
 import os
 import random
 import re
+import signal
+import subprocess
 import sys
+import time
 import types
+from pathlib import Path
 from urllib.parse import quote_plus
 
 import duckdb
@@ -22,7 +27,7 @@ import common
 import inventory
 import keyset
 import listing
-from tests.conftest import import_step
+from tests.conftest import ROOT, import_step
 from tests.test_listing import config_for, manifests, plan_and_write
 
 create_job = import_step(1)
@@ -218,3 +223,63 @@ def test_listings_of_parts_merge_into_the_listing_of_the_whole(tmp_path):
     assert merged.images == whole.images > 0 and whole.left_out["already in the vector index"] > 0
     assert merged.path.read_bytes() == whole.path.read_bytes()
     assert not [p for p in tmp_path.glob("part*/*")]  # the parts' files were merged away
+
+
+# ------------------------------------------------------------------------------------- Ctrl-C while workers read
+
+_PARENT = {}
+
+
+def _read_until_interrupted(n: int) -> dict:
+    """Stands in for 01's reading of data file n in a worker: file 0 presses Ctrl-C (in 01, not in its workers),
+    and every file read waits until 01 has seen it."""
+    folder = create_job._forked["folders"][n]
+    (folder / "read").touch()
+    if n == 0:
+        os.kill(_PARENT["pid"], signal.SIGINT)
+    while not (folder.parent / "interrupted").exists():
+        time.sleep(0.01)
+    return {}
+
+
+_read_until_interrupted.__module__, _read_until_interrupted.__qualname__ = create_job.__name__, "_list_data_file"
+
+
+def ctrl_c_while_workers_read(tmp: str) -> dict:
+    """In a fresh interpreter (`python -m tests.test_inventory TMP`): 01 reads 12 data files with workers, one of
+    which presses Ctrl-C."""
+    tmp = Path(tmp)
+    _PARENT["pid"] = os.getpid()
+
+    def on_ctrl_c(signum, frame):
+        (tmp / "interrupted").touch()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    paths = [tmp / f"data-{n}.csv.gz" for n in range(12)]
+    inventory.data_files = lambda *args: ({}, paths)
+    create_job._list_data_file = _read_until_interrupted  # forked workers find it by this name
+    config = types.SimpleNamespace(source_bucket="images", source_prefix="")
+    try:
+        create_job.list_inventory(None, "s3://images/inventory/manifest.json", config, "111122223333", [], tmp, None)
+    except KeyboardInterrupt:
+        return {"interrupted": True, "read": sorted(int(p.parent.name.split("-")[1]) for p in tmp.glob("part-*/read")),
+                "workers left": len(multiprocessing.active_children())}
+    return {"interrupted": False}
+
+
+def test_ctrl_c_while_workers_read_the_inventory_leaves_the_other_files_unread(tmp_path):
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("01 reads an inventory in worker processes only with 2 CPUs or more")
+    # its own interpreter: 01 forks only from a process that runs one thread, and a hung pool cannot hang the suite
+    done = subprocess.run([sys.executable, "-m", "tests.test_inventory", str(tmp_path)], cwd=ROOT, timeout=120,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = orjson.loads(done.stdout.splitlines()[-1])
+    assert result["interrupted"], "Ctrl-C did not stop 01"
+    assert 0 in result["read"] and len(result["read"]) < 12  # the files not yet handed to a worker are never read
+    assert result["workers left"] == 0
+
+
+if __name__ == "__main__":
+    print(orjson.dumps(ctrl_c_while_workers_read(sys.argv[1])).decode())
