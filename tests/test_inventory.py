@@ -1,5 +1,6 @@
 """01 --inventory: an S3 Inventory report (CSV, gzipped CSV, Parquet) gives the same images, plan and manifests as
-listing the bucket; ORC, a report without Size, of another bucket or with a damaged file stop with one line."""
+listing the bucket; ORC, a report without Size, of another bucket or with a damaged file stop with one line; Ctrl-C
+while worker processes read the data files stops 01 and leaves the files not yet handed out unread."""
 
 from __future__ import annotations
 

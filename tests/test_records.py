@@ -1,5 +1,6 @@
 """Step 3's output lines examined in worker processes: the same results in the same order as in this process, the
-shared-memory slots reused, a line longer than a slot, a worker that dies; and the recycled request buffers."""
+shared-memory slots reused, a line longer than a slot, a worker that dies, a worker that leaves Ctrl-C to the step;
+and the recycled request buffers."""
 
 from __future__ import annotations
 
