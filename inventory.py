@@ -32,21 +32,6 @@ from common import StepError
 BATCH = 50_000  # Parquet rows fetched at once
 
 
-def objects(s3, manifest_uri: str, bucket: str, prefix: str, owner: str,
-            workdir: Path) -> Iterator[tuple[str, int]]:
-    """(key, size, ETag or None) of every current object under `prefix` in the report at `manifest_uri`, its data
-    files downloaded and read one at a time."""
-    manifest = read_manifest(s3, manifest_uri, bucket, owner)
-    report_bucket, _ = common.parse_s3_uri(manifest_uri)
-    for n, entry in enumerate(manifest["files"]):
-        path = workdir / f"inventory-{n}"
-        try:
-            download(s3, report_bucket, entry, owner, path)
-            yield from file_objects(path, manifest, bucket, prefix)
-        finally:
-            path.unlink(missing_ok=True)
-
-
 def data_files(s3, manifest_uri: str, bucket: str, owner: str, workdir: Path) -> tuple[dict, list[Path]]:
     """The report's manifest and every one of its data files, downloaded into `workdir` (to be read side by side)."""
     manifest = read_manifest(s3, manifest_uri, bucket, owner)

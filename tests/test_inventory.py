@@ -29,7 +29,7 @@ import inventory
 import keyset
 import listing
 from tests.conftest import ROOT, import_step
-from tests.test_listing import config_for, manifests, plan_and_write
+from tests.test_listing import config_for, manifests, plan_and_write, plan_and_write_listing
 
 create_job = import_step(1)
 SCHEMA = "Bucket, Key, VersionId, IsLatest, IsDeleteMarker, Size, LastModifiedDate, ETag, StorageClass"
@@ -115,12 +115,13 @@ def test_an_inventory_gives_the_same_manifests_as_listing(bucket, tmp_path, fmt)
         out.mkdir()
         if name == "listed":
             objects = listing.list_objects(listing.lean(s3), world.source_bucket, "2024/", "123456789012")
+            records = plan_and_write(objects, config, work, out)
         else:
-            objects = inventory.objects(s3, uri, world.source_bucket, "2024/", "123456789012", work)
-        records = plan_and_write(objects, config, work, out)
+            found = create_job.list_inventory(s3, uri, config, "123456789012", [], work, None)
+            records = plan_and_write_listing(found, config, out)
         results.append(([(r["job_name"], r["input_folder"], r["record_count"], r["client_request_token"])
                          for r in records], manifests(records)))
-        assert list(work.iterdir()) == [work / "images.jsonl"]  # the downloaded report files are gone
+        assert not list(work.glob("inventory-*"))  # the downloaded report files are gone
     assert results[0] == results[1]
     lines = [orjson.loads(line) for body in results[0][1].values() for line in body.splitlines()]
     uris = {common.image_uri(line) for line in lines}
@@ -192,7 +193,8 @@ def test_parquet_without_duckdb_says_how_to_install_it(bucket, tmp_path, monkeyp
     uri = publish(bucket, "parquet", tmp_path)
     monkeypatch.setitem(sys.modules, "duckdb", None)
     with pytest.raises(common.StepError, match="uv sync --extra parquet"):
-        list(inventory.objects(bucket.client("s3"), uri, bucket.source_bucket, "2024/", "123456789012", tmp_path))
+        manifest, paths = inventory.data_files(bucket.client("s3"), uri, bucket.source_bucket, "123456789012", tmp_path)
+        list(inventory.file_objects(paths[0], manifest, bucket.source_bucket, "2024/"))
 
 
 def test_listings_of_parts_merge_into_the_listing_of_the_whole(tmp_path):

@@ -210,7 +210,10 @@ def synthetic(folders: int, per_folder: int, seed: int = 0) -> list[dict]:
 
 def plan_and_write(objects, config, workdir, manifest_dir, stamp="20261201-000000"):
     pairs = ((o["Key"], o["Size"], o.get("ETag")) if isinstance(o, dict) else o for o in objects)
-    found = create_job.list_images(pairs, config, [], workdir)
+    return plan_and_write_listing(create_job.list_images(pairs, config, [], workdir), config, manifest_dir, stamp)
+
+
+def plan_and_write_listing(found, config, manifest_dir, stamp="20261201-000000"):
     can_root = lambda folder: True  # noqa: E731
     planned = jobs.plan_jobs({f: tuple(c) for f, c in found.counts.items()}, config.source_prefix, config.quotas,
                              can_root).jobs

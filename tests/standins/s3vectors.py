@@ -801,44 +801,17 @@ class S3VectorsStandin:
         return keys
 
     def _check_vector_data(self, data: Any, index: _Index, what: str) -> tuple[array, float]:
-        if type(data) is dict and type(data.get("float32")) is np.ndarray:
-            return self._check_float64(data["float32"], index, what)
-        if type(data) is not dict or type(data.get("float32")) is not list or len(data) != 1:
+        values = data.get("float32") if type(data) is dict and len(data) == 1 else None
+        if type(values) is not list and type(values) is not np.ndarray:  # an array: read by _read_put_vectors
             raise _validation(f"{what}: data must be {{\"float32\": [...]}}")
-        values = data["float32"]
         if len(values) != index.dimension:
             raise _validation(f"{what}: vector has {len(values)} dimensions, the index has {index.dimension}")
-        try:
-            # one C-level pass over the floats orjson already made: inf/nan if any value is non-finite
-            norm = math.hypot(*values)
-            arr = array("f", values)
-        except (TypeError, OverflowError):
-            raise _validation(f"{what}: vector values must be numbers") from None
-        if not _FLT_TINY <= norm <= _FLT_MAX:
-            # rare: a value may overflow float32 (-> inf) or underflow to 0; judge the stored float32 values
-            norm = math.hypot(*arr)
+        arr, norm = _stored_float64(values) if type(values) is np.ndarray else _stored_list(values, what)
         if not math.isfinite(norm):
             raise _validation(f"{what}: vector values must be finite float32 numbers (no NaN or Infinity)")
         if norm == 0.0 and index.metric == "cosine":
             raise _validation(f"{what}: an all-zero vector is not allowed in a cosine index")
         return arr, norm
-
-    @staticmethod
-    def _check_float64(values: np.ndarray, index: _Index, what: str) -> tuple[array, float]:
-        """_check_vector_data for the float64 values _read_put_vectors read: the same checks and answers."""
-        if len(values) != index.dimension:
-            raise _validation(f"{what}: vector has {len(values)} dimensions, the index has {index.dimension}")
-        with np.errstate(over="ignore", under="ignore"):
-            stored = values.astype(np.float32)  # C's cast, as array("f") makes it
-            norm = math.sqrt(values @ values)
-            if not _FLT_TINY <= norm <= _FLT_MAX:
-                wide = stored.astype(np.float64)
-                norm = math.sqrt(wide @ wide)
-        if not math.isfinite(norm):
-            raise _validation(f"{what}: vector values must be finite float32 numbers (no NaN or Infinity)")
-        if norm == 0.0 and index.metric == "cosine":
-            raise _validation(f"{what}: an all-zero vector is not allowed in a cosine index")
-        return array("f", stored.tobytes()), norm
 
     def _check_metadata(self, meta: Any, index: _Index, what: str) -> None:
         if type(meta) is not dict:
@@ -1131,6 +1104,32 @@ class S3VectorsStandin:
             start = token[1]
         end = start + size
         return ranked[start:end], (_encode_token(["query", end, fingerprint]) if end < len(ranked) else None)
+
+
+def _stored_list(values: list, what: str) -> tuple[array, float]:
+    """The float32 values the index stores of a list orjson read, and their norm (inf for NaN, Infinity or a value
+    beyond float32)."""
+    try:
+        # one C-level pass over the floats orjson already made: inf/nan if any value is non-finite
+        norm = math.hypot(*values)
+        arr = array("f", values)
+    except (TypeError, OverflowError):
+        raise _validation(f"{what}: vector values must be numbers") from None
+    if not _FLT_TINY <= norm <= _FLT_MAX:
+        # rare: a value may overflow float32 (-> inf) or underflow to 0; judge the stored float32 values
+        norm = math.hypot(*arr)
+    return arr, norm
+
+
+def _stored_float64(values: np.ndarray) -> tuple[array, float]:
+    """_stored_list for the float64 values _read_put_vectors read."""
+    with np.errstate(over="ignore", under="ignore"):
+        stored = values.astype(np.float32)  # C's cast, as array("f") makes it
+        norm = math.sqrt(values @ values)
+        if not _FLT_TINY <= norm <= _FLT_MAX:
+            wide = stored.astype(np.float64)
+            norm = math.sqrt(wide @ wide)
+    return array("f", stored.tobytes()), norm
 
 
 _simd = threading.local()  # a simdjson parser per serving thread
