@@ -335,35 +335,64 @@ class RateLimiter:
     Each request reserves its share of time, so the rate at the index stays smooth; after a pause, up to
     `burst_seconds` of credit may be spent at once (whether the index grants such a burst is unverified: if it does
     not, the first requests meet 429 and the pacer slows down). After a throttling answer the vector rate drops by a
-    quarter and recovers by 5 % a second, so a smaller or shared quota is found rather than hammered.
+    quarter and climbs back as the AWS SDKs' adaptive retry mode does (CUBIC): quickly at first, to the rate it was
+    throttled at within `recover_seconds`, then slowly past it. A stray 429 costs little: ≈ 0.16 s of a load at the
+    quota, where a recovery of 5 % a second cost 0.75 s. A 429 met again on the way back means a limit near that
+    rate (a quota shared with another writer, or smaller than the pacer was told): each doubles the time to climb
+    back, up to MAX_RECOVER, so the limit is found rather than hammered. Only the first 429 of the requests reserved
+    before a cut counts: the others were paced at the old rate.
     """
 
+    CUT = 0.75  # the share of the rate kept after a 429
+    MAX_RECOVER = 16.0  # seconds: how slowly the pacer may climb back under a limit it keeps meeting
+
     def __init__(self, vectors_per_second: float, requests_per_second: float, clock=time.monotonic,
-                 sleep=time.sleep, burst_seconds: float = 1.0):
+                 sleep=time.sleep, burst_seconds: float = 1.0, recover_seconds: float = 2.0):
         self.max_rate = float(vectors_per_second)
         self.rate = float(vectors_per_second)
         self.requests_per_second = float(requests_per_second)
         self.burst = burst_seconds  # credit after a pause, as a token bucket of one second's worth gives
+        self.recover = self.base_recover = recover_seconds
         self.clock, self.sleep = clock, sleep
         self.lock = threading.Lock()
-        self.last = clock()
-        self.next_free = self.last  # when the work reserved so far has been paid for at the rate
+        self.next_free = clock()  # when the work reserved so far has been paid for at the rate
+        self.throttled_at: float | None = None  # when the rate was last cut, and the rate it was cut from
+        self.cut_from = self.max_rate
 
-    def acquire(self, vectors: int) -> None:
-        """Wait until sending `vectors` keeps the reserved backlog within the burst, then reserve them."""
+    def _rate(self, now: float) -> float:
+        if self.throttled_at is None:
+            return self.max_rate
+        climbed = (now - self.throttled_at) / self.recover - 1  # -1 at the cut, 0 once back at cut_from
+        rate = self.cut_from * (1 + (1 - self.CUT) * climbed ** 3)
+        return min(self.max_rate, max(self.max_rate * 0.05, rate))
+
+    def acquire(self, vectors: int) -> float:
+        """Wait until sending `vectors` keeps the reserved backlog within the burst, then reserve them; returns
+        when they were reserved (for `throttled`)."""
         with self.lock:
             now = self.clock()
-            self.rate = min(self.max_rate, self.rate * 1.05 ** (now - self.last))
-            self.last = now
+            self.rate = self._rate(now)
             cost = max(vectors / self.rate, 1 / self.requests_per_second)
             self.next_free = max(self.next_free, now) + cost
             wait = self.next_free - self.burst - now
         if wait > 0:
             self.sleep(wait)
+        return now
 
-    def throttled(self) -> None:
+    def throttled(self, reserved_at: float | None = None) -> None:
+        """A request reserved at `reserved_at` (by default: now) met a 429."""
         with self.lock:
-            self.rate = max(self.max_rate * 0.05, self.rate * 0.75)
+            now = self.clock()
+            if reserved_at is not None and self.throttled_at is not None and reserved_at <= self.throttled_at:
+                return  # paced before the last cut: that cut already answers it
+            self.cut_from = self._rate(now)
+            since = None if self.throttled_at is None else now - self.throttled_at
+            if since is None or since >= 2 * self.recover:
+                self.recover = self.base_recover  # a stray 429: climb back quickly
+            elif since >= self.recover / 2:  # throttled again on the way back: a limit near the last cut's rate
+                self.recover = min(self.recover * 2, self.MAX_RECOVER)
+            self.throttled_at = now
+            self.rate = self._rate(now)
 
 
 class PutVectorsSender:
@@ -452,7 +481,7 @@ class PutVectorsSender:
 
         attempt = unavailable = 0
         while True:
-            self.limiter.acquire(batch.count)
+            reserved_at = self.limiter.acquire(batch.count)
             self.local.body = batch.body
             try:
                 # The same bucket and index as the body: what botocore sees is what the index gets.
@@ -467,7 +496,7 @@ class PutVectorsSender:
                 if code not in RETRYABLE_CODES and status < 500 and status != 429:
                     raise
                 if code in ("TooManyRequestsException", "ThrottlingException", "SlowDown") or status == 429:
-                    self.limiter.throttled()
+                    self.limiter.throttled(reserved_at)
                     self._count("throttled")
                     unavailable = 0
                 elif code == "ServiceUnavailableException" or status == 503:

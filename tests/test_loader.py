@@ -9,7 +9,9 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
+import types
 import urllib.request
 
 import orjson
@@ -125,6 +127,134 @@ def test_rate_limiter_paces_vectors_and_backs_off_after_throttling():
     clock.now += 60
     limiter.acquire(1)
     assert limiter.rate == pytest.approx(2500)  # and back to the quota after a quiet minute
+
+
+def test_a_stray_429_costs_the_pacer_a_fraction_of_a_second():
+    """After a cut the rate climbs back to where it was throttled within two seconds, quickly at first (CUBIC, as
+    the AWS SDKs' adaptive retry mode): one 429 in a load at the quota costs ≈ 0.16 s, not the ≈ 0.75 s a recovery
+    of 5 % a second cost."""
+    def load(throttle_at: set[int]) -> float:
+        clock = FakeClock()
+        limiter = vectors.RateLimiter(2500, 1000, clock=clock, sleep=clock.sleep)
+        for i in range(100):  # 50,000 vectors at 2,500/s: 19 s after the first second's burst
+            limiter.acquire(500)
+            if i in throttle_at:
+                limiter.throttled()
+        return clock.now
+
+    assert load(set()) == pytest.approx(19.0)
+    assert 19.05 < load({10}) < 19.0 + 0.25
+    assert load({10, 30}) < 19.0 + 0.5
+
+
+def test_the_rate_climbs_back_quickly_then_probes_past_the_rate_it_was_throttled_at():
+    clock = FakeClock()
+    limiter = vectors.RateLimiter(2500, 1000, clock=clock, sleep=clock.sleep)
+    limiter.acquire(1)
+    clock.now += 0.1
+    limiter.throttled()  # cut from 2,500
+    clock.now += 0.1
+    limiter.throttled()  # a request reserved after the first cut: cut from ≈ 1,875
+    cut_from = 2500 * (1 + 0.25 * (0.1 / 2 - 1) ** 3)
+    assert limiter.rate == pytest.approx(0.75 * cut_from)
+    rate_after = []
+    for seconds in (1, 1, 1, 1, 10):
+        clock.now += seconds
+        limiter.acquire(1)
+        rate_after.append(limiter.rate)
+    assert rate_after[0] == pytest.approx(cut_from * (1 - 0.25 / 8))  # most of the way back after one second
+    assert rate_after[1] == pytest.approx(cut_from)  # back after two
+    assert rate_after[2] == pytest.approx(cut_from * (1 + 0.25 / 8))  # then slowly past it
+    assert rate_after[3] == pytest.approx(cut_from * 1.25)
+    assert rate_after[4] == 2500  # never past the quota it was given
+
+
+def test_a_limit_met_again_and_again_is_climbed_back_to_more_slowly():
+    """A 429 met again on the way back (a quota shared with another writer, or smaller than the pacer was told)
+    doubles the time to climb back, up to 16 s; a stray 429 after a quiet spell climbs back in 2 s again."""
+    clock = FakeClock()
+    limiter = vectors.RateLimiter(2500, 1000, clock=clock, sleep=clock.sleep)
+    limiter.throttled()
+    assert limiter.recover == 2
+    for expected in (4, 8, 16, 16):
+        clock.now += limiter.recover * 0.75  # on the way back, above the rate of the cut before
+        limiter.throttled()
+        assert limiter.recover == expected
+    clock.now += 0.1
+    limiter.throttled()  # right after a cut: still too fast, cut again without slowing the climb
+    assert limiter.recover == 16
+    clock.now += 40
+    limiter.throttled()
+    assert limiter.recover == 2
+
+
+def test_a_shared_quota_is_found_with_few_429s():
+    """Told 2,500 vectors/s, granted 1,250 (a token bucket of one second, as the stand-in's quota): four minutes of
+    500-vector requests, each 429 followed by the sender's mean first backoff. The pacer runs near the granted rate
+    and meets a 429 every ten seconds or so (43 with a recovery of 5 % a second, ≈ 140 if the climb never slowed)."""
+    clock = FakeClock()
+    limiter = vectors.RateLimiter(2500, 1000, clock=clock, sleep=clock.sleep)
+    tokens, filled = 1250.0, 0.0
+    sent = throttled = 0
+    while clock.now < 240:
+        reserved = limiter.acquire(500)
+        tokens, filled = min(1250.0, tokens + (clock.now - filled) * 1250), clock.now
+        if tokens >= 500:
+            tokens -= 500
+            sent += 500
+        else:
+            throttled += 1
+            limiter.throttled(reserved)
+            clock.sleep(0.375)
+    assert sent / clock.now > 0.95 * 1250
+    assert throttled <= 30
+
+
+def test_429s_of_requests_paced_before_a_cut_cut_the_rate_once():
+    clock = FakeClock()
+    limiter = vectors.RateLimiter(2500, 1000, clock=clock, sleep=clock.sleep)
+    reserved = [limiter.acquire(500) for _ in range(4)]  # four requests in flight
+    clock.now += 0.2
+    for at in reserved:  # all four answered 429
+        limiter.throttled(at)
+    assert limiter.rate == pytest.approx(1875)
+    clock.now += 0.01
+    later = limiter.acquire(500)
+    clock.now += 0.2
+    limiter.throttled(later)  # paced at the lower rate and throttled still: cut again
+    assert limiter.rate == pytest.approx(0.75 * limiter.cut_from) and limiter.rate < 0.9 * 1875
+
+
+def test_the_sender_tells_the_pacer_when_a_throttled_request_was_paced():
+    """Three requests in flight, all answered 429: the pacer cuts once, not three times."""
+    from botocore.exceptions import ClientError
+
+    clock = FakeClock()
+    limiter = vectors.RateLimiter(2500, 1000, clock=clock, sleep=clock.sleep)
+    in_flight = threading.Barrier(3)
+    calls = []
+
+    class Client:
+        meta = types.SimpleNamespace(events=types.SimpleNamespace(register=lambda *a, **k: None))
+
+        def put_vectors(self, **_):
+            calls.append(1)
+            if len(calls) <= 3:
+                in_flight.wait(timeout=30)  # all three paced before any answer
+                clock.now += 0.1
+                raise ClientError({"Error": {"Code": "TooManyRequestsException", "Message": "slow down"},
+                                   "ResponseMetadata": {"HTTPStatusCode": 429}}, "PutVectors")
+            return {}
+
+    sender = vectors.PutVectorsSender(Client(), "bucket", "index", limiter, threads=3, on_done=lambda b: None,
+                                      sleep=lambda s: None, clock=clock)
+    batcher = vectors.Batcher("bucket", "index", max_vectors=1)
+    for i in range(3):
+        batcher.add(vectors.encode_vector(f"k{i}", [0.5] * 4, 4, {}), dict)
+        sender.submit(batcher.flush({}))
+    sender.close()
+    assert sender.stats["throttled"] == 3 and len(calls) == 6
+    assert limiter.cut_from == 2500 and limiter.rate > 0.75 * 2500 * 0.99  # one cut
 
 
 def test_rate_limiter_respects_requests_per_second():

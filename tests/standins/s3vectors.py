@@ -1151,7 +1151,7 @@ def _read_put_vectors(body: bytes) -> dict | None:
         except (ValueError, RuntimeError):  # not JSON; an integer beyond 64 bits, which orjson reads as a float
             return None
         vectors = doc.get("vectors") if type(doc) is simdjson.Object else None
-        if type(vectors) is not simdjson.Array or body.count(b"[") != 1 + len(vectors):
+        if type(vectors) is not simdjson.Array or _brackets(body, 1 + len(vectors)) != 1 + len(vectors):
             return None  # every "[" opens either the list or one vector's values: nothing nested, no lists else
         out = {key: _plain(doc[key]) for key in doc.keys() if key != "vectors"}
         read = []
@@ -1177,6 +1177,16 @@ def _read_put_vectors(body: bytes) -> dict | None:
         return out
     finally:
         doc = vectors = item = data = values = None  # the parser reads again only once no proxy of this body lives
+
+
+def _brackets(body: bytes, limit: int) -> int:
+    """How many `[` the body holds, counted up to limit + 1 with find (memchr: bytes.count of one byte is about
+    eight times slower over a 19 MB body)."""
+    n, at = 0, body.find(b"[")
+    while at >= 0 and n <= limit:
+        n += 1
+        at = body.find(b"[", at + 1)
+    return n
 
 
 def _plain(value: Any) -> Any:
