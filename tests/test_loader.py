@@ -191,7 +191,7 @@ def test_a_limit_met_again_and_again_is_climbed_back_to_more_slowly():
 def test_a_shared_quota_is_found_with_few_429s():
     """Told 2,500 vectors/s, granted 1,250 (a token bucket of one second, as the stand-in's quota): four minutes of
     500-vector requests, each 429 followed by the sender's mean first backoff. The pacer runs near the granted rate
-    and meets a 429 every ten seconds or so (43 with a recovery of 5 % a second, ≈ 140 if the climb never slowed)."""
+    and meets a 429 every ten seconds or so (43 with a recovery of 5 % a second, 128 if the climb never slowed)."""
     clock = FakeClock()
     limiter = vectors.RateLimiter(2500, 1000, clock=clock, sleep=clock.sleep)
     tokens, filled = 1250.0, 0.0
