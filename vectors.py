@@ -349,15 +349,20 @@ class RateLimiter:
     def __init__(self, vectors_per_second: float, requests_per_second: float, clock=time.monotonic,
                  sleep=time.sleep, burst_seconds: float = 1.0, recover_seconds: float = 2.0):
         self.max_rate = float(vectors_per_second)
-        self.rate = float(vectors_per_second)
         self.requests_per_second = float(requests_per_second)
         self.burst = burst_seconds  # credit after a pause, as a token bucket of one second's worth gives
         self.recover = self.base_recover = recover_seconds
         self.clock, self.sleep = clock, sleep
         self.lock = threading.Lock()
         self.next_free = clock()  # when the work reserved so far has been paid for at the rate
-        self.throttled_at: float | None = None  # when the rate was last cut, and the rate it was cut from
-        self.cut_from = self.max_rate
+        self.throttled_at: float | None = None  # when the rate was last cut
+        self.cut_from = self.max_rate  # the rate it was cut from
+
+    @property
+    def rate(self) -> float:
+        """The vector rate paced to now."""
+        with self.lock:
+            return self._rate(self.clock())
 
     def _rate(self, now: float) -> float:
         if self.throttled_at is None:
@@ -371,8 +376,7 @@ class RateLimiter:
         when they were reserved (for `throttled`)."""
         with self.lock:
             now = self.clock()
-            self.rate = self._rate(now)
-            cost = max(vectors / self.rate, 1 / self.requests_per_second)
+            cost = max(vectors / self._rate(now), 1 / self.requests_per_second)
             self.next_free = max(self.next_free, now) + cost
             wait = self.next_free - self.burst - now
         if wait > 0:
@@ -392,7 +396,6 @@ class RateLimiter:
             elif since >= self.recover / 2:  # throttled again on the way back: a limit near the last cut's rate
                 self.recover = min(self.recover * 2, self.MAX_RECOVER)
             self.throttled_at = now
-            self.rate = self._rate(now)
 
 
 class PutVectorsSender:

@@ -1190,11 +1190,8 @@ def _brackets(body: bytes, limit: int) -> int:
 
 
 def _plain(value: Any) -> Any:
-    if type(value) is simdjson.Object:
-        return value.as_dict()
-    if type(value) is simdjson.Array:
-        return value.as_list()
-    return value
+    """A value of a body _read_put_vectors takes: no list is left in it but the vectors' values (the `[` count)."""
+    return value.as_dict() if type(value) is simdjson.Object else value
 
 
 def _check_bucket_name(name: Any) -> None:
