@@ -5,6 +5,7 @@ locked), and only where the system has fork: otherwise the caller does the work 
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import signal
 import threading
@@ -17,7 +18,12 @@ def can_fork() -> bool:
 
 
 def executor(workers: int) -> ProcessPoolExecutor:
-    """A pool of `workers` forked processes that leave Ctrl-C to the step (it reaches the whole process group)."""
+    """A pool of `workers` forked processes that leave Ctrl-C to the step (it reaches the whole process group).
+
+    What the step holds by now (modules, boto3's service models) lives until it exits: frozen, the garbage collector
+    no longer walks it, in the step or in the workers, whose pages it would otherwise copy, and not at exit either
+    (measured: about 0.3 s of CPU at exit with boto3's clients; Python's advice for a fork without exec)."""
+    gc.freeze()
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_ignore_ctrl_c)
 
 

@@ -413,8 +413,15 @@ class RunState:
     unloaded: list[dict] = field(default_factory=list)  # ended with results that step 3 has not loaded
 
 
+def needs_status(job: dict) -> bool:
+    """Whether Bedrock must be asked for the job's status: it was submitted and had not ended when last asked (an
+    ended job's status never changes)."""
+    return bool(job.get("job_arn")) and job.get("status") not in common.TERMINAL_STATUSES
+
+
 def refresh(bedrock, info: dict) -> RunState:
-    """Ask Bedrock for every submitted job's status (kept in its record) and sort out what is unfinished."""
+    """Ask Bedrock for the status of every submitted job that had not ended (kept in its record) and sort out what
+    is unfinished. `bedrock` may be None when no job needs asking (`needs_status`)."""
     state = RunState()
     for job in info["jobs"]:
         if job.get("on_demand"):  # no Bedrock job: waits only for step 3 to embed and load it
@@ -424,7 +431,8 @@ def refresh(bedrock, info: dict) -> RunState:
         if queued(job):
             state.queued.append(job)
             continue
-        job["status"] = bedrock.get_model_invocation_job(jobIdentifier=job["job_arn"])["status"]
+        if needs_status(job):
+            job["status"] = bedrock.get_model_invocation_job(jobIdentifier=job["job_arn"])["status"]
         if job["status"] not in common.TERMINAL_STATUSES:
             state.running.append(job)
         elif job["status"] in common.LOADABLE_STATUSES and not common.job_loaded(job):

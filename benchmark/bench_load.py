@@ -373,7 +373,8 @@ def moto_ttfb(servers: Servers, data: Dataset, job: Job, offset: int | None = No
 
 
 def write_job_info(workdir: Path, job: Job, data: Dataset) -> Path:
-    """batch_job_info.json as 01_create_job.py writes it after a submit, with the local manifest beside it.
+    """batch_job_info.json as 01_create_job.py writes it after a submit and 02_monitor_job.py --wait leaves it when
+    the job has completed, with the local manifest beside it.
 
     Both shapes of a job entry are written (one manifest_s3_key / manifest_local_path, and the newer
     input_folder + manifests list), so the harness runs against either version of the steps."""
@@ -406,6 +407,7 @@ def write_job_info(workdir: Path, job: Job, data: Dataset) -> Path:
             "client_request_token": "bench",
             "job_arn": job.arn,
             "job_id": job.job_id,
+            "status": "Completed",
         }],
     }
     path = workdir / "batch_job_info.json"

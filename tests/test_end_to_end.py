@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import common
+from tests.conftest import ROOT
 
 NESTED = [f"01/img_{i:03d}.jpg" for i in range(40)] + [f"02/deep/er/photo-{i}.PNG" for i in range(40)] + [
     f"root-{i}.jpeg" for i in range(25)
@@ -56,8 +57,12 @@ def test_four_steps_end_to_end(world):
     assert "✓ Job completed successfully!" in monitored.stdout
     assert not common.object_exists(s3, world.source_bucket, job["manifests"][0]["s3_key"], "123456789012")
 
-    loaded = world.step(3)
+    calls = world.cwd / "calls.jsonl"
+    loaded = world.step(3, env={"PYTHONPATH": str(ROOT / "tests" / "record_calls"), "RECORD_AWS_CALLS": str(calls)})
     assert loaded.returncode == 4, loaded.stdout + loaded.stderr  # one record failed: reported, not dropped
+    # 02 recorded the job's end: 03 does not ask Bedrock again (a status that ended never changes).
+    services = {json.loads(line)["service"] for line in calls.read_text().splitlines()}
+    assert "bedrock" not in services and {"s3", "s3vectors"} <= services
     assert f"Total Records Processed: {len(good) + 1}" in loaded.stdout
     assert f"Successful: {len(good)}" in loaded.stdout
     assert f"Vectors Inserted: {len(good)}" in loaded.stdout

@@ -285,6 +285,37 @@ def test_statuses_the_list_misses_are_asked_for_one_by_one():
     assert bedrock.queries == [] and len(bedrock.gets) == 3
 
 
+def test_jobs_that_had_ended_are_not_asked_about_again():
+    import jobs
+
+    arn = "arn:aws:bedrock:us-east-1:123456789012:model-invocation-job/{}".format
+    info = {"jobs": [
+        {"job_name": "loaded", "job_arn": arn("loaded000000"), "status": "Completed", "load": {"finished": True}},
+        {"job_name": "running", "job_arn": arn("running00000"), "status": "InProgress"},
+        {"job_name": "stopped", "job_arn": arn("stopped00000"), "status": "Stopped"},
+        {"job_name": "unanswered", "job_arn": arn("unanswered00")},  # submitted, status never read
+        {"job_name": "queued"},
+        {"job_name": "part", "on_demand": True},
+    ]}
+
+    class Bedrock:
+        asked: list[str] = []
+
+        def get_model_invocation_job(self, jobIdentifier):
+            self.asked.append(jobIdentifier)
+            return {"status": "Completed"}
+
+    assert [j["job_name"] for j in info["jobs"] if jobs.needs_status(j)] == ["running", "unanswered"]
+    bedrock = Bedrock()
+    state = jobs.refresh(bedrock, info)
+    assert bedrock.asked == [arn("running00000"), arn("unanswered00")]
+    assert [j["job_name"] for j in state.unloaded] == ["running", "stopped", "unanswered", "part"]
+    assert [j["job_name"] for j in state.queued] == ["queued"] and state.running == []
+    ended = {"jobs": info["jobs"][:3]}
+    assert not any(map(jobs.needs_status, ended["jobs"]))
+    assert [j["job_name"] for j in jobs.refresh(None, ended).unloaded] == ["running", "stopped"]  # no client needed
+
+
 def run_info(statuses: list[str | None]) -> dict:
     return {"jobs": [{"job_name": f"nova-mme-embedding-20261201-100000-{n:02d}", "input_folder": f"2024/f{n}/",
                       "record_count": 10, **({"status": s, "job_arn": "x", "uploaded": True,
