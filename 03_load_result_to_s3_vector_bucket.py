@@ -377,7 +377,7 @@ def load_run(args, config: common.Config) -> int:
     config = common.in_job_region(config, info)
     print(f"Loaded job info from {config.job_info_file}")
 
-    # Jobs that had ended when last asked are not asked again: a run loaded again needs no Bedrock client.
+    # A job that had ended when last asked (02 records it) is not asked about again: then no Bedrock client.
     bedrock = common.make_client("bedrock", config) if any(map(jobs.needs_status, info["jobs"])) else None
     s3 = common.make_client("s3", config)
     s3v = common.make_client("s3vectors", config, max_pool_connections=accounting.THREADS + 2)
