@@ -57,12 +57,14 @@ def test_four_steps_end_to_end(world):
     assert "✓ Job completed successfully!" in monitored.stdout
     assert not common.object_exists(s3, world.source_bucket, job["manifests"][0]["s3_key"], "123456789012")
 
-    calls = world.cwd / "calls.jsonl"
-    loaded = world.step(3, env={"PYTHONPATH": str(ROOT / "tests" / "record_calls"), "RECORD_AWS_CALLS": str(calls)})
+    calls, clients = world.cwd / "calls.jsonl", world.cwd / "clients.txt"
+    loaded = world.step(3, env={"PYTHONPATH": str(ROOT / "tests" / "record_calls"), "RECORD_AWS_CALLS": str(calls),
+                                "RECORD_AWS_CLIENTS": str(clients)})
     assert loaded.returncode == 4, loaded.stdout + loaded.stderr  # one record failed: reported, not dropped
-    # 02 recorded the job's end: 03 does not ask Bedrock again (a status that ended never changes).
+    # 02 recorded the job's end: 03 does not ask Bedrock again (a status that ended never changes), nor make a client.
     services = {json.loads(line)["service"] for line in calls.read_text().splitlines()}
     assert "bedrock" not in services and {"s3", "s3vectors"} <= services
+    assert sorted(clients.read_text().split()) == ["s3", "s3vectors", "s3vectors"]
     assert f"Total Records Processed: {len(good) + 1}" in loaded.stdout
     assert f"Successful: {len(good)}" in loaded.stdout
     assert f"Vectors Inserted: {len(good)}" in loaded.stdout

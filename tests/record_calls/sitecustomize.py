@@ -1,7 +1,8 @@
 """Records every AWS call a process makes, for the test that checks the caller policy covers the steps.
 
 A process started with PYTHONPATH=tests/record_calls and RECORD_AWS_CALLS=<file> appends one JSON line per
-botocore call to <file>: the service, the operation and its scalar parameters (no payloads). Without
+botocore call to <file>: the service, the operation and its scalar parameters (no payloads). With
+RECORD_AWS_CLIENTS=<file> too, it appends the service of each client it makes to that file, a line each. Without
 RECORD_AWS_CALLS this does nothing.
 """
 
@@ -28,6 +29,9 @@ if _PATH:
     def create_client(self, service_name, *args, **kwargs):
         client = _create_client(self, service_name, *args, **kwargs)
         service = client.meta.service_model.service_name
+        if os.environ.get("RECORD_AWS_CLIENTS"):
+            with _lock, open(os.environ["RECORD_AWS_CLIENTS"], "a", encoding="utf-8") as fh:
+                fh.write(service + "\n")
 
         def record(params, model, context=None, **_):
             line = {"service": service, "operation": model.name,
