@@ -9,7 +9,10 @@ import gc
 import multiprocessing
 import signal
 import threading
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 
 
 def can_fork() -> bool:
@@ -25,6 +28,31 @@ def executor(workers: int) -> ProcessPoolExecutor:
     (measured: about 0.3 s of CPU at exit with boto3's clients; Python's advice for a fork without exec)."""
     gc.freeze()
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_ignore_ctrl_c)
+
+
+def start(workers: int, serve: Callable[[Connection], None]) -> list[tuple[BaseProcess, Connection]]:
+    """`workers` forked processes, each running `serve` on its end of a pipe of its own, with this process's end.
+
+    A pool without an executor's threads: the caller talks to each worker over its pipe itself (measured in step 3:
+    an executor's manager and feeder threads took 0.045 ms of CPU a line; sending and receiving from the caller's
+    thread adds about 0.005 ms to it). Closing this process's end tells the worker to stop; a worker that dies
+    closes the other end (EOFError). Frozen as in `executor`."""
+    gc.freeze()
+    context = multiprocessing.get_context("fork")
+    started: list[tuple[BaseProcess, Connection]] = []
+    for _ in range(workers):
+        ours, theirs = context.Pipe()
+        process = context.Process(target=_serve, args=(serve, theirs, ours), daemon=True)
+        process.start()
+        theirs.close()
+        started.append((process, ours))
+    return started
+
+
+def _serve(serve: Callable[[Connection], None], conn: Connection, ours: Connection) -> None:
+    _ignore_ctrl_c()
+    ours.close()  # the copy of this process's end: while it lives, the worker would never see its pipe close
+    serve(conn)
 
 
 def _ignore_ctrl_c() -> None:

@@ -10,12 +10,11 @@ in this process.
 from __future__ import annotations
 
 import mmap
-import os
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import NamedTuple
 
 import orjson
@@ -80,7 +79,8 @@ def examine(raw: bytes, job_id: str, dimension: int) -> tuple | None:
 
 
 class Pool(NamedTuple):
-    executor: ProcessPoolExecutor
+    conns: list[Connection]  # one a worker: chunk k goes to worker k % workers, which answers in the order it is sent
+    processes: list[BaseProcess]
     workers: int
     shared: mmap.mmap  # 2 * workers slots, each SLOT_BYTES of lines in and SLOT_BYTES of requests out
 
@@ -108,35 +108,80 @@ def _examine_slot(slot: int, lengths: list[int], job_id: str, dimension: int) ->
     return results
 
 
+def _serve(conn: Connection) -> None:
+    """A worker's loop: examine the chunks it is sent, in order, until the step closes its end of the pipe."""
+    while True:
+        try:
+            slot, lengths, job_id, dimension = conn.recv()
+        except EOFError:
+            return
+        try:
+            results = _examine_slot(slot, lengths, job_id, dimension)
+        except Exception as exc:  # a bug: raised in the step, which reports it
+            results = RuntimeError(f"examining output lines failed: {exc!r}")
+        try:
+            conn.send(results)
+        except OSError:  # the step has stopped reading
+            return
+
+
+class WorkerStopped(Exception):
+    """A worker process ended while it had lines to examine."""
+
+
 @contextmanager
 def pool(workers: int):
-    """A Pool of `workers` processes to examine lines in, shut down on the way out; None when workers is 0 or
-    when this process cannot fork safely (it runs other threads, or the system has no fork): lines are then examined
-    in this process.
+    """A Pool of `workers` processes to examine lines in, stopped on the way out; None when workers is 0 or when
+    this process cannot fork safely (it runs other threads, or the system has no fork): lines are then examined in
+    this process.
 
     Lines and requests go through shared memory: a pipe costs more CPU than the work it would carry (measured:
-    0.16 ms a line on the main side, 0.26 on the worker side). The workers are forked at once, before the caller
-    starts threads of its own."""
+    0.16 ms a line on the main side, 0.26 on the worker side); the pipes carry only each chunk's line lengths and
+    the results. The workers are forked at once, before the caller starts threads of its own."""
     global _shared
     if workers <= 0 or not forking.can_fork():
         yield None
         return
     _shared = mmap.mmap(-1, 2 * workers * 2 * SLOT_BYTES)  # anonymous and shared: the forked workers see it
-    executor = forking.executor(workers)
+    started = forking.start(workers, _serve)
     try:
-        for started in [executor.submit(os.getpid) for _ in range(workers)]:
-            started.result()
-        yield Pool(executor, workers, _shared)
-    except BrokenProcessPool:
+        yield Pool([conn for _, conn in started], [process for process, _ in started], workers, _shared)
+    except WorkerStopped:
         raise StepError("a worker process examining output lines stopped (out of memory?) — run step 3 again; "
                         "it resumes where the index last confirmed, or give --workers 0", common.EXIT_ERROR) from None
     finally:
-        executor.shutdown(wait=True, cancel_futures=True)
+        for _, conn in started:
+            conn.close()  # the worker ends once it has answered what it holds
+        for process, _ in started:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join()
         try:
             _shared.close()
         except BufferError:
             pass  # a view of a part is still referenced (an error on its way out): freed with the process
         _shared = None
+
+
+class _Sent:
+    """A chunk sent to a worker; its results are the next the worker answers."""
+
+    def __init__(self, conn: Connection, slot: int, lengths: list[int], job_id: str, dimension: int):
+        self.conn = conn
+        try:
+            conn.send((slot, lengths, job_id, dimension))
+        except OSError:
+            raise WorkerStopped from None
+
+    def result(self) -> list:
+        try:
+            results = self.conn.recv()
+        except (EOFError, OSError):
+            raise WorkerStopped from None
+        if isinstance(results, BaseException):
+            raise results
+        return results
 
 
 class _Done:
@@ -160,7 +205,7 @@ def examined(lines: Iterator[tuple[bytes | memoryview, int, int]], job_id: str, 
             yield examine(raw, job_id, dimension), start, end
         return
     shared, slots = memoryview(workers.shared), 2 * workers.workers
-    in_flight: deque[tuple[Future | _Done, list[tuple[int, int]], int | None]] = deque()  # oldest first
+    in_flight: deque[tuple[_Sent | _Done, list[tuple[int, int]], int | None]] = deque()  # oldest first
     busy: set[int] = set()
     slot = 0
     spans: list[tuple[int, int]] = []
@@ -174,7 +219,7 @@ def examined(lines: Iterator[tuple[bytes | memoryview, int, int]], job_id: str, 
 
     def send() -> Iterator[tuple[tuple | None, int, int]]:
         nonlocal slot, spans, lengths, pos, base
-        in_flight.append((workers.executor.submit(_examine_slot, slot, lengths, job_id, dimension), spans, slot))
+        in_flight.append((_Sent(workers.conns[slot % workers.workers], slot, lengths, job_id, dimension), spans, slot))
         busy.add(slot)
         slot = (slot + 1) % slots
         spans, lengths = [], []

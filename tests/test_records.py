@@ -1,6 +1,6 @@
 """Step 3's output lines examined in worker processes: the same results in the same order as in this process, the
-shared-memory slots reused, a line longer than a slot, a worker that dies, a worker that leaves Ctrl-C to the step;
-and the recycled request buffers."""
+shared-memory slots reused, a line longer than a slot, a worker that dies, a bug in a worker, workers that stop with
+the step, a worker that leaves Ctrl-C to the step; and the recycled request buffers."""
 
 from __future__ import annotations
 
@@ -63,11 +63,11 @@ def plain(results):
             for r, start, end in results]
 
 
-def in_a_fresh_process(check):
+def in_a_fresh_process(check, *args):
     """Run `check` in a new interpreter: a pool forks only a process that runs one thread, and the test process
     runs the stand-ins' threads."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
-        return fresh.submit(check).result()
+        return fresh.submit(check, *args).result()
 
 
 def workers_match_this_process():
@@ -107,15 +107,30 @@ def a_worker_dies():
     lines = sample_lines() * 3
     try:
         with records.pool(1) as workers:
-            os.kill(workers.executor.submit(os.getpid).result(), signal.SIGKILL)
+            os.kill(workers.processes[0].pid, signal.SIGKILL)
             list(records.examined(spans(lines), "job-1", DIMENSION, workers))
     except common.StepError as exc:
         return str(exc), exc.exit_code
     return None
 
 
-def test_a_worker_that_dies_stops_with_one_line():
-    message, code = in_a_fresh_process(a_worker_dies)
+def _dies(raw, job_id, dimension):
+    os._exit(9)  # as the kernel's OOM killer would end it: mid-chunk, without a word
+
+
+def a_worker_dies_on_its_chunk():
+    records.examine = _dies  # before the fork: the workers run it
+    try:
+        with records.pool(1) as workers:
+            list(records.examined(spans(sample_lines()), "job-1", DIMENSION, workers))
+    except common.StepError as exc:
+        return str(exc), exc.exit_code
+    return None
+
+
+@pytest.mark.parametrize("dies", [a_worker_dies, a_worker_dies_on_its_chunk])
+def test_a_worker_that_dies_stops_with_one_line(dies):
+    message, code = in_a_fresh_process(dies)
     assert "worker process" in message and "--workers 0" in message and code == common.EXIT_ERROR
 
 
@@ -124,37 +139,92 @@ def _interrupt_this_process() -> str:
     return "went on"
 
 
-def ctrl_c_in_a_worker():
-    with forking.executor(1) as pool:
-        try:
-            return pool.submit(_interrupt_this_process).result()
-        except KeyboardInterrupt:
-            return "interrupted"
+def _answer(conn, ask) -> None:  # a worker started by forking.start: answers what `ask` returns, once
+    try:
+        conn.send(ask())
+    except KeyboardInterrupt:
+        conn.send("interrupted")
 
 
-def test_a_worker_leaves_ctrl_c_to_the_step():
+def in_a_worker(started_by: str, ask):
+    """What `ask` returns in a worker of forking.executor (01's inventory) or forking.start (step 3's lines)."""
+    if started_by == "executor":
+        with forking.executor(1) as pool:
+            try:
+                return pool.submit(ask).result()
+            except KeyboardInterrupt:
+                return "interrupted"
+    [(process, conn)] = forking.start(1, lambda theirs: _answer(theirs, ask))
+    try:
+        return conn.recv()
+    finally:
+        conn.close()
+        process.join()
+
+
+def ctrl_c_in_a_worker(started_by: str):
+    return in_a_worker(started_by, _interrupt_this_process)
+
+
+@pytest.mark.parametrize("started_by", ["executor", "start"])
+def test_a_worker_leaves_ctrl_c_to_the_step(started_by):
     # Ctrl-C reaches the whole process group: the step stops its workers itself, with its one line
-    assert in_a_fresh_process(ctrl_c_in_a_worker) == "went on"
+    assert in_a_fresh_process(ctrl_c_in_a_worker, started_by) == "went on"
 
 
-def collected_before_and_after_the_fork():
+def collected_before_and_after_the_fork(started_by: str):
     held = {"service model": [{"shape": "PutVectorsInput"}]}  # what a step holds before its pool: boto3's models
 
     def walked() -> bool:  # whether a collection still visits it
         return any(o is held for o in gc.get_objects())
 
     before = walked()
-    with forking.executor(1) as pool:
-        in_worker = pool.submit(gc.get_freeze_count).result()
-        return before, walked(), gc.is_tracked(held), in_worker
+    in_worker = in_a_worker(started_by, gc.get_freeze_count)
+    return before, walked(), gc.is_tracked(held), in_worker
 
 
-def test_what_the_step_holds_is_frozen_before_the_workers_fork():
+@pytest.mark.parametrize("started_by", ["executor", "start"])
+def test_what_the_step_holds_is_frozen_before_the_workers_fork(started_by):
     # A collection (in the step, in each worker and at exit) would walk boto3's models again and again, and in a
     # worker copy every page it touches: ~0.3 s of CPU at exit alone.
-    before, after, tracked, in_worker = in_a_fresh_process(collected_before_and_after_the_fork)
+    before, after, tracked, in_worker = in_a_fresh_process(collected_before_and_after_the_fork, started_by)
     assert before and not after and tracked
     assert in_worker > 0  # the worker inherits the frozen generation
+
+
+def stopping_early():
+    lines = sample_lines() * 3
+    with records.pool(2) as workers:
+        results = records.examined(spans(lines), "job-1", DIMENSION, workers)
+        first = next(results)  # chunks are in flight in both workers when the step stops reading
+        results.close()
+        processes = workers.processes
+    return first[0][0], [(process.is_alive(), process.exitcode) for process in processes]
+
+
+def test_workers_stop_with_the_step_when_it_stops_early():
+    # each worker sees its pipe close and ends on its own: not left running, not killed
+    first, ended = in_a_fresh_process(stopping_early)
+    assert first == records.OK
+    assert ended == [(False, 0), (False, 0)]
+
+
+def _fails(raw, job_id, dimension):
+    raise ZeroDivisionError("a bug")
+
+
+def a_bug_in_a_worker():
+    records.examine = _fails  # before the fork: the workers run it
+    with records.pool(1) as workers:
+        try:
+            list(records.examined(spans(sample_lines()), "job-1", DIMENSION, workers))
+        except RuntimeError as exc:
+            return str(exc)
+    return None
+
+
+def test_a_bug_in_a_worker_is_raised_in_the_step():
+    assert in_a_fresh_process(a_bug_in_a_worker) == "examining output lines failed: ZeroDivisionError('a bug')"
 
 
 def test_a_recycled_buffer_is_written_again_and_others_stay_intact():
