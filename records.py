@@ -10,6 +10,7 @@ in this process.
 from __future__ import annotations
 
 import mmap
+import pickle
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -112,7 +113,7 @@ def _serve(conn: Connection) -> None:
     """A worker's loop: examine the chunks it is sent, in order, until the step closes its end of the pipe."""
     while True:
         try:
-            slot, lengths, job_id, dimension = conn.recv()
+            slot, lengths, job_id, dimension = pickle.loads(conn.recv_bytes())
         except EOFError:
             return
         try:
@@ -120,7 +121,7 @@ def _serve(conn: Connection) -> None:
         except Exception as exc:  # a bug: raised in the step, which reports it
             results = RuntimeError(f"examining output lines failed: {exc!r}")
         try:
-            conn.send(results)
+            conn.send_bytes(pickle.dumps(results, pickle.HIGHEST_PROTOCOL))
         except OSError:  # the step has stopped reading
             return
 
@@ -170,13 +171,13 @@ class _Sent:
     def __init__(self, conn: Connection, slot: int, lengths: list[int], job_id: str, dimension: int):
         self.conn = conn
         try:
-            conn.send((slot, lengths, job_id, dimension))
+            conn.send_bytes(pickle.dumps((slot, lengths, job_id, dimension), pickle.HIGHEST_PROTOCOL))
         except OSError:
             raise WorkerStopped from None
 
     def result(self) -> list:
         try:
-            results = self.conn.recv()
+            results = pickle.loads(self.conn.recv_bytes())
         except (EOFError, OSError):
             raise WorkerStopped from None
         if isinstance(results, BaseException):
