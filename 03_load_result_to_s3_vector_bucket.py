@@ -316,8 +316,7 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
             counted = loader.counts["total"]
             prefetch = vectors.Prefetch(body)
             try:
-                lines = vectors.read_lines(prefetch, offset, views=workers is not None)
-                for result, start, end in records.examined(lines, job_id, dimension, workers):
+                for result, start, end in records.examined(prefetch, offset, job_id, dimension, workers):
                     batch = loader.take(result, key, start, end)
                     if batch is not None:
                         sender.submit(batch)

@@ -2,9 +2,9 @@
 
 `examine` is pure, so lines can be examined in other processes. Turning an embedding's 3,072 numbers of text into
 float32 JSON costs about as much CPU as everything else step 3 does together (≈ 0.23 ms a line of Python float
-text): at the index's write quota (2,500 vectors/s) it takes more than half a core. `examined` hands chunks of
-lines to a pool of worker processes (`pool`) and gives the results back in order; without a pool it examines them
-in this process.
+text): at the index's write quota (2,500 vectors/s) it takes more than half a core. `examined` hands the output
+stream, a slot of shared memory at a time, to a pool of worker processes (`pool`) that find and examine its lines,
+and gives the results back in order; without a pool it examines them in this process.
 """
 
 from __future__ import annotations
@@ -89,23 +89,30 @@ class Pool(NamedTuple):
 _shared: mmap.mmap | None = None  # the pool's shared memory, as a forked worker inherits it
 
 
-def _examine_slot(slot: int, lengths: list[int], job_id: str, dimension: int) -> list[tuple | None]:
-    """In a worker: examine the lines the main process put in `slot` and write each part into the slot's second
-    half, returning its (offset, length) in place of the part (a part that does not fit is returned as it is)."""
+def _examine_chunk(slot: int, length: int, job_id: str, dimension: int) -> list[tuple[tuple | None, int]]:
+    """In a worker: examine the lines the main process put in the first `length` bytes of `slot` (whole lines; the
+    last one without its newline only at the end of the file) and write each part into the slot's second half.
+    Returns (result, the line's length with its newline) for each line, the part's (offset, length) in place of the
+    part (a part that does not fit is returned as it is)."""
     shared = _shared
     pos = slot * 2 * SLOT_BYTES
+    stop = pos + length
     out = end = pos + SLOT_BYTES
     end += SLOT_BYTES
-    results: list[tuple | None] = []
-    for length in lengths:
-        result = examine(shared[pos:pos + length], job_id, dimension)
-        pos += length
+    find = shared.find
+    results: list[tuple[tuple | None, int]] = []
+    while pos < stop:
+        newline = find(b"\n", pos, stop)
+        line_end = stop if newline < 0 else newline
+        result = examine(shared[pos:line_end], job_id, dimension)
         if result is not None and result[0] == OK and out + len(result[2]) <= end:
             part = result[2]
             shared[out:out + len(part)] = part
             result = (OK, result[1], (out, len(part)), result[3])
             out += len(part)
-        results.append(result)
+        following = stop if newline < 0 else newline + 1
+        results.append((result, following - pos))
+        pos = following
     return results
 
 
@@ -113,11 +120,11 @@ def _serve(conn: Connection) -> None:
     """A worker's loop: examine the chunks it is sent, in order, until the step closes its end of the pipe."""
     while True:
         try:
-            slot, lengths, job_id, dimension = pickle.loads(conn.recv_bytes())
-        except EOFError:
+            slot, length, job_id, dimension = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):  # the step closed its end (a reset, when it left an answer unread)
             return
         try:
-            results = _examine_slot(slot, lengths, job_id, dimension)
+            results = _examine_chunk(slot, length, job_id, dimension)
         except Exception as exc:  # a bug: raised in the step, which reports it
             results = RuntimeError(f"examining output lines failed: {exc!r}")
         try:
@@ -168,10 +175,10 @@ def pool(workers: int):
 class _Sent:
     """A chunk sent to a worker; its results are the next the worker answers."""
 
-    def __init__(self, conn: Connection, slot: int, lengths: list[int], job_id: str, dimension: int):
+    def __init__(self, conn: Connection, slot: int, length: int, job_id: str, dimension: int):
         self.conn = conn
         try:
-            conn.send_bytes(pickle.dumps((slot, lengths, job_id, dimension), pickle.HIGHEST_PROTOCOL))
+            conn.send_bytes(pickle.dumps((slot, length, job_id, dimension), pickle.HIGHEST_PROTOCOL))
         except OSError:
             raise WorkerStopped from None
 
@@ -186,7 +193,7 @@ class _Sent:
 
 
 class _Done:
-    """A result examined in this process, in the queue of those the workers have."""
+    """A line examined in this process, in the queue of the chunks the workers have."""
 
     def __init__(self, results: list):
         self.results = results
@@ -195,60 +202,81 @@ class _Done:
         return self.results
 
 
-def examined(lines: Iterator[tuple[bytes | memoryview, int, int]], job_id: str, dimension: int,
+def examined(body, start: int, job_id: str, dimension: int,
              workers: Pool | None) -> Iterator[tuple[tuple | None, int, int]]:
-    """(examine's result, start, end) for each (line, start, end), in order. With a pool, the lines (bytes or,
-    copied once into shared memory, views) go to its workers in chunks of up to SLOT_BYTES, two chunks a worker in
-    flight (memory stays flat); a line longer than a slot is examined here, in its turn. Without one, lines must be
-    bytes."""
+    """(examine's result, start, end) for each line of `body` (a stream read with `read`, from byte `start` of its
+    file), in order; a last line without its newline is examined too.
+
+    With a pool, the stream's blocks are copied into shared memory as they come, a slot at a time; each slot's whole
+    lines go to a worker, which finds the lines itself, and the start of the next line is moved to the next slot:
+    this process never touches a line on its own. Two chunks a worker are in flight (memory stays flat); a line
+    longer than a slot is examined here, in its turn."""
     if workers is None:
-        for raw, start, end in lines:
-            yield examine(raw, job_id, dimension), start, end
+        for raw, line_start, end in vectors.read_lines(body, start):
+            yield examine(raw, job_id, dimension), line_start, end
         return
-    shared, slots = memoryview(workers.shared), 2 * workers.workers
-    in_flight: deque[tuple[_Sent | _Done, list[tuple[int, int]], int | None]] = deque()  # oldest first
+    shared, view, slots = workers.shared, memoryview(workers.shared), 2 * workers.workers
+    in_flight: deque[tuple[_Sent | _Done, int, int | None]] = deque()  # (results, where they start, slot), oldest first
     busy: set[int] = set()
-    slot = 0
-    spans: list[tuple[int, int]] = []
-    lengths: list[int] = []
-    pos = base = 0
+    slot = base = fill = 0  # the slot being filled: its first byte and the end of what it holds
+    offset = start  # of the slot's first byte in the file
+    long: bytearray | None = None  # a line longer than a slot, while it is read
 
     def oldest() -> Iterator[tuple[tuple | None, int, int]]:
-        future, done_spans, done_slot = in_flight.popleft()
+        results, at, done_slot = in_flight.popleft()
         busy.discard(done_slot)
-        yield from _results(shared, future, done_spans)
+        for result, length in results.result():
+            if result is not None and result[0] == OK and type(result[2]) is tuple:
+                part_at, part_length = result[2]
+                result = (OK, result[1], view[part_at:part_at + part_length], result[3])  # copied once, into the batch
+            yield result, at, at + length
+            at += length
 
-    def send() -> Iterator[tuple[tuple | None, int, int]]:
-        nonlocal slot, spans, lengths, pos, base
-        in_flight.append((_Sent(workers.conns[slot % workers.workers], slot, lengths, job_id, dimension), spans, slot))
+    def send(length: int) -> Iterator[tuple[tuple | None, int, int]]:
+        """Hand the slot's first `length` bytes to its worker and move what follows them to the next slot."""
+        nonlocal slot, base, fill, offset
+        in_flight.append((_Sent(workers.conns[slot % workers.workers], slot, length, job_id, dimension), offset, slot))
         busy.add(slot)
+        offset += length
+        rest, rest_end = base + length, fill
         slot = (slot + 1) % slots
-        spans, lengths = [], []
-        pos = base = slot * 2 * SLOT_BYTES
         while slot in busy:  # the next slot still holds a chunk in flight: take its results first
             yield from oldest()
+        base = slot * 2 * SLOT_BYTES
+        fill = base + rest_end - rest
+        view[base:fill] = view[rest:rest_end]  # the start of a line: the chunk sent does not reach it
 
-    for raw, start, end in lines:
-        if len(raw) > SLOT_BYTES:
-            if lengths:
-                yield from send()
-            in_flight.append((_Done([examine(bytes(raw), job_id, dimension)]), [(start, end)], None))
-            continue
-        if pos + len(raw) > base + SLOT_BYTES:
-            yield from send()
-        shared[pos:pos + len(raw)] = raw
-        pos += len(raw)
-        lengths.append(len(raw))
-        spans.append((start, end))
-    if lengths:
-        yield from send()
+    def examine_here(line: bytearray, length: int) -> None:
+        nonlocal offset
+        in_flight.append((_Done([(examine(bytes(line), job_id, dimension), length)]), offset, None))
+        offset += length
+
+    while block := body.read(SLOT_BYTES):
+        data = memoryview(block)
+        pos = 0
+        while pos < len(block):
+            if long is not None:
+                newline = block.find(b"\n", pos)
+                if newline < 0:
+                    long += data[pos:]
+                    break
+                long += data[pos:newline]
+                examine_here(long, len(long) + 1)
+                long, pos = None, newline + 1
+                continue
+            taken = min(base + SLOT_BYTES - fill, len(block) - pos)
+            view[fill:fill + taken] = data[pos:pos + taken]
+            fill += taken
+            pos += taken
+            if fill == base + SLOT_BYTES:
+                newline = shared.rfind(b"\n", base, fill)
+                if newline >= 0:
+                    yield from send(newline + 1 - base)
+                else:  # the slot holds the start of one line, longer than a slot
+                    long, fill = bytearray(view[base:fill]), base
+    if long is not None:
+        examine_here(long, len(long))
+    elif fill > base:
+        yield from send(fill - base)
     while in_flight:
         yield from oldest()
-
-
-def _results(shared: memoryview, future, spans: list[tuple[int, int]]) -> Iterator[tuple[tuple | None, int, int]]:
-    for result, (start, end) in zip(future.result(), spans):
-        if result is not None and result[0] == OK and type(result[2]) is tuple:
-            offset, length = result[2]
-            result = (OK, result[1], shared[offset:offset + length], result[3])  # a view: copied once, into the batch
-        yield result, start, end

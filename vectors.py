@@ -607,12 +607,11 @@ class Prefetch:
         self.thread.join(timeout=5)  # a read in progress ends with its timeout; nobody waits for it
 
 
-def read_lines(body, start: int = 0, chunk_size: int = 4 << 20,
-               views: bool = False) -> Iterator[tuple[bytes | memoryview, int, int]]:
+def read_lines(body, start: int = 0, chunk_size: int = 4 << 20) -> Iterator[tuple[bytes, int, int]]:
     """Lines of a streaming body as (line without newline, its start offset, the offset just after it), in flat
     memory. The body is read in large blocks and each line is sliced out once (a line split across two blocks is
-    joined alone, the blocks are never concatenated); with `views`, a line within a block is a memoryview of it,
-    not a copy. A last line without a newline is yielded too; the caller decides whether it is whole."""
+    joined alone, the blocks are never concatenated). A last line without a newline is yielded too; the caller
+    decides whether it is whole."""
     pending = b""  # the start of a line that continues in the next block
     offset = start
     read = body.read
@@ -621,7 +620,6 @@ def read_lines(body, start: int = 0, chunk_size: int = 4 << 20,
         if not block:
             break
         find = block.find
-        lines = memoryview(block) if views else block
         pos = 0
         if pending:
             newline = find(b"\n")
@@ -639,7 +637,7 @@ def read_lines(body, start: int = 0, chunk_size: int = 4 << 20,
             if newline < 0:
                 break
             end = offset + newline - pos + 1
-            yield lines[pos:newline], offset, end
+            yield block[pos:newline], offset, end
             offset = end
             pos = newline + 1
         pending = block[pos:]

@@ -102,11 +102,6 @@ def test_read_lines_gives_offsets_across_chunks_and_a_last_line_without_newline(
     assert all(data[start:end].rstrip(b"\n") == line for line, start, end in lines)
     resumed = list(vectors.read_lines(io.BytesIO(data[17:]), start=17, chunk_size=4))
     assert resumed == lines[2:]
-    for size in (3, 4, 100):  # views of the block where a line lies within one, copies where it spans two
-        viewed = list(vectors.read_lines(io.BytesIO(data), chunk_size=size, views=True))
-        assert [(bytes(line), start, end) for line, start, end in viewed] == lines
-    assert all(isinstance(line, memoryview) for line, _, _ in
-               list(vectors.read_lines(io.BytesIO(data), chunk_size=100, views=True))[:3])
 
 
 # ---------------------------------------------------------------------------------------------------- pacing

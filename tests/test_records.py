@@ -51,11 +51,22 @@ def sample_lines() -> list[bytes]:
     return lines
 
 
-def spans(lines: list[bytes]):
-    offset = 0
-    for raw in lines:
-        yield raw, offset, offset + len(raw) + 1
-        offset += len(raw) + 1
+class Blocks:
+    """`data` as a stream whose reads give blocks of these sizes in turn, whatever was asked (as the prefetch does)."""
+
+    def __init__(self, data: bytes, sizes=(1000 << 10,)):
+        self.data, self.sizes, self.pos, self.reads = data, sizes, 0, 0
+
+    def read(self, _n: int = -1) -> bytes:
+        size = self.sizes[self.reads % len(self.sizes)]
+        self.reads += 1
+        block = self.data[self.pos:self.pos + size]
+        self.pos += len(block)
+        return block
+
+
+def stream(lines: list[bytes], **kw) -> Blocks:
+    return Blocks(b"\n".join(lines) + b"\n", **kw)
 
 
 def plain(results):
@@ -70,23 +81,43 @@ def in_a_fresh_process(check, *args):
         return fresh.submit(check, *args).result()
 
 
+BLOCK_SIZES = [(1000 << 10,), (7, 70_001, 200_000, 1 << 20), (65_536,), (3_000_000,)]
+
+
 def workers_match_this_process():
     records.SLOT_BYTES = 64 << 10  # a few lines a slot: the slots go round many times
     lines = sample_lines()
-    expected = list(records.examined(spans(lines), "job-1", DIMENSION, None))
+    data = b"\n".join(lines) + b"\n"
+    rng = np.random.default_rng(3)
+    ends_long = data + line(400, rng) + b" " * (70 << 10)  # a last line longer than a slot, without its newline
+    ends_short = data + line(401, rng)  # a last line without its newline
+    resume_at = sum(len(raw) + 1 for raw in lines[:200])
+    cases = [(text, 0) for text in (data, ends_long, ends_short, b"x")] + [(data[resume_at:], resume_at)]
     assert threading.active_count() == 1  # so the pool forks
+    got = {}
     with records.pool(2) as workers:
         assert workers is not None
-        got = plain(records.examined(spans(lines), "job-1", DIMENSION, workers))
-    assert got == expected
-    return got
+        for n, (text, start) in enumerate(cases):
+            expected = list(records.examined(Blocks(text), start, "job-1", DIMENSION, None))
+            assert [text[s - start:e - start].rstrip(b"\n") for _, s, e in expected] == text.rstrip(b"\n").split(b"\n")
+            assert expected[-1][2] == start + len(text)  # to the end, with or without a last newline
+            for sizes in BLOCK_SIZES:
+                got[n, sizes] = plain(records.examined(Blocks(text, sizes), start, "job-1", DIMENSION, workers))
+                assert got[n, sizes] == expected, (n, sizes)
+    return (got[0, BLOCK_SIZES[0]], got[1, BLOCK_SIZES[1]][-1], got[2, BLOCK_SIZES[2]][-1], got[3, BLOCK_SIZES[3]],
+            got[4, BLOCK_SIZES[3]][0])
 
 
 def test_workers_give_the_results_of_this_process_in_order():
-    got = in_a_fresh_process(workers_match_this_process)
+    # the same results and spans, whatever the blocks the stream gives: lines that straddle blocks and slots,
+    # lines longer than a slot, a last line without its newline (longer than a slot, or not), a resumed stream
+    got, ends_long, ends_short, one_byte, resumed = in_a_fresh_process(workers_match_this_process)
     kinds = [r[0] if r else None for r, _, _ in got]
     assert kinds.count(records.OK) == 396 and kinds.count(records.FAIL) == 3 and kinds[3] is None
     assert got[12][0][-1] is True and got[13][0][3] == "InvalidEmbedding" and got[50][0][0] == records.OK
+    assert ends_long[0][0] == ends_short[0][0] == records.OK and ends_long[2] - ends_long[1] > 70 << 10
+    assert [(r[0], r[3], start, end) for r, start, end in one_byte] == [(records.FAIL, "MalformedLine", 0, 1)]
+    assert resumed[1:] == got[200][1:] and resumed[0][1] == got[200][0][1]
 
 
 def test_no_pool_for_no_workers_or_when_threads_run():
@@ -108,7 +139,7 @@ def a_worker_dies():
     try:
         with records.pool(1) as workers:
             os.kill(workers.processes[0].pid, signal.SIGKILL)
-            list(records.examined(spans(lines), "job-1", DIMENSION, workers))
+            list(records.examined(stream(lines), 0, "job-1", DIMENSION, workers))
     except common.StepError as exc:
         return str(exc), exc.exit_code
     return None
@@ -122,7 +153,7 @@ def a_worker_dies_on_its_chunk():
     records.examine = _dies  # before the fork: the workers run it
     try:
         with records.pool(1) as workers:
-            list(records.examined(spans(sample_lines()), "job-1", DIMENSION, workers))
+            list(records.examined(stream(sample_lines()), 0, "job-1", DIMENSION, workers))
     except common.StepError as exc:
         return str(exc), exc.exit_code
     return None
@@ -195,7 +226,7 @@ def test_what_the_step_holds_is_frozen_before_the_workers_fork(started_by):
 def stopping_early():
     lines = sample_lines() * 3
     with records.pool(2) as workers:
-        results = records.examined(spans(lines), "job-1", DIMENSION, workers)
+        results = records.examined(stream(lines), 0, "job-1", DIMENSION, workers)
         first = next(results)  # chunks are in flight in both workers when the step stops reading
         results.close()
         processes = workers.processes
@@ -217,7 +248,7 @@ def a_bug_in_a_worker():
     records.examine = _fails  # before the fork: the workers run it
     with records.pool(1) as workers:
         try:
-            list(records.examined(spans(sample_lines()), "job-1", DIMENSION, workers))
+            list(records.examined(stream(sample_lines()), 0, "job-1", DIMENSION, workers))
         except RuntimeError as exc:
             return str(exc)
     return None
