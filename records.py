@@ -80,7 +80,7 @@ def examine(raw: bytes, job_id: str, dimension: int) -> tuple | None:
 
 
 class Pool(NamedTuple):
-    conns: list[Connection]  # one a worker: chunk k goes to worker k % workers, which answers in the order it is sent
+    conns: list[Connection]  # one a worker: slot k goes to worker k % workers, which answers in the order it is sent
     processes: list[BaseProcess]
     workers: int
     shared: mmap.mmap  # 2 * workers slots, each SLOT_BYTES of lines in and SLOT_BYTES of requests out
@@ -144,8 +144,8 @@ def pool(workers: int):
     this process.
 
     Lines and requests go through shared memory: a pipe costs more CPU than the work it would carry (measured:
-    0.16 ms a line on the main side, 0.26 on the worker side); the pipes carry only each chunk's line lengths and
-    the results. The workers are forked at once, before the caller starts threads of its own."""
+    0.16 ms a line on the main side, 0.26 on the worker side); a worker's pipe carries only which slot to read and
+    how far, and the results. The workers are forked at once, before the caller starts threads of its own."""
     global _shared
     if workers <= 0 or not forking.can_fork():
         yield None
