@@ -308,7 +308,8 @@ def test_a_request_the_index_refuses_stops_the_load_with_its_error(index_endpoin
 # ---------------------------------------------------------------------------------------------------- resuming
 
 
-def test_killed_mid_load_it_resumes_after_the_last_confirmed_batch(world):
+@pytest.mark.parametrize("workers", ["0", "2"])  # lines examined in this process, or handed to worker processes
+def test_killed_mid_load_it_resumes_after_the_last_confirmed_batch(world, workers):
     world.put_images([f"p/img-{i:04d}.png" for i in range(1500)], prefix="2024/")
     assert world.step(1).returncode == 0
     assert world.step(2, "--wait", "--interval", "0.1", "--timeout", "120").returncode == 0
@@ -317,8 +318,8 @@ def test_killed_mid_load_it_resumes_after_the_last_confirmed_batch(world):
     # The index takes 600 vectors, then answers 429 until told otherwise: the load stands still there, however
     # slow the machine, and is killed while it retries.
     control(world.stack.s3vectors_url, "/_standin/config", {"hold_beyond_vectors": 600})
-    process = subprocess.Popen([sys.executable, str(ROOT / STEPS[3]), "--vectors-per-second", "400"],
-                               cwd=world.cwd, env=world.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    step = [sys.executable, str(ROOT / STEPS[3]), "--vectors-per-second", "400", "--workers", workers]
+    process = subprocess.Popen(step, cwd=world.cwd, env=world.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -334,9 +335,10 @@ def test_killed_mid_load_it_resumes_after_the_last_confirmed_batch(world):
     confirmed = json.loads(info_file.read_text())["jobs"][0]["load"]["counts"]["inserted"]
     assert 0 < confirmed <= 600
 
-    resumed = world.step(3)
+    resumed = world.step(3, "--workers", workers)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"Resuming: {confirmed} vectors already confirmed" in resumed.stdout
+    assert ("worker processes" in resumed.stdout) == (workers != "0")
     assert "Vectors Inserted: 1500" in resumed.stdout and "Total Records Processed: 1500" in resumed.stdout
     stats = control(world.stack.s3vectors_url, "/_standin/stats")["indexes"][index]
     assert stats["vectors"] == 1500
