@@ -1,6 +1,6 @@
 """Step 3's output lines examined in worker processes: the same results in the same order as in this process, the
 shared-memory slots reused, a line longer than a slot, a worker that dies, a bug in a worker, workers that stop with
-the step, a worker that leaves Ctrl-C to the step; and the recycled request buffers."""
+the step (also when it is killed), a worker that leaves Ctrl-C to the step; and the recycled request buffers."""
 
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -238,6 +242,34 @@ def test_workers_stop_with_the_step_when_it_stops_early():
     first, ended = in_a_fresh_process(stopping_early)
     assert first == records.OK
     assert ended == [(False, 0), (False, 0)]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"  # a zombie has ended
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def test_workers_do_not_outlive_a_step_that_is_killed():
+    # cron's timeout or the kernel's OOM killer may end step 3 with SIGKILL, with no chance to stop its workers:
+    # they see their pipes close and end, rather than wait forever (an executor's workers did)
+    step = subprocess.Popen([sys.executable, "-c", "import time, records\n"
+                             "with records.pool(2) as workers:\n"
+                             "    print(*[process.pid for process in workers.processes], flush=True)\n"
+                             "    time.sleep(120)\n"],
+                            cwd=Path(records.__file__).parent, stdout=subprocess.PIPE, text=True)
+    pids = [int(pid) for pid in step.stdout.readline().split()]
+    assert len(pids) == 2 and all(map(_running, pids))
+    step.kill()
+    step.wait()
+    deadline = time.monotonic() + 30  # bounds only a failure: they end within milliseconds
+    while any(map(_running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [pid for pid in pids if _running(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == []
 
 
 def _fails(raw, job_id, dimension):
