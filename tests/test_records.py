@@ -251,13 +251,25 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_workers_do_not_outlive_a_step_that_is_killed():
-    # cron's timeout or the kernel's OOM killer may end step 3 with SIGKILL, with no chance to stop its workers:
-    # they see their pipes close and end, rather than wait forever (an executor's workers did)
-    step = subprocess.Popen([sys.executable, "-c", "import time, records\n"
-                             "with records.pool(2) as workers:\n"
-                             "    print(*[process.pid for process in workers.processes], flush=True)\n"
-                             "    time.sleep(120)\n"],
+STEP_WITH_WORKERS = {  # a step that starts its workers, prints their process ids and waits to be killed
+    "start": "import time, records\n"
+             "with records.pool(2) as workers:\n"
+             "    print(*[process.pid for process in workers.processes], flush=True)\n"
+             "    time.sleep(120)\n",
+    "executor": "import time, forking\n"
+                "pool = forking.executor(2)\n"
+                "pool.submit(time.sleep, 0).result()  # the workers are forked with the first task\n"
+                "print(*pool._processes, flush=True)\n"
+                "time.sleep(120)\n",
+}
+
+
+@pytest.mark.parametrize("started_by", ["executor", "start"])
+def test_workers_do_not_outlive_a_step_that_is_killed(started_by):
+    # cron's timeout or the kernel's OOM killer may end a step with SIGKILL, with no chance to stop its workers:
+    # they end with it rather than wait for work forever (an executor's workers did): step 3's see their pipes
+    # close, 01's are killed by the kernel
+    step = subprocess.Popen([sys.executable, "-c", STEP_WITH_WORKERS[started_by]],
                             cwd=Path(records.__file__).parent, stdout=subprocess.PIPE, text=True)
     pids = [int(pid) for pid in step.stdout.readline().split()]
     assert len(pids) == 2 and all(map(_running, pids))
