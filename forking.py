@@ -5,7 +5,6 @@ locked), and only where the system has fork: otherwise the caller does the work 
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import multiprocessing
 import os
@@ -37,6 +36,8 @@ def executor(workers: int) -> ProcessPoolExecutor:
 def _end_with(step: int) -> None:
     """In an executor's worker: Ctrl-C is left to the step, and the kernel kills the worker when the step ends
     (Linux's PR_SET_PDEATHSIG; elsewhere nothing is set)."""
+    import ctypes
+
     _ignore_ctrl_c()
     try:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
