@@ -82,8 +82,11 @@ def examine(raw: bytes, job_id: str, dimension: int) -> tuple | None:
 class Pool(NamedTuple):
     conns: list[Connection]  # one a worker: slot k goes to worker k % workers, which answers in the order it is sent
     processes: list[BaseProcess]
-    workers: int
     shared: mmap.mmap  # 2 * workers slots, each SLOT_BYTES of lines in and SLOT_BYTES of requests out
+
+    @property
+    def workers(self) -> int:
+        return len(self.conns)
 
 
 _shared: mmap.mmap | None = None  # the pool's shared memory, as a forked worker inherits it
@@ -153,7 +156,7 @@ def pool(workers: int):
     _shared = mmap.mmap(-1, 2 * workers * 2 * SLOT_BYTES)  # anonymous and shared: the forked workers see it
     started = forking.start(workers, _serve)
     try:
-        yield Pool([conn for _, conn in started], [process for process, _ in started], workers, _shared)
+        yield Pool([conn for _, conn in started], [process for process, _ in started], _shared)
     except WorkerStopped:
         raise StepError("a worker process examining output lines stopped (out of memory?) — run step 3 again; "
                         "it resumes where the index last confirmed, or give --workers 0", common.EXIT_ERROR) from None
