@@ -48,7 +48,10 @@ _EMPTY = b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult></ListBucketR
 
 
 def _text(raw: bytes) -> str:
+    """An element's text as an XML parser gives it: line ends normalised, then entities replaced."""
     text = raw.decode("utf-8")
+    if "\r" in text:  # XML reads a literal CR (or CR LF) as LF; S3 writes a CR in a key as &#13;
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
     if "&" not in text:
         return text
     if text.count("&") == text.count("&quot;"):  # an ETag: a quarter of html.unescape's CPU
@@ -72,8 +75,10 @@ def _parse_lean(response_dict, customized_response_dict, **kwargs):
         handlers._handle_200_error(response_dict=response_dict, **kwargs)
         return
     parsed: dict = {}
+    # S3 writes these before the first <Contents> (the API reference's examples), moto after the last: their place
+    # is not part of the answer's form, and no element inside <Contents> or <CommonPrefixes> bears their names.
     for name, pattern in _FIELDS.items():
-        found = pattern.search(body[body.rfind(b"</Contents>") + 1:] if name != "IsTruncated" else body)
+        found = pattern.search(body)
         if found:
             parsed[name] = _text(found.group(1))
     parsed["IsTruncated"] = parsed.get("IsTruncated") == "true"

@@ -1,4 +1,5 @@
-"""All the local stand-ins at once: moto (S3, STS, IAM), the Bedrock emulator, the S3 Vectors stand-in.
+"""All the local stand-ins at once: moto (S3, STS, IAM; its S3 answers in the documented forms, tests.standins.s3),
+the Bedrock emulator, the S3 Vectors stand-in.
 
 `start()` runs them in this process and returns the environment that points boto3 and the AWS CLI at them
 through the standard AWS_ENDPOINT_URL_<SERVICE> variables, the way the scripts are pointed at them.
@@ -14,9 +15,8 @@ from typing import Callable
 
 import logging
 
-from moto.server import ThreadedMotoServer
-
 from . import bedrock, s3vectors, serve
+from .s3 import MotoS3, S3Options
 from . import tls as _tls
 
 ACCOUNT_ID = "123456789012"  # moto's default account
@@ -30,6 +30,7 @@ class Stack:
     s3vectors_url: str
     env: dict[str, str]
     certificates: _tls.Certificates | None = None  # when the Bedrock emulator serves HTTPS (tls=True)
+    s3: S3Options = field(default_factory=S3Options)  # how moto's S3 answers (tests.standins.s3)
     _stops: list[Callable[[], None]] = field(default_factory=list)
 
     def stop(self) -> None:
@@ -62,10 +63,8 @@ def start(bedrock_options: dict | None = None, s3vectors_options: dict | None = 
     """With tls=True the Bedrock emulator serves HTTPS with a throw-away CA that AWS_CA_BUNDLE names (botocore sends
     a Bedrock API key only over https)."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log from moto's server
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    host, port = moto.get_host_and_port()
-    moto_url = f"http://{host}:{port}"
+    moto = MotoS3().start()
+    moto_url = moto.url
     certificates, stops = None, [moto.stop]
     if tls:
         folder = tempfile.TemporaryDirectory(prefix="standin-tls-")
@@ -86,5 +85,6 @@ def start(bedrock_options: dict | None = None, s3vectors_options: dict | None = 
         s3vectors_url=vectors.url,
         env=env,
         certificates=certificates,
+        s3=moto.options,
         _stops=[*stops, emulator.stop, vectors.stop],
     )

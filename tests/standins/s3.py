@@ -1,0 +1,157 @@
+"""moto's S3 (with STS and IAM) answering in the forms the AWS documentation gives, where moto's differ.
+
+moto is the S3 the tests run against, but two of its answers are not S3's, and a reader written against moto
+alone works on moto only:
+
+- **ListObjectsV2's paging fields.** The S3 API Reference's examples put `<Name>`, `<Prefix>`,
+  `<NextContinuationToken>`, `<KeyCount>`, `<MaxKeys>`, `<EncodingType>`, `<IsTruncated>` before the first
+  `<Contents>`; moto writes some of them after the last. `list_order="documented"` (the default) moves every
+  top-level element that is not a `<Contents>` or `<CommonPrefixes>` ahead of them, in the documented order;
+  `"moto"` leaves moto's answer as it is, so a test can play both.
+- **A key that is not there.** S3 answers GetObject/HeadObject of a missing key with 404 NoSuchKey only when the
+  caller has s3:ListBucket on it; the caller policy this project generates limits ListBucket with an `s3:prefix`
+  condition, so for it a missing key outside that prefix is 403 AccessDenied. moto always answers 404.
+  `missing_key=403` answers as S3 does to that caller; `404` (the default) as it does to one with ListBucket.
+
+The options live in `S3Options` (in this process: `Stack.s3`); `python -m tests.standins.s3 -p PORT` serves the
+same as a process of its own (the benchmarks), options from its flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import threading
+from dataclasses import dataclass
+from urllib.parse import parse_qs
+
+from werkzeug.serving import make_server
+
+# The S3 API Reference's order (ListObjectsV2, "Examples"); anything else moto writes follows these.
+DOCUMENTED_ORDER = ("Name", "Prefix", "ContinuationToken", "NextContinuationToken", "KeyCount", "MaxKeys",
+                    "Delimiter", "EncodingType", "IsTruncated", "StartAfter")
+_BLOCKS = ("Contents", "CommonPrefixes")
+_TOP = re.compile(rb"<(Contents|CommonPrefixes)>.*?</\1>|<(\w+)>[^<]*</\2>|<(\w+)\s*/>", re.S)
+_RESULT = re.compile(rb"(.*?<ListBucketResult[^>]*>)(.*)(</ListBucketResult>\s*)$", re.S)
+_ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+                  b"<Message>Access Denied</Message><RequestId>STANDIN0000000000</RequestId></Error>")
+
+
+@dataclass
+class S3Options:
+    list_order: str = "documented"  # or "moto"
+    missing_key: int = 404  # or 403
+
+    def reset(self) -> None:
+        self.list_order, self.missing_key = "documented", 404
+
+
+def documented_order(body: bytes) -> bytes:
+    """A ListBucketResult with its top-level fields ahead of the <Contents> and <CommonPrefixes> blocks, in the
+    order of the API reference's examples (the blocks keep their own order)."""
+    whole = _RESULT.match(body)
+    if not whole:
+        return body
+    head, inner, tail = whole.groups()
+    fields: dict[str, bytes] = {}
+    blocks: list[bytes] = []
+    for element in _TOP.finditer(inner):
+        name = (element.group(1) or element.group(2) or element.group(3)).decode()
+        if name in _BLOCKS:
+            blocks.append(element.group(0))
+        else:
+            fields[name] = element.group(0)
+    rank = {name: n for n, name in enumerate(DOCUMENTED_ORDER)}
+    ordered = sorted(fields, key=lambda name: rank.get(name, len(rank)))
+    return head + b"".join(fields[name] for name in ordered) + b"".join(blocks) + tail
+
+
+def _is_list_v2(environ) -> bool:
+    return environ["REQUEST_METHOD"] == "GET" and parse_qs(environ.get("QUERY_STRING", "")).get("list-type") == ["2"]
+
+
+def _is_object_read(environ) -> bool:
+    """A GetObject or HeadObject (path style: /bucket/key, no sub-resource in the query)."""
+    if environ["REQUEST_METHOD"] not in ("GET", "HEAD"):
+        return False
+    bucket, _, key = environ.get("PATH_INFO", "").lstrip("/").partition("/")
+    query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+    return bool(bucket and key) and not (set(query) - {"versionId", "partNumber", "response-content-type",
+                                                       "x-id"})
+
+
+def wrap(app, options: S3Options):
+    """moto's WSGI app, answering as `options` says (see the module's docstring)."""
+
+    def wrapped(environ, start_response):
+        relist = options.list_order == "documented" and _is_list_v2(environ)
+        deny = options.missing_key == 403 and _is_object_read(environ)
+        if not (relist or deny):
+            return app(environ, start_response)
+        answered: dict = {}
+
+        def capture(status, headers, exc_info=None):
+            answered.update(status=status, headers=headers)
+            return lambda data: None
+
+        chunks = app(environ, capture)
+        try:
+            body = b"".join(chunks)
+        finally:
+            getattr(chunks, "close", lambda: None)()
+        status, headers = answered["status"], answered["headers"]
+        if relist and status.startswith("200"):
+            body = documented_order(body)
+        elif deny and status.startswith("404") and (environ["REQUEST_METHOD"] == "HEAD" or b"NoSuchKey" in body):
+            status = "403 Forbidden"
+            headers = [("Content-Type", "application/xml")]
+            body = b"" if environ["REQUEST_METHOD"] == "HEAD" else _ACCESS_DENIED
+        headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        headers.append(("Content-Length", str(len(body))))
+        start_response(status, headers)
+        return [body]
+
+    return wrapped
+
+
+class MotoS3:
+    """moto's server (S3, STS, IAM, …) on a loopback port in a thread, its S3 answers as `options` says."""
+
+    def __init__(self, options: S3Options | None = None, host: str = "127.0.0.1", port: int = 0):
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, \
+            create_backend_app
+
+        self.options = options or S3Options()
+        app = wrap(DomainDispatcherApplication(create_backend_app), self.options)
+        self._server = make_server(host, port, app, threaded=True, request_handler=MotoRequestHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self.url = f"http://{host}:{self._server.server_port}"
+
+    def start(self) -> MotoS3:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._thread.join()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="moto's server, its S3 answering in the documented forms")
+    parser.add_argument("-H", "--host", default="127.0.0.1")
+    parser.add_argument("-p", "--port", type=int, default=5000)
+    parser.add_argument("--list-order", choices=("documented", "moto"), default="documented")
+    parser.add_argument("--missing-key", type=int, choices=(404, 403), default=404)
+    args = parser.parse_args(argv)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = MotoS3(S3Options(args.list_order, args.missing_key), args.host, args.port)
+    try:
+        server._server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
