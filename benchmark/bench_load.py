@@ -218,7 +218,9 @@ class Servers:
     def _start(self, fault_rate: float, seed: int, store_data: bool) -> None:
         logdir = self.logdir
         port = free_port()
-        self.moto = self._spawn("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)])
+        # moto, its S3 answering in the documented forms (tests.standins.s3)
+        self.moto = self._spawn("moto", [sys.executable, "-m", "tests.standins.s3", "-H", "127.0.0.1", "-p",
+                                         str(port)])
         self.moto_url = f"http://127.0.0.1:{port}"
         self._wait_http(self.moto_url + "/moto-api/", self.moto)
         options = [f"store_data={'true' if store_data else 'false'}"]

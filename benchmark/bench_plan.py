@@ -140,20 +140,19 @@ class SyntheticAws:
             total = 0
         end = start + len(indexes) + len(prefixes)
         truncated = end < total
+        # S3's order (the API reference's examples): the paging fields before the first <Contents>.
         body = ['<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult xmlns="http://s3.amazonaws.com/doc/'
-                f'2006-03-01/"><Name>{SOURCE_BUCKET}</Name><Prefix>{prefix}</Prefix><KeyCount>{end - start}'
-                f"</KeyCount><MaxKeys>{size}</MaxKeys>"
+                f'2006-03-01/"><Name>{SOURCE_BUCKET}</Name><Prefix>{prefix}</Prefix>'
+                + (f"<NextContinuationToken>{end}</NextContinuationToken>" if truncated else "")
+                + f"<KeyCount>{end - start}</KeyCount><MaxKeys>{size}</MaxKeys>"
                 + (f"<Delimiter>{delimiter}</Delimiter>" if delimiter else "")
+                + ("<EncodingType>url</EncodingType>" if args.get("encoding-type") else "")
                 + f"<IsTruncated>{'true' if truncated else 'false'}</IsTruncated>"]
         for i in indexes:
             body.append(f"<Contents><Key>{lay.key(i)}</Key><LastModified>2026-11-30T12:00:00.000Z</LastModified>"
                         f"<ETag>&quot;{i * 2654435761 % 2**32:032x}&quot;</ETag>"
                         f"<Size>{Layout.size(i)}</Size><StorageClass>STANDARD</StorageClass></Contents>")
         body += [f"<CommonPrefixes><Prefix>{p}</Prefix></CommonPrefixes>" for p in prefixes]
-        if truncated:
-            body.append(f"<NextContinuationToken>{end}</NextContinuationToken>")
-        if args.get("encoding-type"):
-            body.append("<EncodingType>url</EncodingType>")
         body.append("</ListBucketResult>")
         return "".join(body).encode()
 
