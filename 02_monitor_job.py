@@ -53,11 +53,9 @@ def parse_args(argv):
 def token_counts(s3, job: dict, job_id: str, owner: str) -> dict | None:
     """The job's manifest.json.out (token counts live there, not in the API), or None while it does not exist."""
     bucket, prefix = common.parse_s3_uri(job["output_s3_uri"])
+    body = common.read_if_present(s3, bucket, f"{prefix}{job_id}/manifest.json.out", owner)
     try:
-        body = s3.get_object(Bucket=bucket, Key=f"{prefix}{job_id}/manifest.json.out", ExpectedBucketOwner=owner)["Body"]
-        return json.loads(body.read())
-    except s3.exceptions.NoSuchKey:
-        return None
+        return None if body is None else json.loads(body)
     except json.JSONDecodeError:
         return None
 

@@ -241,10 +241,9 @@ def output_files(s3, bucket: str, prefix: str, owner: str) -> list[dict]:
 
 
 def read_manifest(s3, bucket: str, key: str, owner: str) -> dict | None:
+    body = common.read_if_present(s3, bucket, key, owner)
     try:
-        return orjson.loads(s3.get_object(Bucket=bucket, Key=key, ExpectedBucketOwner=owner)["Body"].read())
-    except s3.exceptions.NoSuchKey:
-        return None
+        return None if body is None else orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
 

@@ -460,6 +460,23 @@ def object_exists(s3, bucket: str, key: str, owner: str) -> bool:
     return any(obj["Key"] == key for obj in page.get("Contents", []))
 
 
+def read_if_present(s3, bucket: str, key: str, owner: str) -> bytes | None:
+    """The object's bytes, or None when there is no such key. S3 answers a missing key with 404 NoSuchKey only
+    to a caller with s3:ListBucket on it, and with 403 AccessDenied to one without (the caller policy the project
+    generates limits ListBucket with an s3:prefix condition): a 403 is asked again by listing, and stays an error
+    only when the object is there."""
+    from botocore.exceptions import ClientError
+
+    try:
+        return s3.get_object(Bucket=bucket, Key=key, ExpectedBucketOwner=owner)["Body"].read()
+    except ClientError as exc:
+        code = error_code(exc)
+        if code in ("NoSuchKey", "404") or (code in ("AccessDenied", "403")
+                                            and not object_exists(s3, bucket, key, owner)):
+            return None
+        raise
+
+
 def delete_object(s3, bucket: str, key: str, owner: str) -> None:
     s3.delete_object(Bucket=bucket, Key=key, ExpectedBucketOwner=owner)
 
