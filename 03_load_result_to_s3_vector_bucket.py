@@ -66,6 +66,12 @@ def parse_args(argv):
     return args
 
 
+def failure(record_id, uri, code, message, file_key, offset) -> dict:
+    """A line of a job's load report: a record step 3 could not load, and why."""
+    return {"recordId": record_id, "source_uri": uri, "error_code": code, "error_message": message,
+            "file": file_key, "offset": offset}
+
+
 class Loader:
     """Turns result lines into PutVectors batches and keeps the account of every record."""
 
@@ -85,8 +91,7 @@ class Loader:
 
     def fail(self, record_id, uri, code, message, file_key, offset) -> None:
         self.counts["error"] += 1
-        self.report.write(orjson.dumps({"recordId": record_id, "source_uri": uri, "error_code": code,
-                                        "error_message": message, "file": file_key, "offset": offset}) + b"\n")
+        self.report.write(orjson.dumps(failure(record_id, uri, code, message, file_key, offset)) + b"\n")
 
     def take(self, result: tuple | None, file_key: str, start: int, offset: int) -> vectors.Batch | None:
         """Account for one output line (bytes start..offset) from records.examine's `result`; returns a batch when
@@ -115,6 +120,10 @@ class Checkpoint:
     Saved into the job-info file (after every confirmed batch, and at the end), so a killed load resumes
     after the last confirmed batch instead of from the start. It names the vector bucket and index it was made
     against: it means nothing for another index.
+
+    The vectors the index refused in the batches confirmed so far are kept in it too (`refused`, as load report
+    lines): the checkpoint moves past them, and they are written at the end of the job's load report, each time
+    the job is loaded (the report's lines before `report_bytes` are those of the output lines read).
     """
 
     def __init__(self, info: dict, job: dict, path: Path, where: dict):
@@ -123,6 +132,7 @@ class Checkpoint:
         self.next_seq = 0
         self.state = dict(job.get("load") or {"files": {}}, **where)
         self.inserted = self.state.get("counts", {}).get("inserted", 0)
+        self.refused: list[dict] = [entry for entry in self.state.get("refused") or [] if isinstance(entry, dict)]
         self.lock = threading.Lock()
         self.save_lock = threading.Lock()
         self.confirmed_keys: set[str] = set()  # what the index confirmed to this process: no need to ask again
@@ -136,10 +146,17 @@ class Checkpoint:
                 self.next_seq += 1
                 self.inserted += confirmed.count
                 mark = confirmed.mark
+                if confirmed.refused:  # a new list: a saved state is never mutated
+                    self.refused = self.refused + [
+                        failure(None, vector.source_uri, "ValidationException",
+                                f"S3 Vectors refused the vector: {vector.message}", mark["file"], None)
+                        for vector in confirmed.refused]
                 files = dict(self.state.get("files", {}))
                 files[mark["file"]] = {"offset": mark["offset"], "done": mark["done"]}
                 self.state = {"files": files, "counts": dict(mark["counts"], inserted=self.inserted),
                               "report_bytes": mark["report_bytes"], **self.where}
+                if self.refused:
+                    self.state["refused"] = self.refused
 
     def save(self) -> None:
         with self.save_lock:
@@ -288,6 +305,9 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
         batcher.recycle(batch)
         checkpoint.confirm(batch)
         checkpoint.save()
+        for vector in batch.refused:
+            progress.print(f"! S3 Vectors refused the vector of {vector.source_uri or vector.key}: {vector.message} "
+                           "— left out of the load, listed in the run's not_loaded.jsonl")
         if args.verbose and batch.count:
             progress.print(f"✓ Batch {batch.seq + 1}: Inserted {batch.count} vectors")
         progress.update(checkpoint.inserted)
@@ -331,6 +351,7 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
         progress.close()
         raise
     progress.close()
+    report.writelines(orjson.dumps(entry) + b"\n" for entry in checkpoint.refused)
     report.close()
     if report_path.stat().st_size == 0:
         report_path.unlink()  # nothing failed: no empty report
@@ -338,6 +359,8 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
         checkpoint.state = dict(checkpoint.state, finished=True)
     checkpoint.save()
     counts = dict(checkpoint.state.get("counts", loader.counts))
+    refused = len(checkpoint.refused)  # read as vectors, refused by the index: failed records
+    counts.update(success=counts["success"] - refused, error=counts["error"] + refused)
     elapsed = time.monotonic() - started
     ok(f"Total vectors inserted: {counts['inserted']} in {elapsed:.1f}s "
        f"({sender.stats['requests']} requests, {sender.stats['throttled']} throttled)")

@@ -62,8 +62,14 @@ def embed_and_load(requests: Iterable[tuple[str, dict]], config: common.Config, 
     confirmed: set[str] = set()
     failed: list[dict] = []
     limiter = vectors.RateLimiter(2500, 1000)
+
+    def done(batch: vectors.Batch) -> None:
+        confirmed.update(batch.keys)
+        failed.extend(failure(vector.source_uri, "ValidationException", f"S3 Vectors refused the vector: "
+                              f"{vector.message}") for vector in batch.refused if vector.source_uri)
+
     sender = vectors.PutVectorsSender(s3v, config.vector_bucket, config.vector_index, limiter, threads=2,
-                                      on_done=lambda batch: confirmed.update(batch.keys))
+                                      on_done=done)
     batcher = vectors.Batcher(config.vector_bucket, config.vector_index)
     try:
         with ThreadPoolExecutor(THREADS) as pool:

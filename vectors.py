@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import orjson
@@ -223,6 +223,15 @@ def envelope(bucket: str, index: str) -> tuple[bytes, bytes]:
     return head, b"]}"
 
 
+class Refused(NamedTuple):
+    """A vector the index refused: PutVectors answered 400 ValidationException naming it, or it was alone in a
+    request so refused. The rest of its request is loaded."""
+
+    key: str
+    source_uri: str | None  # from the vector's metadata
+    message: str  # the index's
+
+
 @dataclass
 class Batch:
     """A PutVectors request ready to send, and what it stands for in the input (for the checkpoint)."""
@@ -234,25 +243,42 @@ class Batch:
     keys: list[str] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)  # where each vector's JSON starts in the body
     buffer: mmap.mmap | None = field(default=None, repr=False)  # what body is a view of, until Batcher.recycle
+    # Once sent: the vectors the index refused. They are no longer in `keys` and `count`, which then say what the
+    # index holds.
+    refused: list[Refused] = field(default_factory=list)
 
-    def halves(self, head: bytes, tail: bytes) -> tuple["Batch", "Batch"]:
-        """Two requests of half the vectors each (for an index short of capacity); the same seq and mark."""
-        body = bytes(self.body)
+    def vector(self, i: int, tail: bytes) -> bytes:
+        """The JSON of the i-th vector, as it is in the body."""
+        end = self.starts[i + 1] - 1 if i + 1 < self.count else len(self.body) - len(tail)
+        return bytes(self.body[self.starts[i]:end])
+
+    def regroup(self, groups: list, head: bytes, tail: bytes) -> list["Batch"]:
+        """A request for each group of vector positions (of this batch): the same seq and mark."""
+        body = memoryview(self.body)
         ends = [start - 1 for start in self.starts[1:]] + [len(body) - len(tail)]
-        middle = self.count // 2
         parts = []
-        for lo, hi in ((0, middle), (middle, self.count)):
+        for group in groups:
             buffer = bytearray(head)
             starts = []
-            for i in range(lo, hi):
+            for i in group:
                 if starts:
                     buffer += b","
                 starts.append(len(buffer))
                 buffer += body[self.starts[i]:ends[i]]
             buffer += tail
-            parts.append(Batch(body=buffer, count=hi - lo, seq=self.seq, mark=self.mark,
-                               keys=self.keys[lo:hi], starts=starts))
-        return parts[0], parts[1]
+            parts.append(Batch(body=buffer, count=len(starts), seq=self.seq, mark=self.mark,
+                               keys=[self.keys[i] for i in group], starts=starts))
+        return parts
+
+    def halves(self, head: bytes, tail: bytes) -> tuple["Batch", "Batch"]:
+        """Two requests of half the vectors each (for an index short of capacity, or to find a refused vector)."""
+        middle = self.count // 2
+        first, second = self.regroup([range(middle), range(middle, self.count)], head, tail)
+        return first, second
+
+    def without(self, i: int, head: bytes, tail: bytes) -> "Batch":
+        """The request without its i-th vector."""
+        return self.regroup([[j for j in range(self.count) if j != i]], head, tail)[0]
 
 
 class Batcher:
@@ -398,6 +424,53 @@ class RateLimiter:
             self.throttled_at = now
 
 
+class _RefusedRequest(Exception):
+    """PutVectors answered 400 ValidationException: the index refuses something in the request."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def refused_position(message: str, keys: list[str]) -> int | None:
+    """The position in `keys` of the vector a ValidationException's message names ("Invalid record for key 'K':
+    ..."); None when it names none of them.
+
+    A key may hold quotes, and the message may quote other words: every quoted span that follows the word "key" is
+    tried (as it is, and with escaped quotes unescaped), and the longest that is a key of the request is the one."""
+    position: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        position.setdefault(key, i)
+    best = None
+    lower = message.lower()
+    at = lower.find("key")
+    while at >= 0:
+        opening = at + 3
+        while opening < len(message) and message[opening] in " :=":
+            opening += 1
+        quote = message[opening:opening + 1]
+        if quote in ("'", '"'):
+            end = message.find(quote, opening + 1)
+            while end >= 0:
+                span = message[opening + 1:end]
+                for candidate in (span, span.replace("\\" + quote, quote)):
+                    if candidate in position and (best is None or len(candidate) > len(best)):
+                        best = candidate
+                end = message.find(quote, end + 1)
+        at = lower.find("key", at + 3)
+    return None if best is None else position[best]
+
+
+def _source_uri(vector: bytes) -> str | None:
+    """The `source_uri` of a vector's metadata (None when it has none)."""
+    try:
+        metadata = orjson.loads(vector).get("metadata")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    uri = metadata.get("source_uri") if isinstance(metadata, dict) else None
+    return uri if isinstance(uri, str) else None
+
+
 class PutVectorsSender:
     """Sends prebuilt PutVectors bodies through a boto3 s3vectors client, from a few threads.
 
@@ -420,8 +493,8 @@ class PutVectorsSender:
         self.queue: queue.Queue = queue.Queue()
         self.idle = threading.Semaphore(threads)  # bodies are ~20 MB: one is handed on only when a thread is free
         self.error: BaseException | None = None
-        self.stats = {"requests": 0, "retries": 0, "throttled": 0, "unavailable": 0, "split": 0, "max_vectors": 0,
-                      "max_bytes": 0}
+        self.stats = {"requests": 0, "retries": 0, "throttled": 0, "unavailable": 0, "split": 0, "refused": 0,
+                      "max_vectors": 0, "max_bytes": 0}
         self.stats_lock = threading.Lock()
         client.meta.events.register("before-call.s3vectors.PutVectors", self._swap_body)
         self.workers = [threading.Thread(target=self._work, daemon=True) for _ in range(threads)]
@@ -469,17 +542,50 @@ class PutVectorsSender:
     def send(self, batch: Batch) -> None:
         """Send one batch until the index accepts all of it: throttling, 5xx and a failing network are retried with
         backoff for up to `give_up_after` seconds, a request the index keeps answering 503 is split in halves (down
-        to one vector); anything else the index refuses is raised (402 and 403 as a StepError that names the fix)."""
+        to one vector); anything else the index refuses is raised (402 and 403 as a StepError that names the fix).
+
+        A vector the index refuses (400 ValidationException) is left out and the rest sent again: the one the
+        message names ("Invalid record for key 'K': ..."), or, when it names none of the request, the one found by
+        sending halves until a refused request holds one vector (log2 of the batch's size levels at most). The
+        refused vectors are listed in `batch.refused` and taken out of its keys and count. When the index refuses
+        every vector of a batch of more than one, the trouble is the index or the request, not a vector: that
+        stops the load."""
         started = self.clock()
         pending = [batch]
+        refused: list[Refused] = []
         while pending:
             part = pending.pop(0)
-            if not self._put(part, started):
-                pending[0:0] = part.halves(self.head, self.tail)
+            try:
+                if self._put(part, started):
+                    continue
+                pending[0:0] = part.halves(self.head, self.tail)  # short of capacity
                 self._count("split")
+            except _RefusedRequest as refusal:
+                named = refused_position(refusal.message, part.keys)
+                if named is None and part.count > 1:
+                    pending[0:0] = part.halves(self.head, self.tail)  # to find the vector the index refuses
+                    self._count("split")
+                    continue
+                i = 0 if named is None else named  # named, or alone in its request
+                refused.append(Refused(part.keys[i], _source_uri(part.vector(i, self.tail)), refusal.message))
+                self._count("refused")
+                if part.count > 1:
+                    pending.insert(0, part.without(i, self.head, self.tail))
+        if refused:
+            if len(refused) == batch.count > 1:
+                raise common.StepError(
+                    f"PutVectors refused every vector of a request of {batch.count} (ValidationException: "
+                    f"{refused[0].message}) — the trouble is index {self.index} in vector bucket {self.bucket} or "
+                    "the request, not one vector: check the index's dimension and metadata configuration, then run "
+                    "the step again to resume")
+            keys = list(batch.keys)
+            for vector in refused:
+                keys.remove(vector.key)
+            batch.keys, batch.count, batch.refused = keys, len(keys), refused
 
     def _put(self, batch: Batch, started: float) -> bool:
-        """One request until accepted (True), or False when it should be split."""
+        """One request until accepted (True), or False when it should be split; _RefusedRequest when the index
+        answers 400 ValidationException."""
         from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
 
         attempt = unavailable = 0
@@ -496,6 +602,8 @@ class PutVectorsSender:
                 refusal = self._refusal(code, status, exc)
                 if refusal is not None:
                     raise refusal from None
+                if code == "ValidationException":
+                    raise _RefusedRequest(exc.response.get("Error", {}).get("Message", "")) from None
                 if code not in RETRYABLE_CODES and status < 500 and status != 429:
                     raise
                 if code in ("TooManyRequestsException", "ThrottlingException", "SlowDown") or status == 429:

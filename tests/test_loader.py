@@ -17,6 +17,7 @@ import urllib.request
 import orjson
 import pytest
 
+import common
 import vectors
 from tests.conftest import ROOT, STEPS
 from tests.sending import FakeClock, send_parts
@@ -297,12 +298,12 @@ def test_throttling_by_the_index_is_absorbed(index_endpoint):
     assert stats["vectors"] == 600 and stats["put_vectors_accepted"] == 600
 
 
-def test_a_request_the_index_refuses_stops_the_load_with_its_error(index_endpoint):
+def test_a_request_the_index_refuses_for_every_vector_stops_the_load_with_its_error(index_endpoint):
     client = index_endpoint.client
-    parts = [vectors.encode_vector("k", [0.5] * 4, 4, {})]  # the index takes 8 dimensions
-    with pytest.raises(Exception) as raised:
+    parts = [vectors.encode_vector(f"k{i}", [0.5] * 4, 4, {}) for i in range(3)]  # the index takes 8 dimensions
+    with pytest.raises(common.StepError) as raised:
         send_parts(client, parts, vectors.RateLimiter(1e6, 1e4), threads=3)
-    assert raised.value.response["Error"]["Code"] == "ValidationException"
+    assert "ValidationException: vectors[0]: vector has 4 dimensions, the index has 8" in str(raised.value)
 
 
 # ---------------------------------------------------------------------------------------------------- resuming

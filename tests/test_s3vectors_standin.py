@@ -351,7 +351,8 @@ def test_vector_validation(standin):
 
     rejected(cos, [vec("a", [1.0, 1.0, 1.0], **{f"m{i}": i for i in range(51)})], "keys")
     c.put_vectors(indexArn=cos, vectors=[vec("fifty", [1.0, 1.0, 1.0], **{f"m{i}": i for i in range(50)})])
-    rejected(cos, [vec("a", [1.0, 1.0, 1.0], note="x" * 2100)], "filterable")
+    rejected(cos, [vec("a", [1.0, 1.0, 1.0], note="x" * 2100)],
+             "Invalid record for key 'a': Filterable metadata must have at most 2048 bytes")
     c.put_vectors(indexArn=cos, vectors=[vec("big-text", [1.0, 1.0, 1.0], text="x" * 30_000, note="short")])
     rejected(cos, [vec("a", [1.0, 1.0, 1.0], text="x" * 41_000)], "metadata")
     rejected(cos, [vec("a", [1.0, 1.0, 1.0], nested={"a": 1})])
@@ -545,6 +546,33 @@ def test_a_held_index_answers_429_beyond_its_count_until_released(standin_factor
     s.control("POST", "config", {"hold_beyond_vectors": None})
     c.put_vectors(indexArn=arn, vectors=[vec("c", [1.0, 2.0])])
     assert set(all_keys(c, arn)) == {"a", "b", "c"}
+
+
+def test_chosen_keys_are_refused_with_the_whole_request(standin_factory):
+    s = standin_factory(**NO_QUOTA, refuse_keys=["bad", "it's"])
+    c = s.client
+    arn = s.index(dimension=2)
+
+    def refused(vectors) -> str:
+        with pytest.raises(ClientError) as e:
+            c.put_vectors(indexArn=arn, vectors=vectors)
+        assert (status(e), error_code(e)) == (400, "ValidationException")
+        return e.value.response["Error"]["Message"]
+
+    assert refused([vec("ok", [1.0, 0.0]), vec("bad", [0.0, 1.0])]) == \
+        "Invalid record for key 'bad': Filterable metadata must have at most 2048 bytes"
+    assert refused([vec("it's", [1.0, 1.0])]) == \
+        "Invalid record for key 'it's': Filterable metadata must have at most 2048 bytes"
+    assert all_keys(c, arn) == []  # nothing of a refused request is written
+    s.control("POST", "config", {"refused_keys_unnamed": True})
+    assert refused([vec("ok", [1.0, 0.0]), vec("bad", [0.0, 1.0])]) == \
+        "Invalid record: Filterable metadata must have at most 2048 bytes"
+    c.put_vectors(indexArn=arn, vectors=[vec("ok", [1.0, 0.0])])
+    s.control("POST", "config", {"refuse_keys": None})
+    c.put_vectors(indexArn=arn, vectors=[vec("bad", [0.0, 1.0])])
+    assert sorted(all_keys(c, arn)) == ["bad", "ok"]
+    stats = s.control("GET", "stats")[2]["indexes"][f"{BUCKET}/{INDEX}"]
+    assert stats["rejected_validation"] == 3 and stats["put_requests_accepted"] == 2
 
 
 # ---------------------------------------------------------------------------------------- control / misc

@@ -34,6 +34,10 @@ Not verified against the real service (cheap to change, each is an option or one
   * $ne / $nin match a vector that lacks the key; $gt.. on an array value match if any element does;
   * euclidean distance is the plain L2 distance (not squared); cosine distance is 1 - cos;
   * a request over the body limit gets ValidationException (400), not 413;
+  * a vector over the filterable metadata limit fails the request with the message users of the service report,
+    "Invalid record for key 'K': Filterable metadata must have at most 2048 bytes"; the other validation messages
+    are this stand-in's own. Options refuse_keys and refused_keys_unnamed refuse chosen keys with that message
+    (or one that names no key), whatever their metadata;
   * the write quota's burst is one second's worth of each rate; DeleteVectors keys count as vectors;
   * an indexArn for another region/account -> NotFoundException;
   * PutVectors answers on demand (options put_capacity_vectors, vector_quota, deny_put_vectors): 503
@@ -104,6 +108,12 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "put_capacity_vectors": None,
     "vector_quota": None,
     "deny_put_vectors": False,
+    # PutVectors refuses the whole request, 400 ValidationException, when it holds one of these keys, as the service
+    # refuses a request with one invalid vector: "Invalid record for key 'K': Filterable metadata must have at most
+    # 2048 bytes" (the wording langchain-aws and llama-index users report), or with refused_keys_unnamed a message
+    # that names no key. None = off.
+    "refuse_keys": None,
+    "refused_keys_unnamed": False,
     # 429 for any PutVectors that would take the index past this many vectors: a load held still at a known point
     # (to be killed there), as a long throttling would. None = off.
     "hold_beyond_vectors": None,
@@ -813,7 +823,7 @@ class S3VectorsStandin:
             raise _validation(f"{what}: an all-zero vector is not allowed in a cosine index")
         return arr, norm
 
-    def _check_metadata(self, meta: Any, index: _Index, what: str) -> None:
+    def _check_metadata(self, meta: Any, index: _Index, what: str, key: str) -> None:
         if type(meta) is not dict:
             raise _validation(f"{what}: metadata must be a JSON object")
         o = self.options
@@ -833,8 +843,7 @@ class S3VectorsStandin:
             filterable = {k: v for k, v in meta.items() if k not in nf} if nf else meta
             fsize = len(orjson.dumps(filterable))
             if fsize > o["max_filterable_metadata_bytes"]:
-                raise _validation(f"{what}: filterable metadata is {fsize} bytes, the maximum is "
-                                  f"{o['max_filterable_metadata_bytes']} (declare large keys non-filterable)")
+                raise _validation(_invalid_record(key, o["max_filterable_metadata_bytes"]))
 
     def _count_rejection(self, index: _Index) -> None:
         with self.lock:
@@ -901,6 +910,9 @@ class S3VectorsStandin:
             seen: set[str] = set()
             staged: list[tuple[str, tuple[array | None, float, dict | None]]] = []
             keep_data = self.options["store_data"]
+            refused = self.options["refuse_keys"]
+            refused = frozenset(refused) if refused else None
+            unnamed = self.options["refused_keys_unnamed"]
             for i, v in enumerate(vectors):
                 what = f"vectors[{i}]"
                 if type(v) is not dict:
@@ -914,7 +926,10 @@ class S3VectorsStandin:
                 arr, norm = self._check_vector_data(v.get("data"), index, what)
                 meta = v.get("metadata")
                 if meta is not None:
-                    self._check_metadata(meta, index, what)
+                    self._check_metadata(meta, index, what, key)
+                if refused is not None and key in refused:
+                    raise _validation(_invalid_record(None if unnamed else key,
+                                                      self.options["max_filterable_metadata_bytes"]))
                 staged.append((key, (arr if keep_data else None, norm, meta)))
         except ApiError:
             self._count_rejection(index)
@@ -1192,6 +1207,13 @@ def _brackets(body: bytes, limit: int) -> int:
 def _plain(value: Any) -> Any:
     """A value of a body _read_put_vectors takes: no list is left in it but the vectors' values (the `[` count)."""
     return value.as_dict() if type(value) is simdjson.Object else value
+
+
+def _invalid_record(key: str | None, limit: int) -> str:
+    """The message of a request refused for one vector's filterable metadata; `key` None: one naming no key."""
+    if key is None:
+        return f"Invalid record: Filterable metadata must have at most {limit} bytes"
+    return f"Invalid record for key '{key}': Filterable metadata must have at most {limit} bytes"
 
 
 def _check_bucket_name(name: Any) -> None:
