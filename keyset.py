@@ -136,6 +136,20 @@ def _parse_keys(response_dict, customized_response_dict, **_):
     response_dict["body"] = b"{}"
 
 
+def page_keys(page: dict, packed: bytearray, foreign: set) -> str | None:
+    """Add a ListVectors page's keys (as a lean client or botocore gives them) to `packed` and `foreign`; returns
+    the token of the next page, None after the last."""
+    if "packedKeys" in page:
+        packed += page["packedKeys"]
+    keys = [vector["key"] for vector in page.get("vectors", [])]
+    joined = "".join(keys)
+    if keys and min(map(len, keys)) == max(map(len, keys)) == 2 * KEY_BYTES and _HEX_RUN.fullmatch(joined):
+        packed += bytes.fromhex(joined)  # the whole page at once: every key is 32 hex digits
+    else:
+        _add(keys, packed, foreign)
+    return page.get("nextToken") or None
+
+
 def lean(s3v):
     """The S3 Vectors client, with its ListVectors pages read for keys and paging only."""
     s3v.meta.events.register_first("before-parse.s3vectors.ListVectors", _parse_keys, unique_id="keyset-parse-keys")
@@ -151,16 +165,8 @@ def index_keys(s3v, bucket: str, index: str, segments: int = MAX_SEGMENTS) -> Ke
         while True:
             page = s3v.list_vectors(vectorBucketName=bucket, indexName=index, maxResults=PAGE,
                                     segmentCount=segments, segmentIndex=i, **({"nextToken": token} if token else {}))
-            if "packedKeys" in page:
-                packed += page["packedKeys"]
-            keys = [vector["key"] for vector in page.get("vectors", [])]
-            joined = "".join(keys)
-            if keys and min(map(len, keys)) == max(map(len, keys)) == 2 * KEY_BYTES and _HEX_RUN.fullmatch(joined):
-                packed += bytes.fromhex(joined)  # the whole page at once: every key is 32 hex digits
-            else:
-                _add(keys, packed, foreign)
-            token = page.get("nextToken")
-            if not token:
+            token = page_keys(page, packed, foreign)
+            if token is None:
                 return packed, foreign
 
     with ThreadPoolExecutor(min(segments, THREADS)) as pool:

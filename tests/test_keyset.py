@@ -126,3 +126,112 @@ def test_a_list_vectors_page_is_read_the_same_on_either_path():
         assert "packedKeys" not in slow and len(slow["vectors"]) in (5, 6)
     assert keys_of(parse(others[0])) == keys and parse(others[0])["nextToken"] == "abc_-="
     assert parse(others[3])["nextToken"] == 'a"b\\c'
+
+
+# ------------------------------------------------------------------------ the lean reader against botocore's
+
+
+class _Body:
+    """The raw stream of a stubbed HTTP answer."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def stream(self, **_):
+        yield self.data
+
+
+def _client_answering(body: bytes, lean: bool):
+    """An s3vectors client whose ListVectors gets `body` as its HTTP answer: botocore parses it (or our reader, on a
+    lean client) exactly as it would parse the service's."""
+    import boto3
+    from botocore.awsrequest import AWSResponse
+
+    s3v = boto3.client("s3vectors", region_name="us-east-1", endpoint_url="https://s3vectors.invalid",
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3v.meta.events.register(
+        "before-send.s3vectors.ListVectors",
+        lambda request, **_: AWSResponse(request.url, 200, {"Content-Type": "application/json"}, _Body(body)))
+    return keyset.lean(s3v) if lean else s3v
+
+
+def _what_index_keys_takes(body: bytes, lean: bool) -> tuple[dict, set[str], str | None]:
+    """The page as the client gives it, and what index_keys makes of it: its keys as text and the next token."""
+    page = _client_answering(body, lean).list_vectors(vectorBucketName="bucket", indexName="index")
+    packed, foreign = bytearray(), set()
+    token = keyset.page_keys(page, packed, foreign)
+    keys = {bytes(packed[i:i + 16]).hex() for i in range(0, len(packed), 16)} | foreign
+    return page, keys, token
+
+
+def _standin_pages() -> list[bytes]:
+    """The ListVectors answers of our S3 Vectors stand-in, as it sends them (two pages)."""
+    from werkzeug.test import Client
+
+    from tests.standins.s3vectors import make_app
+
+    client = Client(make_app(options={"vectors_per_second": 0, "requests_per_second": 0}))
+
+    def call(operation: str, **body) -> bytes:
+        answer = client.post(f"/{operation}", data=orjson.dumps(body), content_type="application/json")
+        assert answer.status_code == 200, answer.data
+        return answer.data
+
+    call("CreateVectorBucket", vectorBucketName="bucket")
+    call("CreateIndex", vectorBucketName="bucket", indexName="index", dataType="float32", dimension=2,
+         distanceMetric="cosine")
+    keys = [common.vector_key(f"s3://b/{i}.jpg") for i in range(7)]
+    call("PutVectors", vectorBucketName="bucket", indexName="index",
+         vectors=[{"key": k, "data": {"float32": [1.0, float(i)]}} for i, k in enumerate(keys)])
+    first = call("ListVectors", vectorBucketName="bucket", indexName="index", maxResults=4)
+    last = call("ListVectors", vectorBucketName="bucket", indexName="index", maxResults=4,
+                nextToken=orjson.loads(first)["nextToken"])
+    return [first, last]
+
+
+HEX = [common.vector_key(f"s3://bucket/2024/img-{i}.jpg") for i in range(4)]
+STANDIN = _standin_pages()
+
+
+def _compact(vectors, **rest) -> bytes:
+    return orjson.dumps({"vectors": vectors, **rest})
+
+
+# (name, body, whether the fast path must read it: the compact pages the stand-in, like the service, sends)
+PAGES = [
+    ("the stand-in's page", STANDIN[0], True),
+    ("the stand-in's last page", STANDIN[1], True),
+    ("compact", _compact([{"key": k} for k in HEX], nextToken="tok_-=+/"), True),
+    ("nextToken first", orjson.dumps({"nextToken": "tok", "vectors": [{"key": k} for k in HEX]}), False),
+    ("pretty-printed", json.dumps({"vectors": [{"key": k} for k in HEX], "nextToken": "tok"}, indent=2).encode(),
+     False),
+    ("spaces after the separators", json.dumps({"vectors": [{"key": k} for k in HEX], "nextToken": "t"}).encode(),
+     False),
+    ("escapes in keys", b'{"vectors":[{"key":"' + HEX[0].encode() + b'"},{"key":"it\\"s"},{"key":"caf\\u00e9"},'
+     b'{"key":"a\\/b"},{"key":"\\u0030' + HEX[1][1:].encode() + b'"}],"nextToken":"t"}', False),
+    ("an escaped token", _compact([{"key": k} for k in HEX[:2]])[:-1] + b',"nextToken":"a\\/b\\u002b"}', False),
+    ("hex keys and others", _compact([{"key": HEX[0]}, {"key": "manual-1"}, {"key": HEX[1]}, {"key": "x" * 32},
+                                      {"key": HEX[2][:31]}, {"key": HEX[3] + "0"}]), False),
+    ("upper-case hex", _compact([{"key": HEX[0]}, {"key": HEX[1].upper()}, {"key": "ABCDEF" * 5 + "AB"}]), False),
+    ("an empty page", b'{"vectors":[]}', True),
+    ("only a token", b'{"nextToken":"tok"}', False),
+    ("an empty token", _compact([{"key": k} for k in HEX], nextToken=""), True),
+    ("an empty page with a token", b'{"vectors":[],"nextToken":"tok"}', True),
+    ("with data", _compact([{"key": HEX[0]}, {"key": HEX[1], "data": {"float32": [0.5, 1.0]}}]), False),
+    ("with metadata", _compact([{"key": HEX[0], "metadata": {"key": HEX[2], "nextToken": "no"}}, {"key": HEX[1]}],
+                               nextToken="tok"), False),
+    ("metadata first", _compact([{"metadata": {"key": HEX[2]}, "key": "manual-2"}]), False),
+]
+
+
+@pytest.mark.parametrize("name, body, fast", PAGES, ids=[p[0] for p in PAGES])
+def test_the_lean_reader_gives_what_botocores_parser_gives(name, body, fast):
+    """The keys and the next token index_keys takes from a page are the same whether botocore parses it or our
+    reader does, and the compact pages take the fast path (packedKeys)."""
+    reference, keys, token = _what_index_keys_takes(body, lean=False)
+    page, lean_keys, lean_token = _what_index_keys_takes(body, lean=True)
+    assert (lean_keys, lean_token) == (keys, token)
+    assert keys == {v["key"] for v in reference.get("vectors", [])}
+    assert token == (reference.get("nextToken") or None)
+    if fast:
+        assert "packedKeys" in page and "vectors" not in page
