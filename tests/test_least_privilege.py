@@ -68,3 +68,23 @@ def test_a_denied_object_that_is_there_is_still_an_error(world):
         common.read_if_present(Denying(s3), world.result_bucket, "output/x/manifest.json.out", OWNER)
     assert common.read_if_present(Denying(s3), world.result_bucket, "output/x/other.json.out", OWNER) is None
     assert common.read_if_present(s3, world.result_bucket, "output/x/manifest.json.out", OWNER) == b"{}"
+
+
+def test_the_stand_in_answers_a_missing_key_as_s3_does_to_each_caller(world):
+    """The steps (the generated caller policy) get 403; the jobs' service role, which may list, gets 404; HEAD too."""
+    import boto3
+
+    from tests.standins.bedrock import ROLE_KEY
+
+    s3 = world.client("s3")
+    role = boto3.client("s3", region_name="us-east-1", endpoint_url=world.endpoint("s3"), aws_access_key_id=ROLE_KEY,
+                        aws_secret_access_key="testing")
+    for client, code, head in ((s3, "AccessDenied", "403"), (role, "NoSuchKey", "404")):
+        with pytest.raises(client.exceptions.ClientError) as got:
+            client.get_object(Bucket=world.source_bucket, Key="2024/nothing.jpg")
+        assert got.value.response["Error"]["Code"] == code
+        with pytest.raises(client.exceptions.ClientError) as got:
+            client.head_object(Bucket=world.source_bucket, Key="2024/nothing.jpg")
+        assert got.value.response["Error"]["Code"] == head
+    s3.put_object(Bucket=world.source_bucket, Key="2024/there.jpg", Body=b"x")
+    assert s3.get_object(Bucket=world.source_bucket, Key="2024/there.jpg")["Body"].read() == b"x"

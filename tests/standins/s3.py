@@ -10,8 +10,9 @@ alone works on moto only:
   `"moto"` leaves moto's answer as it is, so a test can play both.
 - **A key that is not there.** S3 answers GetObject/HeadObject of a missing key with 404 NoSuchKey only when the
   caller has s3:ListBucket on it; the caller policy this project generates limits ListBucket with an `s3:prefix`
-  condition, so for it a missing key outside that prefix is 403 AccessDenied. moto always answers 404.
-  `missing_key=403` answers as S3 does to that caller; `404` (the default) as it does to one with ListBucket.
+  condition, and S3 answers such a caller 403 AccessDenied. moto always answers 404. `missing_key=403` (the
+  default) answers as S3 does to the steps under that policy, and 404 to the callers in `listers` (the Bedrock
+  emulator's jobs, as the service role, which may list the buckets); `404` as S3 does to an administrator.
 
 The options live in `S3Options` (in this process: `Stack.s3`); `python -m tests.standins.s3 -p PORT` serves the
 same as a process of its own (the benchmarks), options from its flags.
@@ -28,12 +29,15 @@ from urllib.parse import parse_qs
 
 from werkzeug.serving import make_server
 
+from .bedrock import ROLE_KEY
+
 # The S3 API Reference's order (ListObjectsV2, "Examples"); anything else moto writes follows these.
 DOCUMENTED_ORDER = ("Name", "Prefix", "ContinuationToken", "NextContinuationToken", "KeyCount", "MaxKeys",
                     "Delimiter", "EncodingType", "IsTruncated", "StartAfter")
 _BLOCKS = ("Contents", "CommonPrefixes")
 _TOP = re.compile(rb"<(Contents|CommonPrefixes)>.*?</\1>|<(\w+)>[^<]*</\2>|<(\w+)\s*/>", re.S)
 _RESULT = re.compile(rb"(.*?<ListBucketResult[^>]*>)(.*)(</ListBucketResult>\s*)$", re.S)
+_CREDENTIAL = re.compile(r"Credential=([^/%]+)|X-Amz-Credential=([^/%&]+)")
 _ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
                   b"<Message>Access Denied</Message><RequestId>STANDIN0000000000</RequestId></Error>")
 
@@ -41,10 +45,11 @@ _ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessD
 @dataclass
 class S3Options:
     list_order: str = "documented"  # or "moto"
-    missing_key: int = 404  # or 403
+    missing_key: int = 403  # or 404
+    listers: frozenset[str] = frozenset({ROLE_KEY})  # access keys answered 404: they hold s3:ListBucket
 
     def reset(self) -> None:
-        self.list_order, self.missing_key = "documented", 404
+        self.list_order, self.missing_key = "documented", 403
 
 
 def documented_order(body: bytes) -> bytes:
@@ -71,6 +76,11 @@ def _is_list_v2(environ) -> bool:
     return environ["REQUEST_METHOD"] == "GET" and parse_qs(environ.get("QUERY_STRING", "")).get("list-type") == ["2"]
 
 
+def _access_key(environ) -> str:
+    found = _CREDENTIAL.search(environ.get("HTTP_AUTHORIZATION", "") or environ.get("QUERY_STRING", ""))
+    return (found.group(1) or found.group(2)) if found else ""
+
+
 def _is_object_read(environ) -> bool:
     """A GetObject or HeadObject (path style: /bucket/key, no sub-resource in the query)."""
     if environ["REQUEST_METHOD"] not in ("GET", "HEAD"):
@@ -86,7 +96,7 @@ def wrap(app, options: S3Options):
 
     def wrapped(environ, start_response):
         relist = options.list_order == "documented" and _is_list_v2(environ)
-        deny = options.missing_key == 403 and _is_object_read(environ)
+        deny = options.missing_key == 403 and _is_object_read(environ) and _access_key(environ) not in options.listers
         if not (relist or deny):
             return app(environ, start_response)
         answered: dict = {}
@@ -142,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-H", "--host", default="127.0.0.1")
     parser.add_argument("-p", "--port", type=int, default=5000)
     parser.add_argument("--list-order", choices=("documented", "moto"), default="documented")
-    parser.add_argument("--missing-key", type=int, choices=(404, 403), default=404)
+    parser.add_argument("--missing-key", type=int, choices=(404, 403), default=403)
     args = parser.parse_args(argv)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = MotoS3(S3Options(args.list_order, args.missing_key), args.host, args.port)
