@@ -395,6 +395,9 @@ def _take_last(allocations: list[Allocation], n: int) -> tuple[list[Allocation],
 # --------------------------------------------------------------------------------------------------------------
 
 
+LIST_PAGE_SIZE = 1000  # ListModelInvocationJobs' largest page
+
+
 def active(job: dict) -> bool:
     """Submitted (or being submitted) and not ended: its manifests are in S3."""
     return bool(job.get("uploaded")) and job.get("status") not in common.TERMINAL_STATUSES
@@ -459,9 +462,15 @@ def submit_ready(s3, bedrock, info: dict, config: common.Config, save, max_concu
                 continue
             upload_manifests(s3, info["source_bucket"], job, owner)
             job["uploaded"] = True
-            save(info)  # before the submit: a lost answer is resubmitted with the same token
+            save(info)  # before the submit: a submit whose answer is lost is looked for by name next time
+        elif found := submitted_job(bedrock, job):
+            # Uploaded by an earlier call whose submit may have reached Bedrock: how long Bedrock remembers the
+            # token is not documented, so the job is looked for before it is submitted again.
+            print(f"Job {job['job_name']} was already submitted (the answer was lost): {found}")
+            job["job_arn"] = found
         try:
-            job["job_arn"] = create_job(bedrock, owner, job)
+            if not job.get("job_arn"):
+                job["job_arn"] = create_job(bedrock, owner, job)
         except ClientError as exc:
             found = earlier_submit(bedrock, job, exc)
             if found:
@@ -503,14 +512,22 @@ def earlier_submit(bedrock, job: dict, exc) -> str | None:
 
     The API reference says a repeated clientRequestToken is ignored without an error; whether the earlier job's ARN
     comes back is unverified. If Bedrock answers ConflictException, or ValidationException naming the token or the
-    job name, the job is looked up by name (nameContains matches parts of names too: the name must be equal) and
-    taken when it is ours: the same token when Bedrock shows it, else the same input and output folders.
+    job name, the job is looked up by name (`submitted_job`).
     """
     code, message = common.error_code(exc), exc.response.get("Error", {}).get("Message", "")
     if not (code == "ConflictException" or (code == "ValidationException" and (
             job["client_request_token"] in message or job["job_name"] in message))):
         return None
-    for page in bedrock.get_paginator("list_model_invocation_jobs").paginate(nameContains=job["job_name"]):
+    return submitted_job(bedrock, job)
+
+
+def submitted_job(bedrock, job: dict) -> str | None:
+    """The ARN of the job an earlier submit of `job` created, or None: looked up by name in every page of
+    ListModelInvocationJobs (nameContains matches parts of names too: the name must be equal) and taken when it is
+    ours: the same token when Bedrock shows it, else the same input and output folders."""
+    pages = bedrock.get_paginator("list_model_invocation_jobs").paginate(
+        nameContains=job["job_name"], PaginationConfig={"PageSize": LIST_PAGE_SIZE})
+    for page in pages:
         for summary in page.get("invocationJobSummaries", []):
             if summary.get("jobName") == job["job_name"] and _same_submit(summary, job):
                 return summary["jobArn"]

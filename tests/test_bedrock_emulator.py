@@ -603,6 +603,19 @@ def test_repeated_client_request_token_answers(bedrock, s3, buckets, stack, answ
     assert len(bedrock.list_model_invocation_jobs()["invocationJobSummaries"]) == 1
 
 
+def test_a_forgotten_client_request_token_starts_a_second_job(bedrock, s3, buckets, stack):
+    src, out = buckets
+    control(stack.url, "config", {"forget_tokens": True})
+    first = create(bedrock, src, out, jobName="nightly-8", clientRequestToken="token-20261202")
+    second = create(bedrock, src, out, jobName="nightly-8", clientRequestToken="token-20261202")
+    assert second != first
+    summaries = bedrock.list_model_invocation_jobs()["invocationJobSummaries"]
+    assert sorted(s["jobArn"] for s in summaries) == sorted([first, second])
+    with pytest.raises(ClientError) as exc_info:  # another request under a name taken is still refused
+        create(bedrock, src, out, jobName="nightly-8", clientRequestToken="token-other")
+    assert error_code(exc_info) == "ConflictException"
+
+
 def test_job_name_left_out_of_get(bedrock, buckets, stack):
     src, out = buckets
     arn = create(bedrock, src, out, jobName="nameless-1")

@@ -95,11 +95,15 @@ def test_network_failing_during_the_upload(world, proxy):
     assert world.index_keys() == {common.vector_key(u) for u in uris}
 
 
-def test_a_lost_answer_to_the_submit_never_makes_a_second_job(world, proxy):
+@pytest.mark.parametrize("forget_tokens", [False, True], ids=["token-remembered", "token-forgotten"])
+def test_a_lost_answer_to_the_submit_never_makes_a_second_job(world, proxy, forget_tokens):
     world.put_images([f"img-{i:03d}.png" for i in range(120)], prefix="2024/")
+    # A Bedrock that has forgotten the token starts a second job for a repeated submit: the job is looked for first.
+    world.emulator("/_emulator/config", {"forget_tokens": forget_tokens})
     url = proxy(world.stack.bedrock_url,
                 lambda method, path: "drop" if method == "POST" and path == "/model-invocation-job" else None)
-    failed = world.step(1, env={"AWS_ENDPOINT_URL_BEDROCK": url, **FAST_FAIL})
+    # One attempt: botocore's own retry would repeat the token at once, which a forgetful Bedrock takes as new.
+    failed = world.step(1, env={"AWS_ENDPOINT_URL_BEDROCK": url, "AWS_MAX_ATTEMPTS": "1"})
     assert failed.returncode == 1 and one_line(failed).startswith("error: ")
     created = [j for j in world.emulator("/_emulator/jobs")["jobs"] if j["roleArn"] == world.role_arn]
     assert len(created) == 1  # it did reach Bedrock
@@ -108,6 +112,8 @@ def test_a_lost_answer_to_the_submit_never_makes_a_second_job(world, proxy):
     assert resumed.returncode == 0, resumed.stderr
     jobs = [j for j in world.emulator("/_emulator/jobs")["jobs"] if j["roleArn"] == world.role_arn]
     assert len(jobs) == 1 and world.job_info()["jobs"][0]["job_arn"] == jobs[0]["jobArn"]
+    assert f"was already submitted (the answer was lost): {jobs[0]['jobArn']}" in resumed.stdout
+    assert world.job_info()["jobs"][0]["status"] == "Submitted"
 
 
 def test_network_failing_in_the_middle_of_the_load(world, proxy):

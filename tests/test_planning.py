@@ -234,3 +234,46 @@ def common_root():
     from pathlib import Path
 
     return Path(common.__file__).resolve().parent
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Submitting a job whose earlier submit may have reached Bedrock
+# ---------------------------------------------------------------------------------------------------------------
+
+MODEL = "amazon.nova-2-multimodal-embeddings-v1:0"
+
+
+def test_an_uploaded_job_is_looked_for_by_its_exact_name_on_every_page_before_it_is_submitted(
+        world, monkeypatch, capsys):
+    bedrock = world.client("bedrock")
+    name = "nova-mme-embedding-20261201-100000-01"
+
+    def job(job_name: str, token: str) -> dict:
+        return {"job_name": job_name, "client_request_token": token, "input_folder": "2024/", "uploaded": True,
+                "input_s3_uri": f"s3://{world.source_bucket}/2024/",
+                "output_s3_uri": f"s3://{world.result_bucket}/output/", "role_arn": world.role_arn,
+                "model_id": MODEL, "record_count": 100, "manifests": []}
+
+    def create(job_name: str, token: str) -> str:
+        return jobs.create_job(bedrock, "123456789012", job(job_name, token))
+
+    create(name + "0", "other1")  # names that contain ours, listed on other pages
+    ours = create(name, "ours")
+    create(name + "1", "other2")
+    create("x" + name, "other3")
+    capsys.readouterr()
+    monkeypatch.setattr(jobs, "LIST_PAGE_SIZE", 1)  # a page a job: ours is on the third page (newest first)
+    info = {"account_id": "123456789012", "source_bucket": world.source_bucket,
+            "jobs": [job(name, "ours"), job(name[:-1] + "2", "never-submitted")]}
+    saved = []
+    submitted = jobs.submit_ready(None, bedrock, info, common.Config(), saved.append, 10)
+
+    assert [j["job_name"] for j in submitted] == [name, name[:-1] + "2"]
+    assert info["jobs"][0]["job_arn"] == ours and info["jobs"][0]["job_id"] == ours[-12:]
+    out = capsys.readouterr().out
+    assert f"Job {name} was already submitted (the answer was lost): {ours}" in out
+    assert f"Creating batch inference job: {name} " not in out  # no second submit of ours
+    assert f"Creating batch inference job: {name[:-1]}2 " in out  # found nowhere: submitted
+    listed = [s["jobName"] for s in bedrock.list_model_invocation_jobs(maxResults=100)["invocationJobSummaries"]]
+    assert sorted(listed) == sorted([name + "0", name, name + "1", "x" + name, name[:-1] + "2"])
+    assert saved and all(j.get("job_arn") for j in saved[-1]["jobs"])

@@ -87,6 +87,10 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     # A repeated clientRequestToken: None answers the earlier job's ARN; "ConflictException" (naming the job) or
     # "ValidationException" (naming the token) refuse it.
     "repeated_token_answer": None,
+    # How long Bedrock remembers a clientRequestToken is not documented. True plays a Bedrock that has forgotten
+    # it: a create repeating an earlier job's token starts a second job, even under the same name (the worst case:
+    # whether Bedrock refuses a job name already taken is unverified too).
+    "forget_tokens": False,
     "omit_job_name": False,  # GetModelInvocationJob leaves out jobName (not required in its response model)
     "stopped_output": "partial",  # what a Stopped job leaves: "partial" (the records done so far) or "none"
     "hold_after_records": 0,  # N > 0: the job stays InProgress after N records until it is stopped
@@ -632,13 +636,12 @@ class BedrockEmulator:
         token, name, model_id = body.get("clientRequestToken"), body["jobName"], body["modelId"]
         invocation_type = body.get("modelInvocationType", "InvokeModel")
         with self._lock:
-            if token is not None:
+            repeated = token is not None and any(job.token == token for job in self.jobs.values())
+            if repeated and not self.options["forget_tokens"]:
                 # "If this token matches a previous request, Amazon Bedrock ignores the request, but does not
                 # return an error." (CreateModelInvocationJob reference)
-                for job in self.jobs.values():
-                    if job.token == token:
-                        return self._repeated_token(job)
-            if any(job.name == name for job in self.jobs.values()):
+                return self._repeated_token(next(job for job in self.jobs.values() if job.token == token))
+            if not repeated and any(job.name == name for job in self.jobs.values()):
                 # unverified: the code for a job name already taken (ConflictException is in the operation's errors)
                 raise ApiError("ConflictException", f"A batch inference job named {name} already exists.")
             self._check_model(model_id, invocation_type)
