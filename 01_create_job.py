@@ -56,6 +56,7 @@ SETTINGS = (
     "JOB_INFO_FILE",
     "EXPECTED_BUCKET_OWNER",
     "OUTPUT_KMS_KEY_ID",
+    "INVENTORY_BUCKET_OWNER",
     *common.QUOTA_SETTINGS,
     "ON_DEMAND_MAX_IMAGES",
     *common.COST_SETTINGS,
@@ -226,7 +227,9 @@ def list_inventory(s3, manifest_uri: str, config: common.Config, owner: str, exc
     processes (one a CPU) forked with the index's keys, each into a sorted file; the files are merged in order.
     Without fork, or while this process runs threads (forking would copy a held lock), the files are read here,
     one after the other."""
-    manifest, paths = inventory.data_files(s3, manifest_uri, config.source_bucket, owner, workdir)
+    # The report often lies in another account's bucket (INVENTORY_BUCKET_OWNER); its objects are of `owner`'s.
+    manifest, paths = inventory.data_files(s3, manifest_uri, config.source_bucket,
+                                           config.inventory_bucket_owner or owner, workdir)
     workers = min(len(paths), os.cpu_count() or 1)
     folders = [workdir / f"part-{n}" for n in range(len(paths))]
     for folder in folders:

@@ -24,7 +24,7 @@ APP_NAME = "bedrock-batch-image-embeddings"
 APP_VERSION = "0.1.0"
 RULE = "=" * 70
 
-# Exit codes of all five steps: one table, the same in README.md and every --help (EXIT_CODES_HELP).
+# Exit codes of all the steps: one table, the same in README.md and every --help (EXIT_CODES_HELP).
 EXIT_OK = 0  # done, or nothing to do
 EXIT_ERROR = 1  # an AWS call failed
 EXIT_USAGE = 2  # a setting, flag or local file (the job-info file, an account file) is wrong
@@ -34,6 +34,7 @@ EXIT_JOB_FAILED = 5  # 02: a job Failed, was Stopped or Expired
 EXIT_REFUSED = 6  # the run is not ready for this step (unfinished run, too few images, results not loaded)
 EXIT_LOCKED = 7  # another step holds the lock on the job-info file
 EXIT_OVER_BUDGET = 8  # 01: the run's cost estimate is over MAX_RUN_COST_USD
+EXIT_CHECK_FAILED = 9  # 00: a check of the setup failed
 EXIT_INTERRUPTED = 130  # Ctrl-C: run the step again to continue
 EXIT_CODES_HELP = """exit status (the same for every step):
   0    done, or nothing to do
@@ -45,6 +46,7 @@ EXIT_CODES_HELP = """exit status (the same for every step):
   6    refused: the run is not ready for this step (a run not finished, too few images, results not loaded)
   7    another step holds the lock on the job-info file (--wait-lock waits for it)
   8    01: the run's cost estimate is over MAX_RUN_COST_USD
+  9    00: a check of the setup failed (its ✗ line says what to fix)
   130  interrupted (Ctrl-C): run the step again to continue"""
 
 TERMINAL_STATUSES = frozenset({"Completed", "PartiallyCompleted", "Failed", "Stopped", "Expired"})
@@ -123,6 +125,8 @@ SETTINGS = {
         Setting("JOB_INFO_FILE", "--job-info-file", "state file between the steps", "batch_job_info.json"),
         Setting("EXPECTED_BUCKET_OWNER", "--bucket-owner", "account that must own the buckets (default: yours)"),
         Setting("OUTPUT_KMS_KEY_ID", "--output-kms-key-id", "KMS key that encrypts the job's output"),
+        Setting("INVENTORY_BUCKET_OWNER", "--inventory-bucket-owner", "account that owns the bucket of the S3 "
+                "Inventory report --inventory reads (default: EXPECTED_BUCKET_OWNER, else yours)"),
         Setting("MIN_RECORDS_PER_JOB", "--min-records-per-job", "Bedrock quota: fewest records in a job", "100"),
         Setting("MAX_RECORDS_PER_FILE", "--max-records-per-file", "Bedrock quota: records per input file", "50000"),
         Setting("MAX_RECORDS_PER_JOB", "--max-records-per-job", "Bedrock quota: records per job", "50000"),
@@ -189,6 +193,7 @@ class Config:
     job_info_file: Path = Path("batch_job_info.json")
     expected_bucket_owner: str | None = None
     output_kms_key_id: str | None = None
+    inventory_bucket_owner: str | None = None
     quotas: Quotas = field(default_factory=Quotas)
     on_demand_max_images: int = 100
     prices: Prices = field(default_factory=Prices)
@@ -251,6 +256,7 @@ def load_config(args: argparse.Namespace, required: Iterable[str] = (), env: dic
         job_info_file=Path(raw["JOB_INFO_FILE"]),
         expected_bucket_owner=raw["EXPECTED_BUCKET_OWNER"],
         output_kms_key_id=raw["OUTPUT_KMS_KEY_ID"],
+        inventory_bucket_owner=raw["INVENTORY_BUCKET_OWNER"],
         quotas=Quotas(*(int(raw[name]) for name in QUOTA_SETTINGS)),
         on_demand_max_images=int(raw["ON_DEMAND_MAX_IMAGES"]),
         prices=Prices(*(float(raw[name]) for name in PRICE_SETTINGS)),
@@ -275,8 +281,9 @@ def _invalid(raw: dict[str, str | None]) -> list[str]:
         problems.append(f"EMBEDDING_DIMENSION={raw['EMBEDDING_DIMENSION']!r} must be one of 256, 384, 1024, 3072")
     if raw["EMBEDDING_PURPOSE"] not in EMBEDDING_PURPOSES:
         problems.append(f"EMBEDDING_PURPOSE={raw['EMBEDDING_PURPOSE']!r} must be one of {', '.join(EMBEDDING_PURPOSES)}")
-    if raw["EXPECTED_BUCKET_OWNER"] and not ACCOUNT_RE.fullmatch(raw["EXPECTED_BUCKET_OWNER"]):
-        problems.append(f"EXPECTED_BUCKET_OWNER={raw['EXPECTED_BUCKET_OWNER']!r} must be a 12-digit account id")
+    for name in ("EXPECTED_BUCKET_OWNER", "INVENTORY_BUCKET_OWNER"):
+        if raw[name] and not ACCOUNT_RE.fullmatch(raw[name]):
+            problems.append(f"{name}={raw[name]!r} must be a 12-digit account id")
     for name in QUOTA_SETTINGS:
         if not (raw[name] or "").isdigit() or int(raw[name]) < 1:
             problems.append(f"{name}={raw[name]!r} must be a positive whole number")

@@ -15,7 +15,8 @@ readonly ENV_FILE=".env"
 readonly SERVICE_PRINCIPAL="bedrock.amazonaws.com"
 # The only names read from .env; anything else in the file is ignored, nothing is executed.
 readonly SETTINGS=(AWS_REGION AWS_DEFAULT_REGION AWS_PROFILE SOURCE_BUCKET SOURCE_PREFIX RESULT_BUCKET
-  RESULT_PREFIX VECTOR_BUCKET VECTOR_INDEX MODEL_ID ROLE_NAME OUTPUT_KMS_KEY_ID EXPECTED_BUCKET_OWNER)
+  RESULT_PREFIX VECTOR_BUCKET VECTOR_INDEX MODEL_ID ROLE_NAME OUTPUT_KMS_KEY_ID SOURCE_KMS_KEY_ID
+  EXPECTED_BUCKET_OWNER INVENTORY_BUCKET INVENTORY_PREFIX INVENTORY_BUCKET_OWNER)
 
 usage() {
   cat <<'EOF'
@@ -26,8 +27,10 @@ Creates the IAM role Amazon Bedrock assumes to run the batch inference job, or u
 when it exists (trust policy and inline permissions policy are rewritten each run):
   trust        bedrock.amazonaws.com, only for model-invocation-job/* of this account and region
   permissions  s3:ListBucket on SOURCE_BUCKET, s3:GetObject under s3://SOURCE_BUCKET/SOURCE_PREFIX,
-               s3:ListBucket on RESULT_BUCKET, s3:PutObject under s3://RESULT_BUCKET/RESULT_PREFIX,
-               kms:Decrypt + kms:GenerateDataKey on OUTPUT_KMS_KEY_ID when it is set
+               s3:ListBucket on RESULT_BUCKET, s3:GetObject + s3:PutObject under
+               s3://RESULT_BUCKET/RESULT_PREFIX,
+               kms:Decrypt + kms:GenerateDataKey on OUTPUT_KMS_KEY_ID when it is set,
+               kms:Decrypt on SOURCE_KMS_KEY_ID when it is set
 At the end it prints the role ARN to put into ROLE_ARN in .env.
 
 Options:
@@ -59,6 +62,13 @@ below are read from it and nothing in it is executed.
   MODEL_ID           default amazon.nova-2-multimodal-embeddings-v1:0
   ROLE_NAME          default BedrockBatchInferenceRole
   OUTPUT_KMS_KEY_ID  optional KMS key id or key ARN that encrypts the job's output
+  SOURCE_KMS_KEY_ID  optional KMS key id or key ARN of the source bucket's default encryption
+                     (SSE-KMS with a customer key): the role may decrypt the images with it, the
+                     caller may decrypt them and encrypt the manifests it uploads
+  INVENTORY_BUCKET   optional: the bucket S3 Inventory delivers reports to, for 01 --inventory;
+                     the caller may read the reports under INVENTORY_PREFIX there
+  INVENTORY_PREFIX   optional folder of the reports in INVENTORY_BUCKET (default: the whole bucket)
+  INVENTORY_BUCKET_OWNER  optional account that owns INVENTORY_BUCKET (default: the buckets' owner)
   EXPECTED_BUCKET_OWNER  optional account that owns the buckets (default: the caller's);
                      the S3 statements allow only buckets of that account (aws:ResourceAccount)
   AWS_PROFILE        optional, passed on to the AWS CLI
@@ -167,20 +177,22 @@ validate_settings() {
   # would be wildcards in the policy.
   local prefix="^([A-Za-z0-9!_.'()-]+/)*[A-Za-z0-9!_.'()-]*\$"
   local name
-  for name in SOURCE_BUCKET RESULT_BUCKET; do
+  for name in SOURCE_BUCKET RESULT_BUCKET INVENTORY_BUCKET; do
     [[ -z "${!name}" ]] || check "$name" "$bucket" "a valid S3 bucket name"
   done
-  for name in SOURCE_PREFIX RESULT_PREFIX; do
+  for name in SOURCE_PREFIX RESULT_PREFIX INVENTORY_PREFIX; do
     check "$name" "$prefix" "an S3 folder prefix like 2024/ (letters, digits, -!_'(). and /)"
   done
   [[ -z "$VECTOR_BUCKET" ]] || check VECTOR_BUCKET '^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$' "a valid vector bucket name"
   [[ -z "$VECTOR_INDEX" ]] || check VECTOR_INDEX '^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$' "a valid vector index name"
   check MODEL_ID '^[A-Za-z0-9][A-Za-z0-9._:-]*$' "a Bedrock model id"
-  [[ -z "$EXPECTED_BUCKET_OWNER" ]] || check EXPECTED_BUCKET_OWNER '^[0-9]{12}$' "a 12-digit AWS account id"
-  if [[ -n "$OUTPUT_KMS_KEY_ID" ]]; then
-    check OUTPUT_KMS_KEY_ID '^(arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:key/)?(mrk-)?[0-9a-f-]{32,36}$' \
+  for name in EXPECTED_BUCKET_OWNER INVENTORY_BUCKET_OWNER; do
+    [[ -z "${!name}" ]] || check "$name" '^[0-9]{12}$' "a 12-digit AWS account id"
+  done
+  for name in OUTPUT_KMS_KEY_ID SOURCE_KMS_KEY_ID; do
+    [[ -z "${!name}" ]] || check "$name" '^(arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:key/)?(mrk-)?[0-9a-f-]{32,36}$' \
       "a KMS key id or key ARN (an alias cannot name a key in an IAM policy)"
-  fi
+  done
 }
 
 AWS_ERR=""
@@ -211,27 +223,43 @@ find_account() {
   PARTITION="${PARTITION%%:*}"
 }
 
-# render TEMPLATE [EXTRA_STATEMENT_TEMPLATE]: print the policy with its placeholders filled in.
+# key_arn ID: a KMS key id as a key ARN in the configured region and account (an ARN as it is).
+key_arn() {
+  if [[ -n "$1" && "$1" != arn:* ]]; then
+    printf 'arn:%s:kms:%s:%s:key/%s' "$PARTITION" "$AWS_REGION" "$ACCOUNT_ID" "$1"
+  else
+    printf '%s' "$1"
+  fi
+}
+
+# extra_statements role|caller: the statement templates the settings add to that policy.
+extra_statements() {
+  [[ -z "$OUTPUT_KMS_KEY_ID" ]] || printf '%s\n' "$SCRIPT_DIR/$1-kms-statement.json"
+  [[ -z "$SOURCE_KMS_KEY_ID" ]] || printf '%s\n' "$SCRIPT_DIR/$1-source-kms-statement.json"
+  [[ "$1" != caller || -z "$INVENTORY_BUCKET" ]] || printf '%s\n' "$SCRIPT_DIR/caller-inventory-statement.json"
+}
+
+# render TEMPLATE [EXTRA_STATEMENT_TEMPLATE...]: print the policy with its placeholders filled in.
 # Values are JSON-escaped; an unknown placeholder is an error. An empty prefix means the whole
 # bucket, so an s3:prefix condition listing "" is dropped rather than kept as "" or "*" (a
 # ListObjectsV2 without Prefix carries no s3:prefix, which no StringLike would match).
 render() {
-  local kms_key_arn="$OUTPUT_KMS_KEY_ID"
-  if [[ -n "$kms_key_arn" && "$kms_key_arn" != arn:* ]]; then
-    kms_key_arn="arn:${PARTITION}:kms:${AWS_REGION}:${ACCOUNT_ID}:key/${kms_key_arn}"
-  fi
-  python3 - "$1" "${2:-}" \
+  local IFS=$'\n'
+  python3 - "$1" "${*:2}" \
     "ACCOUNT_ID=$ACCOUNT_ID" "PARTITION=$PARTITION" "REGION=$AWS_REGION" \
     "BUCKET_OWNER=${EXPECTED_BUCKET_OWNER:-$ACCOUNT_ID}" \
     "SOURCE_BUCKET=$SOURCE_BUCKET" "SOURCE_PREFIX=$SOURCE_PREFIX" \
     "RESULT_BUCKET=$RESULT_BUCKET" "RESULT_PREFIX=$RESULT_PREFIX" \
     "VECTOR_BUCKET=$VECTOR_BUCKET" "VECTOR_INDEX=$VECTOR_INDEX" \
-    "MODEL_ID=$MODEL_ID" "ROLE_NAME=$ROLE_NAME" "KMS_KEY_ARN=$kms_key_arn" <<'PY'
+    "MODEL_ID=$MODEL_ID" "ROLE_NAME=$ROLE_NAME" "KMS_KEY_ARN=$(key_arn "$OUTPUT_KMS_KEY_ID")" \
+    "SOURCE_KMS_KEY_ARN=$(key_arn "$SOURCE_KMS_KEY_ID")" \
+    "INVENTORY_BUCKET=$INVENTORY_BUCKET" "INVENTORY_PREFIX=$INVENTORY_PREFIX" \
+    "INVENTORY_OWNER=${INVENTORY_BUCKET_OWNER:-${EXPECTED_BUCKET_OWNER:-$ACCOUNT_ID}}" <<'PY'
 import json
 import re
 import sys
 
-template, extra, *pairs = sys.argv[1:]
+template, extras, *pairs = sys.argv[1:]
 values = dict(pair.split("=", 1) for pair in pairs)
 
 
@@ -249,7 +277,7 @@ def load(path):
 
 
 policy = load(template)
-if extra:
+for extra in filter(None, extras.split("\n")):
     policy["Statement"].append(load(extra))
 for statement in policy["Statement"]:
     conditions = statement.get("Condition", {})
@@ -267,13 +295,13 @@ PY
 }
 
 create_or_update_role() {
-  local policy_name="$1" trust permissions created role_arn kms_template=""
-  [[ -z "$OUTPUT_KMS_KEY_ID" ]] || kms_template="$SCRIPT_DIR/service-role-kms-statement.json"
+  local policy_name="$1" trust permissions created role_arn extras
+  mapfile -t extras < <(extra_statements service-role)
 
   banner "Creating Bedrock Batch Inference Role"
   echo "Step 1: Creating trust policy..."
   trust="$(render "$SCRIPT_DIR/trust-policy.json")"
-  permissions="$(render "$SCRIPT_DIR/service-role-policy.json" "$kms_template")"
+  permissions="$(render "$SCRIPT_DIR/service-role-policy.json" "${extras[@]}")"
   echo "✓ Trust policy: $SERVICE_PRINCIPAL, for batch jobs of account $ACCOUNT_ID in $AWS_REGION only"
 
   echo "Step 2: Creating IAM role: $ROLE_NAME"
@@ -299,6 +327,7 @@ create_or_update_role() {
   echo "  read  s3://$SOURCE_BUCKET/$SOURCE_PREFIX"
   echo "  write s3://$RESULT_BUCKET/$RESULT_PREFIX"
   [[ -z "$OUTPUT_KMS_KEY_ID" ]] || echo "  use KMS key $OUTPUT_KMS_KEY_ID for the output"
+  [[ -z "$SOURCE_KMS_KEY_ID" ]] || echo "  decrypt the images with KMS key $SOURCE_KMS_KEY_ID"
 
   echo "Step 4: Verifying role setup..."
   role_arn="$(run_aws iam get-role --role-name "$ROLE_NAME" --query Role.Arn --output text)" ||
@@ -356,10 +385,10 @@ caller_policy_arn() {
 }
 
 attach_caller_policy() {
-  local kind="$IDENTITY_KIND" name="$IDENTITY_NAME" arn document kms_template="" current default count oldest
+  local kind="$IDENTITY_KIND" name="$IDENTITY_NAME" arn document extras current default count oldest
   arn="$(caller_policy_arn)"
-  [[ -z "$OUTPUT_KMS_KEY_ID" ]] || kms_template="$SCRIPT_DIR/caller-kms-statement.json"
-  document="$(render "$SCRIPT_DIR/caller-policy.json" "$kms_template")"
+  mapfile -t extras < <(extra_statements caller)
+  document="$(render "$SCRIPT_DIR/caller-policy.json" "${extras[@]}")"
 
   banner "Attaching the caller policy to $kind $name"
   if ! run_aws iam "get-$kind" "--$kind-name" "$name" --output text --query "${kind^}.Arn" >/dev/null; then
@@ -457,7 +486,11 @@ main() {
   MODEL_ID="${MODEL_ID:-amazon.nova-2-multimodal-embeddings-v1:0}"
   ROLE_NAME="${ROLE_NAME:-BedrockBatchInferenceRole}"
   OUTPUT_KMS_KEY_ID="${OUTPUT_KMS_KEY_ID:-}"
+  SOURCE_KMS_KEY_ID="${SOURCE_KMS_KEY_ID:-}"
   EXPECTED_BUCKET_OWNER="${EXPECTED_BUCKET_OWNER:-}"
+  INVENTORY_BUCKET="${INVENTORY_BUCKET:-}"
+  INVENTORY_PREFIX="$(folder "${INVENTORY_PREFIX:-}")"
+  INVENTORY_BUCKET_OWNER="${INVENTORY_BUCKET_OWNER:-}"
   local policy_name="${ROLE_NAME}Permissions"
   CALLER_POLICY_NAME="${ROLE_NAME}Caller"
 
@@ -477,9 +510,9 @@ main() {
     delete) delete_role "$policy_name" ;;
     user-policy)
       find_account
-      local kms_template=""
-      [[ -z "$OUTPUT_KMS_KEY_ID" ]] || kms_template="$SCRIPT_DIR/caller-kms-statement.json"
-      render "$SCRIPT_DIR/caller-policy.json" "$kms_template"
+      local extras
+      mapfile -t extras < <(extra_statements caller)
+      render "$SCRIPT_DIR/caller-policy.json" "${extras[@]}"
       ;;
     create)
       find_account

@@ -161,7 +161,7 @@ def expected_role_policy(account, result_prefix="output/", kms=False):
         _bucket_statement("ListSourceBucket", src, account),
         _objects_statement("ReadSourceObjects", "s3:GetObject", src, "2024/", account),
         _bucket_statement("ListResultBucket", res, account),
-        _objects_statement("WriteResultObjects", "s3:PutObject", res, result_prefix, account),
+        _objects_statement("ReadWriteResultObjects", ["s3:GetObject", "s3:PutObject"], res, result_prefix, account),
     ]
     if kms:
         statements.append(_kms_statement("WriteResultsWithOutputKey", ["kms:Decrypt", "kms:GenerateDataKey"], account))
@@ -276,6 +276,8 @@ def test_role_policies_let_bedrock_do_only_the_batch_job(run, iam, account):
         s3("ListObjectsV2", Bucket=res, Prefix="output/"),
         s3("PutObject", Bucket=res, Key="output/abc123def456/batch_input_20251121-002057.jsonl.out"),
         s3("PutObject", Bucket=res, Key="output/abc123def456/manifest.json.out"),
+        # AWS's example role reads its output folder too (a job may read back what it wrote).
+        s3("GetObject", Bucket=res, Key="output/abc123def456/manifest.json.out"),
     ]
     for needs in job_needs:
         assert is_allowed_all(policy, needs), needs
@@ -285,7 +287,7 @@ def test_role_policies_let_bedrock_do_only_the_batch_job(run, iam, account):
     for needs in [
         s3("GetObject", Bucket=src, Key="2023/old.jpg"),
         s3("PutObject", Bucket=src, Key="2024/x.jpg"),
-        s3("GetObject", Bucket=res, Key="output/abc123def456/manifest.json.out"),
+        s3("GetObject", Bucket=res, Key="elsewhere/x"),
         s3("PutObject", Bucket=res, Key="elsewhere/x"),
         s3("DeleteObject", Bucket=src, Key="2024/batch_input_20251121-002057.jsonl"),
         s3("GetObject", Bucket="another-bucket", Key="2024/x.jpg"),
@@ -493,6 +495,47 @@ def test_output_kms_key_adds_key_statements(run, iam, account):
     statements = json.loads(caller.stdout)["Statement"]
     assert statements[:-1] == expected_caller_policy(account)["Statement"]
     assert statements[-1] == _kms_statement("ReadResultsEncryptedWithOutputKey", "kms:Decrypt", account)
+
+
+def test_source_kms_key_lets_the_role_and_the_caller_use_it(run, iam, account):
+    """A source bucket encrypted with a customer key: the job must decrypt the images (without it, it fails
+    minutes later with a message that does not name KMS); the caller decrypts them (on demand, links) and
+    encrypts the manifests it uploads there."""
+    result = run(settings=SETTINGS | {"SOURCE_KMS_KEY_ID": KMS_KEY_ID})
+    assert result.returncode == 0, result.stderr
+    assert f"decrypt the images with KMS key {KMS_KEY_ID}" in result.stdout
+    _, inline = role_policies(iam)
+    expected = expected_role_policy(account)
+    expected["Statement"].append(_kms_statement("ReadImagesEncryptedWithSourceKey", "kms:Decrypt", account))
+    assert inline == {POLICY: expected}
+
+    caller = run("--user-policy", settings=SETTINGS | {"SOURCE_KMS_KEY_ID": KMS_KEY_ID, "OUTPUT_KMS_KEY_ID": KMS_KEY_ID})
+    assert caller.returncode == 0, caller.stderr
+    statements = json.loads(caller.stdout)["Statement"]
+    assert statements[:-2] == expected_caller_policy(account)["Statement"]
+    assert statements[-2:] == [
+        _kms_statement("ReadResultsEncryptedWithOutputKey", "kms:Decrypt", account),
+        _kms_statement("ImagesAndManifestsWithSourceKey", ["kms:Decrypt", "kms:GenerateDataKey"], account)]
+
+
+def test_inventory_settings_let_the_caller_read_the_reports_only(run, account):
+    """S3 Inventory reports usually land in another bucket, often another account's."""
+    caller = run("--user-policy", settings=SETTINGS | {"INVENTORY_BUCKET": "my-inventory",
+                                                       "INVENTORY_PREFIX": "reports", "INVENTORY_BUCKET_OWNER":
+                                                       "444455556666"})
+    assert caller.returncode == 0, caller.stderr
+    statements = json.loads(caller.stdout)["Statement"]
+    assert statements[:-1] == expected_caller_policy(account)["Statement"]
+    assert statements[-1] == {
+        "Sid": "ReadInventoryReports", "Effect": "Allow", "Action": "s3:GetObject",
+        "Resource": "arn:aws:s3:::my-inventory/reports/*",
+        "Condition": {"StringEquals": {"aws:ResourceAccount": "444455556666"}}}
+    same_owner = run("--user-policy", settings=SETTINGS | {"INVENTORY_BUCKET": "my-inventory"})
+    assert json.loads(same_owner.stdout)["Statement"][-1]["Resource"] == "arn:aws:s3:::my-inventory/*"
+    assert json.loads(same_owner.stdout)["Statement"][-1]["Condition"] == {
+        "StringEquals": {"aws:ResourceAccount": account}}
+    bad = run("--user-policy", settings=SETTINGS | {"INVENTORY_BUCKET": "My_Inventory"})
+    assert bad.returncode != 0 and "INVENTORY_BUCKET='My_Inventory' is not a valid S3 bucket name" in bad.stderr
 
 
 def test_dotenv_in_the_working_directory_is_read_and_the_environment_wins(run, tmp_path, account):

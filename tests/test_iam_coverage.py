@@ -23,6 +23,21 @@ def setup_script(world, *args: str) -> subprocess.CompletedProcess:
                           env=world.env, capture_output=True, text=True, timeout=120)
 
 
+def recorded_calls(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def denied(policy: dict, recorded: list[dict]) -> list[tuple]:
+    """The recorded calls `policy` does not allow: (operation, action, resource, context)."""
+    out = []
+    for call in recorded:
+        for action, resource, context in required_permission(call["service"], call["operation"], call["params"],
+                                                             account=ACCOUNT, region="us-east-1"):
+            if not is_allowed(policy, action, resource, context):
+                out.append((call["operation"], action, resource, context))
+    return out
+
+
 def test_caller_and_role_policies_cover_every_call_of_the_four_steps(world):
     world.env["ROLE_NAME"] = f"Role-{world.source_bucket}"
     created = setup_script(world)
@@ -51,7 +66,7 @@ def test_caller_and_role_policies_cover_every_call_of_the_four_steps(world):
         if path.name != "calls.jsonl" and path.is_file():
             assert SECRET not in path.read_text(errors="replace") and TOKEN not in path.read_text(errors="replace")
 
-    recorded = [json.loads(line) for line in calls.read_text().splitlines()]
+    recorded = recorded_calls(calls)
     # Every S3 call names the account that must own the bucket (a pre-signed link cannot: a browser sends no
     # x-amz-expected-bucket-owner header).
     assert not [c for c in recorded if c["service"] == "s3" and not c["presign"]
@@ -62,13 +77,7 @@ def test_caller_and_role_policies_cover_every_call_of_the_four_steps(world):
             ("bedrock", "CreateModelInvocationJob"), ("bedrock", "GetModelInvocationJob"), ("s3", "GetObject"),
             ("s3vectors", "CreateIndex"), ("s3vectors", "PutVectors"), ("s3", "DeleteObject"),
             ("s3vectors", "QueryVectors"), ("bedrock-runtime", "InvokeModel")} <= operations
-    denied = []
-    for call in recorded:
-        for action, resource, context in required_permission(call["service"], call["operation"], call["params"],
-                                                             account=ACCOUNT, region="us-east-1"):
-            if not is_allowed(caller_policy, action, resource, context):
-                denied.append((call["operation"], action, resource, context))
-    assert denied == []
+    assert denied(caller_policy, recorded) == []
 
     role_name = world.env["ROLE_NAME"]
     iam = world.client("iam")
@@ -96,3 +105,45 @@ def test_caller_policy_refuses_what_the_steps_do_not_need(world):
     ]:
         needs = required_permission(service, operation, params, account=ACCOUNT, region="us-east-1")
         assert not all(is_allowed(policy, a, r, c) for a, r, c in needs), (operation, params)
+
+
+def test_caller_policy_covers_01_reading_an_inventory_report_in_its_own_bucket(world, tmp_path):
+    """01 --inventory reads the report from the bucket S3 Inventory delivers to (often another account's): the
+    INVENTORY_* settings add exactly that read to the caller policy, and 01 names the report bucket's owner."""
+    from tests.test_inventory import publish
+
+    reports = f"inventory-{world.source_bucket}"
+    world.client("s3").create_bucket(Bucket=reports)
+    world.put_images([f"a/img-{i}.png" for i in range(110)], prefix="2024/")
+    manifest_uri = publish(world, "csv.gz", tmp_path, bucket=reports)
+    world.env["ROLE_NAME"] = world.role_arn.rsplit("/", 1)[1]
+    plain_policy = json.loads(setup_script(world, "--user-policy").stdout)
+    world.env.update(INVENTORY_BUCKET=reports, INVENTORY_PREFIX="inventory/", INVENTORY_BUCKET_OWNER=ACCOUNT)
+    caller_policy = json.loads(setup_script(world, "--user-policy").stdout)
+
+    calls = world.cwd / "calls.jsonl"
+    world.env.update(PYTHONPATH=str(ROOT / "tests" / "record_calls"), RECORD_AWS_CALLS=str(calls))
+    result = world.step(1, "--inventory", manifest_uri)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "✓ Found 110 images" in result.stdout
+    recorded = recorded_calls(calls)
+    report_reads = [c for c in recorded if c["operation"] == "GetObject" and c["params"]["Bucket"] == reports]
+    assert len(report_reads) == 3  # manifest.json and its two data files
+    assert all(c["params"]["ExpectedBucketOwner"] == ACCOUNT for c in report_reads)
+    assert denied(caller_policy, recorded) == []
+    # Without the settings, exactly the report's reads are refused.
+    assert {(d[0], d[2].split(":::")[1].split("/")[0]) for d in denied(plain_policy, recorded)} == {
+        ("GetObject", reports)}
+
+
+def test_01_reads_the_report_as_an_object_of_the_report_buckets_owner(world, tmp_path):
+    from tests.test_inventory import publish
+
+    world.put_images([f"a/img-{i}.png" for i in range(3)], prefix="2024/")
+    manifest_uri = publish(world, "csv", tmp_path)
+    calls = world.cwd / "calls.jsonl"
+    result = world.step(1, "--dry-run", "--inventory", manifest_uri, "--inventory-bucket-owner", "444455556666",
+                        env={"PYTHONPATH": str(ROOT / "tests" / "record_calls"), "RECORD_AWS_CALLS": str(calls)})
+    owners = {(c["params"]["Bucket"], c["params"].get("ExpectedBucketOwner")) for c in recorded_calls(calls)
+              if c["service"] == "s3" and c["operation"] == "GetObject"}
+    assert owners == {(world.result_bucket, "444455556666")}, result.stdout + result.stderr

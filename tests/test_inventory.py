@@ -63,9 +63,11 @@ def rows(world) -> list[list[str]]:
     return out
 
 
-def publish(world, fmt: str, tmp_path, manifest_extra: dict | None = None) -> str:
-    """Upload a report in `fmt` (csv, csv.gz, parquet) in two data files, and return its manifest's URI."""
+def publish(world, fmt: str, tmp_path, manifest_extra: dict | None = None, bucket: str | None = None) -> str:
+    """Upload a report in `fmt` (csv, csv.gz, parquet) in two data files to `bucket` (default: the result bucket),
+    and return its manifest's URI."""
     s3 = world.client("s3")
+    bucket = bucket or world.result_bucket
     data = rows(world)
     halves = [data[: len(data) // 2], data[len(data) // 2:]]
     files = []
@@ -89,17 +91,17 @@ def publish(world, fmt: str, tmp_path, manifest_extra: dict | None = None) -> st
             con.close()
             body = path.read_bytes()
         key = f"inventory/{world.source_bucket}/daily/data/part{n}.{fmt}"
-        s3.put_object(Bucket=world.result_bucket, Key=key, Body=body)
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
         files.append({"key": key, "size": len(body), "MD5checksum": hashlib.md5(body).hexdigest()})
-    manifest = {"sourceBucket": world.source_bucket, "destinationBucket": f"arn:aws:s3:::{world.result_bucket}",
+    manifest = {"sourceBucket": world.source_bucket, "destinationBucket": f"arn:aws:s3:::{bucket}",
                 "version": "2016-11-30", "creationTimestamp": "1764547200000",
                 "fileFormat": "Parquet" if fmt == "parquet" else "CSV", "files": files,
                 **({"fileSchema": SCHEMA} if fmt != "parquet" else
                    {"fileSchema": "message s3.inventory { required binary bucket (STRING); ... }"}),
                 **(manifest_extra or {})}
     key = f"inventory/{world.source_bucket}/daily/2026-12-01T00-00Z/manifest.json"
-    s3.put_object(Bucket=world.result_bucket, Key=key, Body=orjson.dumps(manifest))
-    return f"s3://{world.result_bucket}/{key}"
+    s3.put_object(Bucket=bucket, Key=key, Body=orjson.dumps(manifest))
+    return f"s3://{bucket}/{key}"
 
 
 @pytest.mark.parametrize("fmt", ["csv", "csv.gz", "parquet"])
