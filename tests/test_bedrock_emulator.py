@@ -11,6 +11,7 @@ import math
 import os
 import struct
 import time
+import urllib.error
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -462,6 +463,35 @@ def test_invoke_model_gives_the_batch_vector(bedrock, s3, buckets, stack):
     with pytest.raises(ClientError) as exc_info:
         runtime.invoke_model(modelId="amazon.titan-embed-image-v1", body=json.dumps(by_uri))
     assert error_code(exc_info) == "ValidationException"
+
+
+def test_invoke_model_timeouts_and_denials_for_chosen_images(s3, buckets, stack):
+    src, _ = buckets
+    put_images(s3, src, ["2024/slow.jpg", "2024/secret.jpg", "2024/fine.jpg"])
+    runtime = boto3.client("bedrock-runtime", endpoint_url=stack.url, config=Config(retries={"total_max_attempts": 1}))
+
+    def invoke(name: str) -> str:
+        """The error code InvokeModel answers for the image, '' for an embedding."""
+        try:
+            runtime.invoke_model(modelId=NOVA_MME, body=json.dumps(model_input(f"s3://{src}/2024/{name}.jpg")))
+        except ClientError as exc:
+            assert exc.response["ResponseMetadata"]["HTTPStatusCode"] == {
+                "ModelTimeoutException": 408, "AccessDeniedException": 403}[exc.response["Error"]["Code"]]
+            return exc.response["Error"]["Code"] + ": " + exc.response["Error"]["Message"]
+        return ""
+
+    control(stack.url, "config", {"invoke_timeout_keys_regex": "slow", "invoke_timeouts": 2,
+                                  "invoke_denied_keys_regex": "secret"})
+    assert [invoke("slow")[:21] for _ in range(3)] == ["ModelTimeoutException"] * 2 + [""]  # twice, then embedded
+    assert invoke("fine") == ""
+    denied = invoke("secret")
+    assert denied.startswith("AccessDeniedException") and f"s3://{src}/2024/secret.jpg" in denied
+    control(stack.url, "config", {"invoke_timeouts": 0, "invoke_denied_reason": "iam"})
+    assert all(invoke("slow").startswith("ModelTimeoutException") for _ in range(3))  # every time
+    denied = invoke("secret")
+    assert "bedrock:InvokeModel" in denied and "s3://" not in denied  # IAM's refusal names no object
+    with pytest.raises(urllib.error.HTTPError):
+        control(stack.url, "config", {"invoke_denied_reason": "kms"})
 
 
 def test_list_jobs_filters_and_pages(bedrock, stack, buckets):

@@ -3,10 +3,16 @@ with fewer new images than a job's minimum) are embedded with InvokeModel by ste
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from pathlib import Path
 
+import accounting
 import common
+import ondemand
+import vectors
+from tests.conftest import import_step
 
 SMALL_JOBS = {"MAX_RECORDS_PER_JOB": "200"}
 
@@ -123,3 +129,111 @@ def test_a_part_stopped_half_way_embeds_only_what_the_index_lacks(world):
     assert "Embedded and loaded 10 image(s) on demand" in again.stdout
     assert "Images loaded: 30, failed: 0, missing: 0" in again.stdout
     assert world.index_keys() == {common.vector_key(u) for u in uris}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One image's refusal is that image's failure; a refusal of InvokeModel itself stops the step
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def invoked(world) -> int:
+    """InvokeModel calls the emulator has answered (all of them: it cannot tell the images apart here)."""
+    return len([c for c in world.emulator("/_emulator/auth")["calls"] if c["operation"] == "InvokeModel"])
+
+
+def load_in_process(world, monkeypatch, *args: str) -> tuple[int, list[float], dict]:
+    """Step 3 in this process, the on-demand part's sleeps recorded instead of slept, and what reached it: the
+    limiter's rates the vectors were paced at and the retry setting of the client that asked the index first."""
+    step3 = import_step(3)
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    for name, value in world.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(world.cwd)
+    sleeps: list[float] = []
+    seen: dict = {}
+    monkeypatch.setattr(ondemand, "load_part", functools.partial(ondemand.load_part, sleep=sleeps.append))
+
+    class Sender(vectors.PutVectorsSender):
+        def __init__(self, client, bucket, index, limiter, **kwargs):
+            seen["rates"] = (limiter.max_rate, limiter.requests_per_second)
+            super().__init__(client, bucket, index, limiter, **kwargs)
+
+    def present_keys(s3v, bucket, index, keys, real=accounting.present_keys):
+        seen["reader_attempts"] = s3v.meta.config.retries["total_max_attempts"]
+        return real(s3v, bucket, index, keys)
+
+    monkeypatch.setattr(vectors, "PutVectorsSender", Sender)
+    monkeypatch.setattr(accounting, "present_keys", present_keys)
+    code = step3.main(list(args))
+    monkeypatch.undo()
+    return code, sleeps, seen
+
+
+def not_loaded(world) -> dict[str, dict]:
+    return {e["source_uri"]: e for e in map(json.loads, Path(world.job_info()["account_file"]).read_text().splitlines())}
+
+
+def test_a_model_timeout_is_tried_again_and_the_image_loaded(world, monkeypatch, capsys):
+    uris = world.put_images([f"day2/img-{i:02d}.png" for i in range(30)], prefix="2024/")
+    assert world.step(1).returncode == 0
+    world.emulator("/_emulator/config", {"invoke_timeout_keys_regex": r"img-00\.png$", "invoke_timeouts": 2})
+    before = invoked(world)
+    code, sleeps, seen = load_in_process(world, monkeypatch, "--vectors-per-second", "900",
+                                         "--requests-per-second", "70")
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "Images loaded: 30, failed: 0, missing: 0" in out
+    assert sleeps == list(ondemand.TIMEOUT_RETRY_DELAYS[:2])  # two timeouts, two waits, then the embedding
+    assert invoked(world) - before == 32
+    assert world.index_keys() == {common.vector_key(u) for u in uris}
+    # Step 3's own settings reach the on-demand part; the index is asked with the client botocore retries.
+    assert seen["rates"] == (900.0, 70.0)
+    assert seen["reader_attempts"] > 1
+
+
+def test_an_image_that_always_times_out_fails_alone(world, monkeypatch, capsys):
+    uris = world.put_images([f"day2/img-{i:02d}.png" for i in range(30)], prefix="2024/")
+    assert world.step(1).returncode == 0
+    world.emulator("/_emulator/config", {"invoke_timeout_keys_regex": r"img-00\.png$", "invoke_timeouts": 0})
+    before = invoked(world)
+    code, sleeps, _ = load_in_process(world, monkeypatch)
+    out = capsys.readouterr().out
+    assert code == common.EXIT_INCOMPLETE, out
+    assert "Images loaded: 29, failed: 1, missing: 0" in out
+    assert sleeps == list(ondemand.TIMEOUT_RETRY_DELAYS)
+    assert invoked(world) - before == 29 + 1 + len(ondemand.TIMEOUT_RETRY_DELAYS)
+    (entry,) = not_loaded(world).values()
+    assert entry["source_uri"] == uris[0] and entry["status"] == "failed"
+    assert entry["error_code"] == "ModelTimeoutException" and "timed out" in entry["error_message"]
+    assert world.index_keys() == {common.vector_key(u) for u in uris[1:]}
+
+
+def test_an_image_the_model_may_not_read_fails_alone(world):
+    uris = world.put_images([f"day2/img-{i:02d}.png" for i in range(30)], prefix="2024/")
+    assert world.step(1).returncode == 0
+    world.emulator("/_emulator/config", {"invoke_denied_keys_regex": r"img-03\.png$"})
+    world.client("s3").delete_object(Bucket=world.source_bucket, Key="2024/day2/img-07.png")  # gone since 01
+    loaded = world.step(3)
+    assert loaded.returncode == common.EXIT_INCOMPLETE, loaded.stdout + loaded.stderr
+    assert "Images loaded: 28, failed: 2, missing: 0" in loaded.stdout
+    failed = not_loaded(world)
+    assert set(failed) == {uris[3], uris[7]}
+    assert failed[uris[3]]["error_code"] == "AccessDeniedException" and uris[3] in failed[uris[3]]["error_message"]
+    assert failed[uris[7]]["error_code"] == "ValidationException" and uris[7] in failed[uris[7]]["error_message"]
+    assert world.index_keys() == {common.vector_key(u) for i, u in enumerate(uris) if i not in (3, 7)}
+
+
+def test_a_caller_refused_invoke_model_stops_the_step_with_one_line(world):
+    world.put_images([f"day2/img-{i:02d}.png" for i in range(30)], prefix="2024/")
+    assert world.step(1).returncode == 0
+    world.emulator("/_emulator/config", {"invoke_denied_keys_regex": ".", "invoke_denied_reason": "iam"})
+    before = invoked(world)
+    stopped = world.step(3)
+    assert stopped.returncode == common.EXIT_ERROR, stopped.stdout + stopped.stderr
+    lines = stopped.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stopped.stderr, stopped.stderr
+    assert "AccessDeniedException" in lines[0] and "bedrock:InvokeModel" in lines[0]
+    assert "before any image was embedded" in lines[0]
+    assert invoked(world) - before <= ondemand.THREADS  # the calls in flight, not one an image
+    assert world.index_keys() == set() and "account_file" not in world.job_info()

@@ -73,6 +73,15 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "final_message": None,  # the `message` of a job forced to Failed/Expired/PartiallyCompleted
     "throttle_create": 0,  # the next N CreateModelInvocationJob calls answer ThrottlingException
     "throttle_invoke": 0,  # the next N InvokeModel calls answer ThrottlingException
+    # InvokeModel of a matching image answers ModelTimeoutException (408, which botocore does not retry), the first
+    # `invoke_timeouts` times for that image and then embeds it (0: every time).
+    "invoke_timeout_keys_regex": None,
+    "invoke_timeouts": 0,
+    # InvokeModel of a matching image answers AccessDeniedException (403). "s3": the message names the S3 object
+    # the caller may not read; "iam": IAM's refusal of bedrock:InvokeModel itself, which names no object (as for a
+    # caller without the permission, or without access to the model). The wording of both is unverified.
+    "invoke_denied_keys_regex": None,
+    "invoke_denied_reason": "s3",
     # While true (read live, not copied into the job), every job waits in Scheduled: a test holds a run "still
     # going" for as long as it needs, then configures it false to let the jobs go on.
     "hold_scheduled": False,
@@ -99,6 +108,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
 _FINAL_STATUSES = (None, "Failed", "Expired", "PartiallyCompleted")
 _REPEATED_TOKEN_ANSWERS = (None, "ConflictException", "ValidationException")
 _STOPPED_OUTPUTS = ("partial", "none")
+_DENIED_REASONS = ("s3", "iam")
 _DEFAULT_TIMEOUT_HOURS = 168  # unverified: the service's default when timeoutDurationInHours is omitted
 _LIST_DEFAULT_MAX_RESULTS = 100  # unverified: page size when maxResults is omitted
 
@@ -110,6 +120,7 @@ ERROR_STATUS = {
     "ServiceQuotaExceededException": 400,
     "AccessDeniedException": 403,
     "ResourceNotFoundException": 404,
+    "ModelTimeoutException": 408,
     "ThrottlingException": 429,
     "InternalServerException": 500,
     "UnknownOperationException": 404,
@@ -373,6 +384,7 @@ class BedrockEmulator:
         self.options = dict(self._initial_options)
         self.jobs: dict[str, _Job] = {}
         self.auth_seen: list[dict] = []  # how each call was authenticated (see _record_auth)
+        self._timeouts_given: dict[str, int] = {}  # ModelTimeoutException answered, by image key
         self._lock = threading.RLock()
         client_args = dict(region_name=region, aws_access_key_id="testing", aws_secret_access_key="testing",
                            config=Config(retries={"mode": "standard", "max_attempts": 3}))
@@ -397,6 +409,9 @@ class BedrockEmulator:
             elif name == "stopped_output":
                 if value not in _STOPPED_OUTPUTS:
                     raise ValueError(f"stopped_output must be one of {_STOPPED_OUTPUTS}")
+            elif name == "invoke_denied_reason":
+                if value not in _DENIED_REASONS:
+                    raise ValueError(f"invoke_denied_reason must be one of {_DENIED_REASONS}")
             elif name == "final_message":
                 if value is not None and not isinstance(value, str):
                     raise ValueError("final_message must be a string")
@@ -425,6 +440,7 @@ class BedrockEmulator:
                 job.stop_event.set()
             self.jobs.clear()
             self.auth_seen.clear()
+            self._timeouts_given.clear()
             self.options = dict(self._initial_options)
 
     # ---------------------------------------------------------------------------------------------- WSGI
@@ -1078,6 +1094,30 @@ class BedrockEmulator:
 
     # ---------------------------------------------------------------------------------------------- runtime
 
+    def _invoke_faults(self, model_id: str, request: Any) -> None:
+        """The faults options inject into InvokeModel for the image a request reads."""
+        uri = _source_uri(request)
+        if uri is None:
+            return
+        key = _split_s3_uri(uri)[1]
+        with self._lock:
+            pattern = self.options["invoke_denied_keys_regex"]
+            if pattern is not None and re.search(pattern, key):
+                if self.options["invoke_denied_reason"] == "iam":
+                    raise ApiError("AccessDeniedException",
+                                   f"User: arn:aws:iam::{self.account_id}:user/caller is not authorized to perform: "
+                                   f"bedrock:InvokeModel on resource: arn:aws:bedrock:{self.region}::foundation-model/"
+                                   f"{model_id} because no identity-based policy allows the bedrock:InvokeModel "
+                                   "action")
+                raise ApiError("AccessDeniedException", f"Access denied when reading the S3 object {uri}.")
+            pattern = self.options["invoke_timeout_keys_regex"]
+            if pattern is not None and re.search(pattern, key):
+                seen = self._timeouts_given.get(key, 0)
+                if not self.options["invoke_timeouts"] or seen < self.options["invoke_timeouts"]:
+                    self._timeouts_given[key] = seen + 1
+                    raise ApiError("ModelTimeoutException",
+                                   "Model has timed out in processing the request. Try your request again.")
+
     def invoke_model(self, model_id: str, body: bytes) -> dict:
         self._take_throttle("throttle_invoke")
         c = _Checks()
@@ -1096,6 +1136,7 @@ class BedrockEmulator:
             bucket, key = _split_s3_uri(uri)
             return self._read_object(bucket, key, max_bytes)
 
+        self._invoke_faults(model_id, request)
         try:
             result, _ = _nova_mme(request, read, self.options["max_image_bytes"], self.account_id)
         except _RecordError as err:
@@ -1133,12 +1174,18 @@ def _check_enum(value: Any, path: str, allowed: tuple) -> None:
 
 def _source_key(model_input: Any) -> str | None:
     """The S3 key a record's media comes from, if any (for the fault-injection regexes)."""
+    uri = _source_uri(model_input)
+    return None if uri is None else _split_s3_uri(uri)[1]
+
+
+def _source_uri(model_input: Any) -> str | None:
+    """The S3 URI a request's media comes from, if any."""
     try:
         params = model_input["singleEmbeddingParams"]
         for modality in ("image", "video", "audio", "text"):
             if isinstance(params.get(modality), dict):
                 uri = params[modality]["source"]["s3Location"]["uri"]
-                return _split_s3_uri(uri)[1]
+                return uri if isinstance(uri, str) else None
     except (KeyError, TypeError, AttributeError):
         pass
     return None
