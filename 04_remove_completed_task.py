@@ -65,11 +65,7 @@ def remove(args, config: common.Config) -> int:
         check_can_remove(common.make_client("bedrock", config), info)
     owner = common.bucket_owner(config, info["account_id"])
     bucket = info["source_bucket"]
-    manifests = [m for job in info["jobs"] for m in job["manifests"]]
-    for manifest in manifests:
-        for name in (manifest["s3_key"], Path(manifest["local_path"]).name):
-            if not common.is_own_manifest(name):
-                raise StepError(f"{config.job_info_file} names {name}, which this tool did not create — not deleting it")
+    manifests = [m for job in info["jobs"] for m in job["manifests"]]  # only this tool's (jobinfo.load checks)
 
     print(f"Removing S3 JSONL files from {common.s3_uri(bucket, info.get('source_prefix', ''))}...")
     removed_s3 = 0

@@ -245,6 +245,9 @@ def problems(info) -> str:
             found = _fields(manifest, MANIFEST_FIELDS, f"{where}.manifests[{m}]")
             if found:
                 return found
+            found = _foreign(manifest, job)
+            if found:
+                return f"{where}.manifests[{m}] {found}"
         for name, value in job.get("counts", {}).items():
             if not isinstance(value, int) or isinstance(value, bool):
                 return f"{where}.counts.{name} is not a whole number"
@@ -252,6 +255,17 @@ def problems(info) -> str:
             found = _load_problems(job["load"], f"{where}.load")
             if found:
                 return found
+    return ""
+
+
+def _foreign(manifest: dict, job: dict) -> str:
+    """Why a manifest entry names a file this tool did not write ('' when it is one of ours): 02 and 04 delete
+    what the entries name, so an entry edited by hand must not make them delete an image or another file."""
+    key, name = manifest["s3_key"], Path(manifest["local_path"]).name
+    if not (common.is_own_manifest(key) and key[:key.rfind("/") + 1] == job["input_folder"]):
+        return f"names s3 key {key!r}, not a manifest of this tool in {job['input_folder']!r}"
+    if not common.is_own_manifest(name):
+        return f"names local file {manifest['local_path']!r}, not a manifest of this tool"
     return ""
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 import common
 
 
@@ -142,3 +144,26 @@ def test_a_checkpoint_belongs_to_its_index(world):
     assert world.vectors_accepted() == accepted  # the first index got nothing more
     back = world.step(3, env={"VECTOR_INDEX": world.vector_index})  # and back: from the start again, no error
     assert back.returncode == 0 and "Vectors Inserted: 100" in back.stdout
+
+
+@pytest.mark.parametrize("field, value", [("s3_key", "2024/victim/precious.jpg"),
+                                          ("s3_key", "2023/batch_input_20261201-000000.jsonl"),
+                                          ("local_path", "precious.txt")])
+def test_a_job_file_naming_a_file_this_tool_did_not_write_deletes_nothing(world, field, value):
+    """02 deletes a job's manifests when it ends, 04 every one the file names: a hand-edited job file that names
+    an image, a manifest of another folder or another local file is refused (exit 2, one line) by both."""
+    world.put_images([f"a/img-{i:03d}.png" for i in range(100)], prefix="2024/")
+    victim = world.put_images(["victim/precious.jpg"], prefix="2024/")[0]
+    (world.cwd / "precious.txt").write_text("keep me")
+    assert world.step(1).returncode == 0
+    info = world.job_info()
+    info["jobs"][0]["manifests"][0][field] = value if field == "s3_key" else str(world.cwd / value)
+    (world.cwd / "batch_job_info.json").write_text(json.dumps(info))
+
+    for step, args in ((2, ("--wait", "--interval", "0.05", "--timeout", "60")), (4, ("--force",))):
+        refused = world.step(step, *args)
+        assert refused.returncode == common.EXIT_USAGE, refused.stdout + refused.stderr
+        assert len(refused.stderr.splitlines()) == 1 and "is damaged" in refused.stderr
+        assert f"manifests[0] names {'s3 key' if field == 's3_key' else 'local file'}" in refused.stderr
+    assert common.object_exists(world.client("s3"), world.source_bucket, victim.split("/", 3)[3], "123456789012")
+    assert (world.cwd / "precious.txt").read_text() == "keep me"
