@@ -30,11 +30,10 @@ SETTINGS = ("AWS_REGION", "VECTOR_BUCKET", "VECTOR_INDEX", "MODEL_ID", "EMBEDDIN
 REQUIRED = ("VECTOR_BUCKET", "VECTOR_INDEX")
 TEXT_PURPOSE = "IMAGE_RETRIEVAL"  # text → image search over image embeddings (aws-facts.md)
 IMAGE_PURPOSE = "GENERIC_RETRIEVAL"  # image → image: both sides are images
-DEFAULT_TOP_K = 10
-MAX_TOP_K = 100  # QueryVectors' topK limit
+DEFAULT_TOP_K = 10  # QueryVectors takes topK >= 1; its maximum is the index's to say (100 at launch)
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4's limit for a pre-signed URL
 HTML_PRESIGN_SECONDS = 3600  # the page's thumbnails load through pre-signed links valid this long by default
-MAX_TEXT_CHARS = 8192  # past this the model reads the start (truncationMode END)
+TEXT_LIMIT = "8K tokens"  # what the model reads of a text; past it, it cuts the end (truncationMode END)
 MAX_INVOKE_BODY_BYTES = 25_000_000  # botocore's bedrock-runtime model: InvokeModel body max
 BODY_ALLOWANCE = 1024  # the request around an inline image's base64
 
@@ -54,7 +53,8 @@ def parse_args(argv):
     parser.add_argument("--image", metavar="PATH_OR_S3_URI",
                         help="search by an image instead: a local file or s3://bucket/key (jpg, jpeg, png, gif, webp)")
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, metavar="K",
-                        help=f"how many hits, 1-{MAX_TOP_K} (default {DEFAULT_TOP_K})")
+                        help=f"how many hits, at least 1 (default {DEFAULT_TOP_K}; the index sets the most: 100 "
+                             "when S3 Vectors launched)")
     parser.add_argument("--filter", metavar="JSON", help="S3 Vectors metadata filter, a JSON object (see below)")
     parser.add_argument("--presign", type=int, metavar="SECONDS",
                         help=f"add a pre-signed HTTPS link to each image, valid SECONDS (1-{MAX_PRESIGN_SECONDS})")
@@ -77,8 +77,8 @@ def parse_args(argv):
         parser.error("the text to search for is empty")
     if args.image is not None and not args.image.strip():
         parser.error("--image is empty")
-    if not 1 <= args.top_k <= MAX_TOP_K:
-        parser.error(f"--top-k must be between 1 and {MAX_TOP_K}, not {args.top_k}")
+    if args.top_k < 1:
+        parser.error(f"--top-k must be at least 1, not {args.top_k}")
     if args.open and args.html is None:
         parser.error("--open goes with --html FILE")
     if args.html is not None and not args.html.strip():
@@ -210,6 +210,9 @@ def query_index(s3v, bucket: str, index: str, vector: list[float], top_k: int, f
                 break
             params["nextToken"] = token  # the same query again, for the next page (S3 user guide)
     except s3v.exceptions.ValidationException as exc:
+        if "topk" in exc.response.get("Error", {}).get("Message", "").lower():
+            raise StepError(f"the index refused --top-k {top_k}: {common.describe_aws_error(exc)} — use a smaller "
+                            "--top-k", common.EXIT_USAGE) from None
         if flt is None:
             raise
         raise StepError(f"{common.describe_aws_error(exc)} — check --filter", common.EXIT_USAGE) from None
@@ -296,8 +299,6 @@ def run(argv) -> int:
     dimension, metric = index_shape(s3v, config.vector_bucket, config.vector_index, config.embedding_dimension)
     say(f"Index Name: {config.vector_index} ({dimension} dimensions, {metric})")
     say(f"Query: {query.label}")
-    if query.text is not None and len(query.text) > MAX_TEXT_CHARS:
-        say(f"(the text is longer than {MAX_TEXT_CHARS:,} characters: the model reads the first {MAX_TEXT_CHARS:,})")
     if flt is not None:
         say(f"Filter: {json.dumps(flt, ensure_ascii=False)}")
 
@@ -306,7 +307,11 @@ def run(argv) -> int:
         owner = config.expected_bucket_owner or common.caller_account(common.make_client("sts", config))
     say(f"Embedding with {config.model_id} ({query.purpose}, {dimension} dimensions)")
     runtime = common.make_client("bedrock-runtime", config)
-    vector = common.embed(runtime, config.model_id, query.request(dimension, owner))
+    answer = common.embed_answer(runtime, config.model_id, query.request(dimension, owner))
+    vector = answer["embedding"]
+    if query.text is not None and "truncatedCharLength" in answer:
+        say(f"! The text is longer than the model reads ({TEXT_LIMIT}): it cut the end and searched with the start "
+            f"(truncatedCharLength {answer['truncatedCharLength']} of the text's {len(query.text):,} characters)")
     if len(vector) != dimension:
         raise StepError(f"{config.model_id} answered a {len(vector)}-dimension embedding; the index takes {dimension}")
 

@@ -581,7 +581,9 @@ def image_record(uri: str, fmt: str, owner: str, dimension: int, purpose: str, r
 
 
 def text_request(text: str, dimension: int, purpose: str) -> dict:
-    """The Nova Multimodal Embeddings request body for a text (past 8,192 characters the model reads the start)."""
+    """The Nova Multimodal Embeddings request body for a text. The model reads up to 8K tokens (how many characters
+    that is depends on the text): past them it cuts the end (truncationMode END) and says so in the answer's
+    `truncatedCharLength` (see `embed_answer`)."""
     return {
         "taskType": "SINGLE_EMBEDDING",
         "singleEmbeddingParams": {
@@ -608,11 +610,19 @@ def image_bytes_request(data: bytes, fmt: str, dimension: int, purpose: str) -> 
 
 def embed(runtime, model_id: str, body: dict) -> list[float]:
     """One InvokeModel call on bedrock-runtime; the embedding it answers."""
+    return embed_answer(runtime, model_id, body)["embedding"]
+
+
+def embed_answer(runtime, model_id: str, body: dict) -> dict:
+    """One InvokeModel call on bedrock-runtime; the first embedding of its answer as the model gives it: `embedding`,
+    `embeddingType`, and `truncatedCharLength` only when the model cut a text."""
     response = runtime.invoke_model(modelId=model_id, body=json.dumps(body, ensure_ascii=False).encode("utf-8"),
                                     contentType="application/json", accept="application/json")
     answer = json.loads(response["body"].read())
     try:
-        return answer["embeddings"][0]["embedding"]
+        item = answer["embeddings"][0]
+        item["embedding"]
+        return item
     except (KeyError, IndexError, TypeError):
         raise StepError(f"{model_id} answered without an embedding: {json.dumps(answer)[:200]}") from None
 

@@ -494,6 +494,26 @@ def test_invoke_model_timeouts_and_denials_for_chosen_images(s3, buckets, stack)
         control(stack.url, "config", {"invoke_denied_reason": "kms"})
 
 
+def test_a_text_past_8k_tokens_is_cut_and_the_answer_says_so(stack):
+    runtime = boto3.client("bedrock-runtime", endpoint_url=stack.url)
+
+    def invoke(text: str, mode: str = "END") -> dict:
+        body = {"taskType": "SINGLE_EMBEDDING", "singleEmbeddingParams": {
+            "embeddingPurpose": "IMAGE_RETRIEVAL", "embeddingDimension": 256,
+            "text": {"truncationMode": mode, "value": text}}}
+        return json.loads(runtime.invoke_model(modelId=NOVA_MME, body=json.dumps(body))["body"].read())["embeddings"][0]
+
+    within = "word " * 2000  # 10,000 characters: past 8,192, within 8K tokens
+    assert invoke(within) == {"embeddingType": "TEXT", "embedding": embed_text(within, 256)}
+    long = "".join(f"{i:05d} " for i in range(7000))  # 42,000 characters
+    end, start = invoke(long), invoke(long, "START")
+    assert end == {"embeddingType": "TEXT", "embedding": embed_text(long[:32768], 256), "truncatedCharLength": 32768}
+    assert start["embedding"] == embed_text(long[-32768:], 256) and start["truncatedCharLength"] == 32768
+    with pytest.raises(ClientError) as exc_info:
+        invoke(long, "NONE")
+    assert error_code(exc_info) == "ValidationException" and "8192 tokens" in exc_info.value.response["Error"]["Message"]
+
+
 def test_list_jobs_filters_and_pages(bedrock, stack, buckets):
     src, out = buckets
     control(stack.url, "config", {"step_seconds": 5})

@@ -241,8 +241,8 @@ BAD_INPUT = [
     (["--image", "folder.png"], "folder.png: not a file"),
     (["--image", "huge.png"], "the model takes images up to 50 MB"),
     (["--image", "big.jpg"], "upload it to S3 and pass --image s3://"),
-    (["car", "--top-k", "0"], "--top-k must be between 1 and 100, not 0"),
-    (["car", "--top-k", "101"], "--top-k must be between 1 and 100, not 101"),
+    (["car", "--top-k", "0"], "--top-k must be at least 1, not 0"),
+    (["car", "--top-k", "-3"], "--top-k must be at least 1, not -3"),
     (["car", "--top-k", "ten"], "argument --top-k: invalid int value: 'ten'"),
     (["car", "--filter", "{source_uri: 1}"], "--filter is not valid JSON"),
     (["car", "--filter", '["s3://b/k.png"]'], "--filter must be a non-empty JSON object"),
@@ -548,3 +548,67 @@ def test_a_page_that_cannot_be_written_is_one_line(loaded, tmp_path):
     result = loaded.step(5, "car", "--html", str(tmp_path / "file" / "page.html"))
     assert result.returncode == 2
     assert "cannot write the page" in one_line(result)
+
+
+# ---------------------------------------------------------------------------------------------------- the index's topK
+
+
+@pytest.fixture
+def vectors_options(loaded):
+    """Change the S3 Vectors stand-in's options for one test (the session shares it), restored after."""
+    url = loaded.stack.s3vectors_url + "/_standin/config"
+
+    def call(changes: dict | None = None) -> dict:
+        data = None if changes is None else json.dumps(changes).encode()
+        request = urllib.request.Request(url, data=data, method="GET" if data is None else "POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request) as response:
+            return json.loads(response.read())
+
+    before = call()
+    yield call
+    call({"max_top_k": before["max_top_k"]})
+
+
+def test_a_top_k_over_the_index_limit_is_one_line_and_exit_2(loaded, vectors_options):
+    vectors_options({"max_top_k": 100})  # the limit at general availability
+    result = loaded.step(5, "a red sports car", "--top-k", "500")
+    assert result.returncode == common.EXIT_USAGE, result.stdout + result.stderr
+    line = one_line(result)
+    assert line.startswith("error: the index refused --top-k 500: ValidationException:")
+    assert line.endswith("use a smaller --top-k")
+    assert len(query_json(loaded, "a red sports car", "--top-k", "100")) == 100
+
+
+def test_a_top_k_the_index_takes_is_not_refused_here(loaded, vectors_options):
+    vectors_options({"max_top_k": 10_000})  # raised, as AWS reportedly did
+    hits = query_json(loaded, "a red sports car", "--top-k", "500")
+    assert len(hits) == len(KEYS) and [h["rank"] for h in hits] == list(range(1, len(KEYS) + 1))
+    assert {h["source_uri"] for h in hits} == {uri_of(loaded, key) for key in KEYS}
+
+
+# ---------------------------------------------------------------------------------------------------- long texts
+
+
+def test_a_long_text_is_sent_whole_and_a_cut_is_reported_from_the_answer(loaded):
+    def nearest(text: str, n: int) -> list[str]:
+        query = embed_text(text, DIMENSION)
+        return [uri for _, uri in sorted((cosine_distance(query, embed_image(image_bytes(loaded, key), DIMENSION)),
+                                          uri_of(loaded, key)) for key in KEYS)[:n]]
+
+    def shown(out: str) -> list[str]:
+        return [m.group(3) for m in map(ROW.match, out.splitlines()) if m]
+
+    medium = ("a red sports car parked by the sea " * 300).strip()  # 10,499 characters, within the 8K tokens
+    result = loaded.step(5, medium, "--top-k", "3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "truncatedCharLength" not in result.stdout and "characters" not in result.stdout  # no guess of ours
+    assert shown(result.stdout) == nearest(medium, 3)  # the whole text was embedded, not a cut of ours
+
+    long = ("a red sports car parked by the sea " * 1200).strip()  # 41,999 characters: the model cuts the end
+    result = loaded.step(5, long, "--top-k", "3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (said,) = [line for line in result.stdout.splitlines() if "truncatedCharLength" in line]
+    assert "8K tokens" in said and "cut the end" in said
+    assert f"truncatedCharLength 32768 of the text's {len(long):,} characters" in said
+    assert shown(result.stdout) == nearest(long[:32768], 3)  # the start the model read

@@ -154,7 +154,11 @@ _PURPOSES = (
 _IMAGE_FORMATS = ("png", "jpeg", "gif", "webp")
 _VIDEO_FORMATS = ("mp4", "mov", "mkv", "webm", "flv", "mpeg", "mpg", "wmv", "3gp")
 _AUDIO_FORMATS = ("mp3", "wav", "ogg")
-_MAX_TEXT_CHARS = 8192
+# Nova MME reads a text up to 8K tokens ("Using Nova Embeddings"); the emulator counts a token a 4 characters (its
+# input token count too). When it cuts a text the answer carries truncatedCharLength, here the characters it kept
+# (unverified: what the service's number counts).
+_MAX_TEXT_TOKENS = 8192
+_CHARS_PER_TOKEN = 4
 _INVOKE_BODY_MAX = 25_000_000  # botocore: bedrock-runtime Body max
 
 
@@ -1256,13 +1260,16 @@ def _nova_mme(body: Any, read, max_image_bytes: int, account_id: str) -> tuple[d
                 raise _RecordError("The text object is not UTF-8 text.") from None
         if not text:
             raise _malformed(f"{mpath}/value", "expected minLength: 1")
-        if len(text) > _MAX_TEXT_CHARS:
+        item: dict[str, Any] = {"embeddingType": "TEXT"}
+        kept = _MAX_TEXT_TOKENS * _CHARS_PER_TOKEN
+        if len(text) > kept:
             if spec["truncationMode"] == "NONE":
-                raise _RecordError(f"The text is {len(text)} characters, more than the maximum of {_MAX_TEXT_CHARS} "
-                                   "with truncationMode NONE.")
-            text = text[:_MAX_TEXT_CHARS] if spec["truncationMode"] == "END" else text[-_MAX_TEXT_CHARS:]
-        return {"embeddings": [{"embeddingType": "TEXT", "embedding": embed_text(text, dimension)}]}, \
-            max(1, math.ceil(len(text) / 4))
+                raise _RecordError(f"The text is longer than the maximum of {_MAX_TEXT_TOKENS} tokens with "
+                                   "truncationMode NONE.")
+            text = text[:kept] if spec["truncationMode"] == "END" else text[-kept:]
+            item["truncatedCharLength"] = kept
+        item["embedding"] = embed_text(text, dimension)
+        return {"embeddings": [item]}, max(1, math.ceil(len(text) / _CHARS_PER_TOKEN))
     if modality == "image":
         spec = _check_keys(params["image"], mpath, {"format", "source", "detailLevel"}, {"format", "source"})
         _check_enum(spec["format"], f"{mpath}/format", _IMAGE_FORMATS)
