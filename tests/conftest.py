@@ -20,6 +20,7 @@ from tests.standins import stack as standins
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = {
+    0: "00_check_setup.py",
     1: "01_create_job.py",
     2: "02_monitor_job.py",
     3: "03_load_result_to_s3_vector_bucket.py",

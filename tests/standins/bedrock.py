@@ -43,6 +43,7 @@ from tests.iam_check import is_allowed
 
 NOVA_MME = "amazon.nova-2-multimodal-embeddings-v1:0"
 NOVA_MME_REGIONS = ("us-east-1",)  # aws-facts.md: us-east-1
+NOVA_MME_NAME = "Nova 2 Multimodal Embeddings V1"  # unverified: its modelName (and the name its quotas use)
 BEDROCK_SERVICE = "bedrock.amazonaws.com"
 
 ACTIVE = ("Submitted", "Validating", "Scheduled", "InProgress", "Stopping")
@@ -491,6 +492,9 @@ class BedrockEmulator:
         if len(segments) == 3 and segments[0] == "model" and segments[2] == "invoke" and method == "POST":
             self._record_auth(request, "InvokeModel")
             return self._json(self.invoke_model(segments[1], request.get_data()))
+        if segments[:1] == ["foundation-models"] and len(segments) <= 2 and method == "GET":
+            self._record_auth(request, "GetFoundationModel" if len(segments) == 2 else "ListFoundationModels")
+            return self._json(self.foundation_models(segments[1] if len(segments) == 2 else None))
         raise ApiError("UnknownOperationException", f"No operation matches {method} {request.path}")
 
     def _record_auth(self, request: Request, operation: str) -> None:
@@ -615,6 +619,19 @@ class BedrockEmulator:
         if invocation_type != "InvokeModel":
             raise ApiError("ValidationException",
                            f"The model {NOVA_MME} does not support modelInvocationType {invocation_type}.")
+
+    def foundation_models(self, identifier: str | None) -> dict:
+        """GetFoundationModel of `identifier`, or ListFoundationModels (None, filters ignored): the one model
+        this emulator runs, where it is offered. An unknown model answers as CreateModelInvocationJob does."""
+        details = {"modelArn": f"arn:aws:bedrock:{self.region}::foundation-model/{NOVA_MME}", "modelId": NOVA_MME,
+                   "modelName": NOVA_MME_NAME, "providerName": "Amazon",
+                   "inputModalities": ["TEXT", "IMAGE", "AUDIO", "VIDEO"], "outputModalities": ["EMBEDDING"],
+                   "responseStreamingSupported": False, "customizationsSupported": [],
+                   "inferenceTypesSupported": ["ON_DEMAND"], "modelLifecycle": {"status": "ACTIVE"}}
+        if identifier is None:
+            return {"modelSummaries": [details] if self.region in NOVA_MME_REGIONS else []}
+        self._check_model(identifier)
+        return {"modelDetails": details}
 
     def _check_role(self, role_arn: str, job_arn: str) -> list[dict] | None:
         """With IAM at hand: the role must exist and trust bedrock.amazonaws.com. Returns its policy documents."""

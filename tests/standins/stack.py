@@ -15,7 +15,7 @@ from typing import Callable
 
 import logging
 
-from . import bedrock, s3vectors, serve
+from . import bedrock, s3vectors, servicequotas, serve
 from .s3 import MotoS3, S3Options
 from . import tls as _tls
 
@@ -38,9 +38,12 @@ class Stack:
             stop()
 
 
-def aws_env(moto_url: str, bedrock_url: str, s3vectors_url: str) -> dict[str, str]:
+def aws_env(moto_url: str, bedrock_url: str, s3vectors_url: str, servicequotas_url: str | None = None
+            ) -> dict[str, str]:
     """Credentials and endpoints for a process that should reach the stand-ins only."""
+    quotas = {"AWS_ENDPOINT_URL_SERVICE_QUOTAS": servicequotas_url} if servicequotas_url else {}
     return {
+        **quotas,
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_SESSION_TOKEN": "testing",
@@ -76,7 +79,10 @@ def start(bedrock_options: dict | None = None, s3vectors_options: dict | None = 
         ssl_context=certificates.server_context() if certificates else None,
     )
     vectors = serve(s3vectors.make_app(region=REGION, account_id=ACCOUNT_ID, options=s3vectors_options))
-    env = aws_env(moto_url, emulator.url, vectors.url)
+    # Service Quotas: the Bedrock batch quotas at the values the emulator enforces
+    quotas = serve(servicequotas.make_app(region=REGION, account_id=ACCOUNT_ID,
+                                          quotas=servicequotas.quotas_for(bedrock_options)))
+    env = aws_env(moto_url, emulator.url, vectors.url, quotas.url)
     if certificates:
         env["AWS_CA_BUNDLE"] = str(certificates.ca_file)
     return Stack(
@@ -86,5 +92,5 @@ def start(bedrock_options: dict | None = None, s3vectors_options: dict | None = 
         env=env,
         certificates=certificates,
         s3=moto.options,
-        _stops=[*stops, emulator.stop, vectors.stop],
+        _stops=[*stops, emulator.stop, vectors.stop, quotas.stop],
     )
