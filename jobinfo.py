@@ -194,6 +194,7 @@ LOAD_FIELDS = {
     "finished": (_BOOL, False),
     "vector_bucket": (_STR, False),
     "vector_index": (_STR, False),
+    "refused": (_LIST, False),  # load-report lines of the vectors the index refused (03 writes them at the end)
 }
 FILE_FIELDS = {"offset": (_INT, True), "done": (_BOOL, True)}
 LOAD_COUNTS = {"total", "success", "error", "inserted"}
