@@ -393,10 +393,16 @@ def role_needs(config: Config, owner: str, partition: str) -> list[Need]:
         *_s3_needs(["s3:PutObject"], s3 + f"{config.result_bucket}/{config.result_prefix}{PROBE_JOB_ID}/x.jsonl.out",
                    owner),
     ]
+    return needs + _output_key_needs(config, ["kms:GenerateDataKey", "kms:Decrypt"])
+
+
+def _output_key_needs(config: Config, actions: list[str]) -> list[Need]:
+    """The KMS actions on OUTPUT_KMS_KEY_ID, through S3 (when it is a key ARN: an alias or a bare id names no
+    resource to simulate)."""
     key = config.output_kms_key_id or ""
-    if key.startswith("arn:") and ":key/" in key:
-        needs += [Need("kms:GenerateDataKey", key), Need("kms:Decrypt", key)]
-    return needs
+    if not (key.startswith("arn:") and ":key/" in key):
+        return []
+    return [Need(action, key, (("kms:ViaService", f"s3.{config.region}.amazonaws.com"),)) for action in actions]
 
 
 def caller_needs(config: Config, account: str, owner: str, partition: str) -> list[Need]:
@@ -424,6 +430,7 @@ def caller_needs(config: Config, account: str, owner: str, partition: str) -> li
         Need("s3vectors:GetVectorBucket", vector_bucket),
         *(Need(f"s3vectors:{action}", index) for action in
           ("CreateIndex", "GetIndex", "PutVectors", "GetVectors", "ListVectors", "QueryVectors")),
+        *_output_key_needs(config, ["kms:Decrypt"]),  # 03 reads the results
     ]
 
 

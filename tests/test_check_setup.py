@@ -429,3 +429,14 @@ def test_a_vector_page_reader_that_misreads_a_key(in_process, capsys, monkeypatc
     assert mark == "✗"
     assert detail.startswith(f"report this: the fast reader (keyset.py) disagrees with botocore on page 1 of index "
                              f"{in_process.vector_index}: keys (item 1)")
+
+
+def test_an_output_key_the_caller_may_use_and_the_role_may_not(world, simulator):
+    key = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    world.env["OUTPUT_KMS_KEY_ID"] = key
+    post(world.endpoint("service-quotas") + "/_standin/reset", {})
+    use_caller(world, simulator, caller_policy(world))  # the generated policy, with its statement for the key
+    done = world.step(0)
+    assert marks(done.stdout)["caller permissions"] == "✓", done.stdout
+    detail = failing(done, "service role permissions")  # the fixture's role has no statement for the key
+    assert f"is not allowed kms:GenerateDataKey on {key}, kms:Decrypt on {key}" in detail
