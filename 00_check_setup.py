@@ -55,7 +55,8 @@ def attempt(name: str, check):
     try:
         return check()
     except (ClientError, BotoCoreError, ResponseParserError) as exc:  # the last: an answer that is not AWS's
-        return setup_check.unknown(name, f"could not check: {common.describe_aws_error(exc)}")
+        first_line = (common.describe_aws_error(exc).splitlines() or [""])[0].rstrip(":")
+        return setup_check.unknown(name, f"could not check: {first_line}")
 
 
 def checks(config: common.Config, invoke: bool) -> list[setup_check.Row]:
