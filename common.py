@@ -471,17 +471,23 @@ def read_if_present(s3, bucket: str, key: str, owner: str) -> bytes | None:
     """The object's bytes, or None when there is no such key. S3 answers a missing key with 404 NoSuchKey only
     to a caller with s3:ListBucket on it, and with 403 AccessDenied to one without (the caller policy the project
     generates limits ListBucket with an s3:prefix condition): a 403 is asked again by listing, and stays an error
-    only when the object is there."""
+    only when the object is there — once it was read again (it may have been written between the two calls: a job
+    writing its manifest.json.out)."""
     from botocore.exceptions import ClientError
 
-    try:
+    def read() -> bytes:
         return s3.get_object(Bucket=bucket, Key=key, ExpectedBucketOwner=owner)["Body"].read()
+
+    try:
+        return read()
     except ClientError as exc:
         code = error_code(exc)
         if code in ("NoSuchKey", "404") or (code in ("AccessDenied", "403")
                                             and not object_exists(s3, bucket, key, owner)):
             return None
-        raise
+        if code not in ("AccessDenied", "403"):
+            raise
+    return read()  # there now: written since the first read, or denied for real (its error stands)
 
 
 def delete_object(s3, bucket: str, key: str, owner: str) -> None:

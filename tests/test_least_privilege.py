@@ -88,3 +88,25 @@ def test_the_stand_in_answers_a_missing_key_as_s3_does_to_each_caller(world):
         assert got.value.response["Error"]["Code"] == head
     s3.put_object(Bucket=world.source_bucket, Key="2024/there.jpg", Body=b"x")
     assert s3.get_object(Bucket=world.source_bucket, Key="2024/there.jpg")["Body"].read() == b"x"
+
+
+def test_an_object_written_between_the_403_and_the_listing_is_read():
+    """A job writes manifest.json.out just after a 403 for it: the listing finds it, and it is read again."""
+    from botocore.exceptions import ClientError
+
+    class Racing:
+        def __init__(self):
+            self.reads = 0
+
+        def get_object(self, **_):
+            self.reads += 1
+            if self.reads == 1:
+                raise ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "GetObject")
+            return {"Body": __import__("io").BytesIO(b'{"totalRecordCount": 3}')}
+
+        def list_objects_v2(self, Prefix, **_):
+            return {"Contents": [{"Key": Prefix}]}
+
+    racing = Racing()
+    assert common.read_if_present(racing, "b", "output/j/manifest.json.out", OWNER) == b'{"totalRecordCount": 3}'
+    assert racing.reads == 2
