@@ -288,6 +288,8 @@ def _bedrock(operation: str, params: Mapping[str, Any], *, partition: str, accou
         return [(f"bedrock:{operation}", _job_arn(params["jobIdentifier"], **where), {})]
     if operation == "ListModelInvocationJobs":
         return [("bedrock:ListModelInvocationJobs", "*", {})]
+    if operation == "GetFoundationModel":
+        return [("bedrock:GetFoundationModel", _model_arn(params["modelIdentifier"], **where), {})]
     raise KeyError(f"bedrock:{operation}")
 
 
@@ -314,6 +316,8 @@ _IAM_ROLE_OPERATIONS = {"GetRole", "CreateRole", "UpdateAssumeRolePolicy", "PutR
 def _iam(operation: str, params: Mapping[str, Any], *, partition: str, account: str) -> list[Permission]:
     if operation in _IAM_ROLE_OPERATIONS:
         return [(f"iam:{operation}", f"arn:{partition}:iam::{account}:role/{params['RoleName']}", {})]
+    if operation == "SimulatePrincipalPolicy":
+        return [("iam:SimulatePrincipalPolicy", params["PolicySourceArn"], {})]
     raise KeyError(f"iam:{operation}")
 
 
@@ -338,4 +342,6 @@ def required_permission(service: str, operation: str, params: Mapping[str, Any] 
         return _sts(operation, params)
     if service == "iam":
         return _iam(operation, params, partition=partition, account=account)
+    if service == "service-quotas" and operation in ("ListServiceQuotas", "ListAWSDefaultServiceQuotas"):
+        return [(f"servicequotas:{operation}", "*", {})]
     raise KeyError(service)

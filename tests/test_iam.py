@@ -196,6 +196,13 @@ def expected_caller_policy(account):
                     "s3vectors:GetVectors", "s3vectors:ListVectors", "s3vectors:QueryVectors"],
          "Resource": f"{vector_bucket}/index/{SETTINGS['VECTOR_INDEX']}"},
         {"Sid": "WhoAmI", "Effect": "Allow", "Action": "sts:GetCallerIdentity", "Resource": "*"},
+        {"Sid": "CheckSetupQuotas", "Effect": "Allow",
+         "Action": ["servicequotas:ListServiceQuotas", "servicequotas:ListAWSDefaultServiceQuotas"], "Resource": "*"},
+        {"Sid": "CheckSetupModel", "Effect": "Allow", "Action": "bedrock:GetFoundationModel", "Resource": model},
+        {"Sid": "CheckSetupServiceRole", "Effect": "Allow", "Action": ["iam:GetRole", "iam:SimulatePrincipalPolicy"],
+         "Resource": f"arn:aws:iam::{account}:role/{ROLE}"},
+        {"Sid": "CheckSetupOwnPermissions", "Effect": "Allow", "Action": "iam:SimulatePrincipalPolicy",
+         "Resource": f"arn:aws:iam::{account}:user/${{aws:username}}"},
     ]}
 
 
@@ -373,7 +380,8 @@ def test_changed_settings_give_the_policy_a_new_version_and_old_ones_are_pruned(
     for n in range(7):
         result = run("--attach-caller-policy", f"user/{KEY_USER}", settings={**SETTINGS, "VECTOR_INDEX": f"index-{n}"})
         assert result.returncode == 0, result.stderr
-        assert default_document(iam, arn)["Statement"][-2]["Resource"].endswith(f"/index/index-{n}")
+        statements = {s["Sid"]: s for s in default_document(iam, arn)["Statement"]}
+        assert statements["VectorIndex"]["Resource"].endswith(f"/index/index-{n}")
     assert "updated to the current settings" in result.stdout
     assert len(iam.list_policy_versions(PolicyArn=arn)["Versions"]) == 5  # IAM's limit: the oldest were deleted
 

@@ -147,3 +147,24 @@ def test_01_reads_the_report_as_an_object_of_the_report_buckets_owner(world, tmp
     owners = {(c["params"]["Bucket"], c["params"].get("ExpectedBucketOwner")) for c in recorded_calls(calls)
               if c["service"] == "s3" and c["operation"] == "GetObject"}
     assert owners == {(world.result_bucket, "444455556666")}, result.stdout + result.stderr
+
+
+def test_caller_policy_covers_every_call_of_the_setup_check(world):
+    """00_check_setup.py asks Service Quotas, Bedrock, IAM, S3 and S3 Vectors; the caller policy allows each call
+    (its own principal through ${aws:username}, which the evaluator does not expand: filled in here)."""
+    world.env["ROLE_NAME"] = world.role_arn.rsplit("/", 1)[1]
+    policy_text = setup_script(world, "--user-policy").stdout
+    caller = world.client("sts").get_caller_identity()["Arn"]
+    assert ":user/" in caller
+    policy = json.loads(policy_text.replace("${aws:username}", caller.rsplit("/", 1)[1]))
+    calls = world.cwd / "calls.jsonl"
+    checked = world.step(0, env={"PYTHONPATH": str(ROOT / "tests" / "record_calls"), "RECORD_AWS_CALLS": str(calls)})
+    assert "Traceback" not in checked.stderr, checked.stderr
+    recorded = recorded_calls(calls)
+    operations = {(c["service"], c["operation"]) for c in recorded}
+    assert {("service-quotas", "ListServiceQuotas"), ("bedrock", "GetFoundationModel"), ("iam", "GetRole"),
+            ("iam", "SimulatePrincipalPolicy"), ("s3", "ListObjectsV2"), ("sts", "GetCallerIdentity")} <= operations
+    assert denied(policy, recorded) == []
+    # Another user's permissions are not the caller's to simulate.
+    assert denied(policy, [{"service": "iam", "operation": "SimulatePrincipalPolicy",
+                            "params": {"PolicySourceArn": f"arn:aws:iam::{ACCOUNT}:user/someone-else"}}])
