@@ -40,6 +40,14 @@ def test_local_run_with_serve_then_a_query_from_the_checkout(tmp_path):
         assert query.returncode == 0, query.stdout + query.stderr
         assert "Index Name: my-image-index (1024 dimensions, cosine)" in query.stdout
         assert "✓ 10 hit(s)" in query.stdout
+        # The first command of "Run it on AWS", in the same world: every row, none failing.
+        checked = subprocess.run([sys.executable, str(ROOT / "00_check_setup.py")], cwd=ROOT,
+                                 env={**env, **exports(tmp_path / "standins.env")}, capture_output=True, text=True,
+                                 timeout=120)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        rows = [line for line in checked.stdout.splitlines() if line[:2] in ("✓ ", "✗ ", "? ")]
+        assert len(rows) >= 17 and not [row for row in rows if row.startswith("✗")], checked.stdout
+        assert "16 ✓, 0 ✗, 1 ?" in checked.stdout  # ?: moto's default caller is no IAM user to simulate
     finally:
         local.send_signal(signal.SIGINT)
         local.communicate(timeout=60)

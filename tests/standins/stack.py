@@ -15,7 +15,7 @@ from typing import Callable
 
 import logging
 
-from . import bedrock, s3vectors, servicequotas, serve
+from . import bedrock, iamsim, s3vectors, servicequotas, serve
 from .s3 import MotoS3, S3Options
 from . import tls as _tls
 
@@ -38,8 +38,8 @@ class Stack:
             stop()
 
 
-def aws_env(moto_url: str, bedrock_url: str, s3vectors_url: str, servicequotas_url: str | None = None
-            ) -> dict[str, str]:
+def aws_env(moto_url: str, bedrock_url: str, s3vectors_url: str, servicequotas_url: str | None = None,
+            iam_url: str | None = None) -> dict[str, str]:
     """Credentials and endpoints for a process that should reach the stand-ins only."""
     quotas = {"AWS_ENDPOINT_URL_SERVICE_QUOTAS": servicequotas_url} if servicequotas_url else {}
     return {
@@ -55,7 +55,7 @@ def aws_env(moto_url: str, bedrock_url: str, s3vectors_url: str, servicequotas_u
         "AWS_ENDPOINT_URL": moto_url,
         "AWS_ENDPOINT_URL_S3": moto_url,
         "AWS_ENDPOINT_URL_STS": moto_url,
-        "AWS_ENDPOINT_URL_IAM": moto_url,
+        "AWS_ENDPOINT_URL_IAM": iam_url or moto_url,
         "AWS_ENDPOINT_URL_BEDROCK": bedrock_url,
         "AWS_ENDPOINT_URL_BEDROCK_RUNTIME": bedrock_url,
         "AWS_ENDPOINT_URL_S3VECTORS": s3vectors_url,
@@ -82,7 +82,8 @@ def start(bedrock_options: dict | None = None, s3vectors_options: dict | None = 
     # Service Quotas: the Bedrock batch quotas at the values the emulator enforces
     quotas = serve(servicequotas.make_app(region=REGION, account_id=ACCOUNT_ID,
                                           quotas=servicequotas.quotas_for(bedrock_options)))
-    env = aws_env(moto_url, emulator.url, vectors.url, quotas.url)
+    iam = serve(iamsim.make_app(moto_url, region=REGION))  # moto's IAM, with SimulatePrincipalPolicy (00)
+    env = aws_env(moto_url, emulator.url, vectors.url, quotas.url, iam.url)
     if certificates:
         env["AWS_CA_BUNDLE"] = str(certificates.ca_file)
     return Stack(
@@ -92,5 +93,5 @@ def start(bedrock_options: dict | None = None, s3vectors_options: dict | None = 
         env=env,
         certificates=certificates,
         s3=moto.options,
-        _stops=[*stops, emulator.stop, vectors.stop, quotas.stop],
+        _stops=[*stops, emulator.stop, vectors.stop, quotas.stop, iam.stop],
     )
