@@ -171,7 +171,8 @@ def load_in_process(world, monkeypatch, *args: str) -> tuple[int, list[float], d
 
 
 def not_loaded(world) -> dict[str, dict]:
-    return {e["source_uri"]: e for e in map(json.loads, Path(world.job_info()["account_file"]).read_text().splitlines())}
+    lines = Path(world.job_info()["account_file"]).read_text().splitlines()
+    return {e["source_uri"]: e for e in map(json.loads, lines)}
 
 
 def test_a_model_timeout_is_tried_again_and_the_image_loaded(world, monkeypatch, capsys):
