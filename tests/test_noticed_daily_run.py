@@ -1,0 +1,95 @@
+"""daily_run.py's exit status and order of steps when an earlier day's run is still there, with the steps played
+by stand-ins that answer each day's exit codes: cron must never report success over images that were not loaded,
+and one bad day must not stop the chain."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import common
+import daily_run
+
+
+class Steps:
+    """The numbered steps as daily_run.py runs them: each answers its next exit code; 01 writes a job-info file
+    when it plans a run, 04 removes it."""
+
+    def __init__(self, path, codes: dict[int, list[int]], new_run: bool):
+        self.path, self.codes, self.new_run, self.ran = path, codes, new_run, []
+
+    def __call__(self, number: int, *argv: str) -> int:
+        self.ran.append(number)
+        code = self.codes[number].pop(0)
+        if number == 1 and code == common.EXIT_OK and self.new_run:
+            self.path.write_text("{}")
+        if number == 4 and code == common.EXIT_OK:
+            self.path.unlink(missing_ok=True)
+        return code
+
+
+@pytest.fixture
+def daily(tmp_path, monkeypatch):
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "batch_job_info.json"
+    monkeypatch.setenv("JOB_INFO_FILE", str(path))
+
+    def run(codes: dict[int, list[int]], *, earlier: bool, new_run: bool) -> tuple[int, list[int]]:
+        if earlier:
+            path.write_text("{}")
+        steps = Steps(path, codes, new_run)
+        monkeypatch.setattr(daily_run, "step", steps)
+        return daily_run.main(["--interval", "0"]), steps.ran
+
+    return run
+
+
+def test_an_incomplete_earlier_run_does_not_stop_todays_run(daily):
+    code, ran = daily({2: [0, 0], 3: [common.EXIT_INCOMPLETE, 0], 4: [0, 0], 1: [0]}, earlier=True, new_run=True)
+    assert ran == [2, 3, 4, 1, 2, 3, 4]  # yesterday finished, then today's run in full
+    assert code == common.EXIT_INCOMPLETE  # yesterday's missing images are still reported
+
+
+def test_nothing_new_today_after_an_incomplete_earlier_run_is_not_a_success(daily):
+    code, ran = daily({2: [0], 3: [common.EXIT_INCOMPLETE], 4: [0], 1: [0]}, earlier=True, new_run=False)
+    assert ran == [2, 3, 4, 1]
+    assert code == common.EXIT_INCOMPLETE
+
+
+def test_a_complete_day_does_not_hide_the_earlier_runs_missing_images(daily):
+    code, _ = daily({2: [0, 0], 3: [common.EXIT_INCOMPLETE, 0], 4: [0, 0], 1: [0]}, earlier=True, new_run=True)
+    assert code == common.EXIT_INCOMPLETE
+
+
+def test_an_incomplete_day_after_a_complete_earlier_run_is_incomplete(daily):
+    code, _ = daily({2: [0, 0], 3: [0, common.EXIT_INCOMPLETE], 4: [0, 0], 1: [0]}, earlier=True, new_run=True)
+    assert code == common.EXIT_INCOMPLETE
+
+
+def test_both_runs_complete_is_a_success(daily):
+    code, ran = daily({2: [0, 0], 3: [0, 0], 4: [0, 0], 1: [0]}, earlier=True, new_run=True)
+    assert (code, ran) == (common.EXIT_OK, [2, 3, 4, 1, 2, 3, 4])
+
+
+@pytest.mark.parametrize("codes, stopped_at, expected", [
+    ({2: [common.EXIT_RUNNING]}, [2], common.EXIT_RUNNING),  # still running at --timeout: kept for tomorrow
+    ({2: [0], 3: [common.EXIT_ERROR]}, [2, 3], common.EXIT_ERROR),
+    ({2: [0], 3: [0], 4: [common.EXIT_ERROR]}, [2, 3, 4], common.EXIT_ERROR),
+])
+def test_an_earlier_run_that_did_not_end_stops_the_day_with_its_status(daily, codes, stopped_at, expected):
+    code, ran = daily(codes, earlier=True, new_run=True)
+    assert (code, ran) == (expected, stopped_at)
+
+
+def test_a_day_without_an_earlier_run(daily):
+    code, ran = daily({1: [0], 2: [common.EXIT_INCOMPLETE], 3: [common.EXIT_INCOMPLETE], 4: [0]}, earlier=False,
+                      new_run=True)
+    assert (code, ran) == (common.EXIT_INCOMPLETE, [1, 2, 3, 4])
+    code, ran = daily({1: [0]}, earlier=False, new_run=False)
+    assert (code, ran) == (common.EXIT_OK, [1])
+    code, ran = daily({1: [common.EXIT_OVER_BUDGET]}, earlier=False, new_run=True)
+    assert (code, ran) == (common.EXIT_OVER_BUDGET, [1])
