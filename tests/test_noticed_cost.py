@@ -1,0 +1,64 @@
+"""01's cost estimate and budget guard at their edges: a run that costs exactly the budget goes ahead, a cent
+more is refused; a key's non-ASCII characters are billed as the UTF-8 bytes S3 Vectors stores."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+import common
+import cost
+
+# Half a dollar an image and nothing for S3 Vectors: every total is exact in binary floating point.
+HALF_DOLLAR = common.Prices(per_image=0.5, on_demand_per_image=1.0, s3vectors_put_per_gb=0.0,
+                            s3vectors_storage_per_gb_month=0.0)
+
+
+def config(limit):
+    return types.SimpleNamespace(embedding_dimension=256, prices=HALF_DOLLAR, max_run_cost_usd=limit)
+
+
+def test_a_run_at_exactly_the_budget_goes_ahead(capsys):
+    est = cost.guard(["s3://b/1.jpg", "s3://b/2.jpg"], config(1.0))
+    assert est.total == 1.0
+    out = capsys.readouterr().out
+    assert "Estimated cost of this run: $1.00" in out and "  within MAX_RUN_COST_USD=1\n" in out
+
+
+def test_a_run_over_the_budget_is_refused_with_exit_8(capsys):
+    with pytest.raises(common.StepError) as caught:
+        cost.guard(["s3://b/1.jpg", "s3://b/2.jpg", "s3://b/3.jpg"], config(1.0))
+    assert caught.value.exit_code == common.EXIT_OVER_BUDGET
+    assert str(caught.value).startswith("the estimated cost $1.50 of 3 images is over MAX_RUN_COST_USD=1 — "
+                                        "nothing was uploaded")
+    assert "within" not in capsys.readouterr().out
+
+
+def test_without_a_budget_nothing_is_refused(capsys):
+    est = cost.guard([f"s3://b/{i}.jpg" for i in range(1000)], config(None))
+    assert est.total == 500.0 and "within" not in capsys.readouterr().out
+
+
+def logical_bytes(uris) -> int:
+    return cost.estimate(uris, 256, HALF_DOLLAR).logical_bytes
+
+
+@pytest.mark.parametrize("at", [0, 1, 2])
+def test_a_non_ascii_key_is_counted_in_utf8_bytes(at):
+    """'é' is 2 bytes in UTF-8 and '中' 3: the vector's metadata holds the URI as UTF-8."""
+    plain = ["s3://b/cafe-0.jpg", "s3://b/cafe-1.jpg", "s3://b/cafe-2.jpg"]
+    accented = list(plain)
+    accented[at] = accented[at].replace("cafe", "café")
+    chinese = list(plain)
+    chinese[at] = chinese[at].replace("cafe", "中afe")
+    assert logical_bytes(accented) == logical_bytes(plain) + 1
+    assert logical_bytes(chinese) == logical_bytes(plain) + 2
+
+
+def test_the_printed_estimate_counts_every_byte_of_a_vector(capsys):
+    uri = "s3://b/写真/café.jpg"
+    one = cost.vector_bytes(256, common.vector_key(uri), {"source_uri": uri, "job_id": cost.BATCH_JOB_ID})
+    assert one == 4 * 256 + 32 + len("source_uri") + len(uri.encode("utf-8")) + len("job_id") + 12
+    cost.guard([uri, uri], config(None))
+    assert f"({2 * one:,} bytes) logical" in capsys.readouterr().out
