@@ -286,7 +286,8 @@ def embed_on_demand(listing: Listing, config: common.Config, owner: str, out_dir
     requests = ((uri, common.image_request(uri, fmt, owner, dimension, config.embedding_purpose))
                 for uri, fmt in ((common.s3_uri(config.source_bucket, key), fmt)
                                  for key, fmt in listing.images_in_order()))
-    loaded, failed = ondemand.embed_and_load(requests, config, runtime, s3v, dimension)
+    loaded, failed = ondemand.embed_and_load(requests, config, runtime, s3v, dimension, forget_done=True,
+                                             kept=ondemand.retry_kept_file(out_dir.parent))
     failed = [dict(f, job_name=ondemand.JOB_ID) for f in failed]
     path = out_dir / accounting.ACCOUNT_NAME
     if failed:

@@ -443,7 +443,8 @@ def load_run(args, config: common.Config) -> int:
         runtime = common.make_client("bedrock-runtime", config, max_pool_connections=ondemand.THREADS + 2)
     for part in parts:
         counts = ondemand.load_part(part, config, runtime, put_client,
-                                    report_file(config.job_info_file, info, part["job_name"]), lambda: None,
+                                    report_file(config.job_info_file, info, part["job_name"]),
+                                    ondemand.kept_file(jobinfo.run_folder(config.job_info_file, info)), lambda: None,
                                     limiter=limiter, reader=s3v)
         jobinfo.save(config.job_info_file, info)
         for key in totals:

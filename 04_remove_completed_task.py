@@ -2,8 +2,9 @@
 
     uv run 04_remove_completed_task.py [--force]
 
-Only what 01_create_job.py created is removed. Kept: the results in the result bucket, and in runs/<stamp>/ the
-run's load reports and the list of images not loaded (the run's folder goes when nothing is left in it).
+Only what 01_create_job.py created is removed, with the embeddings step 3 kept of the run's on-demand part. Kept:
+the results in the result bucket, and in runs/<stamp>/ the run's load reports and the list of images not loaded
+(the run's folder goes when nothing is left in it).
 Refuses (exit 6) while the job has not ended, or while its results are not loaded yet, unless --force.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import common
 import jobinfo
 import jobs
+import ondemand
 from common import StepError, ok
 
 SETTINGS = ("AWS_REGION", "JOB_INFO_FILE", "EXPECTED_BUCKET_OWNER")
@@ -86,6 +88,11 @@ def remove(args, config: common.Config) -> int:
             ok(f"Deleted: {local.name}")
             removed_local += 1
     run_dir = jobinfo.run_folder(config.job_info_file, info)
+    embedded = ondemand.kept_file(run_dir)  # the on-demand part's embeddings: loaded by 03 (or given up: --force)
+    if embedded.exists():
+        embedded.unlink()
+        ok(f"Deleted: {embedded.name}")
+        removed_local += 1
     kept = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
     if run_dir.is_dir() and not kept:
         run_dir.rmdir()

@@ -5,11 +5,17 @@ Used for a run's on-demand part (a remainder too small for a batch job that woul
 own, or a day with fewer new images than a job's minimum: 01 writes their manifest, step 3 embeds and loads them
 with the batch results) and for `01_create_job.py --retry-failed --on-demand`. On demand costs about twice batch
 per image (aws-facts.md), so it is kept to ON_DEMAND_MAX_IMAGES.
+
+Nothing paid is thrown away: each embedding is kept in a file as the model answers (`Kept`), and a step that did
+not finish loading (PutVectors denied, a kill) is run again without calling the model for the images kept there.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import hashlib
+import os
 import re
 import threading
 import time
@@ -17,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import orjson
 
 import accounting
@@ -30,6 +37,106 @@ THREADS = 4  # InvokeModel calls in flight
 TIMEOUT_RETRY_DELAYS = (1.0, 2.0, 4.0)
 # What an image's own refusal may carry: the model could not read its S3 object (an answer that names S3).
 _NAMES_S3 = re.compile(r"s3://|arn:aws[-a-z]*:s3:|\bS3\b")
+KEPT_NAME = "embedded_on_demand.jsonl"  # in the run's folder: the embeddings of its on-demand part (04 removes it)
+RETRY_KEPT_NAME = "embedded_on_demand_retry.jsonl"  # in runs/: those of `01 --retry-failed --on-demand` not loaded
+
+
+def kept_file(run_dir: Path) -> Path:
+    """Where step 3 keeps the embeddings of a run's on-demand part."""
+    return Path(run_dir) / KEPT_NAME
+
+
+def retry_kept_file(runs_dir: Path) -> Path:
+    """Where `01 --retry-failed --on-demand` keeps its embeddings until the index holds them: each retry is a run
+    of its own, so they live beside the runs' folders, not in one."""
+    return Path(runs_dir) / RETRY_KEPT_NAME
+
+
+def request_digest(model_id: str, body: dict) -> str:
+    """What a kept embedding answers: the model and the InvokeModel body (a body asking for another dimension or
+    purpose, or another model, is another request)."""
+    return hashlib.sha256(model_id.encode() + b"\0" + orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+
+
+class Kept:
+    """Embeddings the model gave, kept in an append-only file as they come, so that a load that fails after them
+    (PutVectors denied, a kill) does not pay for them again.
+
+    One JSON line an image: `{"key", "source_uri", "request" (request_digest), "float32"}`, the embedding as the
+    base64 of its little-endian float32 values — what the index stores, exactly, in 16.5 KB a line at 3,072
+    dimensions (1.66 MB for 100 images, against 3.9 MB as float32 text). Each line is one unbuffered write; the file
+    is fsync-ed before the sender sends any of them (`sync`) and at the end (`close`). A line cut by a kill does not
+    parse and is ignored (its image is embedded again); the cut end is dropped before anything is appended.
+    """
+
+    def __init__(self, path: Path, dimension: int):
+        self.path = Path(path)
+        self.found: dict[str, tuple[str, bytes, bytes]] = {}  # key -> (request digest, float32 bytes, its line)
+        self.lock = threading.Lock()
+        self.fh = None
+        self.unsynced = False
+        try:
+            with open(self.path, "r+b") as fh:
+                data = fh.read()
+                whole = data.rfind(b"\n") + 1
+                if whole < len(data):  # the end of a line a kill cut
+                    fh.truncate(whole)
+        except FileNotFoundError:
+            return
+        for line in data[:whole].splitlines():
+            try:
+                entry = orjson.loads(line)
+                values = base64.b64decode(entry["float32"], validate=True)
+                key, digest = entry["key"], entry["request"]
+            except (orjson.JSONDecodeError, TypeError, KeyError, ValueError):
+                continue  # a damaged line: its image is embedded again
+            if len(values) == 4 * dimension and isinstance(key, str) and isinstance(digest, str):
+                self.found[key] = (digest, values, line + b"\n")
+
+    def get(self, key: str, digest: str) -> np.ndarray | None:
+        """The kept embedding of this image for this request, or None."""
+        kept = self.found.get(key)
+        if kept is None or kept[0] != digest:
+            return None
+        return np.frombuffer(kept[1], dtype="<f4")
+
+    def add(self, key: str, uri: str, digest: str, embedding) -> None:
+        """Keep one embedding (any thread): written at once, one line, one write."""
+        values = np.asarray(embedding, dtype="<f4").tobytes()
+        line = orjson.dumps({"key": key, "source_uri": uri, "request": digest,
+                             "float32": base64.b64encode(values).decode()}) + b"\n"
+        with self.lock:
+            if self.fh is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.fh = open(self.path, "ab", buffering=0)
+            self.fh.write(line)
+            self.found[key] = (digest, values, line)
+            self.unsynced = True
+
+    def sync(self) -> None:
+        """Make what was written durable (before the index is sent any of it)."""
+        with self.lock:
+            if self.unsynced:
+                os.fsync(self.fh.fileno())
+                self.unsynced = False
+
+    def close(self) -> None:
+        self.sync()
+        with self.lock:
+            if self.fh is not None:
+                self.fh.close()
+                self.fh = None
+
+    def forget(self, keys: set[str]) -> None:
+        """Drop the lines of these images (the index holds them, or their failure is listed); the file goes when
+        nothing is left in it."""
+        self.close()
+        left = {key: kept for key, kept in self.found.items() if key not in keys}
+        if not left:
+            self.path.unlink(missing_ok=True)
+        elif len(left) < len(self.found):
+            common.atomic_write(self.path, lambda fh: fh.writelines(line for _, _, line in left.values()))
+        self.found = left
 
 
 def is_part(job: dict) -> bool:
@@ -46,8 +153,14 @@ def part_records(job: dict) -> Iterator[tuple[str, dict]]:
 
 def embed_and_load(requests: Iterable[tuple[str, dict]], config: common.Config, runtime, s3v, dimension: int,
                    index_ready: Callable[[], object] = lambda: None, *, limiter: vectors.RateLimiter | None = None,
-                   sleep: Callable[[float], None] = time.sleep) -> tuple[set[str], list[dict]]:
+                   sleep: Callable[[float], None] = time.sleep, kept: Path | None = None,
+                   forget_done: bool = False) -> tuple[set[str], list[dict]]:
     """Embed each (image URI, request body) with InvokeModel and put the vectors into the index.
+
+    `kept`: the file the embeddings are kept in as they come (`Kept`); an image whose embedding for the same request
+    is there already is loaded from it, without calling the model. `forget_done`: once the load has ended, drop the
+    lines of these images from it (the index holds them, or their failure is returned) — for a file that outlives
+    the run.
 
     Returns the keys the index confirmed and the images that failed, as account entries (`source_uri`,
     `recordId`, `status`, `error_code`, `error_message`). `s3v` sends PutVectors (the sender paces and retries
@@ -66,6 +179,15 @@ def embed_and_load(requests: Iterable[tuple[str, dict]], config: common.Config, 
     from botocore.exceptions import ClientError
 
     answered = threading.Event()  # the model answered a call of this step: the caller may call it
+    requests = list(requests)  # a few hundred at most (ON_DEMAND_MAX_IMAGES)
+    keep = Kept(kept, dimension) if kept is not None else None
+    digests = [request_digest(config.model_id, body) for _, body in requests]
+    if keep is not None:
+        reused = sum(keep.get(common.vector_key(uri), digest) is not None
+                     for (uri, _), digest in zip(requests, digests))
+        if reused:
+            print(f"{reused} of the {len(requests)} image(s) were embedded by an earlier try and kept in {kept}: "
+                  "loaded from there, without calling the model again")
 
     def invoke(body: dict) -> list[float]:
         for delay in TIMEOUT_RETRY_DELAYS:
@@ -89,8 +211,15 @@ def embed_and_load(requests: Iterable[tuple[str, dict]], config: common.Config, 
             raise
 
     def embed_one(item):
-        uri, body = item
+        (uri, body), digest = item
         key = common.vector_key(uri)
+        metadata = {"source_uri": uri, "job_id": JOB_ID}
+        embedding = keep.get(key, digest) if keep is not None else None
+        if embedding is not None:
+            try:
+                return key, vectors.encode_vector(key, embedding, dimension, metadata), None
+            except vectors.VectorError as exc:
+                return key, None, failure(uri, "InvalidEmbedding", str(exc))
         try:
             embedding = invoke(body)
         except ClientError as exc:
@@ -108,9 +237,12 @@ def embed_and_load(requests: Iterable[tuple[str, dict]], config: common.Config, 
             return key, None, failure(uri, code, message)
         answered.set()
         try:
-            return key, vectors.encode_vector(key, embedding, dimension, {"source_uri": uri, "job_id": JOB_ID}), None
+            part = vectors.encode_vector(key, embedding, dimension, metadata)
         except vectors.VectorError as exc:
             return key, None, failure(uri, "InvalidEmbedding", str(exc))
+        if keep is not None:
+            keep.add(key, uri, digest, embedding)
+        return key, part, None
 
     confirmed: set[str] = set()
     failed: list[dict] = []
@@ -126,20 +258,32 @@ def embed_and_load(requests: Iterable[tuple[str, dict]], config: common.Config, 
                                       on_done=done)
     batcher = vectors.Batcher(config.vector_bucket, config.vector_index)
     pool = ThreadPoolExecutor(THREADS)
+
+    def submit(batch: vectors.Batch) -> None:
+        if keep is not None:
+            keep.sync()  # what the index is sent is on disk first
+        sender.submit(batch)
+
     try:
-        for key, part, failure_entry in pool.map(embed, requests):
+        for key, part, failure_entry in pool.map(embed, zip(requests, digests)):
             if failure_entry is not None:
                 failed.append(failure_entry)
                 continue
             index_ready()
             batch = batcher.add(part, dict, key)
             if batch is not None:
-                sender.submit(batch)
+                submit(batch)
         index_ready()
-        sender.submit(batcher.flush({}, allow_empty=True))
+        submit(batcher.flush({}, allow_empty=True))
     finally:
         pool.shutdown(cancel_futures=True)
-        sender.close()
+        try:
+            sender.close()
+        finally:
+            if keep is not None:
+                keep.close()
+    if keep is not None and forget_done:
+        keep.forget({common.vector_key(uri) for uri, _ in requests})
     return confirmed, failed
 
 
@@ -148,14 +292,16 @@ def failure(uri: str, code: str, message: str) -> dict:
             "error_message": message}
 
 
-def load_part(job: dict, config: common.Config, runtime, s3v, report: Path, index_ready, *,
+def load_part(job: dict, config: common.Config, runtime, s3v, report: Path, kept: Path, index_ready, *,
               limiter: vectors.RateLimiter | None = None, reader=None, sleep: Callable[[float], None] = time.sleep
               ) -> dict:
     """Step 3 for a run's on-demand part: embed and load its images, list the failures in `report` (a load
-    report, as for a job), and mark the part loaded. Returns its counts like a job's.
+    report, as for a job; none when nothing failed), and mark the part loaded. Returns its counts like a job's.
 
     `s3v` and `limiter` send the vectors as in `embed_and_load`; `reader` (default `s3v`) is the client, with
-    botocore's retries, that asks the index which of the images it holds already (GetVectors)."""
+    botocore's retries, that asks the index which of the images it holds already (GetVectors). `kept` is the file
+    the embeddings are kept in as they come (kept_file of the run's folder): a step 3 that did not finish loads
+    them from there again, without calling the model."""
     dimension = int(job.get("embedding_dimension", config.embedding_dimension))
     config = dataclasses.replace(config, model_id=job.get("model_id") or config.model_id)
     requests = list(part_records(job))
@@ -168,10 +314,13 @@ def load_part(job: dict, config: common.Config, runtime, s3v, report: Path, inde
               "step 3): not embedded again")
     print(f"Embedding {len(requests)} image(s) on demand with {config.model_id} ({job['job_name']})")
     confirmed, failed = embed_and_load(requests, config, runtime, s3v, dimension, index_ready, limiter=limiter,
-                                       sleep=sleep)
+                                       sleep=sleep, kept=kept)
     embedded = len(confirmed)
     confirmed |= loaded
-    common.atomic_write(report, lambda fh: fh.write(b"".join(orjson.dumps(f) + b"\n" for f in failed)))
+    if failed:
+        common.atomic_write(report, lambda fh: fh.write(b"".join(orjson.dumps(f) + b"\n" for f in failed)))
+    else:
+        report.unlink(missing_ok=True)  # nothing failed: no empty report (nor one of an earlier --reload)
     counts = {"total": len(confirmed) + len(failed), "success": len(confirmed), "error": len(failed),
               "inserted": embedded}
     job["load"] = {"finished": True, "counts": counts}

@@ -3,16 +3,22 @@ with fewer new images than a job's minimum) are embedded with InvokeModel by ste
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import urllib.request
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 import accounting
 import common
 import ondemand
 import vectors
 from tests.conftest import import_step
+from tests.standins.embedding import embed_image
 
 SMALL_JOBS = {"MAX_RECORDS_PER_JOB": "200"}
 
@@ -42,6 +48,7 @@ def test_a_day_with_fewer_images_than_a_job_takes_goes_on_demand(world):
     index = world.index_metadata()
     assert index == {common.vector_key(u): {"source_uri": u, "job_id": "on-demand"} for u in uris}
     assert world.vectors_accepted() == 30
+    assert not list(world.run_dir().glob("load_report_*"))  # nothing failed: no report
     cleaned = world.step(4)
     assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
     assert not list(world.cwd.rglob("batch_input_*.jsonl"))
@@ -119,6 +126,7 @@ def test_a_part_stopped_half_way_embeds_only_what_the_index_lacks(world):
     (world.cwd / "batch_job_info.json").write_text(json.dumps(info))
     world.client("s3vectors").delete_vectors(vectorBucketName=world.vector_bucket, indexName=world.vector_index,
                                              keys=[common.vector_key(u) for u in uris[:10]])
+    (world.run_dir() / ondemand.KEPT_NAME).unlink()  # the index is asked first, whatever is kept
     invoked = len([c for c in world.emulator("/_emulator/auth")["calls"] if c["operation"] == "InvokeModel"])
 
     again = world.step(3)
@@ -238,3 +246,172 @@ def test_a_caller_refused_invoke_model_stops_the_step_with_one_line(world):
     assert "before any image was embedded" in lines[0]
     assert invoked(world) - before <= ondemand.THREADS  # the calls in flight, not one an image
     assert world.index_keys() == set() and "account_file" not in world.job_info()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nothing paid is thrown away: the embeddings are kept as they come, a load that failed is run again for free
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def standin_config(world, **options) -> None:
+    request = urllib.request.Request(world.stack.s3vectors_url + "/_standin/config",
+                                     data=json.dumps(options).encode(), method="POST")
+    urllib.request.urlopen(request).close()
+
+
+@contextlib.contextmanager
+def put_vectors_denied(world):
+    """The caller lacks s3vectors:PutVectors (the stand-in is shared by the session: restored after)."""
+    standin_config(world, deny_put_vectors=True)
+    try:
+        yield
+    finally:
+        standin_config(world, deny_put_vectors=False)
+
+
+def kept_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def assert_stored_as_the_model_gave(world, uris: list[str]) -> None:
+    """The index holds each image's vector as the emulator's model embeds the image's bytes (float32)."""
+    s3, s3v = world.client("s3"), world.client("s3vectors")
+    got = s3v.get_vectors(vectorBucketName=world.vector_bucket, indexName=world.vector_index,
+                          keys=[common.vector_key(u) for u in uris], returnData=True)["vectors"]
+    stored = {v["key"]: np.asarray(v["data"]["float32"], dtype=np.float32) for v in got}
+    for uri in uris:
+        bucket, key = common.parse_s3_uri(uri)
+        image = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        expected = np.asarray(embed_image(image, 256), dtype=np.float32)
+        np.testing.assert_array_equal(stored[common.vector_key(uri)], expected, err_msg=uri)
+
+
+def one_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_a_load_the_index_refused_is_run_again_without_calling_the_model(world):
+    uris = world.put_images([f"day2/img-{i:02d}.png" for i in range(30)], prefix="2024/")
+    assert world.step(1).returncode == 0
+    before = invoked(world)
+    with put_vectors_denied(world):
+        denied = world.step(3)
+    assert denied.returncode == common.EXIT_ERROR, denied.stdout + denied.stderr
+    assert "needs s3vectors:PutVectors" in one_line(denied)
+    assert invoked(world) - before == 30
+    kept = world.run_dir() / ondemand.KEPT_NAME
+    assert sorted(line["source_uri"] for line in kept_lines(kept)) == uris
+    assert world.index_keys() == set() and "load" not in world.job_info()["jobs"][0]
+    # compact: 256 floats as base64 of float32 take 1,368 bytes a line (as float32 text, about 3,300)
+    assert kept.stat().st_size < 30 * 1600
+
+    before = invoked(world)
+    again = world.step(3)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert invoked(world) == before  # not one image paid for twice
+    assert "30 of the 30 image(s) were embedded by an earlier try and kept in" in again.stdout
+    assert "Embedded and loaded 30 image(s) on demand" in again.stdout
+    assert "Images loaded: 30, failed: 0, missing: 0" in again.stdout
+    assert world.index_metadata() == {common.vector_key(u): {"source_uri": u, "job_id": "on-demand"} for u in uris}
+    assert_stored_as_the_model_gave(world, uris)
+    assert not list(world.run_dir().glob("load_report_*"))
+
+    run_dir = world.run_dir()
+    cleaned = world.step(4)
+    assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
+    assert f"Deleted: {ondemand.KEPT_NAME}" in cleaned.stdout
+    assert not run_dir.exists()  # nothing left in the run's folder: it goes too
+
+
+@pytest.mark.parametrize("where", ["last", "middle"])
+def test_a_kept_line_cut_by_a_kill_is_embedded_again_alone(world, where):
+    uris = world.put_images([f"day2/img-{i:02d}.png" for i in range(30)], prefix="2024/")
+    assert world.step(1).returncode == 0
+    with put_vectors_denied(world):
+        assert world.step(3).returncode == common.EXIT_ERROR
+    kept = world.run_dir() / ondemand.KEPT_NAME
+    lines = kept.read_bytes().splitlines(keepends=True)
+    n = len(lines) - 1 if where == "last" else 12
+    cut = json.loads(lines[n])["source_uri"]
+    if where == "last":  # killed while writing it: the file ends in the middle of a line
+        kept.write_bytes(b"".join(lines[:n]) + lines[n][:len(lines[n]) // 2])
+    else:  # one line damaged (cut short) in the middle of the file
+        kept.write_bytes(b"".join(lines[:n]) + lines[n][:len(lines[n]) // 2] + b"\n" + b"".join(lines[n + 1:]))
+
+    before = invoked(world)
+    again = world.step(3)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert invoked(world) - before == 1
+    assert "29 of the 30 image(s) were embedded by an earlier try" in again.stdout
+    assert "Images loaded: 30, failed: 0, missing: 0" in again.stdout
+    assert world.index_keys() == {common.vector_key(u) for u in uris}
+    assert_stored_as_the_model_gave(world, uris)
+    # The image embedded again is kept whole after what was whole: read again, every image is there.
+    assert json.loads(kept.read_bytes().splitlines()[-1])["source_uri"] == cut
+    assert len(ondemand.Kept(kept, 256).found) == 30
+
+
+def test_a_kept_embedding_the_index_refuses_is_still_that_images_failure(world):
+    uris = world.put_images([f"day2/img-{i:02d}.png" for i in range(30)], prefix="2024/")
+    assert world.step(1).returncode == 0
+    with put_vectors_denied(world):
+        assert world.step(3).returncode == common.EXIT_ERROR
+    before = invoked(world)
+    standin_config(world, refuse_keys=[common.vector_key(uris[5])])
+    try:
+        again = world.step(3)
+    finally:
+        standin_config(world, refuse_keys=None)
+    assert again.returncode == common.EXIT_INCOMPLETE, again.stdout + again.stderr
+    assert invoked(world) == before
+    assert "Images loaded: 29, failed: 1, missing: 0" in again.stdout
+    (entry,) = not_loaded(world).values()
+    assert entry["source_uri"] == uris[5] and entry["error_code"] == "ValidationException"
+    assert "S3 Vectors refused the vector" in entry["error_message"]
+    assert len(list(world.run_dir().glob("load_report_*"))) == 1  # it lists that image
+    assert world.index_keys() == {common.vector_key(u) for i, u in enumerate(uris) if i != 5}
+
+
+def test_a_retry_on_demand_the_index_refused_is_run_again_without_calling_the_model(world):
+    uris = world.put_images([f"day2/img-{i:02d}.png" for i in range(5)], prefix="2024/")
+    account = world.cwd / "to_retry.jsonl"
+    account.write_text("".join(json.dumps({"source_uri": u, "status": "missing"}) + "\n" for u in uris))
+    kept = world.cwd / "runs" / ondemand.RETRY_KEPT_NAME
+    before = invoked(world)
+    with put_vectors_denied(world):
+        denied = world.step(1, "--retry-failed", str(account), "--on-demand")
+    assert denied.returncode == common.EXIT_ERROR, denied.stdout + denied.stderr
+    assert "needs s3vectors:PutVectors" in one_line(denied)
+    assert invoked(world) - before == 5
+    assert sorted(line["source_uri"] for line in kept_lines(kept)) == uris
+
+    before = invoked(world)
+    again = world.step(1, "--retry-failed", str(account), "--on-demand")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert invoked(world) == before
+    assert "5 of the 5 image(s) were embedded by an earlier try" in again.stdout
+    assert "Embedded and loaded 5 image(s) on demand" in again.stdout
+    assert_stored_as_the_model_gave(world, uris)
+    assert not kept.exists()  # the index holds them all: nothing left to keep
+
+
+def test_kept_embeddings_answer_only_the_same_request(tmp_path):
+    """A kept embedding is used for the same image, model and request body only (another dimension or purpose is
+    another request), and a later line for an image wins."""
+    kept = ondemand.Kept(tmp_path / "kept.jsonl", 4)
+    body = {"taskType": "SINGLE_EMBEDDING", "singleEmbeddingParams": {"embeddingDimension": 4}}
+    digest = ondemand.request_digest("model-a", body)
+    kept.add("k1", "s3://b/1.png", digest, [0.1, 0.2, 0.3, 0.4])
+    kept.add("k1", "s3://b/1.png", digest, [0.5, 0.6, 0.7, 0.8])
+    kept.close()
+    again = ondemand.Kept(tmp_path / "kept.jsonl", 4)
+    assert again.get("k1", digest).tolist() == np.asarray([0.5, 0.6, 0.7, 0.8], dtype=np.float32).tolist()
+    assert again.get("k2", digest) is None
+    assert again.get("k1", ondemand.request_digest("model-b", body)) is None
+    other = {"taskType": "SINGLE_EMBEDDING", "singleEmbeddingParams": {"embeddingDimension": 8}}
+    assert again.get("k1", ondemand.request_digest("model-a", other)) is None
+    assert ondemand.Kept(tmp_path / "kept.jsonl", 8).found == {}  # of another dimension: not these
+    again.forget({"k1"})
+    assert not (tmp_path / "kept.jsonl").exists()
