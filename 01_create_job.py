@@ -36,6 +36,7 @@ import jobinfo
 import jobs
 import ondemand
 import keyset
+import lease
 import listing as listing_module
 import rejects
 import vectors
@@ -164,6 +165,8 @@ def list_images(objects, config: common.Config, exclude: list[tuple[keyset.KeySe
 
     def skip(key: str, size: int) -> str | None:
         """The image format of an object that is not the common case, after counting it if it is skipped."""
+        if lease.is_lease(key):
+            return None  # the lease on the prefix: not an object of the run
         if key[-6:].lower() == ".jsonl":
             (listing.own_manifests if common.is_own_manifest(key) else listing.foreign).append(key)
             return None
@@ -317,7 +320,7 @@ def print_skipped(listing: Listing, rejects_file: Path | None = None) -> None:
         for reason, count in sorted(listing.skipped.items()):
             print(f"  {reason}: {count}")
             for key in listing.examples[reason]:
-                print(f"    - {key}")
+                print(f"    - {common.printable(key)}")
             if count > EXAMPLES_PER_REASON:
                 print(f"    ... and {count - EXAMPLES_PER_REASON} more")
     for reason, n in sorted(listing.left_out.items()):
@@ -642,6 +645,9 @@ def create(args, config: common.Config) -> int:
     s3 = common.make_client("s3", config)
     bedrock = common.make_client("bedrock", config)
     save = lambda info: jobinfo.save(config.job_info_file, info)  # noqa: E731
+    if not args.dry_run:  # one run at a time on the prefix, whatever machine or job-info file (lease.py)
+        jobinfo.claim(config.job_info_file, s3, config.source_bucket, prefix,
+                      common.bucket_owner(config, common.caller_account(sts)))
 
     replaced, in_flight = None, set()
     if not args.dry_run:
@@ -765,7 +771,7 @@ def create(args, config: common.Config) -> int:
         print(f"Cleaning up old JSONL files from {input_uri}")
         for key in listing.own_manifests:
             common.delete_object(s3, config.source_bucket, key, owner)
-            print(f"Deleted: {key}")
+            print(f"Deleted: {common.printable(key)}")
         ok(f"Cleaned up {len(listing.own_manifests)} old JSONL file(s)")
     info = {
         "version": 2,

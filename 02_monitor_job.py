@@ -3,6 +3,9 @@
     uv run 02_monitor_job.py            # asks whether to keep polling (on a terminal)
     uv run 02_monitor_job.py --wait     # polls without asking (cron, scripts)
     uv run 02_monitor_job.py --no-wait  # prints the status once
+
+--no-wait only looks: it takes no lock (it runs while daily_run.py waits for the jobs), reads the job-info file as
+it is and saves nothing. The prompt is asked without the lock; the answer `y` takes it and reads the file again.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import shutil
 import sys
@@ -20,6 +24,7 @@ from datetime import datetime, timedelta
 import common
 import jobinfo
 import jobs
+import lease
 from common import ok
 
 SETTINGS = ("AWS_REGION", "JOB_INFO_FILE", "EXPECTED_BUCKET_OWNER", "MAX_CONCURRENT_JOBS")
@@ -29,6 +34,7 @@ EXIT_FAILED = common.EXIT_JOB_FAILED
 PROMPT = "Job is still running. Monitor until completion? (y/n): "
 LIST_PAGE_SIZE = 1000  # ListModelInvocationJobs' largest page
 LIST_FROM = 4  # jobs to check from which one ListModelInvocationJobs is cheaper than a GetModelInvocationJob each
+STEP = "02_monitor_job.py"
 STATUS_ORDER = ("Failed", "Expired", "Stopped", "Stopping", "PartiallyCompleted", "InProgress", "Scheduled",
                 "Validating", "Submitted", "Submitting", "Queued", "Completed")
 
@@ -45,8 +51,9 @@ def parse_args(argv):
     jobinfo.lock_args(parser)
     common.add_settings(parser, SETTINGS)
     args = parser.parse_args(argv)
-    if args.interval < 0 or (args.timeout is not None and args.timeout < 0):
-        parser.error("--interval and --timeout must not be negative")
+    for flag, value in (("--interval", args.interval), ("--timeout", args.timeout)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            parser.error(f"{flag} {value:g} is not a number of seconds: give 0 or more, like {flag} 30")
     return args
 
 
@@ -187,7 +194,8 @@ class Display:
             self.out.write(f"\x1b[{self.height}F\x1b[J")  # to the block's first line, clear to the end
         self.out.write(events)
         if self.tty:
-            block = [line[:max(width - 1, 10)] for line in block]
+            room = max(width - 1, 10)
+            block = [line if len(line) <= room else line[:room - 1] + "…" for line in block]
         self.out.write("".join(line + "\n" for line in block))
         self.out.flush()
         self.height = len(block) if self.tty else 0
@@ -209,7 +217,7 @@ def remove_input(s3, info: dict, job: dict, owner: str) -> None:
     for manifest in job["manifests"]:
         if common.object_exists(s3, info["source_bucket"], manifest["s3_key"], owner):
             common.delete_object(s3, info["source_bucket"], manifest["s3_key"], owner)
-            ok(f"Deleted: {common.s3_uri(info['source_bucket'], manifest['s3_key'])}")
+            ok(f"Deleted: {common.printable(common.s3_uri(info['source_bucket'], manifest['s3_key']))}")
             removed += 1
     if not removed:
         print("(No JSONL files found to clean up)")
@@ -252,17 +260,26 @@ def finish(info: dict) -> int:
 
 
 class Run:
-    """The run in the job-info file: polls its jobs, removes the inputs of those that ended, submits queued ones."""
+    """The run in the job-info file: polls its jobs, removes the inputs of those that ended, submits queued ones.
+    `looking`: only polls (--no-wait): removes, submits and saves nothing."""
 
-    def __init__(self, info: dict, config: common.Config, path):
-        self.info, self.config, self.path = info, config, path
+    def __init__(self, info: dict, config: common.Config, path, looking: bool = False):
+        self.info, self.config, self.path, self.looking = info, config, path, looking
         self.bedrock = common.make_client("bedrock", config)
         self.s3 = common.make_client("s3", config)
         self.owner = common.bucket_owner(config, info["account_id"])
         self.single = len([job for job in info["jobs"] if not job.get("on_demand")]) == 1
+        if not looking:  # it deletes manifests and submits jobs under the run's source prefix
+            jobinfo.claim(path, self.s3, info["source_bucket"], info.get("source_prefix", ""), self.owner)
 
     def save(self) -> None:
         jobinfo.save(self.path, self.info)
+
+    def pending(self) -> bool:
+        """Whether the run has work a look leaves undone: inputs of ended jobs to remove, queued jobs to submit."""
+        return any(not job.get("on_demand") and (not job.get("job_arn") or (
+            job.get("status") in common.TERMINAL_STATUSES and not job.get("input_removed")))
+            for job in self.info["jobs"])
 
     def poll(self) -> tuple[bool, list[str]]:
         """Check every job once; (whether the whole run has ended, the status block of a single-job run)."""
@@ -279,67 +296,116 @@ class Run:
                 with contextlib.redirect_stdout(io.StringIO()) as shown:
                     print_status(status, manifest, job["job_name"])
                 block = shown.getvalue().splitlines()
-            if job["status"] in common.TERMINAL_STATUSES and not job.get("input_removed"):
+            if job["status"] in common.TERMINAL_STATUSES and not job.get("input_removed") and not self.looking:
                 remove_input(self.s3, self.info, job, self.owner)
-        self.save()
-        jobs.submit_ready(self.s3, self.bedrock, self.info, self.config, lambda _: self.save(),
-                          self.config.quotas.max_concurrent_jobs)
+        if not self.looking:
+            self.save()
+            jobs.submit_ready(self.s3, self.bedrock, self.info, self.config, lambda _: self.save(),
+                              self.config.quotas.max_concurrent_jobs)
         ended = all(job.get("job_arn") and job.get("status") in common.TERMINAL_STATUSES
                     for job in self.info["jobs"] if not job.get("on_demand"))
         return ended, block
 
 
-def run(argv, sleep=time.sleep, clock=time.monotonic, display: Display | None = None) -> int:
+def run(argv, sleep=time.sleep, clock=time.monotonic, display: Display | None = None, ask=None) -> int:
     args = parse_args(argv)
     config = common.load_config(args)
     common.banner("Bedrock Batch Inference - Monitor Job")
-    with jobinfo.locked(config.job_info_file, "02_monitor_job.py", wait=args.wait_lock):
-        return monitor(args, config, sleep, clock, display or Display())
+    watch = Watch(args, config, sleep, clock, display or Display())
+    if args.no_wait:  # only looks: no lock, nothing saved
+        return watch.look()
+    with jobinfo.locked(config.job_info_file, STEP, wait=args.wait_lock):
+        ended = watch.start()
+        if ended or args.wait or not sys.stdin.isatty():
+            return watch.follow(waiting=args.wait)
+    # Asked without the lock: a prompt left unanswered must not stop the next step (or the next day's run).
+    if not (ask or ask_to_wait)():
+        return watch.follow(waiting=False)
+    watch.display.forget()
+    with jobinfo.locked(config.job_info_file, STEP, wait=args.wait_lock):
+        watch.start()  # the file as it is now: another step may have changed it meanwhile
+        return watch.follow(waiting=True)
 
 
-def monitor(args, config: common.Config, sleep, clock, display: Display) -> int:
-    info = jobinfo.load(config.job_info_file)
-    print(f"Loaded job info from {config.job_info_file}")
-    if len(info["jobs"]) == 1 and info["jobs"][0].get("job_arn"):
-        print(f"Job ARN: {info['jobs'][0]['job_arn']}")
-    the_run = Run(info, common.in_job_region(config, info), config.job_info_file)
-    started, poll, waiting = clock(), 1, args.wait
+class Watch:
+    """What 02 shows and how long: the run loaded from the job-info file, its polls, the waits between them."""
 
-    def check() -> bool:
+    def __init__(self, args, config: common.Config, sleep, clock, display: Display):
+        self.args, self.config, self.sleep, self.clock, self.display = args, config, sleep, clock, display
+        self.started, self.polls = clock(), 0
+        self.info: dict = {}
+        self.the_run: Run | None = None
+
+    def load(self, looking: bool) -> None:
+        path = self.config.job_info_file
+        first = not self.info
+        self.info = jobinfo.load(path)
+        if first:
+            print(f"Loaded job info from {path}")
+            if len(self.info["jobs"]) == 1 and self.info["jobs"][0].get("job_arn"):
+                print(f"Job ARN: {self.info['jobs'][0]['job_arn']}")
+        self.the_run = Run(self.info, common.in_job_region(self.config, self.info), path, looking)
+
+    def look(self) -> int:
+        """--no-wait: one poll of the file as it is, nothing removed, submitted or saved."""
+        self.load(looking=True)
+        ended = self.check(waiting=False)
+        if self.the_run.pending():
+            print("(Only looked: 02_monitor_job.py without --no-wait, or daily_run.py, removes the inputs of the "
+                  "jobs that ended and submits the queued ones.)")
+        if not ended:
+            print("The run is still going. Run 02_monitor_job.py again later (or with --wait).")
+            return EXIT_RUNNING
+        return finish(self.info)
+
+    def start(self) -> bool:
+        """Under the lock: load the file and poll once; whether the run has ended."""
+        self.load(looking=False)
+        return self.check(waiting=self.args.wait)
+
+    def check(self, waiting: bool) -> bool:
         """Poll once and show it: what happened (submits, clean-ups) above the block, which a terminal redraws."""
+        self.polls += 1
         with contextlib.redirect_stdout(io.StringIO()) as events:
-            ended, block = the_run.poll()
-        if not the_run.single:
-            block = [common.RULE, f"Batch Inference Run: {len(info['jobs'])} jobs", common.RULE,
-                     *run_lines(info, display.rows()), common.RULE]
-        footer = f"[Poll #{poll}] {datetime.now().strftime('%Y-%m-%d %H:%M:%S')} · elapsed " \
-                 f"{elapsed_text(clock() - started)}"
-        if not ended and waiting and display.tty:
-            footer += f" · next check in {args.interval:g} seconds"
-        display.show(events.getvalue(), block + [footer])
+            ended, block = self.the_run.poll()
+        if not self.the_run.single:
+            block = [common.RULE, f"Batch Inference Run: {len(self.info['jobs'])} jobs", common.RULE,
+                     *run_lines(self.info, self.display.rows()), common.RULE]
+        footer = f"[Poll #{self.polls}] {datetime.now().strftime('%Y-%m-%d %H:%M:%S')} · elapsed " \
+                 f"{elapsed_text(self.clock() - self.started)}"
+        if not ended and waiting and self.display.tty:
+            footer += f" · next check in {self.args.interval:g} seconds"
+        self.display.show(events.getvalue(), block + [footer])
         return ended
 
-    ended = check()
-    if not ended and not args.wait and not args.no_wait and sys.stdin.isatty():
-        waiting = ask_to_wait()
-        display.forget()
-    try:
-        while not ended:
-            if not waiting:
-                print("The run is still going. Run 02_monitor_job.py again later (or with --wait).")
-                return EXIT_RUNNING
-            if args.timeout is not None and clock() - started + args.interval > args.timeout:
-                print(f"Timed out after {args.timeout:g}s; the jobs keep running.")
-                return EXIT_RUNNING
-            if not display.tty:
-                print(f"Next check in {args.interval:g} seconds...")
-            sleep(args.interval)
-            poll += 1
-            ended = check()
-    except KeyboardInterrupt:
-        print("\nStopped monitoring; the job keeps running. Run 02_monitor_job.py again to check on it.")
-        return common.EXIT_INTERRUPTED
-    return finish(info)
+    def follow(self, waiting: bool) -> int:
+        """Poll until the run ends (or --timeout), or say that it goes on when not `waiting`."""
+        args, ended = self.args, all(job.get("job_arn") and job.get("status") in common.TERMINAL_STATUSES
+                                     for job in self.info["jobs"] if not job.get("on_demand"))
+        try:
+            while not ended:
+                if not waiting:
+                    print("The run is still going. Run 02_monitor_job.py again later (or with --wait).")
+                    return EXIT_RUNNING
+                if args.timeout is not None and self.clock() - self.started + args.interval > args.timeout:
+                    print(f"Timed out after {args.timeout:g}s; the jobs keep running.")
+                    return EXIT_RUNNING
+                if not self.display.tty:
+                    print(f"Next check in {args.interval:g} seconds...")
+                self.pause(args.interval)
+                ended = self.check(waiting=True)
+        except KeyboardInterrupt:
+            print("\nStopped monitoring; the job keeps running. Run 02_monitor_job.py again to check on it.")
+            return common.EXIT_INTERRUPTED
+        return finish(self.info)
+
+    def pause(self, seconds: float) -> None:
+        """Sleep between polls, renewing the run's lease in S3 on the way when a long interval outlasts a renewal."""
+        while seconds > 0:
+            nap = min(seconds, lease.RENEW_EVERY)
+            self.sleep(nap)
+            seconds -= nap
+            jobinfo.keep_leases()
 
 
 def main(argv: list[str] | None = None) -> int:

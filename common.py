@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -204,8 +205,57 @@ def _attr(env: str) -> str:
     return {"AWS_REGION": "region", "EXPECTED_BUCKET_OWNER": "expected_bucket_owner"}.get(env, env.lower())
 
 
+HELP_WIDTH = 100  # columns of --help at most, however wide the terminal
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The steps' --help, fitted to the terminal (at most HELP_WIDTH columns): the description and epilog (a
+    script's docstring and the exit status table) are wrapped like the options; an indented line (a command, a row
+    of the table) keeps its indent and wraps under its text."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        import shutil
+
+        width = width or min(shutil.get_terminal_size().columns - 2, HELP_WIDTH - 2)
+        super().__init__(prog, indent_increment, max_help_position, max(width, 40))
+
+    def _fill_text(self, text, width, indent):
+        import textwrap
+
+        out: list[str] = []
+        item: list[str] = []  # the lines of the paragraph or list item being gathered
+
+        def flush() -> None:
+            if item:
+                hang = " " * len(re.match(r"(\d+\.|-)?\s*", item[0]).group(0))
+                out.extend(textwrap.wrap(" ".join(line.strip() for line in item), width, initial_indent=indent,
+                                         subsequent_indent=indent + hang, break_on_hyphens=False))
+                item.clear()
+
+        for line in text.splitlines():
+            if not line.strip():
+                flush()
+                out.append("")
+            elif line[0].isspace():
+                flush()
+                lead = re.match(r"\s*\S+(\s+\S+)*?\s{2,}(?=\S)", line)  # a row: its text starts after 2 spaces
+                hang = " " * (len(lead.group(0)) if lead and len(lead.group(0)) < width * 2 // 3 else
+                              len(line) - len(line.lstrip()) + 4)
+                out.extend(textwrap.wrap(line.rstrip(), width, initial_indent=indent, subsequent_indent=indent + hang,
+                                         break_on_hyphens=False, drop_whitespace=True) or [""])
+            else:
+                if re.match(r"(\d+\.|-)\s", line):
+                    flush()
+                item.append(line)
+        flush()
+        return "\n".join(out)
+
+
 def add_settings(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
-    """Add a command-line flag for each named setting; a flag wins over the environment and `.env`."""
+    """Add a command-line flag for each named setting; a flag wins over the environment and `.env`. The parser's
+    --help is fitted to the terminal (HelpFormatter): every step calls this, so every step's help reads the same."""
+    if parser.formatter_class in (argparse.HelpFormatter, argparse.RawDescriptionHelpFormatter):
+        parser.formatter_class = HelpFormatter
     group = parser.add_argument_group("settings (flag > environment > .env)")
     for name in names:
         s = SETTINGS[name]
@@ -370,9 +420,32 @@ def run_main(body, argv: list[str] | None) -> int:
     except (ClientError, BotoCoreError) as exc:
         print(f"error: {describe_aws_error(exc)}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as exc:
+        if exc.errno not in LOCAL_ERRNOS:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: a local file could not be written{where}: {exc.strerror or exc} — {local_remedy(exc)}",
+              file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("\ninterrupted — nothing half-written was kept; run the step again to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+# What a local folder or disk answers (not the network): a step stops with one line and exit 2 on these.
+LOCAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR,
+                          errno.ENOTDIR, errno.EFBIG})
+
+
+def local_remedy(exc: OSError) -> str:
+    """What to do about a local file that cannot be written."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return "free some disk space, then run the step again (files are written whole or not at all)"
+    if exc.errno == errno.EROFS:
+        return "run the step from a writable folder (or set JOB_INFO_FILE to a path in one)"
+    if exc.errno in (errno.EISDIR, errno.ENOTDIR):
+        return "move what is in its place out of the way, then run the step again"
+    return "check the folder's permissions (or set JOB_INFO_FILE to a path in a writable folder)"
 
 
 def caller_account(sts) -> str:
@@ -386,6 +459,14 @@ def bucket_owner(config: Config, account: str) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # Console
 # --------------------------------------------------------------------------------------------------------------
+
+
+def printable(text: str) -> str:
+    """An S3 key (or any text from outside) safe to print: control characters (a terminal's escape codes, new
+    lines) shown as escapes like \\x1b instead of acting on the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def banner(title: str) -> None:
@@ -412,8 +493,11 @@ def now_iso() -> str:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Write a file through a temporary sibling and a rename, so a reader never sees half of it."""
+    """Write a file through a temporary sibling and a rename, so a reader never sees half of it: a write that fails
+    (a full disk) leaves the file as it was. A symbolic link is written through: its target is replaced."""
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -41,8 +41,8 @@ def parse_args(argv):
     jobinfo.lock_args(parser)
     common.add_settings(parser, SETTINGS)
     args = parser.parse_args(argv)
-    if args.timeout <= 0 or args.interval < 0:
-        parser.error("--timeout must be positive and --interval not negative")
+    if not (0 < args.timeout < float("inf") and 0 <= args.interval < float("inf")):  # nan fails both
+        parser.error("--timeout must be a positive number of seconds and --interval 0 or more")
     return args
 
 
