@@ -405,6 +405,8 @@ def load_run(args, config: common.Config) -> int:
     # PutVectors goes out once per attempt: the sender sees every 429 and slows down itself.
     put_client = common.make_client("s3vectors", config, attempts=1, max_pool_connections=args.threads + 2)
     owner = common.bucket_owner(config, info["account_id"])
+    # One run at a time on the source prefix, whatever machine or job-info file: held until the lock is released.
+    jobinfo.claim(config.job_info_file, s3, info["source_bucket"], info.get("source_prefix", ""), owner)
     state = jobs.refresh(bedrock, info)
     running = [f"{job['job_name']} is queued" for job in state.queued]
     running += [f"{job['job_name']} is {job['status']}" for job in state.running]

@@ -67,6 +67,8 @@ def remove(args, config: common.Config) -> int:
         check_can_remove(common.make_client("bedrock", config), info)
     owner = common.bucket_owner(config, info["account_id"])
     bucket = info["source_bucket"]
+    # One run at a time on the source prefix, whatever machine or job-info file: held until the lock is released.
+    jobinfo.claim(config.job_info_file, s3, bucket, info.get("source_prefix", ""), owner)
     manifests = [m for job in info["jobs"] for m in job["manifests"]]  # only this tool's (jobinfo.load checks)
 
     print(f"Removing S3 JSONL files from {common.s3_uri(bucket, info.get('source_prefix', ''))}...")

@@ -20,6 +20,7 @@ import csv
 import gzip
 import hashlib
 import io
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote_plus
@@ -30,6 +31,8 @@ import common
 from common import StepError
 
 BATCH = 50_000  # Parquet rows fetched at once
+_REDO = ("is this file an S3 Inventory report's data file? Use the next day's report, or run 01 without --inventory "
+         "to list the prefix")
 
 
 def data_files(s3, manifest_uri: str, bucket: str, owner: str, workdir: Path) -> tuple[dict, list[Path]]:
@@ -121,19 +124,34 @@ def csv_objects(path: Path, schema: str, bucket: str, prefix: str) -> Iterator[t
     with open(path, "rb") as raw:
         gzipped = raw.read(2) == b"\x1f\x8b"
     opener = gzip.open if gzipped else open
-    with opener(path, "rb") as binary, io.TextIOWrapper(binary, encoding="utf-8", newline="") as text:
-        for row in csv.reader(text):
-            if len(row) != len(columns):
-                raise StepError(f"{path.name}: a row with {len(row)} fields where fileSchema names {len(columns)}",
-                                common.EXIT_USAGE)
-            if (b is not None and row[b] != bucket) or (latest is not None and row[latest] != "true") or \
-                    (deleted is not None and row[deleted] == "true"):
-                continue
-            key = row[k]
-            if "%" in key or "+" in key:
-                key = unquote_plus(key)
-            if key.startswith(prefix):
-                yield key, int(row[s] or 0), _etag(row[e] if e is not None else None)
+    rows = 0
+    try:
+        with opener(path, "rb") as binary, io.TextIOWrapper(binary, encoding="utf-8", newline="") as text:
+            for rows, row in enumerate(csv.reader(text), 1):
+                if len(row) != len(columns):
+                    raise StepError(f"{path.name}: a row with {len(row)} fields where fileSchema names "
+                                    f"{len(columns)}", common.EXIT_USAGE)
+                if (b is not None and row[b] != bucket) or (latest is not None and row[latest] != "true") or \
+                        (deleted is not None and row[deleted] == "true"):
+                    continue
+                key = row[k]
+                if "%" in key or "+" in key:
+                    key = unquote_plus(key)
+                if key.startswith(prefix):
+                    size = row[s].strip()
+                    if size and not size.isdigit():  # isdigit: no sign, no point, no nan
+                        raise StepError(f"{path.name} row {rows}: Size {common.printable(size[:20])!r} is not a "
+                                        f"number of bytes (key {common.printable(key[:200])}) — {_REDO}",
+                                        common.EXIT_USAGE)
+                    yield key, int(size or 0), _etag(row[e] if e is not None else None)
+    except UnicodeDecodeError as exc:
+        raise StepError(f"{path.name} after row {rows}: a byte that is not UTF-8 ({exc.object[exc.start:exc.end]!r}; "
+                        f"S3 writes inventory CSV in UTF-8) — {_REDO}", common.EXIT_USAGE) from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise StepError(f"{path.name} after row {rows}: the gzipped CSV is damaged ({exc or 'cut short'}) — {_REDO}",
+                        common.EXIT_USAGE) from None
+    except csv.Error as exc:
+        raise StepError(f"{path.name} row {rows + 1}: not CSV ({exc}) — {_REDO}", common.EXIT_USAGE) from None
 
 
 def parquet_objects(path: Path, bucket: str, prefix: str) -> Iterator[tuple[str, int, str | None]]:

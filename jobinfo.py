@@ -16,15 +16,17 @@ import fcntl
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
 import common
+import lease
 
 RUNS_FOLDER = "runs"
 STATUSES = common.TERMINAL_STATUSES | {"Submitted", "Validating", "Scheduled", "InProgress", "Stopping"}
 
-_held: dict[str, int] = {}  # lock path -> how many holders in this process
+_held: dict[str, "_Hold"] = {}  # lock path -> this process's hold of it
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -52,23 +54,40 @@ def lock_file(path: Path) -> Path:
 # --------------------------------------------------------------------------------------------------------------
 
 
+class _Hold:
+    """This process's hold of a lock: how many `locked` blocks hold it, its file, and the leases on source prefixes
+    taken under it (released when the outermost block ends)."""
+
+    def __init__(self, fd: int, about: dict, previous: dict):
+        self.count, self.fd, self.about = 1, fd, about
+        self.leases: dict[tuple[str, str], lease.Lease] = {}
+        # The leases the lock's previous holder wrote in the lock file and did not release (it died): ours to take.
+        self.left = frozenset(previous.get("leases", [])) if isinstance(previous.get("leases"), list) else frozenset()
+
+    def write(self) -> None:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(dict(self.about, leases=[x.id for x in self.leases.values()])).encode(), 0)
+
+
 @contextlib.contextmanager
 def locked(path: Path, step: str, wait: bool = False, poll: float = 1.0, sleep=time.sleep):
     """Hold the run's lock while the block runs; StepError (exit 7) when another process holds it.
 
-    `wait`: wait until the lock is free instead (polling, so Ctrl-C stops the wait).
+    `wait`: wait until the lock is free instead (polling, so Ctrl-C stops the wait). A lock file that cannot be
+    opened or written (a read-only folder, a full disk, a folder in its place) is one line, exit 2.
     """
     target = lock_file(path)
     key = str(target)
-    if _held.get(key):
-        _held[key] += 1
+    if key in _held:
+        _held[key].count += 1
         try:
             yield
         finally:
-            _held[key] -= 1
+            _held[key].count -= 1
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
+    with _local(target, "the lock file"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         announced = False
         while True:
@@ -85,26 +104,75 @@ def locked(path: Path, step: str, wait: bool = False, poll: float = 1.0, sleep=t
                     print(f"Waiting for {holder} to finish with {Path(path)} (lock {target.name})...", flush=True)
                     announced = True
                 sleep(poll)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "step": step, "since": common.now_iso()}).encode(), 0)
-        _held[key] = 1
+        hold = _Hold(fd, {"pid": os.getpid(), "step": step, "since": common.now_iso()}, _content(fd))
         try:
+            with _local(target, "the lock file"):
+                hold.write()
+            _held[key] = hold
             yield
         finally:
             _held.pop(key, None)
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            try:
+                for taken in hold.leases.values():
+                    taken.release()
+            finally:
+                with contextlib.suppress(OSError):  # the lock goes with the file handle whatever happens here
+                    os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
 
 
-def _holder(fd: int) -> str:
-    """Who holds the lock, as its holder wrote it: 'another step' when it cannot be read."""
+@contextlib.contextmanager
+def _local(path: Path, what: str):
+    """A local file that cannot be written: one line naming it and what to do, exit 2."""
+    try:
+        yield
+    except OSError as exc:
+        raise common.StepError(f"cannot write {what} {path}: {exc.strerror or exc} — "
+                               f"{common.local_remedy(exc)}", common.EXIT_USAGE) from None
+
+
+def _content(fd: int) -> dict:
     try:
         about = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return about if isinstance(about, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, as its holder wrote it: 'another step' when it cannot be read."""
+    about = _content(fd)
+    try:
         return f"{about['step']} (pid {about['pid']}, since {about['since']})"
-    except (OSError, ValueError, KeyError, TypeError):
+    except KeyError:
         return "another step"
+
+
+def claim(path: Path, s3, bucket: str, prefix: str, owner: str, step: str | None = None, **options) -> None:
+    """Take the lease on the run's source prefix in S3 (lease.py) for as long as this process holds the lock on
+    `path`: a step that changes S3 or the index calls it once it knows the prefix. StepError (exit 7) naming the
+    holder when another machine or job-info file works on the prefix. Re-entrant, like the lock."""
+    hold = _held.get(str(lock_file(path)))
+    if hold is None:
+        raise RuntimeError("jobinfo.claim needs the lock on the job-info file")
+    if (bucket, prefix) in hold.leases:
+        return
+    taken = lease.Lease(s3, bucket, prefix, owner, Path(path), step or hold.about["step"], **options)
+    taken.take(hold.left)
+    hold.leases[(bucket, prefix)] = taken
+    with _local(lock_file(path), "the lock file"):
+        hold.write()  # a process that dies holding the lease leaves its id here for the next holder of the lock
+
+
+def keep_leases(raise_lost: bool = True) -> None:
+    """Renew this process's leases that are due; StepError (exit 7) when one was taken over meanwhile."""
+    for hold in list(_held.values()):
+        for taken in list(hold.leases.values()):
+            taken.keep()
+            if raise_lost:
+                taken.check()
 
 
 def lock_args(parser) -> None:
@@ -123,7 +191,15 @@ def step_name() -> str:
 
 
 def save(path: Path, info: dict) -> None:
-    common.atomic_write(path, lambda fh: fh.write((json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode()))
+    """Write the job-info file whole (a full disk leaves the previous version as it was: StepError, exit 2), and
+    renew the leases this process holds when they are due."""
+    data = (json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode()
+    try:
+        common.atomic_write(path, lambda fh: fh.write(data))
+    except OSError as exc:
+        raise common.StepError(f"cannot save {path}: {exc.strerror or exc} — {common.local_remedy(exc)} ({path} "
+                               "still holds the state before this change)", common.EXIT_USAGE) from None
+    keep_leases(raise_lost=threading.current_thread() is threading.main_thread())
 
 
 def exists(path: Path) -> bool:

@@ -346,7 +346,7 @@ def test_on_a_terminal_the_block_is_redrawn_in_place():
     display.forget()  # a prompt was printed below the block
     display.show("", ["sixth"])
     assert out.getvalue() == (
-        "a" * 19 + "\nsecond\n"  # cut to the width: a wrapped line could not be redrawn
+        "a" * 18 + "…\nsecond\n"  # cut to the width with a mark: a wrapped line could not be redrawn
         "\x1b[2F\x1b[J" "Deleted: s3://b/k\n" "third\nfourth\nfifth\n"  # up 2 lines, clear, then the news
         "sixth\n"
     )
