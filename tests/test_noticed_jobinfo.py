@@ -159,3 +159,16 @@ def test_the_holder_is_named_after_a_killed_holder_left_a_longer_line(tmp_path):
         other = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert other.stdout.startswith(f"01_create_job.py (pid {os.getpid()}, since "), other.stdout + other.stderr
     assert "x" * 10 not in other.stdout
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("local_path", "/home/me/precious.txt", "names local file '/home/me/precious.txt', not a manifest of this tool"),
+    ("local_path", "/home/me/batch_input_x.json", "names local file"),
+    ("s3_key", "2024/victim/precious.jpg", "names s3 key '2024/victim/precious.jpg', not a manifest of this tool"),
+    ("s3_key", "2023/batch_input_20261201-100000.jsonl", "not a manifest of this tool in '2024/'"),
+])
+def test_a_manifest_entry_naming_a_file_this_tool_did_not_write_is_damage(tmp_path, field, value, problem):
+    """02 and 04 delete what the entries name: a hand-edited entry must not make them delete another file."""
+    message = damaged(tmp_path, lambda job: job["manifests"][0].update({field: value}))
+    assert message.startswith(f"{tmp_path / 'batch_job_info.json'} is damaged: jobs[0].manifests[0] names ")
+    assert problem in message
