@@ -1,12 +1,17 @@
 """Step 1: list the images under an S3 prefix, write JSONL manifests of Nova Multimodal Embeddings requests,
 upload them next to the images and submit Bedrock batch inference jobs.
 
-    uv run 01_create_job.py [--dry-run] [--all] [--force] [--inventory s3://bucket/.../manifest.json]
+    uv run 01_create_job.py [--dry-run] [--all] [--force] [--new-index] [--inventory s3://bucket/.../manifest.json]
 
 Images already in the vector index are left out (--all embeds everything again). More images than one job takes
 are split into several jobs by folder (see jobs.py); those the concurrent-job quota does not let start yet stay
 queued in batch_job_info.json, and 02_monitor_job.py --wait submits them as slots free up. A few images that
 would need a job of their own (up to ON_DEMAND_MAX_IMAGES) are left to step 3, which embeds them on demand.
+
+Before anything is uploaded: every setting step 3 needs is set (VECTOR_BUCKET, VECTOR_INDEX; --dry-run plans without
+them), the vector index exists (a missing one is named with the indexes the bucket holds; a new index is started
+only with --new-index, or `y` at the prompt on a terminal: unwatched, 01 refuses, exit 6), the service role exists,
+and the results of a finished run are loaded (--force does not discard them: 03 loads them, 04 --force discards them).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import inventory
 import jobinfo
 import jobs
 import ondemand
+import preflight
 import keyset
 import lease
 import listing as listing_module
@@ -62,7 +68,9 @@ SETTINGS = (
     "ON_DEMAND_MAX_IMAGES",
     *common.COST_SETTINGS,
 )
-REQUIRED = ("SOURCE_BUCKET", "RESULT_BUCKET", "ROLE_ARN")
+REQUIRED = common.RUN_REQUIRED  # a run that step 3 could not load is never started
+DRY_RUN_REQUIRED = ("SOURCE_BUCKET", "RESULT_BUCKET", "ROLE_ARN")  # a dry run plans without the vector index
+NEW_INDEX_PROMPT = "Start a new index {index} in vector bucket {bucket} (step 3 creates it)? (y/n): "
 EXAMPLES_PER_REASON = 5
 LOOKUP_CHUNK = 4096  # images checked against the index's keys at once
 SEEN_ID_BYTES = 8  # of each image's recordId, kept while the manifests are written to find a repeat
@@ -75,7 +83,12 @@ def parse_args(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="list and plan the jobs; upload and submit nothing")
     parser.add_argument("--all", action="store_true", help="embed every image, even those already in the index")
-    parser.add_argument("--force", action="store_true", help="start a new run although the last one has not finished")
+    parser.add_argument("--force", action="store_true",
+                        help="start a new run although the last one's jobs are queued or still running (never over "
+                             "results not loaded yet: 03 loads them, 04 --force discards them)")
+    parser.add_argument("--new-index", action="store_true",
+                        help="VECTOR_BUCKET/VECTOR_INDEX may name an index that does not exist yet: step 3 creates it "
+                             "(the first run; without it 01 asks on a terminal and refuses unwatched, exit 6)")
     parser.add_argument("--retry-failed", nargs="?", const="", metavar="FILE",
                         help="submit exactly the images the last run did not load (runs/<stamp>/not_loaded.jsonl, "
                              "which 03 writes, or FILE) and those that failed permanently")
@@ -334,8 +347,10 @@ def previous_run(bedrock, path: Path, force: bool) -> tuple[dict | None, dict | 
     submitted twice).
 
     A run with queued jobs (never submitted, or whose submit got no answer) is resumed. A run with jobs still
-    running or not yet loaded is refused (exit 6) unless --force. Nothing is changed here: the replaced run's files
-    are removed by `retire` once this run is ready to be submitted.
+    running or not yet loaded is refused (exit 6) unless --force. Results that exist and are not loaded are never
+    discarded, not even with --force (03 loads them; 04 --force discards them on purpose); jobs still running are
+    left running by --force (a stuck run can be replaced), and said so. Nothing is changed here: the replaced run's
+    files are removed by `retire` once this run is ready to be submitted.
     """
     if not jobinfo.exists(path):
         return None, None, set()
@@ -346,10 +361,16 @@ def previous_run(bedrock, path: Path, force: bool) -> tuple[dict | None, dict | 
     unfinished = [f"{job['job_name']} is {job['status']}" for job in state.running]
     unfinished += [f"{job['job_name']} " + (f"ended {job['status']}" if job.get("status") else "(on demand)")
                    + " but is not loaded" for job in state.unloaded]
+    results = [job for job in state.unloaded if not job.get("on_demand")]  # an on-demand part is not paid for yet
     if unfinished and not force:
         raise StepError(f"{path} holds a run that has not finished ({'; '.join(unfinished[:3])}) — finish it with "
-                        "02_monitor_job.py --wait, 03 and 04 (daily_run.py does all three), or pass --force to "
-                        "start a new run", common.EXIT_REFUSED)
+                        "02_monitor_job.py --wait, 03 and 04 (daily_run.py does all three)"
+                        + ("" if results else ", or pass --force to start a new run"), common.EXIT_REFUSED)
+    if results:
+        names = "; ".join(f"{job['job_name']} ended {job['status']}" for job in results[:3])
+        raise StepError(f"{path} holds results not loaded yet ({names}) — --force does not discard them: run "
+                        "03_load_result_to_s3_vector_bucket.py first, or 04_remove_completed_task.py --force to "
+                        "discard them on purpose", common.EXIT_REFUSED)
     in_flight: set[str] = set()
     for job in state.running:
         for manifest in job["manifests"]:
@@ -358,6 +379,10 @@ def previous_run(bedrock, path: Path, force: bool) -> tuple[dict | None, dict | 
                                  accounting.manifest_file_records(Path(manifest["local_path"])))
     if unfinished:
         print(f"Replacing the unfinished run in {path} (--force): {'; '.join(unfinished[:3])}")
+    for job in state.running:
+        print(f"! {job['job_name']} keeps running: this tool will not load what it writes to "
+              f"{job['output_s3_uri']}{job.get('job_id', '')}/ (its images are left out of this run; "
+              f"stop it with: aws bedrock stop-model-invocation-job --job-identifier {job['job_arn']})")
     return None, info, in_flight
 
 
@@ -373,9 +398,10 @@ def retire(old: dict | None, path: Path) -> None:
                 local.unlink(missing_ok=True)
 
 
-def check_before_paying(s3, s3v, config: common.Config, owner: str) -> None:
+def check_before_paying(s3, s3v, config: common.Config, owner: str, args) -> None:
     """What would make the jobs fail or their results unloadable, checked before anything is uploaded or paid for:
-    the output s3Uri Bedrock must accept, the result bucket, and the dimension of an existing index."""
+    the output s3Uri Bedrock must accept, the result bucket, the vector index (it exists, or the user means to
+    start a new one) and the dimension of an existing index."""
     output = common.s3_uri(config.result_bucket, config.result_prefix)
     if len(output) > common.MAX_S3_URI or not common.S3_URI_RE.fullmatch(output):
         raise common.ConfigError(f"RESULT_PREFIX {config.result_prefix!r} cannot be a Bedrock output location: its "
@@ -393,14 +419,41 @@ def check_before_paying(s3, s3v, config: common.Config, owner: str) -> None:
         raise
     if s3v is None:
         return
-    try:
-        index = s3v.get_index(vectorBucketName=config.vector_bucket, indexName=config.vector_index)["index"]
-    except s3v.exceptions.NotFoundException:
+    lookup = preflight.find_index(s3v, config.vector_bucket, config.vector_index, config.region)
+    if lookup.denied:
+        raise StepError(f"{lookup.problem} — check VECTOR_BUCKET and VECTOR_INDEX: the caller policy (bash "
+                        "iam/setup_service_role.sh --user-policy) allows the ones it was made for; nothing was "
+                        "uploaded", common.EXIT_ERROR)
+    if lookup.index is None:
+        confirm_new_index(lookup.problem, config, args)
         return  # step 3 creates it with EMBEDDING_DIMENSION
+    index = lookup.index
     if index["dimension"] != config.embedding_dimension:
         raise StepError(f"index {config.vector_index} in {config.vector_bucket} holds {index['dimension']}-dimension "
                         f"vectors but EMBEDDING_DIMENSION={config.embedding_dimension} — set EMBEDDING_DIMENSION="
                         f"{index['dimension']} or choose another VECTOR_INDEX; nothing was uploaded", common.EXIT_USAGE)
+
+
+def confirm_new_index(problem: str, config: common.Config, args) -> None:
+    """Go on with a vector index that does not exist only when the user means to start one: --new-index, or `y` at
+    a prompt on a terminal. Unwatched (cron, daily_run.py, no terminal) the run is refused, exit 6."""
+    print(f"! {problem}")
+    if args.new_index:
+        print(f"  --new-index: step 3 creates index {config.vector_index} ({config.embedding_dimension} dimensions) "
+              f"in vector bucket {config.vector_bucket}")
+        return
+    if args.dry_run:
+        print("  a run refuses this unless VECTOR_BUCKET/VECTOR_INDEX are fixed, or --new-index starts a new index")
+        return
+    if sys.stdin is not None and sys.stdin.isatty():
+        try:
+            answer = input(NEW_INDEX_PROMPT.format(index=config.vector_index, bucket=config.vector_bucket))
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() in ("y", "yes"):
+            return
+    raise StepError(f"{problem} — fix VECTOR_BUCKET/VECTOR_INDEX, or pass --new-index to start a new index (step 3 "
+                    "creates it); nothing was uploaded", common.EXIT_REFUSED)
 
 
 def write_manifests(listing: Listing, planned: list[jobs.PlannedJob], config: common.Config, owner: str,
@@ -623,7 +676,7 @@ def print_plan(job_records: list[dict], config: common.Config) -> None:
 
 def run(argv) -> int:
     args = parse_args(argv)
-    config = common.load_config(args, REQUIRED)
+    config = common.load_config(args, DRY_RUN_REQUIRED if args.dry_run else REQUIRED)
     common.banner("Bedrock Batch Inference - Create Job")
     prefix = config.source_prefix
     input_uri = common.s3_uri(config.source_bucket, prefix)
@@ -654,6 +707,8 @@ def create(args, config: common.Config) -> int:
         unfinished, replaced, in_flight = previous_run(bedrock, config.job_info_file, args.force)
         if unfinished is not None:
             print(f"Resuming the submission of the run in {config.job_info_file}")
+            preflight.check_role(common.make_client("iam", config), config.role_arn,
+                                 common.caller_account(sts))
             jobs.submit_ready(s3, bedrock, unfinished, common.in_job_region(config, unfinished), save,
                               config.quotas.max_concurrent_jobs)
             return finish(unfinished, config)
@@ -663,7 +718,9 @@ def create(args, config: common.Config) -> int:
     indexed = config.vector_bucket and config.vector_index
     s3v = keyset.lean(common.make_client("s3vectors", config, max_pool_connections=keyset.THREADS + 2)) \
         if indexed else None
-    check_before_paying(s3, s3v, config, owner)
+    check_before_paying(s3, s3v, config, owner, args)
+    if not args.dry_run:
+        preflight.check_role(common.make_client("iam", config), config.role_arn, account)
 
     rejects_file = rejects.file_for(config.job_info_file)
     rejected = rejects.load(rejects_file)
@@ -673,12 +730,14 @@ def create(args, config: common.Config) -> int:
             config.job_info_file)
         retry = accounting.read_account(account_path) if account_path else []
         known = {entry["source_uri"] for entry in retry}
-        retry += [entry for entry in rejected.values() if entry["source_uri"] not in known]
+        failed_for_good = [entry for entry in rejected.values() if entry["source_uri"] not in known]
+        retry += failed_for_good
         if not retry:
             ok("Nothing to retry: the last run loaded every image and none failed permanently")
             return common.EXIT_OK
-        print(f"Retrying the {len(retry)} image(s) the last runs did not load"
-              + (f" (from {account_path})" if account_path else ""))
+        sources = [str(account_path)] if account_path else []
+        sources += [str(rejects_file)] if failed_for_good else []
+        print(f"Retrying the {len(retry)} image(s) the last runs did not load (from {' and '.join(sources)})")
         rejected = {}  # --retry-failed tries the permanently failed images again
     exclude: list[tuple[keyset.KeySet, str]] = []
     if retry is not None and not args.all and indexed:
@@ -688,8 +747,8 @@ def create(args, config: common.Config) -> int:
     elif not args.all and indexed:
         print(f"Checking which images are already in index {config.vector_index}")
         exclude.append((index_keys(s3v, config), "already in the vector index"))
-    elif not args.all:
-        print("VECTOR_BUCKET/VECTOR_INDEX not set: every image is embedded (set them to skip images already loaded)")
+    elif not args.all:  # a dry run only: a run needs them
+        print("VECTOR_BUCKET/VECTOR_INDEX not set: every image is planned (a run needs them: step 3 loads into them)")
     if in_flight:
         exclude.append((keyset.KeySet.of(in_flight), "in a job of the replaced run still running"))
 
@@ -762,6 +821,8 @@ def create(args, config: common.Config) -> int:
             print(f"Model: {config.model_id}")
             print(f"Output: {job_records[0]['output_s3_uri']}")
             print(f"Role: {config.role_arn}")
+            print("Vector index: " + (f"{config.vector_index} in vector bucket {config.vector_bucket}" if indexed
+                                      else "not set (VECTOR_BUCKET, VECTOR_INDEX: a run needs them)"))
             print(f"Records: {listing.images}")
             print(f"First record: {orjson.dumps(first).decode()}")
             return common.EXIT_OK

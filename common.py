@@ -149,6 +149,10 @@ SETTINGS = {
         Setting("MAX_RUN_COST_USD", "--max-cost", "refuse a run whose cost estimate is over this many USD"),
     )
 }
+# What a run needs from start to end: 03 loads into the vector index, so 01 (and daily_run.py) refuse to start a
+# run (to pay for its jobs) without it.
+LOAD_REQUIRED = ("VECTOR_BUCKET", "VECTOR_INDEX")
+RUN_REQUIRED = ("SOURCE_BUCKET", "RESULT_BUCKET", "ROLE_ARN", *LOAD_REQUIRED)
 QUOTA_SETTINGS = ("MIN_RECORDS_PER_JOB", "MAX_RECORDS_PER_FILE", "MAX_RECORDS_PER_JOB", "MAX_INPUT_FILE_BYTES",
                   "MAX_JOB_BYTES", "MAX_CONCURRENT_JOBS")
 PRICE_SETTINGS = ("PRICE_PER_IMAGE_USD", "ON_DEMAND_PRICE_PER_IMAGE_USD", "S3VECTORS_PUT_PRICE_PER_GB_USD",

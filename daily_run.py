@@ -1,6 +1,6 @@
 """The daily run: the four steps in order, unattended, safe to start every day from cron.
 
-    uv run daily_run.py [--timeout SECONDS] [--interval SECONDS] [--wait-lock]
+    uv run daily_run.py [--timeout SECONDS] [--interval SECONDS] [--wait-lock] [--new-index]
 
 1. A run left by an earlier day (batch_job_info.json still there) is finished first: 02 --wait, 03, 04.
 2. 01 embeds today's new images (none: "nothing to do", exit 0).
@@ -11,6 +11,9 @@ index, except those Bedrock rejected for good (failed_permanently.jsonl; 01 --re
 The lock on the job-info file is held from start to end: a second daily_run.py (or any step) started meanwhile
 exits 7 and changes nothing. The exit status is the table below: 0 all loaded (or nothing to do); 4 some images
 not loaded this time (named in the output); 3 the jobs still run at --timeout; anything else a step's error.
+Every setting a run needs (SOURCE_BUCKET, RESULT_BUCKET, ROLE_ARN, VECTOR_BUCKET, VECTOR_INDEX) is checked before
+anything runs (exit 2). A vector index that does not exist is refused (exit 6, nothing uploaded): a typo must not
+start a new index unwatched. The first run, which starts the index, passes --new-index (01 gets it).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import common
 import jobinfo
 
 SETTINGS = ("JOB_INFO_FILE",)
+REQUIRED = common.RUN_REQUIRED  # 01's, which include 03's: checked before an earlier run is finished
 DEFAULT_TIMEOUT = 23 * 3600  # ends before the next day's run starts
 STEPS = {1: "01_create_job", 2: "02_monitor_job", 3: "03_load_result_to_s3_vector_bucket",
          4: "04_remove_completed_task"}
@@ -38,6 +42,9 @@ def parse_args(argv):
                         help=f"stop waiting for the jobs after this long (default {DEFAULT_TIMEOUT}: 23 h)")
     parser.add_argument("--interval", type=float, default=30.0, metavar="SECONDS",
                         help="seconds between two looks at the jobs (30)")
+    parser.add_argument("--new-index", action="store_true",
+                        help="01 may start VECTOR_INDEX when it does not exist yet (the first run; without it a "
+                             "missing index is refused, exit 6)")
     jobinfo.lock_args(parser)
     common.add_settings(parser, SETTINGS)
     args = parser.parse_args(argv)
@@ -71,7 +78,7 @@ def finish_run(args) -> int:
 
 def run(argv) -> int:
     args = parse_args(argv)
-    config = common.load_config(args)
+    config = common.load_config(args, REQUIRED)
     path = config.job_info_file
     with jobinfo.locked(path, "daily_run.py", wait=args.wait_lock):
         earlier = common.EXIT_OK
@@ -80,7 +87,7 @@ def run(argv) -> int:
             earlier = finish_run(args)
             if earlier not in (common.EXIT_OK, common.EXIT_INCOMPLETE):
                 return earlier
-        created = step(1)
+        created = step(1, *(["--new-index"] if args.new_index else []))
         if created != common.EXIT_OK:
             return created
         if not jobinfo.exists(path):

@@ -470,12 +470,23 @@ def submit_ready(s3, bedrock, info: dict, config: common.Config, save, max_concu
             job["job_arn"] = found
         try:
             if not job.get("job_arn"):
+                take_current_role(job, config)
                 job["job_arn"] = create_job(bedrock, owner, job)
         except ClientError as exc:
             found = earlier_submit(bedrock, job, exc)
             if found:
                 print(f"Job {job['job_name']} was already submitted (the answer was lost): {found}")
                 job["job_arn"] = found
+            elif role_refused(exc, job["role_arn"]):
+                # Nothing stays uploaded; the job stays queued and takes the ROLE_ARN of the next run.
+                remove_manifests(s3, info["source_bucket"], job, owner)
+                job["uploaded"] = False
+                save(info)
+                raise common.StepError(
+                    f"Bedrock refused the service role: {common.describe_aws_error(exc)} — fix ROLE_ARN (or the "
+                    "caller's iam:PassRole on it: bash iam/setup_service_role.sh --user-policy) and run "
+                    "01_create_job.py again: the job is submitted with the ROLE_ARN set then; its manifest was "
+                    "removed from S3", common.EXIT_USAGE) from None
             elif common.error_code(exc) in ("ValidationException", "AccessDeniedException"):
                 raise common.StepError(f"{common.describe_aws_error(exc)} — fix the cause, then "
                                        "01_create_job.py --force plans the run again") from None
@@ -489,6 +500,31 @@ def submit_ready(s3, bedrock, info: dict, config: common.Config, save, max_concu
         save(info)
         submitted.append(job)
     return submitted
+
+
+def take_current_role(job: dict, config: common.Config) -> None:
+    """A job not yet submitted is submitted with the ROLE_ARN set now (a fixed setting reaches a queued job)."""
+    if config.role_arn and job.get("role_arn") != config.role_arn:
+        print(f"Job {job['job_name']} is submitted with ROLE_ARN {config.role_arn} "
+              f"(planned with {job.get('role_arn')})")
+        job["role_arn"] = config.role_arn
+
+
+def role_refused(exc, role_arn: str) -> bool:
+    """Whether Bedrock refused a submit for its service role: ValidationException or AccessDeniedException naming
+    the role or iam:PassRole."""
+    if common.error_code(exc) not in ("ValidationException", "AccessDeniedException"):
+        return False
+    message = exc.response.get("Error", {}).get("Message", "")
+    return role_arn in message or f"role/{role_arn.rsplit('/', 1)[-1]}" in message or "passrole" in message.lower()
+
+
+def remove_manifests(s3, bucket: str, job: dict, owner: str) -> None:
+    """Delete the job's manifests from S3 (its local copies stay: the job is submitted from them later)."""
+    for manifest in job["manifests"]:
+        if common.object_exists(s3, bucket, manifest["s3_key"], owner):
+            common.delete_object(s3, bucket, manifest["s3_key"], owner)
+            print(f"Removed {common.s3_uri(bucket, manifest['s3_key'])}: the job was not submitted")
 
 
 def upload_manifests(s3, bucket: str, job: dict, owner: str) -> None:

@@ -71,16 +71,22 @@ class World:
         return [f"s3://{self.source_bucket}/{prefix}{key}" for key in keys]
 
     def step(self, number: int, *args: str, input: str | None = None, env: dict | None = None,
-             timeout: float = 120) -> subprocess.CompletedProcess:
-        """Run a numbered script as its own process, as a user would (`uv run 0N_....py`)."""
+             timeout: float = 120, new_index: bool = True) -> subprocess.CompletedProcess:
+        """Run a numbered script as its own process, as a user would (`uv run 0N_....py`). Step 1 gets --new-index,
+        as the README's first run does (a test's vector index does not exist before its first load); with
+        `new_index=False` it runs as an unwatched later day does."""
+        if number == 1 and new_index:
+            args = (*args, "--new-index")
         return subprocess.run(
             [sys.executable, str(ROOT / STEPS[number]), *args],
             cwd=self.cwd, env={**self.env, **(env or {})}, input=input, capture_output=True, text=True,
             timeout=timeout,
         )
 
-    def daily(self, *args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-        """Run daily_run.py as cron would, polling the jobs often."""
+    def daily(self, *args: str, env: dict | None = None, timeout: float = 180,
+              new_index: bool = True) -> subprocess.CompletedProcess:
+        """Run daily_run.py as cron would, polling the jobs often (with --new-index, as `step` runs step 1)."""
+        args = (*args, "--new-index") if new_index else args
         return subprocess.run([sys.executable, str(ROOT / "daily_run.py"), "--interval", "0.05", *args],
                               cwd=self.cwd, env={**self.env, **(env or {})}, capture_output=True, text=True,
                               timeout=timeout)

@@ -261,7 +261,9 @@ def _s3vectors(operation: str, params: Mapping[str, Any], *, partition: str, acc
             return params["indexArn"]
         return f"{bucket_arn()}/index/{params['indexName']}"
 
-    on_bucket = {"CreateVectorBucket", "GetVectorBucket"}
+    on_bucket = {"CreateVectorBucket", "GetVectorBucket", "ListIndexes"}
+    if operation == "ListVectorBuckets":  # no resource type: the account's buckets
+        return [("s3vectors:ListVectorBuckets", "*", {})]
     # CreateIndex is authorised on the Index resource (Service Authorization Reference).
     on_index = {"CreateIndex", "GetIndex", "PutVectors", "GetVectors", "ListVectors", "QueryVectors"}
     if operation in on_bucket:

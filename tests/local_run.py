@@ -26,7 +26,7 @@ from tests.standins import stack as standins
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = [
-    ["01_create_job.py"],
+    ["01_create_job.py", "--new-index"],  # the first run starts the vector index (step 3 creates it)
     ["02_monitor_job.py", "--wait", "--interval", "1"],
     ["03_load_result_to_s3_vector_bucket.py"],
     ["04_remove_completed_task.py"],

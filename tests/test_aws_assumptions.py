@@ -126,7 +126,7 @@ def create_in_process(world, monkeypatch) -> None:
     for name, value in world.env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(world.cwd)
-    assert import_step(1).main([]) == 0
+    assert import_step(1).main(["--new-index"]) == 0
     monkeypatch.undo()
 
 

@@ -157,7 +157,7 @@ def test_a_failed_or_expired_job_is_run_again_the_next_day(world, status):
 
 
 def start_daily(world, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "daily_run.py"), "--interval", "0.05", *args],
+    return subprocess.Popen([sys.executable, str(ROOT / "daily_run.py"), "--interval", "0.05", "--new-index", *args],
                             cwd=world.cwd, env=world.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -222,7 +222,7 @@ def test_a_run_still_going_from_yesterday_holds_the_lock_then_is_finished_the_ne
 
 def test_two_01_started_together_make_one_job_and_one_manifest(world):
     world.put_images([f"a/img-{i:03d}.png" for i in range(150)], prefix="2024/")
-    both = [subprocess.Popen([sys.executable, str(ROOT / STEPS[1])], cwd=world.cwd, env=world.env,
+    both = [subprocess.Popen([sys.executable, str(ROOT / STEPS[1]), "--new-index"], cwd=world.cwd, env=world.env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in both]
     codes = sorted(code for code, _, _ in results)
@@ -262,6 +262,10 @@ def test_readme_cron_line_runs_a_whole_day(world):
     assert "\n" not in command and "daily_run.py" in command
     keys = [f"a/img-{i:03d}.png" for i in range(100)]
     world.put_images(keys, prefix="2024/")
+    s3v = world.client("s3vectors")  # the first run (README: --new-index) started the index
+    s3v.create_vector_bucket(vectorBucketName=world.vector_bucket)
+    s3v.create_index(vectorBucketName=world.vector_bucket, indexName=world.vector_index, dataType="float32",
+                     dimension=256, distanceMetric="cosine")
     env = {**world.env, "JOB_INFO_FILE": str(world.cwd / "batch_job_info.json")}
     done = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -190,7 +190,10 @@ def expected_caller_policy(account):
         _list_statement("ListResultPrefix", res, "output/", account),
         _objects_statement("ReadResults", "s3:GetObject", res, "output/", account),
         {"Sid": "VectorBucket", "Effect": "Allow",
-         "Action": ["s3vectors:CreateVectorBucket", "s3vectors:GetVectorBucket"], "Resource": vector_bucket},
+         "Action": ["s3vectors:CreateVectorBucket", "s3vectors:GetVectorBucket", "s3vectors:ListIndexes"],
+         "Resource": vector_bucket},
+        {"Sid": "NameVectorBucketsForAMissingOne", "Effect": "Allow", "Action": "s3vectors:ListVectorBuckets",
+         "Resource": "*"},
         {"Sid": "VectorIndex", "Effect": "Allow",
          "Action": ["s3vectors:CreateIndex", "s3vectors:GetIndex", "s3vectors:PutVectors",
                     "s3vectors:GetVectors", "s3vectors:ListVectors", "s3vectors:QueryVectors"],
@@ -768,6 +771,11 @@ STEP_CALLS = [
     ("01", "s3", "DeleteObjects", {"Bucket": SRC, "Delete": {"Objects": [
         {"Key": "2024/batch_input_20251119-090000.jsonl"}, {"Key": "2024/batch_input_20251118-090000.jsonl"}]}}),
     ("01", "bedrock", "CreateModelInvocationJob", "create_job"),
+    ("01", "iam", "GetRole", {"RoleName": ROLE}),  # the service role exists
+    ("01", "s3vectors", "GetIndex", VECTORS),  # the index exists, or:
+    ("01", "s3vectors", "GetVectorBucket", {"vectorBucketName": VB}),
+    ("01", "s3vectors", "ListIndexes", {"vectorBucketName": VB}),  # the indexes it holds (a typo in VECTOR_INDEX)
+    ("01", "s3vectors", "ListVectorBuckets", {}),  # the buckets there are (a typo in VECTOR_BUCKET)
     ("02", "bedrock", "GetModelInvocationJob", {"jobIdentifier": "job_arn"}),
     ("02", "bedrock", "GetModelInvocationJob", {"jobIdentifier": JOB_ID}),
     ("02", "bedrock", "ListModelInvocationJobs", {"statusEquals": "InProgress"}),
@@ -807,6 +815,7 @@ DENIED_CALLS = [
     ("s3", "PutObject", {"Bucket": RES, "Key": f"output/{JOB_ID}/manifest.json.out"}),
     ("s3", "DeleteObject", {"Bucket": RES, "Key": f"output/{JOB_ID}/manifest.json.out"}),
     ("s3vectors", "CreateVectorBucket", {"vectorBucketName": "another-vectors"}),
+    ("s3vectors", "ListIndexes", {"vectorBucketName": "another-vectors"}),
     ("s3vectors", "CreateIndex", {"vectorBucketName": VB, "indexName": "another-index"}),
     ("s3vectors", "PutVectors", {"vectorBucketName": VB, "indexName": "another-index", "vectors": []}),
     ("s3vectors", "QueryVectors", {"vectorBucketName": "another-vectors", "indexName": VI, "topK": 1}),

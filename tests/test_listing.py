@@ -315,7 +315,7 @@ def test_ctrl_c_while_writing_manifests_is_one_line_and_leaves_none(world, monke
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(world.cwd)
     monkeypatch.setattr(common, "image_record", Fail(150, KeyboardInterrupt()))
-    assert create_job.main([]) == common.EXIT_INTERRUPTED
+    assert create_job.main(["--new-index"]) == common.EXIT_INTERRUPTED
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("interrupted")
     assert not list(world.cwd.rglob("batch_input_*")) and not (world.cwd / "batch_job_info.json").exists()
