@@ -242,8 +242,16 @@ def outcome(info: dict) -> int:
 
 def finish(info: dict) -> int:
     code = outcome(info)
+    batch = [job for job in info["jobs"] if not job.get("on_demand")]
     if code == common.EXIT_OK:
-        ok("Job completed successfully!" if len(info["jobs"]) == 1 else "All jobs completed successfully!")
+        errors = {job["job_name"]: (job.get("counts") or {}).get("errorRecordCount") or 0 for job in batch}
+        if not batch:
+            print("No batch job in this run: its images go on demand — step 3 embeds and loads them")
+        elif not any(errors.values()):
+            ok("Job completed successfully!" if len(batch) == 1 else "All jobs completed successfully!")
+        for name, n in errors.items():
+            if n:
+                print(f"! Job {name} completed with {n} error records — 03 loads the rest and lists them")
         print("Next step: uv run 03_load_result_to_s3_vector_bucket.py")
         return code
     for job in info["jobs"]:

@@ -15,6 +15,7 @@ for your region and set your own.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -77,10 +78,11 @@ def estimate(source_uris: Iterable[str], dimension: int, prices: common.Prices, 
 
 
 def usd(amount: float) -> str:
-    """Dollars with cents, or with the first significant digits below a cent."""
+    """Dollars with cents, or below a cent with its first two significant digits ($0.0036, $0.00000042)."""
     if amount == 0 or amount >= 0.01:
         return f"${amount:,.2f}"
-    return f"${amount:.6f}".rstrip("0")
+    digits = 1 - math.floor(math.log10(amount))  # the first significant digit and the next one
+    return f"${amount:.{digits}f}".rstrip("0")
 
 
 def describe(est: Estimate) -> list[str]:
