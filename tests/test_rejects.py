@@ -99,3 +99,51 @@ def test_new_permanent_failures_are_added_to_those_remembered(tmp_path):
     second = remember(tmp_path, [failed("2024/new.png", "400", "Unsupported image format")], objects)
     assert sorted(e["source_uri"] for e in second) == [f"s3://{BUCKET}/2024/new.png", f"s3://{BUCKET}/2024/old.png"]
     assert rejects.load(tmp_path / rejects.FILE_NAME).keys() == {common.vector_key(e["source_uri"]) for e in second}
+
+
+def test_only_failed_images_about_themselves_are_remembered_and_a_gone_one_is_skipped():
+    """rejects.remember on the account's lines: a missing image, a passing trouble and an image deleted since are
+    left out; the images after a deleted one are still remembered."""
+    account = [failed("2024/gone.png", "400", "Unsupported image format"),
+               dict(failed("2024/missing.png", "400", "Unsupported image format"), status="missing"),
+               failed("2024/denied.png", "400", "Access Denied"),
+               failed("2024/flaky.png", "500", "Internal server error"),
+               {k: v for k, v in failed("2024/bad.png", "ValidationException", "").items() if k != "error_message"}]
+    objects = {k: ('"e"', 3) for k in ("2024/missing.png", "2024/denied.png", "2024/flaky.png", "2024/bad.png")}
+    found = rejects.remember(FakeS3(objects), OWNER, account, today=date(2026, 12, 1))
+    uri = f"s3://{BUCKET}/2024/bad.png"
+    assert found == {common.vector_key(uri): {"source_uri": uri, "key": common.vector_key(uri), "etag": '"e"',
+                                              "size": 3, "error_code": "ValidationException", "error_message": "",
+                                              "failed_on": "2026-12-01"}}
+
+
+def test_a_remembered_image_is_left_out_only_while_unchanged():
+    entry = {"source_uri": "s3://b/k", "key": "k", "etag": '"e1"', "size": 10}
+    assert rejects.unchanged(entry, {"Key": "k", "ETag": '"e1"', "Size": 10})
+    assert not rejects.unchanged(entry, {"Key": "k", "ETag": '"e2"', "Size": 10})  # rewritten, same size
+    assert not rejects.unchanged(entry, {"Key": "k", "ETag": '"e1"', "Size": 11})
+
+
+@pytest.mark.parametrize("text", [b'{"key": "k"}\n', b'{"source_uri": "s3://b/k"}\n', b"[1, 2]\n", b"{not json\n",
+                                  b'{"key": "k", "source_uri": 3}\n'])
+def test_a_damaged_file_is_one_line_and_exit_2(tmp_path, text):
+    path = tmp_path / rejects.FILE_NAME
+    path.write_bytes(b'{"key": "a", "source_uri": "s3://b/a"}\n\n' + text)
+    with pytest.raises(common.StepError) as caught:
+        rejects.load(path)
+    assert caught.value.exit_code == common.EXIT_USAGE
+    assert str(caught.value).startswith(f"{path} is damaged (") and "\n" not in str(caught.value)
+    assert "removing it tries those images again" in str(caught.value)
+
+
+def test_the_file_reads_back_what_was_saved_and_an_empty_list_removes_it(tmp_path):
+    path = tmp_path / rejects.FILE_NAME
+    entries = {"a": {"key": "a", "source_uri": "s3://b/a", "etag": '"e"'},
+               "b": {"key": "b", "source_uri": "s3://b/中文 b.png", "etag": None}}
+    rejects.save(path, entries)
+    assert rejects.load(path) == entries
+    assert len(path.read_bytes().splitlines()) == 2  # one JSON line an image
+    rejects.save(path, {})
+    assert not path.exists() and rejects.load(path) == {}
+    rejects.save(path, {})  # nothing to remove: no error
+    assert rejects.file_for(tmp_path / "sub" / ".." / "batch_job_info.json") == tmp_path.resolve() / rejects.FILE_NAME
