@@ -145,10 +145,10 @@ def csv_objects(path: Path, schema: str, bucket: str, prefix: str) -> Iterator[t
                                         common.EXIT_USAGE)
                     yield key, int(size or 0), _etag(row[e] if e is not None else None)
     except UnicodeDecodeError as exc:
-        raise StepError(f"{path.name} after row {rows}: a byte that is not UTF-8 ({exc.object[exc.start:exc.end]!r}; "
+        raise StepError(f"{path.name}: a byte that is not UTF-8 ({exc.object[exc.start:exc.end]!r}; "
                         f"S3 writes inventory CSV in UTF-8) — {_REDO}", common.EXIT_USAGE) from None
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise StepError(f"{path.name} after row {rows}: the gzipped CSV is damaged ({exc or 'cut short'}) — {_REDO}",
+        raise StepError(f"{path.name}: the gzipped CSV is damaged ({exc or 'cut short'}) — {_REDO}",
                         common.EXIT_USAGE) from None
     except csv.Error as exc:
         raise StepError(f"{path.name} row {rows + 1}: not CSV ({exc}) — {_REDO}", common.EXIT_USAGE) from None

@@ -244,3 +244,48 @@ def test_the_lease_is_neither_an_image_nor_a_manifest(key):
     assert lease.is_lease(key) and lease.key_for(key.rsplit("/", 1)[0] + "/" if "/" in key else "") == key
     assert import_step(1).classify(key, 300)[0] is None  # not an image the model takes
     assert not common.is_own_manifest(key) and not key.endswith(".jsonl")  # Bedrock reads every .jsonl
+
+
+def test_02_waiting_at_its_prompt_holds_no_lock_and_reads_the_file_again_after_y(world):
+    import os
+    import pty
+    import select
+    import time
+
+    world.put_images([f"a/img-{i:03d}.png" for i in range(100)], prefix="2024/")
+    world.emulator("/_emulator/config", {"hold_scheduled": True})
+    assert world.step(1).returncode == 0
+    leader, follower = pty.openpty()
+    asking = subprocess.Popen([sys.executable, str(ROOT / STEPS[2]), "--interval", "0.05"], cwd=world.cwd,
+                              env=world.env, stdin=follower, stdout=follower, stderr=follower, close_fds=True)
+    os.close(follower)
+
+    def read_until(text: bytes, seen: bytes = b"") -> bytes:
+        deadline = time.monotonic() + 60  # a bound on a hung test only: the step says where it is
+        while text not in seen and time.monotonic() < deadline:
+            if select.select([leader], [], [], 0.5)[0]:
+                try:
+                    seen += os.read(leader, 4096)
+                except OSError:
+                    break
+        return seen
+
+    try:
+        seen = read_until(b"Monitor until completion? (y/n): ")
+        assert b"(y/n)" in seen, seen.decode()
+        # A person has not answered yet: another step (the next day's cron run) takes the lock meanwhile.
+        world.emulator("/_emulator/config", {"hold_scheduled": False})
+        other = world.step(2, "--wait", "--interval", "0.05", "--timeout", "120")
+        assert other.returncode == 0, other.stdout + other.stderr
+        assert "✓ Deleted: " in other.stdout  # it removed the job's manifest and saved that
+        os.write(leader, b"y\n")
+        seen = read_until(b"Next step:", seen)
+        asking.wait(timeout=60)
+    finally:
+        asking.kill() if asking.poll() is None else None
+        os.close(leader)
+    text = seen.decode()
+    assert asking.returncode == 0, text
+    assert ">>> STATUS: Scheduled <<<" in text and "Job completed successfully!" in text.split("(y/n): ", 1)[1]
+    assert "✓ Deleted: " not in text.split("(y/n): ", 1)[1]  # the file read again: the manifest is already gone
+    assert world.job_info()["jobs"][0]["input_removed"] is True
