@@ -209,19 +209,10 @@ def _attr(env: str) -> str:
     return {"AWS_REGION": "region", "EXPECTED_BUCKET_OWNER": "expected_bucket_owner"}.get(env, env.lower())
 
 
-HELP_WIDTH = 100  # columns of --help at most, however wide the terminal
-
-
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The steps' --help, fitted to the terminal (at most HELP_WIDTH columns): the description and epilog (a
-    script's docstring and the exit status table) are wrapped like the options; an indented line (a command, a row
-    of the table) keeps its indent and wraps under its text."""
-
-    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
-        import shutil
-
-        width = width or min(shutil.get_terminal_size().columns - 2, HELP_WIDTH - 2)
-        super().__init__(prog, indent_increment, max_help_position, max(width, 40))
+    """The steps' --help, fitted to the terminal's width as argparse fits the options: the description and epilog
+    (a script's docstring and the exit status table) are wrapped too; an indented line (a command, a row of the
+    table) keeps its indent and wraps under its text."""
 
     def _fill_text(self, text, width, indent):
         import textwrap
