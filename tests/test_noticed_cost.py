@@ -62,3 +62,45 @@ def test_the_printed_estimate_counts_every_byte_of_a_vector(capsys):
     assert one == 4 * 256 + 32 + len("source_uri") + len(uri.encode("utf-8")) + len("job_id") + 12
     cost.guard([uri, uri], config(None))
     assert f"({2 * one:,} bytes) logical" in capsys.readouterr().out
+
+
+def test_an_on_demand_run_is_priced_and_described_as_on_demand(capsys):
+    uri = "s3://b/1.jpg"
+    est = cost.guard([uri], config(None), on_demand=True)
+    one = cost.vector_bytes(256, common.vector_key(uri), {"source_uri": uri, "job_id": cost.ON_DEMAND_JOB_ID})
+    assert (est.images, est.on_demand, est.price_per_image, est.logical_bytes) == (1, True, 1.0, one)
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == ["Estimated cost of this run: $1.00",
+                       "  embedding, on-demand (InvokeModel): 1 images × $1.00 = $1.00"]
+    batch = cost.estimate([uri], 256, HALF_DOLLAR)
+    assert batch.logical_bytes == one - len(cost.ON_DEMAND_JOB_ID) + len(cost.BATCH_JOB_ID)
+    assert cost.describe(batch)[1] == "  embedding, batch: 1 images × $0.50 = $0.50"
+
+
+def test_no_image_costs_nothing(capsys):
+    est = cost.guard([], config(0.0))
+    assert (est.images, est.on_demand, est.price_per_image, est.logical_bytes, est.total) == (0, False, 0.5, 0, 0)
+    assert capsys.readouterr().out.splitlines()[0] == "Estimated cost of this run: $0.00"
+
+
+def test_the_estimate_lines_name_every_part_of_the_price():
+    prices = common.Prices(per_image=0.00003, on_demand_per_image=0.00006, s3vectors_put_per_gb=0.2,
+                           s3vectors_storage_per_gb_month=0.06)
+    est = cost.estimate((f"s3://bucket/2024/img-{i:07d}.jpg" for i in range(1_000_000)), 1024, prices)
+    lines = cost.describe(est)
+    assert est.logical_bytes == 1_000_000 * cost.vector_bytes(1024, "k" * 32, {"source_uri": "s3://bucket/2024/img-"
+                                                                                             "0000000.jpg",
+                                                                               "job_id": "x" * 12})
+    gb = est.logical_bytes / cost.GB
+    assert lines[0] == f"Estimated cost of this run: {cost.usd(30 + gb * 0.2 + gb * 0.06)}"
+    assert lines[1] == "  embedding, batch: 1,000,000 images × $0.00003 = $30.00"
+    assert lines[2] == (f"  S3 Vectors PUT: {gb:,.3f} GB ({est.logical_bytes:,} bytes) logical (vectors, keys, "
+                        f"metadata) × $0.20/GB = {cost.usd(gb * 0.2)}")
+    assert lines[3] == f"  S3 Vectors storage, one month: {gb:,.3f} GB × $0.06/GB-month = {cost.usd(gb * 0.06)}"
+    assert "PRICE_PER_IMAGE_USD" in lines[4]
+
+
+@pytest.mark.parametrize("amount, shown", [(0.01, "$0.01"), (0.0099, "$0.0099"), (0.00000042, "$0.00000042"),
+                                           (0.0004, "$0.0004"), (0.00123, "$0.0012"), (1e-9, "$0.000000001")])
+def test_amounts_below_a_cent_show_their_first_two_digits(amount, shown):
+    assert cost.usd(amount) == shown
