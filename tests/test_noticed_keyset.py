@@ -66,3 +66,32 @@ def test_a_page_of_upper_case_keys_only():
                   from_page({"vectors": [{"key": k} for k in upper]})):
         assert found.foreign == set(upper)
         assert not found.contains([bytes.fromhex(k) for k in OURS]).any()
+
+
+class SegmentedIndex:
+    """ListVectors of an index whose keys are split into segments, `per_page` keys a page."""
+
+    def __init__(self, keys: list[str], per_page: int):
+        self.keys, self.per_page, self.asked = keys, per_page, []
+
+    def list_vectors(self, vectorBucketName, indexName, maxResults, segmentCount, segmentIndex, nextToken=None):
+        self.asked.append((vectorBucketName, indexName, maxResults, segmentCount, segmentIndex, nextToken))
+        mine = [k for i, k in enumerate(self.keys) if i % segmentCount == segmentIndex]
+        start = int(nextToken or 0)
+        page = {"vectors": [{"key": k} for k in mine[start:start + self.per_page]]}
+        if start + self.per_page < len(mine):
+            page["nextToken"] = str(start + self.per_page)
+        return page
+
+
+@pytest.mark.parametrize("segments", [1, 3, keyset.MAX_SEGMENTS])
+def test_index_keys_reads_every_page_of_every_segment(segments):
+    ours = [common.vector_key(f"s3://bucket/img-{i}.jpg") for i in range(200)]
+    others = ["manual-1", "AB" * 16]
+    index = SegmentedIndex(ours + others + ours[:5], per_page=7)  # a key listed twice is counted once
+    found = keyset.index_keys(index, "vectors", "images", segments=segments)
+    assert len(found) == 202 and found.foreign == set(others)
+    assert found.contains([bytes.fromhex(k) for k in ours]).all()
+    assert {a[:4] for a in index.asked} == {("vectors", "images", keyset.PAGE, segments)}
+    assert {a[4] for a in index.asked} == set(range(segments))
+    assert not found.contains([keyset.digest("s3://bucket/not-there.jpg")])[0]
