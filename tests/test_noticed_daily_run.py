@@ -33,7 +33,11 @@ class Steps:
 def daily(tmp_path, monkeypatch):
     for name in [n for n in os.environ if n.startswith("AWS_")]:
         monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    settings = {"AWS_REGION": "us-east-1", "SOURCE_BUCKET": "images", "RESULT_BUCKET": "results",
+                "ROLE_ARN": "arn:aws:iam::123456789012:role/BedrockBatchInferenceRole", "VECTOR_BUCKET": "vectors",
+                "VECTOR_INDEX": "images"}  # every setting a run needs: checked before any step
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "batch_job_info.json"
     monkeypatch.setenv("JOB_INFO_FILE", str(path))
