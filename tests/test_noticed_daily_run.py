@@ -17,7 +17,8 @@ class Steps:
     when it plans a run, 04 removes it."""
 
     def __init__(self, path, codes: dict[int, list[int]], new_run: bool):
-        self.path, self.codes, self.new_run, self.ran = path, codes, new_run, []
+        self.path, self.new_run, self.ran = path, new_run, []
+        self.codes = {number: list(answers) for number, answers in codes.items()}  # the caller's lists stay whole
 
     def __call__(self, number: int, *argv: str) -> int:
         self.ran.append(number)
