@@ -106,7 +106,7 @@ def test_access_denied_is_one_line_with_a_hint(world, denying_s3):
     result = world.step(1, env={"AWS_ENDPOINT_URL_S3": denying_s3})
     assert result.returncode == 1
     line = one_line(result)
-    assert line.startswith("error: AccessDenied: Access Denied (ListObjectsV2)")
+    assert line.startswith("error: AccessDenied: Access Denied (PutObject)")  # the first S3 call: the prefix's lease
     assert "--user-policy" in line
     assert not (world.cwd / "batch_job_info.json").exists()
 
