@@ -30,8 +30,8 @@ def test_a_run_over_the_budget_is_refused_with_exit_8(capsys):
     with pytest.raises(common.StepError) as caught:
         cost.guard(["s3://b/1.jpg", "s3://b/2.jpg", "s3://b/3.jpg"], config(1.0))
     assert caught.value.exit_code == common.EXIT_OVER_BUDGET
-    assert str(caught.value).startswith("the estimated cost $1.50 of 3 images is over MAX_RUN_COST_USD=1 — "
-                                        "nothing was uploaded")
+    assert str(caught.value) == ("the estimated cost $1.50 of 3 images is over MAX_RUN_COST_USD=1 — nothing was "
+                                 "uploaded; raise the limit (or --max-cost) or narrow SOURCE_PREFIX")
     assert "within" not in capsys.readouterr().out
 
 
@@ -97,7 +97,8 @@ def test_the_estimate_lines_name_every_part_of_the_price():
     assert lines[2] == (f"  S3 Vectors PUT: {gb:,.3f} GB ({est.logical_bytes:,} bytes) logical (vectors, keys, "
                         f"metadata) × $0.20/GB = {cost.usd(gb * 0.2)}")
     assert lines[3] == f"  S3 Vectors storage, one month: {gb:,.3f} GB × $0.06/GB-month = {cost.usd(gb * 0.06)}"
-    assert "PRICE_PER_IMAGE_USD" in lines[4]
+    assert lines[4] == ("  (prices from PRICE_PER_IMAGE_USD and S3VECTORS_*_USD; check the Bedrock and S3 pricing pages for "
+                        "your region)")
 
 
 @pytest.mark.parametrize("amount, shown", [(0.01, "$0.01"), (0.0099, "$0.0099"), (0.00000042, "$0.00000042"),

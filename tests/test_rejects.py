@@ -26,6 +26,8 @@ class FakeS3:
     def list_objects_v2(self, Bucket, Prefix, MaxKeys, ExpectedBucketOwner):
         assert Bucket == BUCKET and ExpectedBucketOwner == OWNER
         keys = sorted(k for k in self.objects if k.startswith(Prefix))[:MaxKeys]
+        if not keys:
+            return {"KeyCount": 0}  # S3 (and botocore) give no Contents at all for an empty page
         return {"Contents": [{"Key": k, "ETag": self.objects[k][0], "Size": self.objects[k][1]} for k in keys]}
 
 
@@ -134,6 +136,8 @@ def test_a_damaged_file_is_one_line_and_exit_2(tmp_path, text):
     assert caught.value.exit_code == common.EXIT_USAGE
     assert str(caught.value).startswith(f"{path} is damaged (") and "\n" not in str(caught.value)
     assert "removing it tries those images again" in str(caught.value)
+    if text.startswith(b'{"'):
+        assert "(line 3 lacks key or source_uri)" in str(caught.value)  # the blank line 2 is counted
 
 
 def test_the_file_reads_back_what_was_saved_and_an_empty_list_removes_it(tmp_path):
