@@ -17,11 +17,12 @@ class Steps:
     when it plans a run, 04 removes it."""
 
     def __init__(self, path, codes: dict[int, list[int]], new_run: bool):
-        self.path, self.new_run, self.ran = path, new_run, []
+        self.path, self.new_run, self.ran, self.argv = path, new_run, [], []
         self.codes = {number: list(answers) for number, answers in codes.items()}  # the caller's lists stay whole
 
     def __call__(self, number: int, *argv: str) -> int:
         self.ran.append(number)
+        self.argv.append((number, *argv))
         code = self.codes[number].pop(0)
         if number == 1 and code == common.EXIT_OK and self.new_run:
             self.path.write_text("{}")
@@ -43,12 +44,16 @@ def daily(tmp_path, monkeypatch):
     path = tmp_path / "batch_job_info.json"
     monkeypatch.setenv("JOB_INFO_FILE", str(path))
 
-    def run(codes: dict[int, list[int]], *, earlier: bool, new_run: bool) -> tuple[int, list[int]]:
+    def run(codes: dict[int, list[int]], *, earlier: bool, new_run: bool, args=("--interval", "0"),
+            steps_seen: list | None = None) -> tuple[int, list[int]]:
         if earlier:
             path.write_text("{}")
         steps = Steps(path, codes, new_run)
         monkeypatch.setattr(daily_run, "step", steps)
-        return daily_run.main(["--interval", "0"]), steps.ran
+        code = daily_run.main(list(args))
+        if steps_seen is not None:
+            steps_seen.extend(steps.argv)
+        return code, steps.ran
 
     return run
 
@@ -98,3 +103,25 @@ def test_a_day_without_an_earlier_run(daily):
     assert (code, ran) == (common.EXIT_OK, [1])
     code, ran = daily({1: [common.EXIT_OVER_BUDGET]}, earlier=False, new_run=True)
     assert (code, ran) == (common.EXIT_OVER_BUDGET, [1])
+
+
+def test_each_step_gets_the_days_settings(daily, capsys):
+    seen: list[tuple] = []
+    code, _ = daily({2: [0, 0], 3: [0, 0], 4: [0, 0], 1: [0]}, earlier=True, new_run=True,
+                    args=("--timeout", "90", "--interval", "2.5", "--new-index"), steps_seen=seen)
+    assert code == common.EXIT_OK
+    wait = (2, "--wait", "--timeout", "90", "--interval", "2.5")
+    assert seen == [wait, (3,), (4,), (1, "--new-index"), wait, (3,), (4,)]
+    assert "batch_job_info.json holds a run from an earlier day: finishing it first\n" in capsys.readouterr().out
+    seen.clear()
+    daily({1: [0]}, earlier=False, new_run=False, steps_seen=seen)
+    assert seen == [(1,)]  # no --new-index unless asked: a typo never starts a new index unwatched
+
+
+@pytest.mark.parametrize("args", [("--timeout", "0"), ("--timeout", "-5"), ("--interval", "-1")])
+def test_a_bad_timeout_or_interval_is_refused_with_exit_2(daily, capsys, args):
+    with pytest.raises(SystemExit) as caught:
+        daily({}, earlier=False, new_run=False, args=args)
+    assert caught.value.code == common.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "error: --timeout must be" in err and "--interval" in err.splitlines()[-1]
