@@ -206,6 +206,13 @@ def exists(path: Path) -> bool:
     return Path(path).exists()
 
 
+def job_arns(path: Path) -> set[str]:
+    """The ARNs of the jobs the job-info file names (none when there is no file)."""
+    if not Path(path).exists():
+        return set()
+    return {job["job_arn"] for job in load(path)["jobs"] if job.get("job_arn")}
+
+
 def load(path: Path) -> dict:
     """Read and check the job-info file; a missing, unreadable or damaged file is a StepError (exit 2)."""
     path = Path(path)

@@ -202,3 +202,43 @@ class Lease:
                 print(f"warning: could not release the lease {self.uri} ({common.describe_aws_error(exc)}); it "
                       f"expires by itself within {self.ttl / 3600:g} h", file=sys.stderr)
             self.etag = None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Between the steps: another run's jobs
+# --------------------------------------------------------------------------------------------------------------
+
+ACTIVE = ("Submitted", "Validating", "Scheduled", "InProgress", "Stopping")  # a job that will still read its input
+
+
+def other_runs_jobs(bedrock, bucket: str, prefix: str, ours: set[str]) -> list[dict]:
+    """Jobs Bedrock has not finished whose input folder holds the images under s3://bucket/prefix, or lies inside
+    it, and that are not `ours` (ARNs the job-info file names): another machine's or job-info file's run on these
+    images. The lease covers a run only while one of its steps works; between its steps (a job Scheduled for hours)
+    its manifests and its job are what show it."""
+    found = []
+    for status in ACTIVE:
+        for page in bedrock.get_paginator("list_model_invocation_jobs").paginate(statusEquals=status):
+            for job in page.get("invocationJobSummaries", []):
+                uri = job.get("inputDataConfig", {}).get("s3InputDataConfig", {}).get("s3Uri", "")
+                try:
+                    job_bucket, folder = common.parse_s3_uri(uri)
+                except ValueError:
+                    continue
+                folder = common.normalize_prefix(folder)
+                overlaps = folder.startswith(prefix) or prefix.startswith(folder)
+                if job_bucket == bucket and overlaps and job.get("jobArn") not in ours:
+                    found.append(job)
+    return found
+
+
+def refuse_other_runs(bedrock, bucket: str, prefix: str, ours: set[str]) -> None:
+    """Lost (exit 7) naming the first job of another run that still reads the images under the prefix."""
+    others = other_runs_jobs(bedrock, bucket, prefix, ours)
+    if others:
+        job = others[0]
+        more = f" (and {len(others) - 1} more)" if len(others) > 1 else ""
+        raise Lost(f"job {job.get('jobName', job.get('jobArn'))} ({job.get('status')}, submitted "
+                   f"{job.get('submitTime')}){more} of another run reads "
+                   f"{job['inputDataConfig']['s3InputDataConfig']['s3Uri']} — one run at a time on a prefix: carry "
+                   "on with the job-info file that started it, or wait until it ends")

@@ -102,6 +102,38 @@ def test_a_second_job_file_on_the_same_prefix_exits_7_and_changes_nothing_while_
     assert lease.NAME not in " ".join(keys(world))  # released at the end
 
 
+@pytest.mark.parametrize("status", ["Scheduled", "InProgress"])
+def test_between_its_steps_another_runs_job_still_refuses_a_second_job_file(world, status):
+    """The tester's case: no step of the first run is working (no lease), its job waits Scheduled (or runs); a
+    second checkout's 01 on the same prefix must not delete its manifest nor submit the same images again."""
+    world.put_images([f"a/img-{i:03d}.png" for i in range(100)], prefix="2024/")
+    world.emulator("/_emulator/config", {"hold_scheduled": True} if status == "Scheduled" else
+                   {"hold_after_records": 10})
+    assert world.step(1).returncode == 0
+    first = world.job_info()["jobs"][0]
+    bedrock = world.client("bedrock")
+    deadline = __import__("time").monotonic() + 60
+    while bedrock.get_model_invocation_job(jobIdentifier=first["job_arn"])["status"] != status:
+        assert __import__("time").monotonic() < deadline, f"the job never became {status}"
+        __import__("time").sleep(0.05)
+    assert not any(k.endswith(lease.NAME) for k in keys(world))  # no step works: no lease
+    first_manifests = manifests(world)
+
+    other = world.step(1, env={"JOB_INFO_FILE": B_FILE})
+    assert other.returncode == 7, other.stdout + other.stderr
+    assert other.stderr == (f"error: job {first['job_name']} ({status}, submitted "
+                            f"{bedrock.get_model_invocation_job(jobIdentifier=first['job_arn'])['submitTime']}) of "
+                            f"another run reads {first['input_s3_uri']} — one run at a time on a prefix: carry on with "
+                            "the job-info file that started it, or wait until it ends\n")
+    assert manifests(world) == first_manifests and len(jobs(world)) == 1 and not (world.cwd / B_FILE).exists()
+    assert not any(k.endswith(lease.NAME) for k in keys(world))  # the refused step let its lease go
+
+    # The first job file's own steps carry on: its 01 is not refused by its own job.
+    again = world.step(1)
+    assert again.returncode != 7, again.stdout + again.stderr
+    bedrock.stop_model_invocation_job(jobIdentifier=first["job_arn"])
+
+
 def put_foreign_lease(world, until: float, owner: str = "f" * 32) -> None:
     world.client("s3").put_object(Bucket=world.source_bucket, Key="2024/" + lease.NAME, Body=json.dumps({
         "owner": owner, "host": "build-07", "job_info": "/srv/other/batch_job_info.json", "step": "daily_run.py",
