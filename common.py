@@ -45,7 +45,7 @@ EXIT_CODES_HELP = """exit status (the same for every step):
   4    some images failed or are missing (03, 01 --on-demand); 02: a job PartiallyCompleted
   5    02: a job Failed, was Stopped or Expired
   6    refused: the run is not ready for this step (a run not finished, too few images, results not loaded)
-  7    another step holds the lock on the job-info file (--wait-lock waits for it)
+  7    another step holds the lock on the job-info file (--wait-lock waits for it), or another run works on the same source prefix
   8    01: the run's cost estimate is over MAX_RUN_COST_USD
   9    00: a check of the setup failed (its ✗ line says what to fix)
   130  interrupted (Ctrl-C): run the step again to continue"""
