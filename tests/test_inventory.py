@@ -264,7 +264,7 @@ def ctrl_c_while_workers_read(tmp: str) -> dict:
     paths = [tmp / f"data-{n}.csv.gz" for n in range(12)]
     inventory.data_files = lambda *args: ({}, paths)
     create_job._list_data_file = _read_until_interrupted  # forked workers find it by this name
-    config = types.SimpleNamespace(source_bucket="images", source_prefix="")
+    config = types.SimpleNamespace(source_bucket="images", source_prefix="", inventory_bucket_owner=None)
     try:
         create_job.list_inventory(None, "s3://images/inventory/manifest.json", config, "111122223333", [], tmp, None)
     except KeyboardInterrupt:
