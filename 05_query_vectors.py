@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import webbrowser
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -63,7 +62,8 @@ def parse_args(argv):
     parser.add_argument("--html", metavar="FILE",
                         help="also write the hits as an HTML page of thumbnails to FILE (links valid --presign "
                              f"SECONDS, default {HTML_PRESIGN_SECONDS})")
-    parser.add_argument("--open", action="store_true", help="open the --html page in the default browser")
+    parser.add_argument("--open", action="store_true",
+                        help="open the --html page in the default browser (when none opens, say where the page is)")
     parser.add_argument("--purpose", choices=common.EMBEDDING_PURPOSES, metavar="PURPOSE",
                         help=f"embeddingPurpose of the query (default: {TEXT_PURPOSE} for a text, "
                              f"{IMAGE_PURPOSE} for an image)")
@@ -332,7 +332,10 @@ def run(argv) -> int:
         if args.html is not None:
             ok(f"Wrote the results page {page} (its image links are valid for {args.presign} s)")
     if args.open:
-        webbrowser.open(page.resolve().as_uri())
+        why = results_page.open_in_browser(page)
+        if why is not None:
+            out = sys.stderr if args.json else sys.stdout  # --json: stdout holds the hits alone
+            print(f"! No browser opened ({why}): the page is {page.resolve()}", file=out)
     return common.EXIT_OK
 
 

@@ -11,9 +11,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import os
 import re
+import sys
+import webbrowser
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from urllib.parse import urlsplit
 
 MAX_INLINE_IMAGE_BYTES = 2_000_000  # a local query image larger than this is named, not embedded
@@ -185,3 +189,21 @@ def render(query: QueryShown, hits: list[dict], *, index: str, bucket: str, mode
 </body>
 </html>
 """
+
+
+def open_in_browser(page: Path, environ=None, platform: str | None = None) -> str | None:
+    """Show the page in the default browser; None when one took it, else why none did: "no display" (an X11 or
+    Wayland system with neither DISPLAY nor WAYLAND_DISPLAY set, nor a BROWSER chosen: an ssh session, cron, a
+    container — a console browser would take over the terminal) or "no browser found" (webbrowser found none that
+    started)."""
+    environ = os.environ if environ is None else environ
+    platform = sys.platform if platform is None else platform
+    graphical = platform in ("darwin", "win32", "cygwin") or any(
+        environ.get(name) for name in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER"))
+    if not graphical:
+        return "no display"
+    try:
+        opened = webbrowser.open(Path(page).resolve().as_uri())
+    except webbrowser.Error:
+        opened = False
+    return None if opened else "no browser found"

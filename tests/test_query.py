@@ -11,12 +11,14 @@ import subprocess
 import sys
 import urllib.parse
 import urllib.request
+import webbrowser
 from datetime import datetime, timezone
 from html.parser import HTMLParser
 
 import pytest
 
 import common
+import results_page
 from tests import sample_images
 from tests.conftest import ROOT, STEPS, World, import_step, make_role
 from tests.standins.embedding import embed_image, embed_text
@@ -523,16 +525,60 @@ def test_a_broken_link_shows_the_placeholder_and_the_uri(loaded, browser, tmp_pa
     assert seen["uris"] == [h["source_uri"] for h in hits]
 
 
-def test_open_shows_the_page_in_the_default_browser(loaded, tmp_path, monkeypatch):
+def open_page(loaded, tmp_path, monkeypatch, capsys, answer: bool, *args: str, display: str | None = ":0"):
+    """Step 5 with --open in this process, the default browser answering `answer`; (the URIs it was asked to open,
+    stdout, stderr, the page)."""
     step = import_step(5)
     opened = []
-    monkeypatch.setattr(step.webbrowser, "open", opened.append)
+    monkeypatch.setattr(webbrowser, "open", lambda uri: opened.append(uri) or answer)
     for name, value in loaded.env.items():
         monkeypatch.setenv(name, value)
+    for name in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER"):
+        monkeypatch.delenv(name, raising=False)
+    if display is not None:
+        monkeypatch.setenv("DISPLAY", display)
     page_file = tmp_path / "open.html"
-    assert step.main(["car", "--top-k", "1", "--html", str(page_file), "--open"]) == 0
-    assert opened == [page_file.resolve().as_uri()]
+    capsys.readouterr()
+    assert step.main(["car", "--top-k", "1", "--html", str(page_file), "--open", *args]) == 0
+    out, err = capsys.readouterr()
     assert page_file.exists()
+    return opened, out, err, page_file
+
+
+def test_open_shows_the_page_in_the_default_browser(loaded, tmp_path, monkeypatch, capsys):
+    opened, out, err, page_file = open_page(loaded, tmp_path, monkeypatch, capsys, True)
+    assert opened == [page_file.resolve().as_uri()]
+    assert "No browser opened" not in out + err
+
+
+def test_open_says_where_the_page_is_when_no_browser_opens(loaded, tmp_path, monkeypatch, capsys):
+    opened, out, err, page_file = open_page(loaded, tmp_path, monkeypatch, capsys, False)
+    assert opened == [page_file.resolve().as_uri()]
+    (line,) = [line for line in out.splitlines() if "No browser opened" in line]
+    assert line == f"! No browser opened (no browser found): the page is {page_file.resolve()}"
+
+
+def test_open_without_a_display_tries_no_browser_and_says_where_the_page_is(loaded, tmp_path, monkeypatch, capsys):
+    opened, out, err, page_file = open_page(loaded, tmp_path, monkeypatch, capsys, True, display=None)
+    assert opened == []  # a console browser would take over the terminal
+    assert f"! No browser opened (no display): the page is {page_file.resolve()}" in out.splitlines()
+
+
+def test_open_with_json_says_it_on_stderr(loaded, tmp_path, monkeypatch, capsys):
+    _, out, err, page_file = open_page(loaded, tmp_path, monkeypatch, capsys, False, "--json")
+    assert len(json.loads(out)) == 1  # stdout holds the hits alone
+    assert err.strip() == f"! No browser opened (no browser found): the page is {page_file.resolve()}"
+
+
+@pytest.mark.parametrize("platform, environ, tried", [
+    ("linux", {}, False), ("linux", {"WAYLAND_DISPLAY": "wayland-0"}, True), ("linux", {"BROWSER": "firefox"}, True),
+    ("darwin", {}, True), ("win32", {}, True)])
+def test_a_browser_is_tried_where_there_is_a_display(tmp_path, monkeypatch, platform, environ, tried):
+    opened = []
+    monkeypatch.setattr(webbrowser, "open", lambda uri: opened.append(uri) or True)
+    why = results_page.open_in_browser(tmp_path / "page.html", environ, platform)
+    assert (why is None, bool(opened)) == (tried, tried)
+    assert why in (None, "no display")
 
 
 @pytest.mark.parametrize("args, message", [(["car", "--open"], "--open goes with --html FILE"),
