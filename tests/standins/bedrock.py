@@ -50,6 +50,8 @@ ACTIVE = ("Submitted", "Validating", "Scheduled", "InProgress", "Stopping")
 TERMINAL = ("Completed", "PartiallyCompleted", "Failed", "Stopped", "Expired")
 STATUSES = ACTIVE + TERMINAL
 
+ROLE_KEY = "bedrock-service-role"  # the access key the jobs' S3 calls carry (see tests.standins.s3)
+
 DEFAULT_OPTIONS: dict[str, Any] = {
     # Seconds between two status transitions (and before each step of a job). The launcher may set more.
     "step_seconds": 0.05,
@@ -393,7 +395,9 @@ class BedrockEmulator:
         self._lock = threading.RLock()
         client_args = dict(region_name=region, aws_access_key_id="testing", aws_secret_access_key="testing",
                            config=Config(retries={"mode": "standard", "max_attempts": 3}))
-        self._s3 = boto3.client("s3", endpoint_url=s3_endpoint_url, **client_args)
+        # The jobs read and write S3 as the service role, which has s3:ListBucket on the buckets: a missing image
+        # is 404 to it (tests.standins.s3 tells it from the steps by this access key).
+        self._s3 = boto3.client("s3", endpoint_url=s3_endpoint_url, **{**client_args, "aws_access_key_id": ROLE_KEY})
         self._iam = boto3.client("iam", endpoint_url=iam_endpoint_url, **client_args) if iam_endpoint_url else None
 
     # ---------------------------------------------------------------------------------------------- options
