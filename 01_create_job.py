@@ -702,7 +702,7 @@ def create(args, config: common.Config) -> int:
         jobinfo.claim(config.job_info_file, s3, config.source_bucket, prefix,
                       common.bucket_owner(config, common.caller_account(sts)))
         # Between its steps a run holds no lease: its jobs still running show it.
-        lease.refuse_other_runs(bedrock, config.source_bucket, prefix, jobinfo.job_arns(config.job_info_file))
+        lease.refuse_other_runs(bedrock, config.source_bucket, prefix, jobinfo.job_ids(config.job_info_file))
 
     replaced, in_flight = None, set()
     if not args.dry_run:

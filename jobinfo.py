@@ -206,11 +206,12 @@ def exists(path: Path) -> bool:
     return Path(path).exists()
 
 
-def job_arns(path: Path) -> set[str]:
-    """The ARNs of the jobs the job-info file names (none when there is no file)."""
+def job_ids(path: Path) -> set[str]:
+    """The ARNs and names of the jobs the job-info file names (none when there is no file). The name counts too: a
+    job whose submit answer was lost has no ARN in the file yet, and is still this file's job."""
     if not Path(path).exists():
         return set()
-    return {job["job_arn"] for job in load(path)["jobs"] if job.get("job_arn")}
+    return {value for job in load(path)["jobs"] for value in (job.get("job_arn"), job.get("job_name")) if value}
 
 
 def load(path: Path) -> dict:

@@ -213,9 +213,9 @@ ACTIVE = ("Submitted", "Validating", "Scheduled", "InProgress", "Stopping")  # a
 
 def other_runs_jobs(bedrock, bucket: str, prefix: str, ours: set[str]) -> list[dict]:
     """Jobs Bedrock has not finished whose input folder holds the images under s3://bucket/prefix, or lies inside
-    it, and that are not `ours` (ARNs the job-info file names): another machine's or job-info file's run on these
-    images. The lease covers a run only while one of its steps works; between its steps (a job Scheduled for hours)
-    its manifests and its job are what show it."""
+    it, and that are not `ours` (the ARNs and names of the jobs the job-info file names): another machine's or
+    job-info file's run on these images. The lease covers a run only while one of its steps works; between its
+    steps (a job Scheduled for hours) its manifests and its job are what show it."""
     found = []
     for status in ACTIVE:
         for page in bedrock.get_paginator("list_model_invocation_jobs").paginate(statusEquals=status):
@@ -227,7 +227,7 @@ def other_runs_jobs(bedrock, bucket: str, prefix: str, ours: set[str]) -> list[d
                     continue
                 folder = common.normalize_prefix(folder)
                 overlaps = folder.startswith(prefix) or prefix.startswith(folder)
-                if job_bucket == bucket and overlaps and job.get("jobArn") not in ours:
+                if job_bucket == bucket and overlaps and not {job.get("jobArn"), job.get("jobName")} & ours:
                     found.append(job)
     return found
 

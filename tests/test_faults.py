@@ -46,7 +46,8 @@ def jsonl_in_bucket(world) -> list[str]:
 
 def interrupt_while_stalled(world, step: int, s3_url: str, marker: str) -> None:
     """Run a step with S3 behind a stalling proxy, press Ctrl-C once it prints `marker` and is waiting on S3."""
-    process = subprocess.Popen([sys.executable, str(ROOT / STEPS[step])], cwd=world.cwd,
+    process = subprocess.Popen([sys.executable, str(ROOT / STEPS[step]), *(["--new-index"] if step == 1 else [])],
+                               cwd=world.cwd,
                                env={**world.env, "AWS_ENDPOINT_URL_S3": s3_url}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     out = ""
@@ -99,7 +100,8 @@ def test_network_failing_during_the_upload(world, proxy):
 def test_a_lost_answer_to_the_submit_never_makes_a_second_job(world, proxy, forget_tokens):
     world.put_images([f"img-{i:03d}.png" for i in range(120)], prefix="2024/")
     # A Bedrock that has forgotten the token starts a second job for a repeated submit: the job is looked for first.
-    world.emulator("/_emulator/config", {"forget_tokens": forget_tokens})
+    # The job stays Scheduled: still running when 01 comes back, it must be known as this job file's own job.
+    world.emulator("/_emulator/config", {"forget_tokens": forget_tokens, "hold_scheduled": True})
     url = proxy(world.stack.bedrock_url,
                 lambda method, path: "drop" if method == "POST" and path == "/model-invocation-job" else None)
     # One attempt: botocore's own retry would repeat the token at once, which a forgetful Bedrock takes as new.
