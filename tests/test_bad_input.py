@@ -170,10 +170,11 @@ def test_a_role_bedrock_cannot_use_stops_01_with_what_to_do(world):
     world.put_images([f"img{i}.png" for i in range(100)], prefix="2024/")
     missing_role = "arn:aws:iam::123456789012:role/NoSuchRole"
     result = world.step(1, env={"ROLE_ARN": missing_role})
-    assert result.returncode == 1
+    assert result.returncode == 2  # checked before the upload (iam:GetRole): nothing uploaded, no job file
     line = one_line(result)
-    assert line.startswith("error: ValidationException:") and "NoSuchRole" in line
-    assert "01_create_job.py --force plans the run again" in line
-    fixed = world.step(1, "--force")  # with the right role from the environment
+    assert line.startswith(f"error: ROLE_ARN {missing_role}: account 123456789012 has no role NoSuchRole — fix "
+                           "ROLE_ARN")
+    assert not (world.cwd / "batch_job_info.json").exists()
+    fixed = world.step(1)  # with the right role from the environment, no --force needed
     assert fixed.returncode == 0, fixed.stderr
     assert world.job_info()["jobs"][0]["role_arn"] == world.role_arn

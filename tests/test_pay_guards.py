@@ -70,6 +70,7 @@ def test_a_run_without_the_vector_settings_is_refused_before_anything_starts(wor
     line = one_error(result)
     assert "VECTOR_BUCKET is not set" in line and "VECTOR_INDEX is not set" in line
     assert "every image is embedded" not in result.stdout
+    assert ">>> daily_run:" not in result.stdout  # daily_run checks before it starts any step
     assert_nothing_started(world)
 
 
