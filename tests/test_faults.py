@@ -46,13 +46,17 @@ def jsonl_in_bucket(world) -> list[str]:
 
 def interrupt_while_stalled(world, step: int, s3_url: str, marker: str) -> None:
     """Run a step with S3 behind a stalling proxy, press Ctrl-C once it prints `marker` and is waiting on S3."""
-    process = subprocess.Popen([sys.executable, str(ROOT / STEPS[step]), *(["--new-index"] if step == 1 else [])],
-                               cwd=world.cwd,
+    new_index = ["--new-index"] if step == 1 else []  # the world has no index yet: 01 asks for leave to create it
+    process = subprocess.Popen([sys.executable, str(ROOT / STEPS[step]), *new_index], cwd=world.cwd,
                                env={**world.env, "AWS_ENDPOINT_URL_S3": s3_url}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     out = ""
     while marker not in out:
-        out += process.stdout.readline()
+        line = process.stdout.readline()
+        if not line:  # the step ended (or closed its output) before it reached the stall: fail now, not at the timeout
+            _, err = process.communicate(timeout=60)
+            pytest.fail(f"the step ended with exit {process.returncode} before printing {marker!r}:\n{out}{err}")
+        out += line
     time.sleep(0.5)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
