@@ -45,7 +45,7 @@ MODULES: dict[str, list[str]] = {
                "tests/test_keyset.py::test_an_empty_set_contains_nothing",
                "tests/test_keyset.py::test_a_list_vectors_page_is_read_the_same_on_either_path",
                "tests/test_keyset.py::test_the_lean_reader_gives_what_botocores_parser_gives"],
-    "results_page": ["tests/test_noticed_results_page.py"],
+    "results_page": ["tests/test_noticed_results_page.py", "tests/test_noticed_results_page_render.py"],
     "daily_run": ["tests/test_noticed_daily_run.py"],
     "jobinfo": ["tests/test_noticed_jobinfo.py", "tests/test_jobinfo.py"],
     "inventory": ["tests/test_noticed_inventory.py", "tests/test_inventory.py"],
