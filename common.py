@@ -32,7 +32,7 @@ EXIT_USAGE = 2  # a setting, flag or local file (the job-info file, an account f
 EXIT_RUNNING = 3  # 02: the run is still going (or --timeout was reached)
 EXIT_INCOMPLETE = 4  # some images failed or are missing (03, 01 --on-demand); 02: a job PartiallyCompleted
 EXIT_JOB_FAILED = 5  # 02: a job Failed, was Stopped or Expired
-EXIT_REFUSED = 6  # the run is not ready for this step (unfinished run, too few images, results not loaded)
+EXIT_REFUSED = 6  # the run is not ready for this step (unfinished run, too few images, results not loaded), or no index
 EXIT_LOCKED = 7  # another step holds the lock on the job-info file
 EXIT_OVER_BUDGET = 8  # 01: the run's cost estimate is over MAX_RUN_COST_USD
 EXIT_CHECK_FAILED = 9  # 00: a check of the setup failed
@@ -44,7 +44,7 @@ EXIT_CODES_HELP = """exit status (the same for every step):
   3    02: the run is still going (or --timeout was reached)
   4    some images failed or are missing (03, 01 --on-demand); 02: a job PartiallyCompleted
   5    02: a job Failed, was Stopped or Expired
-  6    refused: the run is not ready for this step (a run not finished, too few images, results not loaded)
+  6    refused: the run is not ready for this step (a run not finished, too few images, results not loaded), or the vector index does not exist and --new-index was not given
   7    another step holds the lock on the job-info file (--wait-lock waits for it), or another run works on the same source prefix
   8    01: the run's cost estimate is over MAX_RUN_COST_USD
   9    00: a check of the setup failed (its ✗ line says what to fix)

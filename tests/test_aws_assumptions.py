@@ -1,5 +1,5 @@
 """What AWS may do differently from the stand-ins, in both worlds: each unverified behaviour is an option of a
-stand-in, and the flow reaches the same end either way (README.md, "Assumptions about AWS")."""
+stand-in, and the flow reaches the same end either way (docs/aws-assumptions.md)."""
 
 from __future__ import annotations
 

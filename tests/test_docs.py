@@ -51,3 +51,32 @@ def test_nothing_runs_at_import(module, tmp_path):
 def test_no_endpoint_url_in_the_code():
     for path in [*ROOT.glob("*.py"), *ROOT.glob("iam/*.sh")]:
         assert "endpoint_url" not in path.read_text(encoding="utf-8"), path
+
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmark" / "README.md"]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a file's headings: lower case, punctuation dropped, spaces made hyphens."""
+    text = re.sub(r"^```.*?^```", "", markdown, flags=re.M | re.S)  # a '#' inside a code block is no heading
+    headings = re.findall(r"^#+ (.+)$", text, re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves(doc):
+    text = doc.read_text(encoding="utf-8")
+    for target in LINK.findall(text):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (doc.parent / path).resolve() if path else doc
+        assert linked.exists(), f"{doc.relative_to(ROOT)}: {target} does not exist"
+        if anchor:
+            assert anchor in anchors(linked.read_text(encoding="utf-8")), \
+                f"{doc.relative_to(ROOT)}: {target} names no heading of {linked.name}"
+
+
+def test_the_readme_reads_in_five_minutes():
+    assert len(README.encode("utf-8")) <= 15_000
