@@ -242,7 +242,8 @@ def test_help_shows_the_documentation_the_options_and_the_exit_codes(monkeypatch
         daily_run.main(["--help"])
     assert caught.value.code == 0
     out = capsys.readouterr().out
-    assert out.split("\n\n")[1] == "The daily run: the four steps in order, unattended, safe to start every day from cron."
+    description = out.split("\n\n")[1]
+    assert description == "The daily run: the four steps in order, unattended, safe to start every day from cron."
     flat = " ".join(out.split())
     assert flat.count("safe to start every day from cron") == 1
     for option in ["--timeout SECONDS stop waiting for the jobs after this long (default 82800: 23 h)",

@@ -140,7 +140,8 @@ def test_a_hit_without_a_usable_link_shows_a_placeholder_with_what_is_known():
          "placeholder": "No link for this image(no source_uri) key k5"},
         {"rank": "#", "distance": "", "uri": "(no source_uri) key k6",
          "placeholder": "No link for this image(no source_uri) key k6"},
-        {"rank": "#", "distance": "", "uri": "(no source_uri) key ", "placeholder": "No link for this image(no source_uri) key "},
+        {"rank": "#", "distance": "", "uri": "(no source_uri) key ",
+         "placeholder": "No link for this image(no source_uri) key "},
     ]
     assert page.find_all("li", "hit")[0].one("div", "none").find_all("br") != []  # the URI on a line of its own
     assert "javascript:" not in csp(page) and "ftp" not in csp(page)
