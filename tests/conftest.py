@@ -16,6 +16,7 @@ import boto3
 import pytest
 
 from tests import sample_images
+from tests.standins import s3 as s3_standin
 from tests.standins import stack as standins
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,9 +66,8 @@ class World:
         return self.env["AWS_ENDPOINT_URL_" + service.upper().replace("-", "_")]
 
     def put_images(self, keys, prefix: str = "") -> list[str]:
-        s3 = self.client("s3")
-        for seed, key in enumerate(keys):
-            s3.put_object(Bucket=self.source_bucket, Key=prefix + key, Body=sample_images.for_key(key, seed))
+        s3_standin.put_objects(self.source_bucket,
+                               ((prefix + key, sample_images.for_key(key, seed)) for seed, key in enumerate(keys)))
         return [f"s3://{self.source_bucket}/{prefix}{key}" for key in keys]
 
     def step(self, number: int, *args: str, input: str | None = None, env: dict | None = None,

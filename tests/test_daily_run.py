@@ -11,6 +11,7 @@ from datetime import date
 
 import pytest
 
+from tests.standins import s3 as s3_standin
 from tests.conftest import ROOT, STEPS
 
 LOCK_HELD = re.compile(r"error: (daily_run|01_create_job)\.py \(pid \d+, since [0-9T:+-]+\) is working on "
@@ -93,9 +94,8 @@ def test_a_permanently_bad_image_is_submitted_once_then_left_out_then_retried(wo
 def test_a_job_where_every_record_failed_is_not_remembered_as_permanent(world):
     """When every record of a job fails, the trouble is the job's (a model or role change), not each image's: no
     image is left out of later runs for it."""
-    s3 = world.client("s3")
-    for i in range(120):
-        s3.put_object(Bucket=world.source_bucket, Key=f"2024/a/notes-{i:03d}.png", Body=b"a text file named .png")
+    s3_standin.put_objects(world.source_bucket, ((f"2024/a/notes-{i:03d}.png", b"a text file named .png")
+                                                 for i in range(120)))
     day1 = world.daily()
     assert day1.returncode == 4, day1.stdout + day1.stderr
     assert "Images loaded: 0, failed: 120, missing: 0" in day1.stdout

@@ -28,6 +28,7 @@ import common
 import inventory
 import keyset
 import listing
+from tests.standins import s3 as s3_standin
 from tests.conftest import ROOT, import_step
 from tests.test_listing import config_for, manifests, plan_and_write, plan_and_write_listing
 
@@ -41,8 +42,7 @@ KEYS = ([f"2024/a/img-{i:03d}.png" for i in range(60)] + [f"2024/b/c/photo-{i:03
 @pytest.fixture
 def bucket(world):
     s3 = world.client("s3")
-    for n, key in enumerate(KEYS):
-        s3.put_object(Bucket=world.source_bucket, Key=key, Body=b"\xff" * (n + 1))
+    s3_standin.put_objects(world.source_bucket, ((key, b"\xff" * (n + 1)) for n, key in enumerate(KEYS)))
     s3.put_object(Bucket=world.source_bucket, Key="2024/empty.jpg", Body=b"")
     s3.put_object(Bucket=world.source_bucket, Key="2023/outside.jpg", Body=b"x")
     return world

@@ -382,8 +382,12 @@ class BedrockEmulator:
     """The WSGI app. Jobs live in memory; each runs in its own daemon thread."""
 
     def __init__(self, *, s3_endpoint_url: str, iam_endpoint_url: str | None = None, region: str = "us-east-1",
-                 account_id: str = "123456789012", options: dict | None = None):
+                 account_id: str = "123456789012", options: dict | None = None,
+                 read_object: Callable[[str, str], bytes | None] | None = None):
         self.region, self.account_id = region, account_id
+        # The jobs' reads of the images: through S3 by default; `read_object(bucket, key)` (the bytes, or None when
+        # there is no such object) reads the same store without HTTP when moto runs in this process.
+        self._read_direct = read_object
         unknown = set(options or {}) - set(DEFAULT_OPTIONS)
         if unknown:
             raise ValueError(f"unknown options: {sorted(unknown)}")
@@ -1080,6 +1084,14 @@ class BedrockEmulator:
         return outputs, True
 
     def _read_object(self, bucket: str, key: str, max_bytes: int) -> bytes:
+        if self._read_direct is not None:
+            data = self._read_direct(bucket, key)
+            if data is None:
+                raise _RecordError(f"The S3 object s3://{bucket}/{key} does not exist.")
+            if len(data) > max_bytes:
+                raise _RecordError(f"The S3 object s3://{bucket}/{key} is {len(data)} bytes, more than the maximum "
+                                   f"of {max_bytes} bytes.")
+            return data
         try:
             obj = self._s3.get_object(Bucket=bucket, Key=key)
         except ClientError as exc:
@@ -1319,7 +1331,8 @@ def _nova_mme(body: Any, read, max_image_bytes: int, account_id: str) -> tuple[d
 
 
 def make_app(*, s3_endpoint_url: str, iam_endpoint_url: str | None = None, region: str = "us-east-1",
-             account_id: str = "123456789012", options: dict | None = None) -> BedrockEmulator:
+             account_id: str = "123456789012", options: dict | None = None,
+             read_object: Callable[[str, str], bytes | None] | None = None) -> BedrockEmulator:
     """The WSGI app of the emulator; run it with tests.standins.serve."""
     return BedrockEmulator(s3_endpoint_url=s3_endpoint_url, iam_endpoint_url=iam_endpoint_url, region=region,
-                           account_id=account_id, options=options)
+                           account_id=account_id, options=options, read_object=read_object)

@@ -147,6 +147,29 @@ class MotoS3:
         self._thread.join()
 
 
+def put_objects(bucket: str, objects, account_id: str = "123456789012") -> None:
+    """Write (key, bytes) pairs straight into the store moto's server in this process answers from: what a test sets
+    up, not what it tests (a PutObject over HTTP costs ≈ 10 ms here, this ≈ 0.04). The objects are the ones PutObject
+    would make (ETag the MD5 of the bytes), read back through the server like any other."""
+    from moto.s3.models import s3_backends
+
+    backend = s3_backends[account_id]["aws"]
+    for key, body in objects:
+        backend.put_object(bucket, key, body)
+
+
+def read_object(bucket: str, key: str, account_id: str = "123456789012") -> bytes | None:
+    """The bytes of an object in the store moto's server in this process answers from; None when there is none."""
+    from moto.s3.exceptions import MissingBucket
+    from moto.s3.models import s3_backends
+
+    try:
+        found = s3_backends[account_id]["aws"].get_object(bucket, key)
+    except MissingBucket:
+        return None
+    return None if found is None else found.value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="moto's server, its S3 answering in the documented forms")
     parser.add_argument("-H", "--host", default="127.0.0.1")

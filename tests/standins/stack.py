@@ -16,7 +16,7 @@ from typing import Callable
 import logging
 
 from . import bedrock, iamsim, s3vectors, servicequotas, serve
-from .s3 import MotoS3, S3Options
+from .s3 import MotoS3, S3Options, read_object
 from . import tls as _tls
 
 ACCOUNT_ID = "123456789012"  # moto's default account
@@ -75,7 +75,7 @@ def start(bedrock_options: dict | None = None, s3vectors_options: dict | None = 
         stops.append(folder.cleanup)
     emulator = serve(
         bedrock.make_app(s3_endpoint_url=moto_url, iam_endpoint_url=moto_url, region=REGION, account_id=ACCOUNT_ID,
-                         options=bedrock_options),
+                         options=bedrock_options, read_object=read_object),
         ssl_context=certificates.server_context() if certificates else None,
     )
     vectors = serve(s3vectors.make_app(region=REGION, account_id=ACCOUNT_ID, options=s3vectors_options))
