@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+import orjson
+
 import common
 import lease
 
@@ -193,7 +195,9 @@ def step_name() -> str:
 def save(path: Path, info: dict) -> None:
     """Write the job-info file whole (a full disk leaves the previous version as it was: StepError, exit 2), and
     renew the leases this process holds when they are due."""
-    data = (json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode()
+    # orjson, not json: a run of hundreds of jobs is saved twice a job, and json's indented encoder took ≈ 17 ms a
+    # save of a 210-job file (half of 01's time submitting them), orjson well under one.
+    data = orjson.dumps(info, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
     try:
         common.atomic_write(path, lambda fh: fh.write(data))
     except OSError as exc:
