@@ -9,6 +9,7 @@ import copy
 import errno
 import fcntl
 import json
+import locale
 import os
 import subprocess
 import sys
@@ -282,6 +283,23 @@ def test_the_file_is_saved_indented_with_its_characters_as_they_are(tmp_path):
     assert '\n  "jobs": [\n    {\n      "job_name": ' in text
     assert text.endswith("\n}\n")
     assert jobinfo.load(path) == info
+
+
+@pytest.fixture
+def ascii_locale():
+    """A machine whose locale is not UTF-8 (LC_CTYPE=C without Python's coercion, as a service may start)."""
+    before = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    yield
+    locale.setlocale(locale.LC_CTYPE, before)
+
+
+def test_the_file_is_read_as_utf_8_whatever_the_locale(tmp_path, ascii_locale):
+    info = copy.deepcopy(VALID)
+    info["source_prefix"] = "写真/été/"
+    path = tmp_path / "batch_job_info.json"
+    jobinfo.save(path, info)
+    assert jobinfo.load(path)["source_prefix"] == "写真/été/"
 
 
 def test_a_save_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
