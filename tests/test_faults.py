@@ -6,6 +6,7 @@ import json
 import re
 import signal
 import subprocess
+import threading
 import sys
 import time
 
@@ -44,8 +45,10 @@ def jsonl_in_bucket(world) -> list[str]:
             if o["Key"].endswith(".jsonl")]
 
 
-def interrupt_while_stalled(world, step: int, s3_url: str, marker: str) -> None:
-    """Run a step with S3 behind a stalling proxy, press Ctrl-C once it prints `marker` and is waiting on S3."""
+def interrupt_while_stalled(world, step: int, s3_url: str, marker: str, released: threading.Event) -> None:
+    """Run a step with S3 behind a stalling proxy, press Ctrl-C once it prints `marker` and is waiting on S3, then
+    let S3 answer again (`released`): the proxy answers one request at a time, and the step's clean-up on the way
+    out (the lease's release) needs S3."""
     new_index = ["--new-index"] if step == 1 else []  # the world has no index yet: 01 asks for leave to create it
     process = subprocess.Popen([sys.executable, str(ROOT / STEPS[step]), *new_index], cwd=world.cwd,
                                env={**world.env, "AWS_ENDPOINT_URL_S3": s3_url}, stdout=subprocess.PIPE,
@@ -59,6 +62,7 @@ def interrupt_while_stalled(world, step: int, s3_url: str, marker: str) -> None:
         out += line
     time.sleep(0.5)
     process.send_signal(signal.SIGINT)
+    released.set()
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in err
 
@@ -244,13 +248,17 @@ def test_a_hand_edited_job_info_stops_01_without_touching_anything(world):
 
 def test_ctrl_c_during_the_listing_leaves_nothing_behind(world, proxy):
     world.put_images([f"img-{i:04d}.png" for i in range(1100)], prefix="2024/")
+    released = threading.Event()
 
     def stall(method, path):
         if "continuation-token" in path:
-            time.sleep(20)
+            released.wait(60)  # until the step was interrupted: S3 answers no more meanwhile
         return None
 
-    interrupt_while_stalled(world, 1, proxy(world.stack.moto_url, stall), "Listing images")
+    try:
+        interrupt_while_stalled(world, 1, proxy(world.stack.moto_url, stall), "Listing images", released)
+    finally:
+        released.set()
     assert not (world.cwd / "batch_job_info.json").exists() and not list(world.cwd.rglob("batch_input_*"))
     assert jsonl_in_bucket(world) == []
     assert world.step(1).returncode == 0
@@ -284,12 +292,17 @@ def test_ctrl_c_during_the_clean_up_then_run_it_again(world, proxy):
     assert world.step(1).returncode == 0
     finish_run(world)
 
+    released = threading.Event()
+
     def stall(method, path):
         if method == "GET" and "batch_input_" in path:  # 04 asks whether the uploaded manifest is still there
-            time.sleep(20)
+            released.wait(60)  # until the step was interrupted
         return None
 
-    interrupt_while_stalled(world, 4, proxy(world.stack.moto_url, stall), "Removing S3 JSONL files")
+    try:
+        interrupt_while_stalled(world, 4, proxy(world.stack.moto_url, stall), "Removing S3 JSONL files", released)
+    finally:
+        released.set()
     assert (world.cwd / "batch_job_info.json").exists()  # removed last: the clean-up can be run again
     cleaned = world.step(4)
     assert cleaned.returncode == 0, cleaned.stderr
