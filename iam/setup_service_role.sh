@@ -385,7 +385,7 @@ caller_policy_arn() {
 }
 
 attach_caller_policy() {
-  local kind="$IDENTITY_KIND" name="$IDENTITY_NAME" arn document extras current default count oldest
+  local kind="$IDENTITY_KIND" name="$IDENTITY_NAME" arn document extras current default versions count oldest
   arn="$(caller_policy_arn)"
   mapfile -t extras < <(extra_statements caller)
   document="$(render "$SCRIPT_DIR/caller-policy.json" "${extras[@]}")"
@@ -401,11 +401,11 @@ attach_caller_policy() {
       echo "✓ Policy $CALLER_POLICY_NAME is up to date ($default)"
     else
       # IAM keeps at most five versions of a policy: make room by deleting the oldest non-default one.
-      count="$(run_aws iam list-policy-versions --policy-arn "$arn" --query 'length(Versions)' --output text)" ||
+      versions="$(run_aws iam list-policy-versions --policy-arn "$arn" --output text \
+        --query '[length(Versions), sort_by(Versions[?!IsDefaultVersion], &CreateDate)[0].VersionId]')" ||
         die "listing the versions of $arn failed: $(aws_error)"
+      read -r count oldest <<<"$versions"
       if ((count >= 5)); then
-        oldest="$(run_aws iam list-policy-versions --policy-arn "$arn" --output text           --query 'sort_by(Versions[?!IsDefaultVersion], &CreateDate)[0].VersionId')" ||
-          die "listing the versions of $arn failed: $(aws_error)"
         run_aws iam delete-policy-version --policy-arn "$arn" --version-id "$oldest" ||
           die "deleting version $oldest of $arn failed: $(aws_error)"
       fi
