@@ -637,12 +637,6 @@ def manifest_token(job: dict) -> str:
     return digest.hexdigest()
 
 
-def remove_local(job_records: list[dict]) -> None:
-    for job in job_records:
-        for manifest in job["manifests"]:
-            Path(manifest["local_path"]).unlink(missing_ok=True)
-
-
 def print_plan(job_records: list[dict], config: common.Config) -> None:
     """The plan: each job with its records, its wave and the jobs it waits for; the part embedded on demand."""
     quotas = config.quotas

@@ -586,7 +586,6 @@ def vector_key(source_uri: str) -> str:
 # A batch recordId: at most 12 characters [A-Za-z0-9] (Bedrock's documented length has varied; 12 alphanumerics is
 # what is known to work), derived from the image's URI. Results are joined by the URI in modelInput; the recordId
 # is only a cross-check, so an id Bedrock shortened or replaced costs a warning, not an image.
-RECORD_ID_LENGTH = 12
 RECORD_ID_ATTEMPTS = 16  # ids tried for one URI before a job's manifest gives up (62**12 ids: never reached)
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _BASE62_PAIRS = [low + high for high in _BASE62 for low in _BASE62]  # [n] = digits n % 62, n // 62
@@ -596,7 +595,7 @@ def record_id(source_uri: str, attempt: int = 0) -> str:
     """The recordId of an image in a batch manifest; `attempt` > 0 derives another one after a collision."""
     data = source_uri.encode("utf-8") if attempt == 0 else f"{attempt}\n{source_uri}".encode("utf-8")
     n = int.from_bytes(hashlib.sha256(data).digest()[:9], "big")  # 72 bits, 62**12 is about 2**71.4
-    # base 62, least significant digit first, two digits at a time: six pairs (RECORD_ID_LENGTH), written out
+    # base 62, least significant digit first, two digits at a time: six pairs (12 characters), written out
     # because 01 calls this for every image
     n, a = divmod(n, 3844)
     n, b = divmod(n, 3844)

@@ -15,7 +15,6 @@ import contextlib
 import fcntl
 import json
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -181,10 +180,6 @@ def lock_args(parser) -> None:
     """The `--wait-lock` flag every step that touches the job-info file takes."""
     parser.add_argument("--wait-lock", action="store_true",
                         help="when another step is working on the run, wait for it instead of exiting 7")
-
-
-def step_name() -> str:
-    return Path(sys.argv[0]).name or "a step"
 
 
 # --------------------------------------------------------------------------------------------------------------

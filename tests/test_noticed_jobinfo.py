@@ -346,13 +346,6 @@ def test_the_job_ids_are_the_arns_and_names_the_file_holds(tmp_path):
                                           "nova-mme-embedding-20261201-100000", "nova-mme-embedding-20261201-100000-2"}
 
 
-def test_the_step_is_named_by_its_script(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["/opt/embed/02_monitor_job.py", "--wait"])
-    assert jobinfo.step_name() == "02_monitor_job.py"
-    monkeypatch.setattr(sys, "argv", [""])
-    assert jobinfo.step_name() == "a step"
-
-
 def test_wait_lock_is_a_flag_with_its_help():
     parser = argparse.ArgumentParser(prog="x", formatter_class=lambda prog: argparse.HelpFormatter(prog, width=200))
     jobinfo.lock_args(parser)
