@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import threading
 import types
 import urllib.request
