@@ -16,9 +16,7 @@ import argparse
 import sys
 
 import common
-import keyset
-import listing
-import setup_check
+from batch_embeddings import keyset, listing, setup_check
 from common import StepError
 
 SETTINGS = tuple(name for name in common.SETTINGS if name not in common.COST_SETTINGS)

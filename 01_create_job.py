@@ -32,20 +32,11 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-import accounting
+from batch_embeddings import (
+    accounting, cost, forking, inventory, jobinfo, jobs, keyset, lease, listing as listing_module, ondemand, preflight,
+    rejects, vectors,
+)
 import common
-import cost
-import forking
-import inventory
-import jobinfo
-import jobs
-import ondemand
-import preflight
-import keyset
-import lease
-import listing as listing_module
-import rejects
-import vectors
 from common import StepError, ok
 
 SETTINGS = (

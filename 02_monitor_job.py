@@ -22,9 +22,7 @@ import time
 from datetime import datetime, timedelta
 
 import common
-import jobinfo
-import jobs
-import lease
+from batch_embeddings import jobinfo, jobs, lease
 from common import ok
 
 SETTINGS = ("AWS_REGION", "JOB_INFO_FILE", "EXPECTED_BUCKET_OWNER", "MAX_CONCURRENT_JOBS")

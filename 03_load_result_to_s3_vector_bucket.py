@@ -21,14 +21,8 @@ from pathlib import Path
 
 import orjson
 
-import accounting
+from batch_embeddings import accounting, jobinfo, jobs, ondemand, records, rejects, vectors
 import common
-import jobinfo
-import jobs
-import ondemand
-import records
-import rejects
-import vectors
 from common import StepError, ok
 
 SETTINGS = ("AWS_REGION", "VECTOR_BUCKET", "VECTOR_INDEX", "JOB_INFO_FILE", "EXPECTED_BUCKET_OWNER")

@@ -15,9 +15,7 @@ import sys
 from pathlib import Path
 
 import common
-import jobinfo
-import jobs
-import ondemand
+from batch_embeddings import jobinfo, jobs, ondemand
 from common import StepError, ok
 
 SETTINGS = ("AWS_REGION", "JOB_INFO_FILE", "EXPECTED_BUCKET_OWNER")

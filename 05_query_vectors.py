@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import common
-import results_page
+from batch_embeddings import results_page
 from common import StepError, ok
 
 SETTINGS = ("AWS_REGION", "VECTOR_BUCKET", "VECTOR_INDEX", "MODEL_ID", "EMBEDDING_DIMENSION", "EXPECTED_BUCKET_OWNER")

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import common
-import jobinfo
+from batch_embeddings import jobinfo
 
 SETTINGS = ("JOB_INFO_FILE",)
 REQUIRED = common.RUN_REQUIRED  # 01's, which include 03's: checked before an earlier run is finished

@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
-import jobinfo  # noqa: E402
+from batch_embeddings import jobinfo  # noqa: E402
 from tests.standins import bedrock as bedrock_standin  # noqa: E402
 from tests.standins import serve  # noqa: E402
 from tests.standins.stack import ACCOUNT_ID, REGION, aws_env  # noqa: E402
@@ -696,9 +696,10 @@ def step3_env(servers: Servers, args) -> dict:
 
 WARM_UP = """
 import boto3, numpy, orjson, urllib3
-import common, vectors
+import common
+from batch_embeddings import vectors
 try:
-    import accounting, jobs
+    from batch_embeddings import accounting, jobs
 except ImportError:
     pass
 for service in ("s3", "s3vectors", "bedrock"):

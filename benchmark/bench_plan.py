@@ -337,7 +337,7 @@ def run_once(args, url: str, n: int) -> dict:
 def parse_cost(args) -> int:
     """CPU seconds per 1,000 objects listed, sequentially, with botocore's full parse and with the lean one."""
     import common
-    import listing
+    from batch_embeddings import listing
 
     os.environ.update(env_for("", Path(tempfile.gettempdir())))
     args.latency = 0.0

@@ -44,7 +44,9 @@ def main(argv=None) -> int:
     p.add_argument("--code", type=Path, default=ROOT, help="folder holding vectors.py and step 3 (default: here)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(args.code))
-    vectors = importlib.import_module("vectors")
+    # the library's loader, in the package (or, in the code of a revision before it, beside the steps)
+    packaged = (args.code / "batch_embeddings" / "vectors.py").exists()
+    vectors = importlib.import_module("batch_embeddings.vectors" if packaged else "vectors")
     step3_name = next(n for n in ("03_load_result_to_s3_vector_bucket", "step3") if (args.code / f"{n}.py").exists())
     step3 = importlib.import_module(step3_name)
 

@@ -6,7 +6,7 @@ import random
 import time
 from dataclasses import dataclass
 
-import vectors
+from batch_embeddings import vectors
 
 
 class FakeClock:

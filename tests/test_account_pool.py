@@ -7,7 +7,7 @@ from pathlib import Path
 
 import orjson
 
-import accounting
+from batch_embeddings import accounting
 import common
 
 

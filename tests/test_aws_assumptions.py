@@ -13,7 +13,7 @@ import pytest
 from botocore.stub import Stubber
 
 import common
-import jobs
+from batch_embeddings import jobs
 from tests.conftest import import_step
 from tests.standins import serve
 from tests.standins.faulty import BucketOwnerCheck, FaultyProxy

@@ -14,8 +14,7 @@ import urllib.request
 import pytest
 
 import common
-import keyset
-import listing
+from batch_embeddings import keyset, listing, setup_check
 from tests.conftest import ROOT, import_step
 from tests.standins import iamsim, serve
 from tests.standins.servicequotas import MODEL_NAME, batch_quotas, quota
@@ -198,7 +197,7 @@ def failing(done, name: str) -> str:
 ])
 def test_a_quota_setting_the_quota_does_not_allow(checked, setting, value, fix):
     done = checked.step(0, env={setting: value})
-    name = next(spec.what for spec in __import__("setup_check").QUOTA_SPECS if spec.setting == setting)
+    name = next(spec.what for spec in setup_check.QUOTA_SPECS if spec.setting == setting)
     detail = failing(done, name)
     assert f"{setting}={value}" in detail and detail.endswith("→ " + fix)
     assert [n for n, m in marks(done.stdout).items() if m != "✓"] == [name]

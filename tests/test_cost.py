@@ -8,7 +8,7 @@ import json
 import pytest
 
 import common
-import cost
+from batch_embeddings import cost
 
 IMAGES = [f"img-{i:03d}.png" for i in range(120)]
 

@@ -36,9 +36,10 @@ def test_help_works_without_settings_or_aws(script, tmp_path):
     assert re.search(r"Step \d", result.stdout)
 
 
-@pytest.mark.parametrize("module", ["common", "vectors", "jobs", "accounting", "jobinfo", "rejects", "daily_run",
-                                    "cost", "results_page",
-                                    *[s[:-3] for s in SCRIPTS]])
+LIBRARY = [f"batch_embeddings.{p.stem}" for p in sorted((ROOT / "batch_embeddings").glob("[!_]*.py"))]
+
+
+@pytest.mark.parametrize("module", ["common", "daily_run", "batch_embeddings", *LIBRARY, *[s[:-3] for s in SCRIPTS]])
 def test_nothing_runs_at_import(module, tmp_path):
     code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import importlib; importlib.import_module({module!r})"
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,

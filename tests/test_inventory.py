@@ -25,9 +25,7 @@ import orjson
 import pytest
 
 import common
-import inventory
-import keyset
-import listing
+from batch_embeddings import inventory, keyset, listing
 from tests.standins import s3 as s3_standin
 from tests.conftest import ROOT, import_step
 from tests.test_listing import config_for, manifests, plan_and_write, plan_and_write_listing

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import common
-import jobinfo
+from batch_embeddings import jobinfo
 from tests.conftest import ROOT, import_step
 
 VALID = {
@@ -182,7 +182,7 @@ def test_a_damaged_file_of_any_shape_never_gives_a_traceback(dead_aws, capsys):
 
 def hold_lock(path, step="a test"):
     """A process that holds the run's lock until its stdin closes; returns once the lock is held."""
-    code = ("import sys, jobinfo\n"
+    code = ("import sys\nfrom batch_embeddings import jobinfo\n"
             f"with jobinfo.locked({str(path)!r}, {step!r}):\n"
             "    print('held', flush=True)\n"
             "    sys.stdin.read()\n")

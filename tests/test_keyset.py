@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 import common
-import keyset
+from batch_embeddings import keyset
 
 
 def hex_keys(n: int, seed: int) -> list[str]:

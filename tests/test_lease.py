@@ -17,8 +17,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 import common
-import jobinfo
-import lease
+from batch_embeddings import jobinfo, lease
 from tests.conftest import ROOT, STEPS
 
 A_FILE = "batch_job_info.json"
@@ -163,7 +162,7 @@ def test_a_live_lease_of_another_machine_refuses_01_and_an_expired_one_is_taken_
 
 def test_a_lease_a_killed_step_left_is_taken_back_by_its_own_job_file_at_once(world):
     world.put_images([f"a/img-{i:03d}.png" for i in range(100)], prefix="2024/")
-    code = ("import sys, boto3, jobinfo\n"
+    code = ("import sys, boto3\nfrom batch_embeddings import jobinfo\n"
             f"s3 = boto3.client('s3', region_name='us-east-1', endpoint_url={world.endpoint('s3')!r})\n"
             f"with jobinfo.locked({str(world.cwd / A_FILE)!r}, '01_create_job.py'):\n"
             f"    jobinfo.claim({str(world.cwd / A_FILE)!r}, s3, {world.source_bucket!r}, '2024/', '123456789012')\n"

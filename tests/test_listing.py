@@ -20,8 +20,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 import common
-import jobs
-import listing
+from batch_embeddings import jobs, listing
 from tests.standins import s3 as s3_standin
 from tests.conftest import ROOT, STEPS, import_step
 

@@ -18,7 +18,7 @@ import boto3
 import pytest
 from botocore.awsrequest import AWSResponse
 
-import listing
+from batch_embeddings import listing
 from tests.standins import s3 as s3_standin
 
 NS = 'xmlns="http://s3.amazonaws.com/doc/2006-03-01/"'

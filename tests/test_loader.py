@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 import common
-import vectors
+from batch_embeddings import vectors
 from tests.conftest import ROOT, STEPS
 from tests.sending import FakeClock, send_parts
 

@@ -16,7 +16,7 @@ import pytest
 from werkzeug.test import Client
 
 import common
-import vectors
+from batch_embeddings import vectors
 from tests.conftest import import_step
 from tests.sending import FakeClock, send_parts
 from tests.standins import s3vectors

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 import common
-import jobinfo
+from batch_embeddings import jobinfo
 from tests.conftest import ROOT, STEPS, import_step
 from tests.test_inventory import KEYS, bucket, publish  # noqa: F401 (bucket is a fixture)
 

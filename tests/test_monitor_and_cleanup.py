@@ -16,7 +16,7 @@ from collections import Counter
 import pytest
 
 import common
-import jobs
+from batch_embeddings import jobs
 from tests.conftest import ROOT, STEPS, import_step
 
 ACCOUNT = "123456789012"

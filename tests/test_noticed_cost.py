@@ -8,7 +8,7 @@ import types
 import pytest
 
 import common
-import cost
+from batch_embeddings import cost
 
 # Half a dollar an image and nothing for S3 Vectors: every total is exact in binary floating point.
 HALF_DOLLAR = common.Prices(per_image=0.5, on_demand_per_image=1.0, s3vectors_put_per_gb=0.0,

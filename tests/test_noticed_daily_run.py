@@ -16,7 +16,7 @@ import pytest
 
 import common
 import daily_run
-import jobinfo
+from batch_embeddings import jobinfo
 
 
 class Steps:

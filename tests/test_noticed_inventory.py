@@ -21,8 +21,7 @@ from botocore.response import StreamingBody
 from botocore.stub import Stubber
 
 import common
-import inventory
-import rejects
+from batch_embeddings import inventory, rejects
 
 SCHEMA = "Bucket, Key, Size, ETag"
 BUCKET = "images"

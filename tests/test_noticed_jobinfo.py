@@ -20,8 +20,7 @@ import boto3
 import pytest
 
 import common
-import jobinfo
-import lease
+from batch_embeddings import jobinfo, lease
 from tests.conftest import ROOT
 
 # A job-info file as 01 and 03 write it, half-way through a load.
@@ -68,7 +67,6 @@ VALID = {
 # process of its own, which prints the error its save ended with.
 SAVE_UNDER_LIMIT = """
 import json, resource, signal, sys
-import jobinfo
 path, limit, info = sys.argv[1], int(sys.argv[2]), json.loads(sys.stdin.read())
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
@@ -162,7 +160,7 @@ def test_the_holder_is_named_after_a_killed_holder_left_a_longer_line(tmp_path):
     jobinfo.lock_file(path).write_text(json.dumps({"pid": 4_000_000, "step": "daily_run.py " + "x" * 200,
                                                    "since": "2026-12-01T10:00:00+00:00"}))
     with jobinfo.locked(path, "01_create_job.py"):
-        code = (f"import jobinfo\ntry:\n    with jobinfo.locked({str(path)!r}, '02'):\n        pass\n"
+        code = (f"from batch_embeddings import jobinfo\ntry:\n    with jobinfo.locked({str(path)!r}, '02'):\n        pass\n"
                 "except Exception as exc:\n    print(exc)\n")
         other = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert other.stdout.startswith(f"01_create_job.py (pid {os.getpid()}, since "), other.stdout + other.stderr

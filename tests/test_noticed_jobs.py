@@ -10,7 +10,7 @@ import boto3
 import pytest
 from botocore.stub import ANY, Stubber
 
-import jobs
+from batch_embeddings import jobs
 
 OWNER = "123456789012"
 NAME = "nova-mme-embedding-20261201-100000-01"

@@ -7,7 +7,7 @@ import orjson
 import pytest
 
 import common
-import keyset
+from batch_embeddings import keyset
 
 OURS = [common.vector_key(f"s3://bucket/img-{i}.jpg") for i in range(3)]
 

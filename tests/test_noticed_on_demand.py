@@ -14,7 +14,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 import common
-import ondemand
+from batch_embeddings import ondemand
 from tests.conftest import import_step
 
 

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-import results_page
+from batch_embeddings import results_page
 
 WHEN = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
 

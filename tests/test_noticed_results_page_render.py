@@ -14,8 +14,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-import results_page
-from results_page import QueryShown
+from batch_embeddings import results_page
+from batch_embeddings.results_page import QueryShown
 
 WHEN = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
 TOKYO = timezone(timedelta(hours=9))

@@ -13,10 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import accounting
+from batch_embeddings import accounting, ondemand, vectors
 import common
-import ondemand
-import vectors
 from tests.conftest import import_step
 from tests.standins.embedding import embed_image
 

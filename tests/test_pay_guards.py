@@ -19,8 +19,7 @@ import pytest
 from botocore.stub import Stubber
 
 import common
-import cost
-import preflight
+from batch_embeddings import cost, preflight
 from tests.conftest import ROOT, STEPS
 
 ACCOUNT = "123456789012"

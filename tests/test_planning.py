@@ -9,7 +9,7 @@ import random
 import pytest
 
 import common
-import jobs
+from batch_embeddings import jobs
 
 QUOTAS = common.Quotas(min_records_per_job=100, max_records_per_job=500, max_records_per_file=250)
 
@@ -222,7 +222,7 @@ def test_random_trees_are_the_same_under_any_hash_seed():
     import subprocess
     import sys
 
-    code = ("import random, tests.test_planning as t, jobs;"
+    code = ("import random, tests.test_planning as t; from batch_embeddings import jobs;"
             "print([(len(jobs.plan_jobs(t.random_tree(random.Random(s)), '2024/', t.QUOTAS, t.can_root_all, 40).jobs))"
             " for s in range(20)])")
     outputs = {subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": seed, "PATH": ""},

@@ -18,7 +18,7 @@ from html.parser import HTMLParser
 import pytest
 
 import common
-import results_page
+from batch_embeddings import results_page
 from tests import sample_images
 from tests.conftest import ROOT, STEPS, World, import_step, make_role
 from tests.standins.embedding import embed_image, embed_text
@@ -393,7 +393,7 @@ PAGE_TAGS = {"html", "head", "meta", "title", "style", "body", "header", "h1", "
 
 
 def test_the_page_escapes_every_text_and_attribute():
-    import results_page
+    from batch_embeddings import results_page
 
     hits = [{"rank": n + 1, "key": f"k{n}", "distance": 0.5, "source_uri": f"s3://b/{text}.png",
              "url": f"https://b.s3.us-east-1.amazonaws.com/{urllib.parse.quote(text)}.png?X-Amz-Signature=1&a=\"'<"}
@@ -422,7 +422,7 @@ def test_the_page_escapes_every_text_and_attribute():
 
 
 def test_the_page_says_how_long_its_links_last():
-    import results_page
+    from batch_embeddings import results_page
 
     when = datetime(2026, 1, 2, 3, 4, tzinfo=timezone.utc)
     page = results_page.render(results_page.QueryShown(text="x"), [], index="i", bucket="b", model="m",
@@ -512,7 +512,7 @@ def test_the_html_page_of_an_image_query_shows_the_image(loaded, browser, tmp_pa
 
 
 def test_a_broken_link_shows_the_placeholder_and_the_uri(loaded, browser, tmp_path):
-    import results_page
+    from batch_embeddings import results_page
 
     hits = query_json(loaded, "--image", uri_of(loaded, "img-012.png"), "--top-k", "2", "--presign", "60")
     hits[1]["url"] = hits[1]["url"].replace("img-", "gone-")  # the object is not there: 403/404 like an expired link

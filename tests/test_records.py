@@ -22,9 +22,7 @@ import orjson
 import pytest
 
 import common
-import forking
-import records
-import vectors
+from batch_embeddings import forking, records, vectors
 
 DIMENSION = 256
 
@@ -252,11 +250,11 @@ def _running(pid: int) -> bool:
 
 
 STEP_WITH_WORKERS = {  # a step that starts its workers, prints their process ids and waits to be killed
-    "start": "import time, records\n"
+    "start": "import time\nfrom batch_embeddings import records\n"
              "with records.pool(2) as workers:\n"
              "    print(*[process.pid for process in workers.processes], flush=True)\n"
              "    time.sleep(120)\n",
-    "executor": "import time, forking\n"
+    "executor": "import time\nfrom batch_embeddings import forking\n"
                 "pool = forking.executor(2)\n"
                 "pool.submit(time.sleep, 0).result()  # the workers are forked with the first task\n"
                 "print(*pool._processes, flush=True)\n"
@@ -270,7 +268,7 @@ def test_workers_do_not_outlive_a_step_that_is_killed(started_by):
     # they end with it rather than wait for work forever (an executor's workers did): step 3's see their pipes
     # close, 01's are killed by the kernel
     step = subprocess.Popen([sys.executable, "-c", STEP_WITH_WORKERS[started_by]],
-                            cwd=Path(records.__file__).parent, stdout=subprocess.PIPE, text=True)
+                            cwd=Path(records.__file__).parent.parent, stdout=subprocess.PIPE, text=True)
     pids = [int(pid) for pid in step.stdout.readline().split()]
     assert len(pids) == 2 and all(map(_running, pids))
     step.kill()

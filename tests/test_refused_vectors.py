@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 import common
-import vectors
+from batch_embeddings import vectors
 from tests.sending import FakeClock
 
 MESSAGE = "Filterable metadata must have at most 2048 bytes"

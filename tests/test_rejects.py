@@ -10,7 +10,7 @@ from datetime import date
 import pytest
 
 import common
-import rejects
+from batch_embeddings import rejects
 from tests.conftest import import_step
 
 OWNER = "123456789012"

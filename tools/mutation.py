@@ -33,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = Path(tempfile.gettempdir()) / "bedrock-batch-mutation"
+PACKAGE = "batch_embeddings"  # the library's modules; daily_run.py is beside the steps
 
 # module -> the fast tests that exercise it in-process (test files, or single tests as pytest node ids).
 MODULES: dict[str, list[str]] = {
@@ -52,7 +53,26 @@ MODULES: dict[str, list[str]] = {
                   "tests/test_inventory.py::test_an_inventory_gives_the_same_manifests_as_listing",
                   "tests/test_inventory.py::test_parquet_without_duckdb_says_how_to_install_it",
                   "tests/test_inventory.py::test_listings_of_parts_merge_into_the_listing_of_the_whole"],
-    "listing": ["tests/test_noticed_listing.py", "tests/test_listing.py", "tests/test_listing_reader.py"],
+    "listing": ["tests/test_noticed_listing.py",
+                "tests/test_listing.py::test_parallel_listing_equals_sequential_listing",
+                "tests/test_listing.py::test_an_error_in_a_200_answer_is_still_an_error",
+                "tests/test_listing.py::test_url_encoded_keys_are_decoded_as_botocore_would",
+                "tests/test_listing.py::test_a_failure_on_any_thread_ends_the_listing_and_every_thread",
+                "tests/test_listing.py::test_leaving_the_listing_early_stops_its_threads",
+                "tests/test_listing.py::test_a_slow_caller_keeps_at_most_ahead_pages_listed_and_waiting",
+                "tests/test_listing.py::test_sort_lines_merges_at_most_half_the_open_file_limit_at_once",
+                "tests/test_listing.py::test_sort_lines_merges_runs_a_few_files_at_a_time",
+                "tests/test_listing.py::test_the_order_of_the_listing_does_not_change_the_manifests",
+                "tests/test_listing.py::test_manifests_written_with_a_few_files_open",
+                "tests/test_listing.py::test_a_failure_while_writing_removes_every_manifest",
+                "tests/test_listing.py::test_ctrl_c_while_writing_manifests_is_one_line_and_leaves_none",
+                "tests/test_listing_reader.py::test_the_api_references_examples_read_the_same",
+                "tests/test_listing_reader.py::test_the_documented_continuation_token_is_read_where_s3_writes_it",
+                "tests/test_listing_reader.py::test_a_page_reads_the_same_in_any_order",
+                "tests/test_listing_reader.py::test_empty_pages_and_pages_of_common_prefixes_read_the_same",
+                "tests/test_listing_reader.py::test_entities_in_keys_and_etags_read_the_same",
+                "tests/test_listing_reader.py::test_moto_answers_read_the_same_in_both_orders",
+                "tests/test_listing_reader.py::test_the_stand_in_moves_every_field_ahead_of_the_contents"],
     "jobs": ["tests/test_noticed_jobs.py", "tests/test_planning.py",
              "tests/test_aws_assumptions.py::test_the_earlier_submit_is_found_by_its_exact_name_across_pages"],
     "ondemand": ["tests/test_noticed_on_demand.py", "tests/test_on_demand.py"],
@@ -76,12 +96,20 @@ def copy_tree(target: Path) -> None:
         shutil.copy2(source, dest)
 
 
+def source(module: str) -> str:
+    """The module's file, relative to the checkout: in the library package, or beside the steps (daily_run)."""
+    packaged = f"{PACKAGE}/{module}.py"
+    return packaged if (ROOT / packaged).exists() else f"{module}.py"
+
+
 def settings(module: str, tests: list[str]) -> str:
     """The copy's [tool.mutmut]: the shared settings, this module, its tests, and every other file alongside."""
     shared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"].get("mutmut", {})
-    others = sorted(p.name for p in ROOT.iterdir() if p.name not in SKIP | {f"{module}.py"} and not
+    mutated = source(module)
+    others = sorted(p.name for p in ROOT.iterdir() if p.name not in SKIP | {mutated, PACKAGE} and not
                     p.name.startswith("."))
-    config = {**shared, "source_paths": [f"{module}.py"], "also_copy": others,
+    others += sorted(f"{PACKAGE}/{p.name}" for p in (ROOT / PACKAGE).glob("*.py") if f"{PACKAGE}/{p.name}" != mutated)
+    config = {**shared, "source_paths": [mutated], "also_copy": others,
               "pytest_add_cli_args_test_selection": tests}
     lines = ["[tool.mutmut]"]
     for key, value in config.items():
@@ -113,7 +141,7 @@ def run_module(module: str, tests: list[str], max_children: int, show: bool) -> 
     (work / "pyproject.toml").write_text(with_settings((ROOT / "pyproject.toml").read_text(), settings(module, tests)))
     mutmut = str(Path(sys.executable).with_name("mutmut"))
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    print(f"== {module}: mutants of {module}.py against {', '.join(tests)} (in {work})", flush=True)
+    print(f"== {module}: mutants of {source(module)} against {', '.join(tests)} (in {work})", flush=True)
     with open(work / "mutmut.log", "w") as log:  # mutmut's progress, redrawn in place: kept out of the console
         subprocess.run(["nice", "-n", "19", mutmut, "run", "--max-children", str(max_children)], cwd=work, env=env,
                        stdout=log, stderr=subprocess.STDOUT, check=False)
@@ -152,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown or not (args.modules or args.all):
         parser.error(f"name modules of: {', '.join(MODULES)} (or --all)" + (f"; unknown: {unknown}" if unknown else ""))
-    modules = sorted(MODULES, key=lambda m: (ROOT / f"{m}.py").stat().st_size) if args.all else args.modules
+    modules = sorted(MODULES, key=lambda m: (ROOT / source(m)).stat().st_size) if args.all else args.modules
     failed = False
     summary = []
     for module in modules:

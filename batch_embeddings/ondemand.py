@@ -26,9 +26,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import orjson
 
-import accounting
+from batch_embeddings import accounting, vectors
 import common
-import vectors
 
 JOB_ID = "on-demand"  # the `job_id` metadata of vectors embedded on demand
 THREADS = 4  # InvokeModel calls in flight

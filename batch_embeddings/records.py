@@ -21,8 +21,7 @@ from typing import NamedTuple
 import orjson
 
 import common
-import forking
-import vectors
+from batch_embeddings import forking, vectors
 from common import StepError
 
 OK, FAIL = "ok", "fail"

@@ -22,7 +22,7 @@ from pathlib import Path
 import orjson
 
 import common
-import lease
+from batch_embeddings import lease
 
 RUNS_FOLDER = "runs"
 STATUSES = common.TERMINAL_STATUSES | {"Submitted", "Validating", "Scheduled", "InProgress", "Stopping"}

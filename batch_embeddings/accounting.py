@@ -17,8 +17,7 @@ from typing import Callable, Iterator
 import orjson
 
 import common
-import jobinfo
-import rejects
+from batch_embeddings import jobinfo, rejects
 
 GET_VECTORS_KEYS = 100  # S3 Vectors' limit per GetVectors
 THREADS = 8
