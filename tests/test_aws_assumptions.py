@@ -13,7 +13,7 @@ import pytest
 from botocore.stub import Stubber
 
 import common
-from batch_embeddings import jobs
+from batch_embeddings import jobs, manifests
 from tests.conftest import import_step
 from tests.standins import serve
 from tests.standins.faulty import BucketOwnerCheck, FaultyProxy
@@ -139,13 +139,12 @@ def test_ids_that_share_only_their_start_keep_their_first_id(world, monkeypatch)
     monkeypatch.setattr(common, "record_id",
                         lambda uri, attempt=0: ids_of[uri] if attempt == 0 else first_id(uri, attempt))
     rewritten = []
-    step1 = import_step(1)
-    write = step1.write_manifests
+    write = manifests.write
 
     def watched(*args, **kwargs):
         rewritten.append(kwargs.get("exact_ids", False))
         return write(*args, **kwargs)
-    monkeypatch.setattr(step1, "write_manifests", watched)
+    monkeypatch.setattr(manifests, "write", watched)
     create_in_process(world, monkeypatch)
     assert rewritten == [False, True]
     assert sorted(r["recordId"] for r in manifest_lines(world)) == sorted(ids_of.values())
@@ -265,22 +264,20 @@ def test_the_earlier_submit_is_found_by_its_exact_name_across_pages():
 
 
 def test_the_client_request_token_is_a_function_of_the_manifests(tmp_path):
-    step1 = import_step(1)
-
     def job(name: str, *contents: bytes) -> dict:
-        manifests = []
+        files = []
         for i, content in enumerate(contents):
             path = tmp_path / f"{name}-{i}-{len(list(tmp_path.iterdir()))}.jsonl"
             path.write_bytes(content)
-            manifests.append({"local_path": str(path), "s3_key": f"2024/{path.name}"})
-        return {"job_name": name, "manifests": manifests}
+            files.append({"local_path": str(path), "s3_key": f"2024/{path.name}"})
+        return {"job_name": name, "manifests": files}
 
-    a = step1.manifest_token(job("run-1", b'{"recordId": "A"}\n', b'{"recordId": "B"}\n'))
+    a = manifests.token(job("run-1", b'{"recordId": "A"}\n', b'{"recordId": "B"}\n'))
     assert re.fullmatch(r"[a-zA-Z0-9]{1,256}(-*[a-zA-Z0-9]){0,256}", a)  # Bedrock's pattern for the token
-    assert step1.manifest_token(job("run-1", b'{"recordId": "A"}\n', b'{"recordId": "B"}\n')) == a
-    assert step1.manifest_token(job("run-1", b'{"recordId": "A"}\n', b'{"recordId": "C"}\n')) != a
-    assert step1.manifest_token(job("run-1", b'{"recordId": "A"}\n')) != a
-    assert step1.manifest_token(job("run-2", b'{"recordId": "A"}\n', b'{"recordId": "B"}\n')) != a
+    assert manifests.token(job("run-1", b'{"recordId": "A"}\n', b'{"recordId": "B"}\n')) == a
+    assert manifests.token(job("run-1", b'{"recordId": "A"}\n', b'{"recordId": "C"}\n')) != a
+    assert manifests.token(job("run-1", b'{"recordId": "A"}\n')) != a
+    assert manifests.token(job("run-2", b'{"recordId": "A"}\n', b'{"recordId": "B"}\n')) != a
 
 
 def test_the_submitted_token_is_the_manifests_token(world):
@@ -288,7 +285,7 @@ def test_the_submitted_token_is_the_manifests_token(world):
     assert world.step(1).returncode == 0
     job = world.job_info()["jobs"][0]
     (created,) = [j for j in world.emulator("/_emulator/jobs")["jobs"] if j["roleArn"] == world.role_arn]
-    assert created["clientRequestToken"] == import_step(1).manifest_token(job) == job["client_request_token"]
+    assert created["clientRequestToken"] == manifests.token(job) == job["client_request_token"]
 
 
 # ------------------------------------------------------------------------------------------ ExpectedBucketOwner

@@ -20,7 +20,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 import common
-from batch_embeddings import jobs, listing
+from batch_embeddings import jobs, listing, manifests
 from tests.standins import s3 as s3_standin
 from tests.conftest import ROOT, STEPS, import_step
 
@@ -216,10 +216,10 @@ def plan_and_write_listing(found, config, manifest_dir, stamp="20261201-000000")
     can_root = lambda folder: True  # noqa: E731
     planned = jobs.plan_jobs({f: tuple(c) for f, c in found.counts.items()}, config.source_prefix, config.quotas,
                              can_root).jobs
-    return create_job.write_manifests(found, planned, config, "123456789012", stamp, manifest_dir)
+    return manifests.write(found, planned, config, "123456789012", stamp, manifest_dir)
 
 
-def manifests(records) -> dict[str, bytes]:
+def written(records) -> dict[str, bytes]:
     from pathlib import Path
 
     return {Path(m["local_path"]).name: Path(m["local_path"]).read_bytes() for r in records for m in r["manifests"]}
@@ -233,7 +233,7 @@ def test_the_order_of_the_listing_does_not_change_the_manifests(world, tmp_path)
         (tmp_path / f"m{seed}").mkdir()
         records = plan_and_write(synthetic(20, 17, seed), config, tmp_path / f"w{seed}", tmp_path / f"m{seed}")
         runs.append(([(r["job_name"], r["record_count"], r["client_request_token"]) for r in records],
-                     manifests(records)))
+                     written(records)))
     assert runs[0] == runs[1]
     assert len(runs[0][1]) > 20 and sum(n for _, n, _ in runs[0][0]) == 20 * 17 + 17
 
@@ -250,8 +250,8 @@ def test_manifests_written_with_a_few_files_open(world, tmp_path, monkeypatch):
     before = len(os.listdir("/proc/self/fd"))
     records = plan_and_write(synthetic(60, 10), config, tmp_path, tmp_path)
     assert len(records) >= 60 and all(len(r["manifests"]) == 3 for r in records[:60])  # 4 + 4 + 2 records
-    assert max(open_files) - before <= create_job.OPEN_MANIFESTS + 1  # + the listing being read
-    lines = [line for m in manifests(records).values() for line in m.splitlines()]
+    assert max(open_files) - before <= manifests.OPEN_MANIFESTS + 1  # + the listing being read
+    lines = [line for m in written(records).values() for line in m.splitlines()]
     assert len(lines) == 610 and len(set(lines)) == 610
 
 

@@ -76,6 +76,8 @@ MODULES: dict[str, list[str]] = {
     "jobs": ["tests/test_noticed_jobs.py", "tests/test_planning.py",
              "tests/test_aws_assumptions.py::test_the_earlier_submit_is_found_by_its_exact_name_across_pages"],
     "ondemand": ["tests/test_noticed_on_demand.py", "tests/test_on_demand.py"],
+    "manifests": ["tests/test_listing.py",
+                  "tests/test_aws_assumptions.py::test_the_client_request_token_is_a_function_of_the_manifests"],
 }
 SKIP = {".git", ".venv", "mutants", "__pycache__", ".pytest_cache"}
 DONE = {"killed", "timeout", "caught by type check"}
