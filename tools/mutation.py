@@ -75,7 +75,10 @@ MODULES: dict[str, list[str]] = {
                 "tests/test_listing_reader.py::test_the_stand_in_moves_every_field_ahead_of_the_contents"],
     "jobs": ["tests/test_noticed_jobs.py", "tests/test_planning.py",
              "tests/test_aws_assumptions.py::test_the_earlier_submit_is_found_by_its_exact_name_across_pages"],
-    "ondemand": ["tests/test_noticed_on_demand.py", "tests/test_on_demand.py"],
+    "ondemand": ["tests/test_noticed_on_demand.py",
+                 "tests/test_on_demand.py::test_a_model_timeout_is_tried_again_and_the_image_loaded",
+                 "tests/test_on_demand.py::test_an_image_that_always_times_out_fails_alone",
+                 "tests/test_on_demand.py::test_kept_embeddings_answer_only_the_same_request"],
     "manifests": ["tests/test_listing.py",
                   "tests/test_aws_assumptions.py::test_the_client_request_token_is_a_function_of_the_manifests"],
 }
