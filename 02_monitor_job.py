@@ -15,14 +15,12 @@ import contextlib
 import io
 import json
 import math
-import os
-import shutil
 import sys
 import time
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import common
-from batch_embeddings import jobinfo, jobs, lease
+from batch_embeddings import jobinfo, jobs, lease, monitor
 from common import ok
 
 SETTINGS = ("AWS_REGION", "JOB_INFO_FILE", "EXPECTED_BUCKET_OWNER", "MAX_CONCURRENT_JOBS")
@@ -30,11 +28,7 @@ EXIT_RUNNING = common.EXIT_RUNNING
 EXIT_PARTIAL = common.EXIT_INCOMPLETE
 EXIT_FAILED = common.EXIT_JOB_FAILED
 PROMPT = "Job is still running. Monitor until completion? (y/n): "
-LIST_PAGE_SIZE = 1000  # ListModelInvocationJobs' largest page
-LIST_FROM = 4  # jobs to check from which one ListModelInvocationJobs is cheaper than a GetModelInvocationJob each
 STEP = "02_monitor_job.py"
-STATUS_ORDER = ("Failed", "Expired", "Stopped", "Stopping", "PartiallyCompleted", "InProgress", "Scheduled",
-                "Validating", "Submitted", "Submitting", "Queued", "Completed")
 
 
 def parse_args(argv):
@@ -97,115 +91,6 @@ def print_status(job: dict, manifest: dict | None, name: str) -> None:
         print(f"Message: {job['message']}")
     print(f"Output Location: {job['outputDataConfig']['s3OutputDataConfig']['s3Uri']}")
     print(common.RULE)
-
-
-def record_status(job: dict, status: dict) -> None:
-    """Keep a job's status, counts and failure message (from Get or List: the same fields) in its record."""
-    job["status"] = status["status"]
-    job["counts"] = {k: status.get(k) for k in ("totalRecordCount", "processedRecordCount", "successRecordCount",
-                                                 "errorRecordCount") if status.get(k) is not None}
-    if status.get("message"):
-        job["message"] = status["message"]
-
-
-def run_name_prefix(names: list[str]) -> str | None:
-    """The jobs' common name prefix, as ListModelInvocationJobs' nameContains takes it (None: no useful one)."""
-    prefix = os.path.commonprefix(names)[:63]
-    while prefix and not prefix[0].isalnum():
-        prefix = prefix[1:]
-    return prefix or None
-
-
-def job_statuses(bedrock, run_jobs: list[dict], since: str | None) -> dict[str, dict]:
-    """jobArn -> status of each job, read with ListModelInvocationJobs (paged, filtered by the jobs' name prefix
-    and the run's start) instead of one GetModelInvocationJob a job; a job the list misses is asked for by Get."""
-    wanted = {job["job_arn"] for job in run_jobs}
-    found: dict[str, dict] = {}
-    if len(run_jobs) >= LIST_FROM:
-        query: dict = {"PaginationConfig": {"PageSize": LIST_PAGE_SIZE}}
-        prefix = run_name_prefix([job["job_name"] for job in run_jobs])
-        if prefix:
-            query["nameContains"] = prefix
-        if since:
-            # The run's start, less a day for a clock that is off: the filter only trims the list.
-            query["submitTimeAfter"] = datetime.fromisoformat(since) - timedelta(days=1)
-        for page in bedrock.get_paginator("list_model_invocation_jobs").paginate(**query):
-            for summary in page.get("invocationJobSummaries", []):
-                if summary["jobArn"] in wanted:
-                    found[summary["jobArn"]] = summary
-    for arn in sorted(wanted - set(found)):
-        found[arn] = bedrock.get_model_invocation_job(jobIdentifier=arn)
-    return found
-
-
-def run_lines(info: dict, rows: int) -> list[str]:
-    """The run as a compact table: one line a job (the most telling first) up to `rows` lines, then a summary
-    line by status and the overall progress."""
-    batch = [job for job in info["jobs"] if not job.get("on_demand")]
-    label = (lambda job: job["job_name"].rsplit("-", 1)[-1]) if len(batch) > 1 else (lambda job: job["job_name"])
-    total = processed = 0
-    by_status: dict[str, int] = {}
-    table = []
-    for job in batch:
-        counts = job.get("counts", {})
-        status = job.get("status") or ("Submitting" if job.get("uploaded") else "Queued")
-        by_status[status] = by_status.get(status, 0) + 1
-        total += job["record_count"]
-        done = counts.get("processedRecordCount", 0) if status not in ("Queued", "Submitting") else 0
-        processed += done
-        stats = f"{done}/{job['record_count']}" if counts else f"-/{job['record_count']}"
-        rank = STATUS_ORDER.index(status) if status in STATUS_ORDER else 0
-        table.append((rank, len(table), f"{label(job):<8} {status:<18} {stats:>15}  {job['input_folder'] or '/'}"))
-    table.sort()
-    lines = [f"{'job':<8} {'status':<18} {'processed':>15}  input folder"]
-    room = max(rows - 1, 1)
-    shown = table if len(table) <= room else table[:room - 1]
-    lines += [line for _, _, line in shown]
-    if len(shown) < len(table):
-        lines.append(f"... and {len(table) - len(shown)} more job(s)")
-    lines.append("Jobs: " + (", ".join(f"{status} {n}" for status, n in sorted(by_status.items())) or "none"))
-    lines.append(f"Overall progress: {100.0 * processed / max(total, 1):.1f}% ({processed}/{total} records)")
-    for part in info["jobs"]:
-        if part.get("on_demand"):
-            lines.append(f"On demand: {part['record_count']} image(s), embedded and loaded by step 3")
-    return lines
-
-
-class Display:
-    """Prints what each poll shows. On a terminal, the block is redrawn in place (cursor up and clear) instead of
-    scrolling, its lines cut to the terminal's width; what happened meanwhile (a job submitted, inputs removed)
-    is printed above it and scrolls. Elsewhere (cron, a log file) everything is simply printed."""
-
-    def __init__(self, out=None, tty: bool | None = None, size=shutil.get_terminal_size):
-        self.out = out or sys.stdout
-        self.tty = self.out.isatty() if tty is None else tty
-        self.size = size
-        self.height = 0  # lines of the block on screen, to redraw
-
-    def rows(self) -> int:
-        """Lines the table may take: a screenful, less the block's title, summary and footer (7) and a spare."""
-        return max(self.size().lines - 9, 5)
-
-    def show(self, events: str, block: list[str]) -> None:
-        width = self.size().columns
-        if self.height:  # only ever set on a terminal
-            self.out.write(f"\x1b[{self.height}F\x1b[J")  # to the block's first line, clear to the end
-        self.out.write(events)
-        if self.tty:
-            room = max(width - 1, 10)
-            block = [line if len(line) <= room else line[:room - 1] + "…" for line in block]
-        self.out.write("".join(line + "\n" for line in block))
-        self.out.flush()
-        self.height = len(block) if self.tty else 0
-
-    def forget(self) -> None:
-        """Something else was printed below the block (a prompt): the next block starts below it."""
-        self.height = 0
-
-
-def elapsed_text(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def remove_input(s3, info: dict, job: dict, owner: str) -> None:
@@ -292,10 +177,10 @@ class Run:
         block = []
         to_check = [job for job in common.submitted_jobs(self.info)
                     if not (job.get("status") in common.TERMINAL_STATUSES and job.get("input_removed"))]
-        statuses = job_statuses(self.bedrock, to_check, self.info.get("created"))
+        statuses = monitor.job_statuses(self.bedrock, to_check, self.info.get("created"))
         for job in to_check:
             status = statuses[job["job_arn"]]
-            record_status(job, status)
+            monitor.record_status(job, status)
             if self.single:
                 manifest = token_counts(self.s3, job, common.job_id_from_arn(job["job_arn"]), self.owner) \
                     if status.get("totalRecordCount") is not None else None
@@ -313,11 +198,11 @@ class Run:
         return ended, block
 
 
-def run(argv, sleep=time.sleep, clock=time.monotonic, display: Display | None = None, ask=None) -> int:
+def run(argv, sleep=time.sleep, clock=time.monotonic, display: monitor.Display | None = None, ask=None) -> int:
     args = parse_args(argv)
     config = common.load_config(args)
     common.banner("Bedrock Batch Inference - Monitor Job")
-    watch = Watch(args, config, sleep, clock, display or Display())
+    watch = Watch(args, config, sleep, clock, display or monitor.Display())
     if args.no_wait:  # only looks: no lock, nothing saved
         return watch.look()
     with jobinfo.locked(config.job_info_file, STEP, wait=args.wait_lock):
@@ -336,7 +221,7 @@ def run(argv, sleep=time.sleep, clock=time.monotonic, display: Display | None = 
 class Watch:
     """What 02 shows and how long: the run loaded from the job-info file, its polls, the waits between them."""
 
-    def __init__(self, args, config: common.Config, sleep, clock, display: Display):
+    def __init__(self, args, config: common.Config, sleep, clock, display: monitor.Display):
         self.args, self.config, self.sleep, self.clock, self.display = args, config, sleep, clock, display
         self.started, self.polls = clock(), 0
         self.info: dict = {}
@@ -376,9 +261,9 @@ class Watch:
             ended, block = self.the_run.poll()
         if not self.the_run.single:
             block = [common.RULE, f"Batch Inference Run: {len(self.info['jobs'])} jobs", common.RULE,
-                     *run_lines(self.info, self.display.rows()), common.RULE]
+                     *monitor.run_lines(self.info, self.display.rows()), common.RULE]
         footer = f"[Poll #{self.polls}] {datetime.now().strftime('%Y-%m-%d %H:%M:%S')} · elapsed " \
-                 f"{elapsed_text(self.clock() - self.started)}"
+                 f"{monitor.elapsed_text(self.clock() - self.started)}"
         if not ended and waiting and self.display.tty:
             footer += f" · next check in {self.args.interval:g} seconds"
         self.display.show(events.getvalue(), block + [footer])

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 import common
-from batch_embeddings import jobinfo
+from batch_embeddings import jobinfo, monitor
 from tests.conftest import ROOT, STEPS, import_step
 from tests.test_inventory import KEYS, bucket, publish  # noqa: F401 (bucket is a fixture)
 
@@ -195,11 +195,10 @@ def test_help_fits_an_80_column_terminal(script):
 
 
 def test_02_s_status_block_marks_a_cut_line():
-    step2 = import_step(2)
     import io
 
     out = io.StringIO()
-    display = step2.Display(out=out, tty=True, size=lambda: os.terminal_size((30, 10)))
+    display = monitor.Display(out=out, tty=True, size=lambda: os.terminal_size((30, 10)))
     display.show("", ["Message: " + "x" * 60, "short"])
     assert out.getvalue() == "Message: " + "x" * 19 + "…\nshort\n"
     assert all(len(line) <= 29 for line in out.getvalue().splitlines())

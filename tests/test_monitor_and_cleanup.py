@@ -16,7 +16,7 @@ from collections import Counter
 import pytest
 
 import common
-from batch_embeddings import jobs
+from batch_embeddings import jobs, monitor
 from tests.conftest import ROOT, STEPS, import_step
 
 ACCOUNT = "123456789012"
@@ -221,11 +221,11 @@ def test_02_reads_a_hundred_jobs_with_a_few_list_calls(world, monkeypatch, capsy
     assert all(job.get("job_arn") for job in world.job_info()["jobs"])
 
     step2 = import_step(2)
-    monkeypatch.setattr(step2, "LIST_PAGE_SIZE", 25)  # 5 pages a poll: the paging is exercised
+    monkeypatch.setattr(monitor, "LIST_PAGE_SIZE", 25)  # 5 pages a poll: the paging is exercised
     calls = count_calls(monkeypatch)
     in_process(world, monkeypatch)
     clock = FakeClock()
-    display = step2.Display(tty=False, size=lambda: os.terminal_size((100, 30)))
+    display = monitor.Display(tty=False, size=lambda: os.terminal_size((100, 30)))
     code = step2.run(["--wait", "--interval", "30", "--timeout", "86400"], sleep=clock.sleep, clock=clock,
                      display=display)
     out = capsys.readouterr().out
@@ -243,13 +243,12 @@ def test_02_reads_a_hundred_jobs_with_a_few_list_calls(world, monkeypatch, capsy
     assert "... and 86 more job(s)" in last  # 21 rows: the header, 19 jobs, this line
     assert "Jobs: Completed 105" in last
     assert "Overall progress: 100.0% (105/105 records)" in last
-    assert f"[Poll #{polls}] " in blocks[-1] and f"elapsed {step2.elapsed_text(30 * (polls - 1))}" in blocks[-1]
+    assert f"[Poll #{polls}] " in blocks[-1] and f"elapsed {monitor.elapsed_text(30 * (polls - 1))}" in blocks[-1]
     assert "\x1b[" not in out  # no cursor movement off a terminal
     assert {job["status"] for job in world.job_info()["jobs"]} == {"Completed"}
 
 
 def test_statuses_the_list_misses_are_asked_for_one_by_one():
-    step2 = import_step(2)
     jobs_ = [{"job_name": f"nova-mme-embedding-20261201-100000-{n:02d}",
               "job_arn": f"arn:aws:bedrock:us-east-1:123456789012:model-invocation-job/{n:012d}"} for n in range(6)]
 
@@ -273,7 +272,7 @@ def test_statuses_the_list_misses_are_asked_for_one_by_one():
             return {"jobArn": jobIdentifier, "status": "Scheduled"}
 
     bedrock = Bedrock()
-    found = step2.job_statuses(bedrock, jobs_, "2026-12-01T10:00:00+00:00")
+    found = monitor.job_statuses(bedrock, jobs_, "2026-12-01T10:00:00+00:00")
     assert {arn[-2:]: s["status"] for arn, s in found.items()} == {
         "00": "InProgress", "01": "InProgress", "02": "InProgress", "03": "Scheduled", "04": "Completed",
         "05": "Scheduled"}
@@ -282,7 +281,7 @@ def test_statuses_the_list_misses_are_asked_for_one_by_one():
     assert query["nameContains"] == "nova-mme-embedding-20261201-100000-0"  # what the names have in common
     assert query["submitTimeAfter"].isoformat() == "2026-11-30T10:00:00+00:00"
     bedrock = Bedrock()
-    step2.job_statuses(bedrock, jobs_[:3], None)  # a few jobs: a Get each is cheaper than a listing
+    monitor.job_statuses(bedrock, jobs_[:3], None)  # a few jobs: a Get each is cheaper than a listing
     assert bedrock.queries == [] and len(bedrock.gets) == 3
 
 
@@ -324,9 +323,8 @@ def run_info(statuses: list[str | None]) -> dict:
 
 
 def test_the_run_table_shows_the_most_telling_jobs_first_within_a_screenful():
-    step2 = import_step(2)
     info = run_info(["Completed"] * 20 + ["InProgress", "Failed"] + [None] * 5)
-    lines = step2.run_lines(info, rows=6)
+    lines = monitor.run_lines(info, rows=6)
     assert lines[0].split() == ["job", "status", "processed", "input", "folder"]
     assert lines[1].split() == ["21", "Failed", "4/10", "2024/f21/"]
     assert lines[2].split() == ["20", "InProgress", "4/10", "2024/f20/"]
@@ -334,13 +332,12 @@ def test_the_run_table_shows_the_most_telling_jobs_first_within_a_screenful():
     assert lines[5] == "... and 23 more job(s)"
     assert lines[6] == "Jobs: Completed 20, Failed 1, InProgress 1, Queued 5"
     assert lines[7] == "Overall progress: 77.0% (208/270 records)"
-    assert len(step2.run_lines(info, rows=100)) == 1 + 27 + 2
+    assert len(monitor.run_lines(info, rows=100)) == 1 + 27 + 2
 
 
 def test_on_a_terminal_the_block_is_redrawn_in_place():
-    step2 = import_step(2)
     out = io.StringIO()
-    display = step2.Display(out=out, tty=True, size=lambda: os.terminal_size((20, 10)))
+    display = monitor.Display(out=out, tty=True, size=lambda: os.terminal_size((20, 10)))
     display.show("", ["a" * 50, "second"])
     display.show("Deleted: s3://b/k\n", ["third", "fourth", "fifth"])
     display.forget()  # a prompt was printed below the block
@@ -351,7 +348,7 @@ def test_on_a_terminal_the_block_is_redrawn_in_place():
         "sixth\n"
     )
     plain = io.StringIO()
-    display = step2.Display(out=plain, tty=False, size=lambda: os.terminal_size((20, 10)))
+    display = monitor.Display(out=plain, tty=False, size=lambda: os.terminal_size((20, 10)))
     display.show("", ["a" * 50])
     display.show("", ["b"])
     assert plain.getvalue() == "a" * 50 + "\nb\n"
@@ -362,7 +359,7 @@ def test_02_wait_shows_the_elapsed_time_and_redraws_on_a_terminal(world, monkeyp
     step2 = import_step(2)
     in_process(world, monkeypatch)
     clock = FakeClock()
-    display = step2.Display(tty=True, size=lambda: os.terminal_size((80, 40)))
+    display = monitor.Display(tty=True, size=lambda: os.terminal_size((80, 40)))
     code = step2.run(["--wait", "--interval", "45"], sleep=clock.sleep, clock=clock, display=display)
     out = capsys.readouterr().out
     assert code == 0, out
@@ -373,7 +370,7 @@ def test_02_wait_shows_the_elapsed_time_and_redraws_on_a_terminal(world, monkeyp
     for block, up in zip(blocks[::2], blocks[1::2]):
         assert int(up) == block.count("\n")  # up exactly as many lines as the block took
     assert out.count(">>> STATUS:") == polls
-    assert f"[Poll #{polls}]" in out and f"elapsed {step2.elapsed_text(45 * (polls - 1))}" in out
+    assert f"[Poll #{polls}]" in out and f"elapsed {monitor.elapsed_text(45 * (polls - 1))}" in out
     assert "· next check in 45 seconds" in out
     assert "Next check in" not in out  # no scrolling line between blocks on a terminal
     assert all(len(line) < 80 for line in out.splitlines() if line.startswith(("[Poll #", "Output", "Last Modified")))
