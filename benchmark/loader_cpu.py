@@ -47,12 +47,15 @@ def main(argv=None) -> int:
     # the library's loader, in the package (or, in the code of a revision before it, beside the steps)
     packaged = (args.code / "batch_embeddings" / "vectors.py").exists()
     vectors = importlib.import_module("batch_embeddings.vectors" if packaged else "vectors")
-    step3_name = next(n for n in ("03_load_result_to_s3_vector_bucket", "step3") if (args.code / f"{n}.py").exists())
-    step3 = importlib.import_module(step3_name)
+    if (args.code / "batch_embeddings" / "loading.py").exists():
+        loading = importlib.import_module("batch_embeddings.loading")
+    else:  # a revision whose Loader was in step 3
+        loading = importlib.import_module(next(n for n in ("03_load_result_to_s3_vector_bucket", "step3")
+                                               if (args.code / f"{n}.py").exists()))
 
     def run() -> None:
         batcher = vectors.Batcher("bucket", "index")
-        loader = step3.Loader("job", args.dimension, batcher, io.BytesIO(), {})
+        loader = loading.Loader("job", args.dimension, batcher, io.BytesIO(), {})
         with open(args.file, "rb") as fh:
             lines = vectors.read_lines(Limited(fh, args.records * 80_000))
             for raw, start, end in itertools.islice(lines, args.records):

@@ -16,8 +16,7 @@ import pytest
 from werkzeug.test import Client
 
 import common
-from batch_embeddings import vectors
-from tests.conftest import import_step
+from batch_embeddings import loading, vectors
 from tests.sending import FakeClock, send_parts
 from tests.standins import s3vectors
 
@@ -153,10 +152,9 @@ def output_line(embedding_text: bytes, uri="s3://src/2024/a.png", first=False, e
 
 
 def loader_for(dimension=8):
-    step3 = import_step(3)
     batcher = vectors.Batcher("bucket", "index")
     report = io.BytesIO()
-    return step3.Loader("job1", dimension, batcher, report, {}), batcher, report
+    return loading.Loader("job1", dimension, batcher, report, {}), batcher, report
 
 
 @pytest.mark.parametrize("line", [
@@ -377,9 +375,8 @@ class Screen(io.StringIO):
 
 
 def test_the_bar_fits_the_terminal_and_counts_confirmed_vectors_of_this_run():
-    step3 = import_step(3)
     clock, screen = FakeClock(1000.0), Screen()
-    progress = step3.Progress(10_000, True, already=4_000, out=screen, clock=clock, width=lambda: 80)
+    progress = loading.Progress(10_000, True, already=4_000, out=screen, clock=clock, width=lambda: 80)
     for n in range(1, 13):
         clock.now += 1
         progress.update(4_000 + 500 * n)
@@ -395,10 +392,9 @@ def test_the_bar_fits_the_terminal_and_counts_confirmed_vectors_of_this_run():
 
 
 def test_the_bar_has_a_rate_and_time_left_and_shrinks_with_the_terminal():
-    step3 = import_step(3)
     clock, screen = FakeClock(1000.0), Screen()
     width = [120]
-    progress = step3.Progress(100_000, True, out=screen, clock=clock, width=lambda: width[0])
+    progress = loading.Progress(100_000, True, out=screen, clock=clock, width=lambda: width[0])
     clock.now += 10
     progress.update(25_000)
     assert "2,500 vectors/s" in screen.lines()[-1] and "0:30 left" in screen.lines()[-1]
@@ -410,9 +406,8 @@ def test_the_bar_has_a_rate_and_time_left_and_shrinks_with_the_terminal():
 
 
 def test_off_a_terminal_one_line_every_few_seconds():
-    step3 = import_step(3)
     clock, out = FakeClock(1000.0), io.StringIO()
-    progress = step3.Progress(10_000, False, out=out, clock=clock, every=5)
+    progress = loading.Progress(10_000, False, out=out, clock=clock, every=5)
     for n in range(1, 41):
         clock.now += 0.5
         progress.update(250 * n)
