@@ -28,7 +28,7 @@ import common
 from batch_embeddings import inventory, keyset, listing
 from tests.standins import s3 as s3_standin
 from tests.conftest import ROOT, import_step
-from tests.test_listing import config_for, manifests, plan_and_write, plan_and_write_listing
+from tests.test_listing import config_for, plan_and_write, plan_and_write_listing, written
 
 create_job = import_step(1)
 SCHEMA = "Bucket, Key, VersionId, IsLatest, IsDeleteMarker, Size, LastModifiedDate, ETag, StorageClass"
@@ -120,7 +120,7 @@ def test_an_inventory_gives_the_same_manifests_as_listing(bucket, tmp_path, fmt)
             found = create_job.list_inventory(s3, uri, config, "123456789012", [], work, None)
             records = plan_and_write_listing(found, config, out)
         results.append(([(r["job_name"], r["input_folder"], r["record_count"], r["client_request_token"])
-                         for r in records], manifests(records)))
+                         for r in records], written(records)))
         assert not list(work.glob("inventory-*"))  # the downloaded report files are gone
     assert results[0] == results[1]
     lines = [orjson.loads(line) for body in results[0][1].values() for line in body.splitlines()]
