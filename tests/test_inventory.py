@@ -25,12 +25,11 @@ import orjson
 import pytest
 
 import common
-from batch_embeddings import inventory, keyset, listing
+from batch_embeddings import inventory, keyset, listing, selection
 from tests.standins import s3 as s3_standin
-from tests.conftest import ROOT, import_step
+from tests.conftest import ROOT
 from tests.test_listing import config_for, plan_and_write, plan_and_write_listing, written
 
-create_job = import_step(1)
 SCHEMA = "Bucket, Key, VersionId, IsLatest, IsDeleteMarker, Size, LastModifiedDate, ETag, StorageClass"
 KEYS = ([f"2024/a/img-{i:03d}.png" for i in range(60)] + [f"2024/b/c/photo-{i:03d}.jpg" for i in range(45)]
         + [f"2024/top-{i}.webp" for i in range(10)]
@@ -117,7 +116,7 @@ def test_an_inventory_gives_the_same_manifests_as_listing(bucket, tmp_path, fmt)
             objects = listing.list_objects(listing.lean(s3), world.source_bucket, "2024/", "123456789012")
             records = plan_and_write(objects, config, work, out)
         else:
-            found = create_job.list_inventory(s3, uri, config, "123456789012", [], work, None)
+            found = selection.list_inventory(s3, uri, config, "123456789012", [], work, None)
             records = plan_and_write_listing(found, config, out)
         results.append(([(r["job_name"], r["input_folder"], r["record_count"], r["client_request_token"])
                          for r in records], written(records)))
@@ -214,11 +213,11 @@ def test_listings_of_parts_merge_into_the_listing_of_the_whole(tmp_path):
 
     def listed(part, name):
         (tmp_path / name).mkdir()
-        return create_job.list_images(iter(part), config, exclude, tmp_path / name, None)
+        return selection.list_images(iter(part), config, exclude, tmp_path / name, None)
 
     whole = listed(objects, "whole")
     parts = [listed(objects[n::3], f"part{n}").summary() for n in range(3)]
-    merged = create_job.Listing.merged(parts, tmp_path)
+    merged = selection.Listing.merged(parts, tmp_path)
     for field in ("counts", "skipped", "examples", "left_out"):
         assert dict(getattr(merged, field)) == dict(getattr(whole, field)), field
     assert sorted(merged.own_manifests) == sorted(whole.own_manifests) and len(merged.own_manifests) == 2
@@ -236,7 +235,7 @@ _PARENT = {}
 def _read_until_interrupted(n: int) -> dict:
     """Stands in for 01's reading of data file n in a worker: file 0 presses Ctrl-C (in 01, not in its workers),
     and every file read waits until 01 has seen it."""
-    folder = create_job._forked["folders"][n]
+    folder = selection._forked["folders"][n]
     (folder / "read").touch()
     if n == 0:
         os.kill(_PARENT["pid"], signal.SIGINT)
@@ -245,7 +244,7 @@ def _read_until_interrupted(n: int) -> dict:
     return {}
 
 
-_read_until_interrupted.__module__, _read_until_interrupted.__qualname__ = create_job.__name__, "_list_data_file"
+_read_until_interrupted.__module__, _read_until_interrupted.__qualname__ = selection.__name__, "_list_data_file"
 
 
 def ctrl_c_while_workers_read(tmp: str) -> dict:
@@ -261,10 +260,10 @@ def ctrl_c_while_workers_read(tmp: str) -> dict:
     signal.signal(signal.SIGINT, on_ctrl_c)
     paths = [tmp / f"data-{n}.csv.gz" for n in range(12)]
     inventory.data_files = lambda *args: ({}, paths)
-    create_job._list_data_file = _read_until_interrupted  # forked workers find it by this name
+    selection._list_data_file = _read_until_interrupted  # forked workers find it by this name
     config = types.SimpleNamespace(source_bucket="images", source_prefix="", inventory_bucket_owner=None)
     try:
-        create_job.list_inventory(None, "s3://images/inventory/manifest.json", config, "111122223333", [], tmp, None)
+        selection.list_inventory(None, "s3://images/inventory/manifest.json", config, "111122223333", [], tmp, None)
     except KeyboardInterrupt:
         return {"interrupted": True, "read": sorted(int(p.parent.name.split("-")[1]) for p in tmp.glob("part-*/read")),
                 "workers left": len(multiprocessing.active_children())}

@@ -17,7 +17,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 import common
-from batch_embeddings import jobinfo, lease
+from batch_embeddings import jobinfo, lease, selection
 from tests.conftest import ROOT, STEPS
 
 A_FILE = "batch_job_info.json"
@@ -270,10 +270,8 @@ def test_a_racing_write_is_tried_again():
 
 @pytest.mark.parametrize("key", ["2024/" + lease.NAME, lease.NAME, "2024/sub/" + lease.NAME])
 def test_the_lease_is_neither_an_image_nor_a_manifest(key):
-    from tests.conftest import import_step
-
     assert lease.is_lease(key) and lease.key_for(key.rsplit("/", 1)[0] + "/" if "/" in key else "") == key
-    assert import_step(1).classify(key, 300)[0] is None  # not an image the model takes
+    assert selection.classify(key, 300)[0] is None  # not an image the model takes
     assert not common.is_own_manifest(key) and not key.endswith(".jsonl")  # Bedrock reads every .jsonl
 
 

@@ -20,7 +20,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 import common
-from batch_embeddings import jobs, listing, manifests
+from batch_embeddings import jobs, listing, manifests, selection
 from tests.standins import s3 as s3_standin
 from tests.conftest import ROOT, STEPS, import_step
 
@@ -209,7 +209,7 @@ def synthetic(folders: int, per_folder: int, seed: int = 0) -> list[dict]:
 
 def plan_and_write(objects, config, workdir, manifest_dir, stamp="20261201-000000"):
     pairs = ((o["Key"], o["Size"], o.get("ETag")) if isinstance(o, dict) else o for o in objects)
-    return plan_and_write_listing(create_job.list_images(pairs, config, [], workdir), config, manifest_dir, stamp)
+    return plan_and_write_listing(selection.list_images(pairs, config, [], workdir), config, manifest_dir, stamp)
 
 
 def plan_and_write_listing(found, config, manifest_dir, stamp="20261201-000000"):
