@@ -24,10 +24,7 @@ from pathlib import Path
 
 import orjson
 
-from batch_embeddings import (
-    accounting, cost, jobinfo, jobs, keyset, lease, listing as listing_module, manifests, ondemand, preflight,
-    rejects, selection, vectors,
-)
+from batch_embeddings import accounting, cost, jobinfo, jobs, keyset, lease, listing as listing_module, manifests, naming, nova, ondemand, preflight, rejects, selection, vectors
 import common
 from common import StepError, ok
 
@@ -96,7 +93,7 @@ def embed_on_demand(listing: selection.Listing, config: common.Config, owner: st
     dimension = config.embedding_dimension
     vectors.ensure_index(s3v, config.vector_bucket, config.vector_index, dimension)
     print(f"Embedding {listing.images} image(s) on demand with {config.model_id}")
-    requests = ((uri, common.image_request(uri, fmt, owner, dimension, config.embedding_purpose))
+    requests = ((uri, nova.image_request(uri, fmt, owner, dimension, config.embedding_purpose))
                 for uri, fmt in ((common.s3_uri(config.source_bucket, key), fmt)
                                  for key, fmt in listing.images_in_order()))
     loaded, failed = ondemand.embed_and_load(requests, config, runtime, s3v, dimension, forget_done=True,
@@ -172,7 +169,7 @@ def previous_run(bedrock, path: Path, force: bool) -> tuple[dict | None, dict | 
     for job in state.running:
         for manifest in job["manifests"]:
             if Path(manifest["local_path"]).exists():
-                in_flight.update(common.vector_key(uri) for _, uri in
+                in_flight.update(naming.vector_key(uri) for _, uri in
                                  accounting.manifest_file_records(Path(manifest["local_path"])))
     if unfinished:
         print(f"Replacing the unfinished run in {path} (--force): {'; '.join(unfinished[:3])}")
@@ -191,7 +188,7 @@ def retire(old: dict | None, path: Path) -> None:
     for job in old["jobs"]:
         for manifest in job["manifests"]:
             local = Path(manifest["local_path"])
-            if common.is_own_manifest(local.name):
+            if naming.is_own_manifest(local.name):
                 local.unlink(missing_ok=True)
 
 
@@ -321,7 +318,7 @@ def create(args, config: common.Config) -> int:
             print(f"Resuming the submission of the run in {config.job_info_file}")
             preflight.check_role(common.make_client("iam", config), config.role_arn,
                                  common.caller_account(sts))
-            jobs.submit_ready(s3, bedrock, unfinished, common.in_job_region(config, unfinished), save,
+            jobs.submit_ready(s3, bedrock, unfinished, jobinfo.in_job_region(config, unfinished), save,
                               config.quotas.max_concurrent_jobs)
             return finish(unfinished, config)
 
@@ -353,7 +350,7 @@ def create(args, config: common.Config) -> int:
         rejected = {}  # --retry-failed tries the permanently failed images again
     exclude: list[tuple[keyset.KeySet, str]] = []
     if retry is not None and not args.all and indexed:
-        keys = [common.vector_key(entry["source_uri"]) for entry in retry]
+        keys = [naming.vector_key(entry["source_uri"]) for entry in retry]
         exclude.append((keyset.KeySet.of(accounting.present_keys(s3v, config.vector_bucket, config.vector_index,
                                                                   keys)), "already in the vector index"))
     elif not args.all and indexed:

@@ -20,7 +20,7 @@ import time
 from datetime import datetime
 
 import common
-from batch_embeddings import jobinfo, jobs, lease, monitor
+from batch_embeddings import jobinfo, jobs, lease, monitor, naming
 from common import ok
 
 SETTINGS = ("AWS_REGION", "JOB_INFO_FILE", "EXPECTED_BUCKET_OWNER", "MAX_CONCURRENT_JOBS")
@@ -169,31 +169,31 @@ class Run:
     def pending(self) -> bool:
         """Whether the run has work a look leaves undone: inputs of ended jobs to remove, queued jobs to submit."""
         return any(not job.get("on_demand") and (not job.get("job_arn") or (
-            job.get("status") in common.TERMINAL_STATUSES and not job.get("input_removed")))
+            job.get("status") in jobinfo.TERMINAL_STATUSES and not job.get("input_removed")))
             for job in self.info["jobs"])
 
     def poll(self) -> tuple[bool, list[str]]:
         """Check every job once; (whether the whole run has ended, the status block of a single-job run)."""
         block = []
-        to_check = [job for job in common.submitted_jobs(self.info)
-                    if not (job.get("status") in common.TERMINAL_STATUSES and job.get("input_removed"))]
+        to_check = [job for job in jobinfo.submitted_jobs(self.info)
+                    if not (job.get("status") in jobinfo.TERMINAL_STATUSES and job.get("input_removed"))]
         statuses = monitor.job_statuses(self.bedrock, to_check, self.info.get("created"))
         for job in to_check:
             status = statuses[job["job_arn"]]
             monitor.record_status(job, status)
             if self.single:
-                manifest = token_counts(self.s3, job, common.job_id_from_arn(job["job_arn"]), self.owner) \
+                manifest = token_counts(self.s3, job, naming.job_id_from_arn(job["job_arn"]), self.owner) \
                     if status.get("totalRecordCount") is not None else None
                 with contextlib.redirect_stdout(io.StringIO()) as shown:
                     print_status(status, manifest, job["job_name"])
                 block = shown.getvalue().splitlines()
-            if job["status"] in common.TERMINAL_STATUSES and not job.get("input_removed") and not self.looking:
+            if job["status"] in jobinfo.TERMINAL_STATUSES and not job.get("input_removed") and not self.looking:
                 remove_input(self.s3, self.info, job, self.owner)
         if not self.looking:
             self.save()
             jobs.submit_ready(self.s3, self.bedrock, self.info, self.config, lambda _: self.save(),
                               self.config.quotas.max_concurrent_jobs)
-        ended = all(job.get("job_arn") and job.get("status") in common.TERMINAL_STATUSES
+        ended = all(job.get("job_arn") and job.get("status") in jobinfo.TERMINAL_STATUSES
                     for job in self.info["jobs"] if not job.get("on_demand"))
         return ended, block
 
@@ -235,7 +235,7 @@ class Watch:
             print(f"Loaded job info from {path}")
             if len(self.info["jobs"]) == 1 and self.info["jobs"][0].get("job_arn"):
                 print(f"Job ARN: {self.info['jobs'][0]['job_arn']}")
-        self.the_run = Run(self.info, common.in_job_region(self.config, self.info), path, looking)
+        self.the_run = Run(self.info, jobinfo.in_job_region(self.config, self.info), path, looking)
 
     def look(self) -> int:
         """--no-wait: one poll of the file as it is, nothing removed, submitted or saved."""
@@ -271,7 +271,7 @@ class Watch:
 
     def follow(self, waiting: bool) -> int:
         """Poll until the run ends (or --timeout), or say that it goes on when not `waiting`."""
-        args, ended = self.args, all(job.get("job_arn") and job.get("status") in common.TERMINAL_STATUSES
+        args, ended = self.args, all(job.get("job_arn") and job.get("status") in jobinfo.TERMINAL_STATUSES
                                      for job in self.info["jobs"] if not job.get("on_demand"))
         try:
             while not ended:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import orjson
 
-from batch_embeddings import accounting, jobinfo, jobs, loading, ondemand, records, rejects, vectors
+from batch_embeddings import accounting, jobinfo, jobs, loading, naming, ondemand, records, rejects, vectors
 import common
 from common import StepError, ok
 
@@ -73,7 +73,7 @@ def read_manifest(s3, bucket: str, key: str, owner: str) -> dict | None:
 def load_job(job: dict, info: dict, clients, config: common.Config, args, limiter, workers) -> dict:
     """Stream one job's output files into the index; returns the job's counts. Resumes from its checkpoint."""
     s3, s3v, put_client, owner = clients
-    job_id = common.job_id_from_arn(job["job_arn"])
+    job_id = naming.job_id_from_arn(job["job_arn"])
     print(f"Job Name: {job['job_name']}")
     print(f"Job ARN: {job['job_arn']}")
     print(f"Job ID: {job_id}")
@@ -200,7 +200,7 @@ def run(argv) -> int:
 
 def load_run(args, config: common.Config) -> int:
     info = jobinfo.load(config.job_info_file)
-    config = common.in_job_region(config, info)
+    config = jobinfo.in_job_region(config, info)
     print(f"Loaded job info from {config.job_info_file}")
 
     # A job that had ended when last asked (02 records it) is not asked about again: then no Bedrock client.
@@ -218,7 +218,7 @@ def load_run(args, config: common.Config) -> int:
     if running:
         raise StepError(f"the run has not ended ({'; '.join(running[:3])}) — wait for it with "
                         "02_monitor_job.py --wait", common.EXIT_REFUSED)
-    loadable = [job for job in info["jobs"] if job.get("status") in common.LOADABLE_STATUSES]
+    loadable = [job for job in info["jobs"] if job.get("status") in jobinfo.LOADABLE_STATUSES]
     dimension = max(int(job.get("embedding_dimension", config.embedding_dimension)) for job in info["jobs"])
     # Before any checkpoint is touched: a missing index refused (--no-create) or of another dimension changes nothing.
     vectors.ensure_index(s3v, config.vector_bucket, config.vector_index, dimension, create=not args.no_create)
@@ -229,7 +229,7 @@ def load_run(args, config: common.Config) -> int:
     problems = []
     processes = args.workers
     if processes is None:
-        to_load = sum(int(job.get("record_count") or 0) for job in loadable if args.reload or not common.job_loaded(job))
+        to_load = sum(int(job.get("record_count") or 0) for job in loadable if args.reload or not jobinfo.job_loaded(job))
         cpus = os.cpu_count() or 1  # one CPU: the main process and a worker would take turns on it
         processes = min(4, cpus) if cpus > 1 and to_load >= records.MIN_RECORDS else 0
     with records.pool(processes) as workers:  # before any thread starts
@@ -245,7 +245,7 @@ def load_run(args, config: common.Config) -> int:
             if "mismatch" in counts:
                 problems.append(counts["mismatch"])
     # The run's on-demand part (images too few for a job of their own): embedded here and loaded like a job.
-    parts = [job for job in info["jobs"] if ondemand.is_part(job) and (args.reload or not common.job_loaded(job))]
+    parts = [job for job in info["jobs"] if ondemand.is_part(job) and (args.reload or not jobinfo.job_loaded(job))]
     if parts:
         runtime = common.make_client("bedrock-runtime", config, max_pool_connections=ondemand.THREADS + 2)
     for part in parts:

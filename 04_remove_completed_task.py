@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import common
-from batch_embeddings import jobinfo, jobs, ondemand
+from batch_embeddings import jobinfo, jobs, naming, ondemand
 from common import StepError, ok
 
 SETTINGS = ("AWS_REGION", "JOB_INFO_FILE", "EXPECTED_BUCKET_OWNER")
@@ -54,12 +54,12 @@ def run(argv) -> int:
 
 def remove(args, config: common.Config) -> int:
     info = jobinfo.load(config.job_info_file)
-    config = common.in_job_region(config, info)
+    config = jobinfo.in_job_region(config, info)
     print(f"Loaded job info from {config.job_info_file}")
     for job in info["jobs"]:
         print(f"Job Name: {job['job_name']}")
         if job.get("job_arn"):
-            print(f"Job ID: {common.job_id_from_arn(job['job_arn'])}")
+            print(f"Job ID: {naming.job_id_from_arn(job['job_arn'])}")
     s3 = common.make_client("s3", config)
     if not args.force:
         check_can_remove(common.make_client("bedrock", config), info)

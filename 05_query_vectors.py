@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import common
-from batch_embeddings import results_page
+from batch_embeddings import nova, results_page
 from common import StepError, ok
 
 SETTINGS = ("AWS_REGION", "VECTOR_BUCKET", "VECTOR_INDEX", "MODEL_ID", "EMBEDDING_DIMENSION", "EXPECTED_BUCKET_OWNER")
@@ -106,19 +106,19 @@ class Query:
     def request(self, dimension: int, owner: str | None) -> dict:
         """The InvokeModel body."""
         if self.text is not None:
-            return common.text_request(self.text, dimension, self.purpose)
+            return nova.text_request(self.text, dimension, self.purpose)
         if self.image_uri is not None:
-            return common.image_request(self.image_uri, self.image_format, owner, dimension, self.purpose)
-        return common.image_bytes_request(self.image_data, self.image_format, dimension, self.purpose)
+            return nova.image_request(self.image_uri, self.image_format, owner, dimension, self.purpose)
+        return nova.image_bytes_request(self.image_data, self.image_format, dimension, self.purpose)
 
 
 def image_format(name: str, shown: str) -> str:
     suffix = PurePosixPath(name).suffix.lower()
-    fmt = common.IMAGE_FORMATS.get(suffix)
+    fmt = nova.IMAGE_FORMATS.get(suffix)
     if fmt is None:
         kind = f"'{suffix}'" if suffix else "(no extension)"
         raise StepError(f"{shown}: unsupported image type {kind} — the model takes "
-                        f"{', '.join(common.IMAGE_FORMATS)}", common.EXIT_USAGE)
+                        f"{', '.join(nova.IMAGE_FORMATS)}", common.EXIT_USAGE)
     return fmt
 
 
@@ -135,7 +135,7 @@ def read_local_image(path: Path) -> tuple[bytes, str]:
     fmt = image_format(path.name, str(path))
     if size == 0:
         raise StepError(f"{path}: the file is empty", common.EXIT_USAGE)
-    if size > common.MAX_IMAGE_BYTES:
+    if size > nova.MAX_IMAGE_BYTES:
         raise StepError(f"{path}: {size / 1e6:.1f} MB; the model takes images up to 50 MB", common.EXIT_USAGE)
     if 4 * ((size + 2) // 3) + BODY_ALLOWANCE > MAX_INVOKE_BODY_BYTES:
         raise StepError(f"{path}: {size / 1e6:.1f} MB is too large to send inline (base64 in InvokeModel's 25 MB "
@@ -307,7 +307,7 @@ def run(argv) -> int:
         owner = config.expected_bucket_owner or common.caller_account(common.make_client("sts", config))
     say(f"Embedding with {config.model_id} ({query.purpose}, {dimension} dimensions)")
     runtime = common.make_client("bedrock-runtime", config)
-    answer = common.embed_answer(runtime, config.model_id, query.request(dimension, owner))
+    answer = nova.embed_answer(runtime, config.model_id, query.request(dimension, owner))
     vector = answer["embedding"]
     if query.text is not None and "truncatedCharLength" in answer:
         say(f"! The text is longer than the model reads ({TEXT_LIMIT}): it cut the end and searched with the start "

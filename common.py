@@ -1,5 +1,6 @@
-"""Shared vocabulary of the steps: configuration, AWS clients, S3 helpers, console output (the job-info file is
-jobinfo.py's).
+"""What every step shares: configuration, AWS clients, errors and exit codes, console output and the S3 helpers.
+The job-info file is batch_embeddings/jobinfo.py's, the names this tool gives things batch_embeddings/naming.py's,
+and the model's request bodies batch_embeddings/nova.py's.
 
 Every function here takes what it works on as arguments (a client, a config, a path); nothing runs at import.
 """
@@ -7,11 +8,8 @@ Every function here takes what it works on as arguments (a client, a config, a p
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
 import functools
-import hashlib
-import json
 import os
 import re
 import sys
@@ -50,9 +48,6 @@ EXIT_CODES_HELP = """exit status (the same for every step):
   9    00: a check of the setup failed (its ✗ line says what to fix)
   130  interrupted (Ctrl-C): run the step again to continue"""
 
-TERMINAL_STATUSES = frozenset({"Completed", "PartiallyCompleted", "Failed", "Stopped", "Expired"})
-# Statuses whose output folder holds results worth loading.
-LOADABLE_STATUSES = frozenset({"Completed", "PartiallyCompleted", "Stopped"})
 
 DIMENSIONS = (256, 384, 1024, 3072)
 EMBEDDING_PURPOSES = (
@@ -66,10 +61,6 @@ EMBEDDING_PURPOSES = (
     "CLASSIFICATION",
     "CLUSTERING",
 )
-IMAGE_FORMATS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".gif": "gif", ".webp": "webp"}
-MAX_IMAGE_BYTES = 50 * 1000 * 1000  # the model's 50 MB image limit
-MANIFEST_PREFIX = "batch_input_"
-MANIFEST_SUFFIX = ".jsonl"
 
 # Bedrock's patterns, from botocore's service model (see ../shared/aws-facts.md).
 MAX_S3_URI = 1024  # characters of a job's input or output s3Uri
@@ -506,21 +497,6 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def in_job_region(config: Config, info: dict) -> Config:
-    """The config with the region the jobs were created in: later steps must talk to that region."""
-    return dataclasses.replace(config, region=info["region"])
-
-
-def submitted_jobs(info: dict) -> list[dict]:
-    return [job for job in info["jobs"] if job.get("job_arn")]
-
-
-def job_loaded(job: dict) -> bool:
-    """Whether step 3 has loaded every output file of the job."""
-    load = job.get("load") or {}
-    return bool(load.get("finished"))
-
-
 def s3_uri(bucket: str, key: str = "") -> str:
     return f"s3://{bucket}/{key}"
 
@@ -573,142 +549,9 @@ def delete_object(s3, bucket: str, key: str, owner: str) -> None:
     s3.delete_object(Bucket=bucket, Key=key, ExpectedBucketOwner=owner)
 
 
-def is_own_manifest(key: str) -> bool:
-    name = key.rsplit("/", 1)[-1]
-    return name.startswith(MANIFEST_PREFIX) and name.endswith(MANIFEST_SUFFIX)
-
-
-def vector_key(source_uri: str) -> str:
-    """The vector key of an image: stable for its S3 URI, so loading twice overwrites."""
-    return hashlib.sha256(source_uri.encode("utf-8")).hexdigest()[:32]
-
-
-# A batch recordId: at most 12 characters [A-Za-z0-9] (Bedrock's documented length has varied; 12 alphanumerics is
-# what is known to work), derived from the image's URI. Results are joined by the URI in modelInput; the recordId
-# is only a cross-check, so an id Bedrock shortened or replaced costs a warning, not an image.
-RECORD_ID_ATTEMPTS = 16  # ids tried for one URI before a job's manifest gives up (62**12 ids: never reached)
-_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_BASE62_PAIRS = [low + high for high in _BASE62 for low in _BASE62]  # [n] = digits n % 62, n // 62
-
-
-def record_id(source_uri: str, attempt: int = 0) -> str:
-    """The recordId of an image in a batch manifest; `attempt` > 0 derives another one after a collision."""
-    data = source_uri.encode("utf-8") if attempt == 0 else f"{attempt}\n{source_uri}".encode("utf-8")
-    n = int.from_bytes(hashlib.sha256(data).digest()[:9], "big")  # 72 bits, 62**12 is about 2**71.4
-    # base 62, least significant digit first, two digits at a time: six pairs (12 characters), written out
-    # because 01 calls this for every image
-    n, a = divmod(n, 3844)
-    n, b = divmod(n, 3844)
-    n, c = divmod(n, 3844)
-    n, d = divmod(n, 3844)
-    n, e = divmod(n, 3844)
-    pairs = _BASE62_PAIRS
-    return pairs[a] + pairs[b] + pairs[c] + pairs[d] + pairs[e] + pairs[n % 3844]
-
-
-def record_id_matches(rid, source_uri: str) -> bool:
-    """Whether `rid` is one of the recordIds 01 may have given the image (the cross-check of an output line)."""
-    return isinstance(rid, str) and any(rid == record_id(source_uri, a) for a in range(RECORD_ID_ATTEMPTS))
-
-
-class RecordIds:
-    """The recordIds of one job: each derived from its image's URI, and unique within the job (a collision takes
-    the URI's next id, so the same manifests always get the same ids)."""
-
-    def __init__(self) -> None:
-        self.used: set[str] = set()
-        self.collisions = 0
-
-    def assign(self, source_uri: str) -> str:
-        for attempt in range(RECORD_ID_ATTEMPTS):
-            rid = record_id(source_uri, attempt)
-            if rid not in self.used:
-                self.used.add(rid)
-                self.collisions += attempt > 0
-                return rid
-        raise StepError(f"no unique recordId left for {source_uri} in its job")
-
-
-def job_id_from_arn(job_arn: str) -> str:
-    return job_arn.rsplit("/", 1)[-1]
-
-
-def image_request(uri: str, fmt: str, owner: str, dimension: int, purpose: str) -> dict:
-    """The Nova Multimodal Embeddings request body for an image in S3 (a batch record's modelInput)."""
-    return {
-        "taskType": "SINGLE_EMBEDDING",
-        "singleEmbeddingParams": {
-            "embeddingPurpose": purpose,
-            "embeddingDimension": dimension,
-            "image": {"format": fmt, "source": {"s3Location": {"uri": uri, "bucketOwner": owner}}},
-        },
-    }
-
-
-def image_uri(record: dict) -> str | None:
-    """The S3 URI of the image a batch record (a manifest line or an output line) is about."""
-    try:
-        return record["modelInput"]["singleEmbeddingParams"]["image"]["source"]["s3Location"]["uri"]
-    except (KeyError, TypeError):
-        return None
-
-
-def image_record(uri: str, fmt: str, owner: str, dimension: int, purpose: str, rid: str | None = None) -> dict:
-    """One line of the batch manifest. Results join back to the image by the URI in modelInput; `rid` is the
-    recordId the job's RecordIds gave it (by default the URI's first id)."""
-    return {"recordId": rid or record_id(uri), "modelInput": image_request(uri, fmt, owner, dimension, purpose)}
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Queries (step 5)
 # --------------------------------------------------------------------------------------------------------------
-
-
-def text_request(text: str, dimension: int, purpose: str) -> dict:
-    """The Nova Multimodal Embeddings request body for a text. The model reads up to 8K tokens (how many characters
-    that is depends on the text): past them it cuts the end (truncationMode END) and says so in the answer's
-    `truncatedCharLength` (see `embed_answer`)."""
-    return {
-        "taskType": "SINGLE_EMBEDDING",
-        "singleEmbeddingParams": {
-            "embeddingPurpose": purpose,
-            "embeddingDimension": dimension,
-            "text": {"truncationMode": "END", "value": text},
-        },
-    }
-
-
-def image_bytes_request(data: bytes, fmt: str, dimension: int, purpose: str) -> dict:
-    """The Nova Multimodal Embeddings request body for an image sent inline (base64) instead of read from S3."""
-    import base64
-
-    return {
-        "taskType": "SINGLE_EMBEDDING",
-        "singleEmbeddingParams": {
-            "embeddingPurpose": purpose,
-            "embeddingDimension": dimension,
-            "image": {"format": fmt, "source": {"bytes": base64.b64encode(data).decode("ascii")}},
-        },
-    }
-
-
-def embed(runtime, model_id: str, body: dict) -> list[float]:
-    """One InvokeModel call on bedrock-runtime; the embedding it answers."""
-    return embed_answer(runtime, model_id, body)["embedding"]
-
-
-def embed_answer(runtime, model_id: str, body: dict) -> dict:
-    """One InvokeModel call on bedrock-runtime; the first embedding of its answer as the model gives it: `embedding`,
-    `embeddingType`, and `truncatedCharLength` only when the model cut a text."""
-    response = runtime.invoke_model(modelId=model_id, body=json.dumps(body, ensure_ascii=False).encode("utf-8"),
-                                    contentType="application/json", accept="application/json")
-    answer = json.loads(response["body"].read())
-    try:
-        item = answer["embeddings"][0]
-        item["embedding"]
-        return item
-    except (KeyError, IndexError, TypeError):
-        raise StepError(f"{model_id} answered without an embedding: {json.dumps(answer)[:200]}") from None
 
 
 def make_presign_client(config: Config, *, path_style: bool = False):

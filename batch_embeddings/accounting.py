@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import orjson
 
 import common
-from batch_embeddings import jobinfo, rejects
+from batch_embeddings import jobinfo, naming, nova, rejects
 
 GET_VECTORS_KEYS = 100  # S3 Vectors' limit per GetVectors
 THREADS = 8
@@ -67,14 +67,14 @@ def job_records(job: dict, gone: str) -> Iterator[dict]:
 def manifest_file_records(path: Path) -> Iterator[tuple[str, str]]:
     """(recordId, image URI) of every record of one local manifest."""
     for record in file_records(path):
-        yield record["recordId"], common.image_uri(record)
+        yield record["recordId"], nova.image_uri(record)
 
 
 def manifest_records(job: dict) -> Iterator[tuple[str, str]]:
     """(recordId, image URI) of every record of the job's local manifests."""
     for record in job_records(job, "its images cannot be accounted for — keep the manifests until "
                                    "04_remove_completed_task.py"):
-        yield record["recordId"], common.image_uri(record)
+        yield record["recordId"], nova.image_uri(record)
 
 
 def failures(report: Path) -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str, str]]]:
@@ -87,7 +87,7 @@ def failures(report: Path) -> tuple[dict[str, tuple[str, str]], dict[str, tuple[
                 entry = orjson.loads(line)
                 found = (str(entry.get("error_code")), entry.get("error_message", ""))
                 if isinstance(entry.get("source_uri"), str):
-                    by_key[common.vector_key(entry["source_uri"])] = found
+                    by_key[naming.vector_key(entry["source_uri"])] = found
                 elif isinstance(entry.get("recordId"), str):
                     by_record_id[entry["recordId"]] = found
     return by_key, by_record_id
@@ -148,11 +148,11 @@ def account_run(info: dict, s3v, config: common.Config, report_file: Callable[[s
     def entries():
         for job in info["jobs"]:
             records = list(manifest_records(job))
-            keys = [common.vector_key(uri) for _, uri in records]
+            keys = [naming.vector_key(uri) for _, uri in records]
             present = {key for key in keys if key in confirmed}
             unknown = [key for key in keys if key not in present]
             present |= presence.keys(unknown)
-            job_id = common.job_id_from_arn(job["job_arn"]) if job.get("job_arn") else None
+            job_id = naming.job_id_from_arn(job["job_arn"]) if job.get("job_arn") else None
             job_id = job["job_name"] if job.get("on_demand") else job_id  # its load report, written by step 3
             failed, failed_without_uri = failures(report_file(job_id)) if job_id else ({}, {})
             status = job.get("status") or ("on demand" if job.get("on_demand") else "never submitted")

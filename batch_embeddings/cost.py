@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import common
+from batch_embeddings import naming
 
 GB = 1024 ** 3
 FLOAT32_BYTES = 4
@@ -69,7 +70,7 @@ def estimate(source_uris: Iterable[str], dimension: int, prices: common.Prices, 
     first = next(uris, None)
     if first is None:
         return Estimate(0, on_demand, price, 0, prices)
-    fixed = vector_bytes(dimension, common.vector_key(first), {"source_uri": "", "job_id": job_id})
+    fixed = vector_bytes(dimension, naming.vector_key(first), {"source_uri": "", "job_id": job_id})
     images, uri_bytes = 1, len(first.encode("utf-8"))
     for uri in uris:
         images += 1

@@ -12,6 +12,7 @@ A run's other files live beside it: `runs/<stamp>/` holds the run's local manife
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -22,10 +23,14 @@ from pathlib import Path
 import orjson
 
 import common
-from batch_embeddings import lease
+from common import Config
+from batch_embeddings import lease, naming
 
 RUNS_FOLDER = "runs"
-STATUSES = common.TERMINAL_STATUSES | {"Submitted", "Validating", "Scheduled", "InProgress", "Stopping"}
+TERMINAL_STATUSES = frozenset({"Completed", "PartiallyCompleted", "Failed", "Stopped", "Expired"})
+# Statuses whose output folder holds results worth loading.
+LOADABLE_STATUSES = frozenset({"Completed", "PartiallyCompleted", "Stopped"})
+STATUSES = TERMINAL_STATUSES | {"Submitted", "Validating", "Scheduled", "InProgress", "Stopping"}
 
 _held: dict[str, "_Hold"] = {}  # lock path -> this process's hold of it
 
@@ -346,9 +351,9 @@ def _foreign(manifest: dict, job: dict) -> str:
     """Why a manifest entry names a file this tool did not write ('' when it is one of ours): 02 and 04 delete
     what the entries name, so an entry edited by hand must not make them delete an image or another file."""
     key, name = manifest["s3_key"], Path(manifest["local_path"]).name
-    if not (common.is_own_manifest(key) and key[:key.rfind("/") + 1] == job["input_folder"]):
+    if not (naming.is_own_manifest(key) and key[:key.rfind("/") + 1] == job["input_folder"]):
         return f"names s3 key {key!r}, not a manifest of this tool in {job['input_folder']!r}"
-    if not common.is_own_manifest(name):
+    if not naming.is_own_manifest(name):
         return f"names local file {manifest['local_path']!r}, not a manifest of this tool"
     return ""
 
@@ -370,3 +375,18 @@ def _load_problems(load: dict, where: str) -> str:
     if load.get("report_bytes", 0) < 0 or any(p["offset"] < 0 for p in load.get("files", {}).values()):
         return f"{where} has a negative offset"
     return ""
+
+
+def in_job_region(config: Config, info: dict) -> Config:
+    """The config with the region the jobs were created in: later steps must talk to that region."""
+    return dataclasses.replace(config, region=info["region"])
+
+
+def submitted_jobs(info: dict) -> list[dict]:
+    return [job for job in info["jobs"] if job.get("job_arn")]
+
+
+def job_loaded(job: dict) -> bool:
+    """Whether step 3 has loaded every output file of the job."""
+    load = job.get("load") or {}
+    return bool(load.get("finished"))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import common
+from batch_embeddings import jobinfo, naming
 
 # An allocation: the direct images of `folder` with listing index start <= i < end.
 Allocation = tuple[str, int, int]
@@ -400,7 +401,7 @@ LIST_PAGE_SIZE = 1000  # ListModelInvocationJobs' largest page
 
 def active(job: dict) -> bool:
     """Submitted (or being submitted) and not ended: its manifests are in S3."""
-    return bool(job.get("uploaded")) and job.get("status") not in common.TERMINAL_STATUSES
+    return bool(job.get("uploaded")) and job.get("status") not in jobinfo.TERMINAL_STATUSES
 
 
 def queued(job: dict) -> bool:
@@ -419,7 +420,7 @@ class RunState:
 def needs_status(job: dict) -> bool:
     """Whether Bedrock must be asked for the job's status: it was submitted and had not ended when last asked (an
     ended job's status never changes)."""
-    return bool(job.get("job_arn")) and job.get("status") not in common.TERMINAL_STATUSES
+    return bool(job.get("job_arn")) and job.get("status") not in jobinfo.TERMINAL_STATUSES
 
 
 def refresh(bedrock, info: dict) -> RunState:
@@ -428,7 +429,7 @@ def refresh(bedrock, info: dict) -> RunState:
     state = RunState()
     for job in info["jobs"]:
         if job.get("on_demand"):  # no Bedrock job: waits only for step 3 to embed and load it
-            if not common.job_loaded(job):
+            if not jobinfo.job_loaded(job):
                 state.unloaded.append(job)
             continue
         if queued(job):
@@ -436,9 +437,9 @@ def refresh(bedrock, info: dict) -> RunState:
             continue
         if needs_status(job):
             job["status"] = bedrock.get_model_invocation_job(jobIdentifier=job["job_arn"])["status"]
-        if job["status"] not in common.TERMINAL_STATUSES:
+        if job["status"] not in jobinfo.TERMINAL_STATUSES:
             state.running.append(job)
-        elif job["status"] in common.LOADABLE_STATUSES and not common.job_loaded(job):
+        elif job["status"] in jobinfo.LOADABLE_STATUSES and not jobinfo.job_loaded(job):
             state.unloaded.append(job)
     return state
 
@@ -495,7 +496,7 @@ def submit_ready(s3, bedrock, info: dict, config: common.Config, save, max_concu
             else:
                 print(f"Job {job['job_name']} stays queued: {common.describe_aws_error(exc)}")
                 break
-        job["job_id"] = common.job_id_from_arn(job["job_arn"])
+        job["job_id"] = naming.job_id_from_arn(job["job_arn"])
         job["status"] = "Submitted"
         save(info)
         submitted.append(job)

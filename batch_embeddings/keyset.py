@@ -1,6 +1,6 @@
 """The set of vector keys already in the index, kept small: 01's incremental check at ten million images.
 
-A key 01 writes is the first 32 hex digits of a SHA-256 (common.vector_key), so it is held as 16 bytes in one
+A key 01 writes is the first 32 hex digits of a SHA-256 (naming.vector_key), so it is held as 16 bytes in one
 sorted numpy array (plus an 8-byte copy of each key's first half to search on): 24 bytes a key, where a Python
 set of strings takes about 250. Keys of any other shape (vectors another tool put in the index) are kept as they
 are in a small set and counted.
@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import orjson
 
+
 KEY_BYTES = 16
 MAX_SEGMENTS = 16  # ListVectors' segmentCount limit
 THREADS = 8  # a page costs ~4 ms of the GIL in botocore: more threads than ~8 wait for it, at any latency
@@ -25,7 +26,7 @@ _HEX_RUN = re.compile("[0-9a-f]*")
 
 
 def digest(source_uri: str) -> bytes:
-    """The binary form of common.vector_key(source_uri)."""
+    """The binary form of naming.vector_key(source_uri)."""
     return hashlib.sha256(source_uri.encode("utf-8")).digest()[:KEY_BYTES]
 
 

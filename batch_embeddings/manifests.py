@@ -11,7 +11,7 @@ import numpy as np
 import orjson
 
 import common
-from batch_embeddings import jobs
+from batch_embeddings import jobs, naming, nova
 from common import StepError
 
 SEEN_ID_BYTES = 8  # of each image's recordId, kept while the manifests are written to find a repeat
@@ -26,7 +26,7 @@ def write(listing, planned: list[jobs.PlannedJob], config: common.Config, owner:
 
     Each image gets its URI's first recordId, and the first SEEN_ID_BYTES of each id are kept; if two images of a
     job share them (about one chance in 200,000 at 50,000 images; a whole id, one in 10¹³), the manifests
-    are written again with common.RecordIds, which gives an image whose id is taken its URI's next id. A set of a
+    are written again with naming.RecordIds, which gives an image whose id is taken its URI's next id. A set of a
     million ids as strings would take ~90 MB; this takes 8 MB."""
     ranges: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
     for number, job in enumerate(planned):
@@ -55,7 +55,7 @@ def write(listing, planned: list[jobs.PlannedJob], config: common.Config, owner:
     last_folder, start, end, number, writer = None, 0, 0, 0, None
     writers = [ManifestWriter(record, stamp, None if single else n + 1, config.quotas, manifest_dir, files)
                for n, record in enumerate(records)]
-    record_ids = [common.RecordIds() for _ in records] if exact_ids else None  # recordIds unique within each job
+    record_ids = [naming.RecordIds() for _ in records] if exact_ids else None  # recordIds unique within each job
     given = [bytearray(SEEN_ID_BYTES * job.records) for job in planned]  # checked for repeats at the end
     filled = [0] * len(planned)
     try:
@@ -71,13 +71,13 @@ def write(listing, planned: list[jobs.PlannedJob], config: common.Config, owner:
                     writer, last_folder = writers[number], folder
                 uri = common.s3_uri(config.source_bucket, key)
                 if record_ids is None:
-                    rid = common.record_id(uri)
+                    rid = naming.record_id(uri)
                     at = filled[number]
                     given[number][at:at + SEEN_ID_BYTES] = rid.encode()[:SEEN_ID_BYTES].ljust(SEEN_ID_BYTES, b"\0")
                     filled[number] = at + SEEN_ID_BYTES
                 else:
                     rid = record_ids[number].assign(uri)
-                record = common.image_record(uri, fmt, owner, config.embedding_dimension, config.embedding_purpose,
+                record = nova.image_record(uri, fmt, owner, config.embedding_dimension, config.embedding_purpose,
                                              rid)
                 writer.write(orjson.dumps(record) + b"\n")
             for writer in writers:
@@ -178,10 +178,10 @@ class ManifestWriter:
             self.flush()
             self.files.close(self.path)
         part = len(self.job["manifests"]) + 1
-        name = f"{common.MANIFEST_PREFIX}{self.stamp}"
+        name = f"{naming.MANIFEST_PREFIX}{self.stamp}"
         name += "" if self.number is None else f"-{self.number:02d}"
         name += "" if part == 1 else f"-part{part}"
-        name += common.MANIFEST_SUFFIX
+        name += naming.MANIFEST_SUFFIX
         self.path = (self.manifest_dir / name).resolve()
         self.job["manifests"].append({"local_path": str(self.path), "s3_key": self.job["input_folder"] + name,
                                       "records": 0})

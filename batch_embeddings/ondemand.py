@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import orjson
 
-from batch_embeddings import accounting, vectors
+from batch_embeddings import accounting, naming, nova, vectors
 import common
 
 JOB_ID = "on-demand"  # the `job_id` metadata of vectors embedded on demand
@@ -147,7 +147,7 @@ def part_records(job: dict) -> Iterator[tuple[str, dict]]:
     """(image URI, InvokeModel body) of every record of an on-demand part's local manifest."""
     for record in accounting.job_records(job, "its images cannot be embedded — run 01_create_job.py again (they "
                                               "are not in the index)"):
-        yield common.image_uri(record), record["modelInput"]
+        yield nova.image_uri(record), record["modelInput"]
 
 
 def embed_and_load(requests: Iterable[tuple[str, dict]], config: common.Config, runtime, s3v, dimension: int,
@@ -182,7 +182,7 @@ def embed_and_load(requests: Iterable[tuple[str, dict]], config: common.Config, 
     keep = Kept(kept, dimension) if kept is not None else None
     digests = [request_digest(config.model_id, body) for _, body in requests]
     if keep is not None:
-        reused = sum(keep.get(common.vector_key(uri), digest) is not None
+        reused = sum(keep.get(naming.vector_key(uri), digest) is not None
                      for (uri, _), digest in zip(requests, digests))
         if reused:
             print(f"{reused} of the {len(requests)} image(s) were embedded by an earlier try and kept in {kept}: "
@@ -191,12 +191,12 @@ def embed_and_load(requests: Iterable[tuple[str, dict]], config: common.Config, 
     def invoke(body: dict) -> list[float]:
         for delay in TIMEOUT_RETRY_DELAYS:
             try:
-                return common.embed(runtime, config.model_id, body)
+                return nova.embed(runtime, config.model_id, body)
             except ClientError as exc:
                 if common.error_code(exc) != "ModelTimeoutException":
                     raise
             sleep(delay)
-        return common.embed(runtime, config.model_id, body)  # the last try: a timeout now is the image's failure
+        return nova.embed(runtime, config.model_id, body)  # the last try: a timeout now is the image's failure
 
     stopping = threading.Event()  # an image's error stops the step: the model is asked about no image after it
 
@@ -211,7 +211,7 @@ def embed_and_load(requests: Iterable[tuple[str, dict]], config: common.Config, 
 
     def embed_one(item):
         (uri, body), digest = item
-        key = common.vector_key(uri)
+        key = naming.vector_key(uri)
         metadata = {"source_uri": uri, "job_id": JOB_ID}
         embedding = keep.get(key, digest) if keep is not None else None
         if embedding is not None:
@@ -282,12 +282,12 @@ def embed_and_load(requests: Iterable[tuple[str, dict]], config: common.Config, 
             if keep is not None:
                 keep.close()
     if keep is not None and forget_done:
-        keep.forget({common.vector_key(uri) for uri, _ in requests})
+        keep.forget({naming.vector_key(uri) for uri, _ in requests})
     return confirmed, failed
 
 
 def failure(uri: str, code: str, message: str) -> dict:
-    return {"source_uri": uri, "recordId": common.vector_key(uri), "status": "failed", "error_code": code,
+    return {"source_uri": uri, "recordId": naming.vector_key(uri), "status": "failed", "error_code": code,
             "error_message": message}
 
 
@@ -304,7 +304,7 @@ def load_part(job: dict, config: common.Config, runtime, s3v, report: Path, kept
     dimension = int(job.get("embedding_dimension", config.embedding_dimension))
     config = dataclasses.replace(config, model_id=job.get("model_id") or config.model_id)
     requests = list(part_records(job))
-    keys = [common.vector_key(uri) for uri, _ in requests]
+    keys = [naming.vector_key(uri) for uri, _ in requests]
     # A step 3 stopped half-way (Ctrl-C, a lost connection) left some of them in the index: not paid for again.
     loaded = accounting.present_keys(reader or s3v, config.vector_bucket, config.vector_index, keys)
     if loaded:

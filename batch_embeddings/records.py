@@ -21,7 +21,7 @@ from typing import NamedTuple
 import orjson
 
 import common
-from batch_embeddings import forking, vectors
+from batch_embeddings import forking, naming, nova, vectors
 from common import StepError
 
 OK, FAIL = "ok", "fail"
@@ -53,8 +53,8 @@ def examine(raw: bytes, job_id: str, dimension: int) -> tuple | None:
             return FAIL, None, None, "MalformedLine", f"not JSON: {exc}", False
         if not isinstance(record, dict):
             return FAIL, None, None, "MalformedLine", "not a JSON object", False
-    record_id, uri = record.get("recordId"), common.image_uri(record)
-    mismatched = uri is not None and not common.record_id_matches(record_id, uri)  # joined by the URI: reported
+    record_id, uri = record.get("recordId"), nova.image_uri(record)
+    mismatched = uri is not None and not naming.record_id_matches(record_id, uri)  # joined by the URI: reported
     if "error" in record:
         err = record["error"] if isinstance(record["error"], dict) else {"errorMessage": str(record["error"])}
         return FAIL, record_id, uri, err.get("errorCode", "Error"), err.get("errorMessage", ""), mismatched
@@ -62,7 +62,7 @@ def examine(raw: bytes, job_id: str, dimension: int) -> tuple | None:
     try:
         if uri is None:
             raise KeyError("modelInput image s3Location uri")
-        key = common.vector_key(uri)
+        key = naming.vector_key(uri)
         if text is not None:
             try:
                 part = vectors.encode_text(key, text, dimension, metadata)

@@ -17,6 +17,7 @@ from pathlib import Path
 import orjson
 
 import common
+from batch_embeddings import naming
 
 FILE_NAME = "failed_permanently.jsonl"
 # 4xx answers that are about the job or the account (access, throttling, a vanished object), not the image.
@@ -81,7 +82,7 @@ def remember(s3, owner: str, failed: list[dict], today: date | None = None) -> d
         obj = next((o for o in page.get("Contents", []) if o["Key"] == key), None)
         if obj is None:
             continue  # gone: a later listing will not find it either
-        vector_key = common.vector_key(entry["source_uri"])
+        vector_key = naming.vector_key(entry["source_uri"])
         found[vector_key] = {"source_uri": entry["source_uri"], "key": vector_key, "etag": obj.get("ETag"),
                              "size": obj.get("Size"), "error_code": str(entry.get("error_code")),
                              "error_message": entry.get("error_message", ""),

@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 
 import common
-from batch_embeddings import forking, inventory, jobs, keyset, lease, listing as listing_module, rejects
+from batch_embeddings import forking, inventory, jobs, keyset, lease, listing as listing_module, naming, nova, rejects
 from common import StepError
 
 EXAMPLES_PER_REASON = 5
@@ -27,12 +27,12 @@ def classify(key: str, size: int) -> tuple[str | None, str | None]:
     if key.endswith("/"):
         return None, "folder marker"
     slash, dot = key.rfind("/"), key.rfind(".")
-    fmt = common.IMAGE_FORMATS.get(key[dot:].lower()) if slash + 1 < dot < len(key) - 1 else None  # Path.suffix
+    fmt = nova.IMAGE_FORMATS.get(key[dot:].lower()) if slash + 1 < dot < len(key) - 1 else None  # Path.suffix
     if fmt is None:
         return None, "not an image"
     if size == 0:
         return None, "empty"
-    if size > common.MAX_IMAGE_BYTES:
+    if size > nova.MAX_IMAGE_BYTES:
         return None, "over the model's 50 MB"
     return fmt, None
 
@@ -95,7 +95,7 @@ def list_images(objects, config: common.Config, exclude: list[tuple[keyset.KeySe
         if lease.is_lease(key):
             return None  # the lease on the prefix: not an object of the run
         if key[-6:].lower() == ".jsonl":
-            (listing.own_manifests if common.is_own_manifest(key) else listing.foreign).append(key)
+            (listing.own_manifests if naming.is_own_manifest(key) else listing.foreign).append(key)
             return None
         fmt, reason = classify(key, size)
         if fmt is None:
@@ -106,7 +106,7 @@ def list_images(objects, config: common.Config, exclude: list[tuple[keyset.KeySe
                 del examples[EXAMPLES_PER_REASON:]
         return fmt
 
-    formats, max_bytes = common.IMAGE_FORMATS, common.MAX_IMAGE_BYTES
+    formats, max_bytes = nova.IMAGE_FORMATS, nova.MAX_IMAGE_BYTES
     uri = common.s3_uri(config.source_bucket)
 
     def images():

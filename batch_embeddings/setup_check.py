@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import common
+from batch_embeddings import naming, nova
 from common import Config
 
 OK, FAILED, UNKNOWN = "ok", "failed", "unknown"
@@ -130,9 +131,9 @@ def check_invoke(runtime, config: Config) -> Row:
     from botocore.exceptions import ClientError
 
     name = "InvokeModel"
-    body = common.text_request("a red sports car", config.embedding_dimension, "GENERIC_RETRIEVAL")
+    body = nova.text_request("a red sports car", config.embedding_dimension, "GENERIC_RETRIEVAL")
     try:
-        vector = common.embed(runtime, config.model_id, body)
+        vector = nova.embed(runtime, config.model_id, body)
     except ClientError as exc:
         if common.error_code(exc) == "AccessDeniedException":
             return failed(name, _message(exc), f"allow bedrock:InvokeModel on the model ({CALLER_POLICY_HINT})")
@@ -422,7 +423,7 @@ def caller_needs(config: Config, account: str, owner: str, partition: str) -> li
         Need("iam:PassRole", config.role_arn, (("iam:PassedToService", BEDROCK_SERVICE),)),
         *_s3_needs(["s3:ListBucket"], s3 + config.source_bucket, owner, config.source_prefix),
         *_s3_needs(["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload", "s3:DeleteObject"],
-                   s3 + f"{config.source_bucket}/{config.source_prefix}{common.MANIFEST_PREFIX}x.jsonl", owner),
+                   s3 + f"{config.source_bucket}/{config.source_prefix}{naming.MANIFEST_PREFIX}x.jsonl", owner),
         *_s3_needs(["s3:ListBucket"], s3 + config.result_bucket, owner, config.result_prefix),
         *_s3_needs(["s3:GetObject"], s3 + f"{config.result_bucket}/{config.result_prefix}{PROBE_JOB_ID}/x.jsonl.out",
                    owner),

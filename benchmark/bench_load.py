@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
-from batch_embeddings import jobinfo  # noqa: E402
+from batch_embeddings import jobinfo, naming, nova  # noqa: E402
 from tests.standins import bedrock as bedrock_standin  # noqa: E402
 from tests.standins import serve  # noqa: E402
 from tests.standins.stack import ACCOUNT_ID, REGION, aws_env  # noqa: E402
@@ -95,7 +95,7 @@ class Dataset:
             tmp = path.with_suffix(".tmp")
             with open(tmp, "w", encoding="utf-8") as fh:
                 for i in range(self.records):
-                    fh.write(json.dumps(common.image_record(image_uri(i), "jpeg", ACCOUNT_ID, self.dimension,
+                    fh.write(json.dumps(nova.image_record(image_uri(i), "jpeg", ACCOUNT_ID, self.dimension,
                                                             PURPOSE)) + "\n")
             tmp.rename(path)
         return path
@@ -112,7 +112,7 @@ def image_uri(i: int) -> str:
 
 def expected_keys(records: int) -> dict[str, str]:
     """vector key -> source URI of every generated record (the key is 01's recordId: a hash of the URI)."""
-    return {common.vector_key(uri): uri for uri in map(image_uri, range(records))}
+    return {naming.vector_key(uri): uri for uri in map(image_uri, range(records))}
 
 
 def dataset(cache_root: Path, records: int, dimension: int, per_file: int, numbers: str = "double") -> Dataset:
@@ -154,8 +154,8 @@ def dataset(cache_root: Path, records: int, dimension: int, per_file: int, numbe
                     uri = image_uri(chunk + offset)
                     # the Bedrock emulator's line: recordId, modelInput, modelOutput, written by json.dumps
                     line = json.dumps({
-                        "recordId": common.record_id(uri),
-                        "modelInput": common.image_request(uri, "jpeg", ACCOUNT_ID, dimension, PURPOSE),
+                        "recordId": naming.record_id(uri),
+                        "modelInput": nova.image_request(uri, "jpeg", ACCOUNT_ID, dimension, PURPOSE),
                         "modelOutput": {"embeddings": [{"embeddingType": "IMAGE", "embedding": "@"}]},
                     })
                     if numbers == "double":
@@ -310,7 +310,7 @@ def create_job(servers: Servers, data: Dataset) -> Job:
     # The emulator runs a real job: one tiny image, one record (min_records_per_job=1), so it is Completed fast.
     seed_image = f"{SOURCE_PREFIX}seed/seed.png"
     s3.put_object(Bucket=SOURCE_BUCKET, Key=seed_image, Body=b"\x89PNG\r\n\x1a\n" + bytes(56))
-    record = common.image_record(common.s3_uri(SOURCE_BUCKET, seed_image), "png", ACCOUNT_ID, data.dimension, PURPOSE)
+    record = nova.image_record(common.s3_uri(SOURCE_BUCKET, seed_image), "png", ACCOUNT_ID, data.dimension, PURPOSE)
     s3.put_object(Bucket=SOURCE_BUCKET, Key=SEED_MANIFEST, Body=json.dumps(record).encode() + b"\n")
     name = f"bench-load-{common.timestamp()}"
     arn = bedrock.create_model_invocation_job(
@@ -321,13 +321,13 @@ def create_job(servers: Servers, data: Dataset) -> Job:
                                                  "s3BucketOwner": ACCOUNT_ID}},
     )["jobArn"]
     deadline = time.monotonic() + 60
-    while (status := bedrock.get_model_invocation_job(jobIdentifier=arn)["status"]) not in common.TERMINAL_STATUSES:
+    while (status := bedrock.get_model_invocation_job(jobIdentifier=arn)["status"]) not in jobinfo.TERMINAL_STATUSES:
         if time.monotonic() > deadline:
             raise SystemExit(f"the emulator's job is still {status} after 60 s")
         time.sleep(0.05)
     if status != "Completed":
         raise SystemExit(f"the emulator's job ended {status}")
-    job_id = common.job_id_from_arn(arn)
+    job_id = naming.job_id_from_arn(arn)
     prefix = f"{RESULT_PREFIX}{job_id}/"
     # Replace the emulator's one-record output with the generated one.
     for obj in common.list_objects(s3, RESULT_BUCKET, prefix, ACCOUNT_ID):
@@ -621,7 +621,7 @@ def verify_index(servers: Servers, data: Dataset, job: Job, sample_data: bool) -
         with open(data.files[0]["path"], "rb") as fh:
             lines = [fh.readline() for _ in range(min(50, data.files[0]["records"]))]
         records = [json.loads(line) for line in lines]
-        keys = [common.vector_key(common.image_uri(r)) for r in records]  # the vector key is the URI's, not the recordId
+        keys = [naming.vector_key(nova.image_uri(r)) for r in records]  # the vector key is the URI's, not the recordId
         got = s3v.get_vectors(vectorBucketName=VECTOR_BUCKET, indexName=VECTOR_INDEX, returnData=True,
                               keys=keys[:100])["vectors"]
         by_key = {v["key"]: v["data"]["float32"] for v in got}

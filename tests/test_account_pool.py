@@ -7,7 +7,7 @@ from pathlib import Path
 
 import orjson
 
-from batch_embeddings import accounting
+from batch_embeddings import accounting, naming, nova
 import common
 
 
@@ -46,7 +46,7 @@ def make_run(tmp_path: Path, jobs: int, images: int) -> tuple[dict, list[str]]:
         for i in range(images):
             uri = f"s3://source/2024/f{n}/img-{i}.png"
             uris.append(uri)
-            record = common.image_record(uri, "png", "123456789012", 256, "GENERIC_INDEX")
+            record = nova.image_record(uri, "png", "123456789012", 256, "GENERIC_INDEX")
             lines.append(orjson.dumps(record))
         path.write_bytes(b"\n".join(lines) + b"\n")
         info["jobs"].append({"job_name": f"run-{n:03d}", "status": "Completed", "record_count": images,
@@ -65,8 +65,8 @@ def test_the_account_of_many_jobs_asks_getindex_once_in_one_pool(tmp_path, monke
 
     monkeypatch.setattr(accounting, "ThreadPoolExecutor", counting_pool)
     info, uris = make_run(tmp_path, jobs=120, images=150)
-    missing = {common.vector_key(u) for u in uris[::7]}
-    index = FakeIndex({common.vector_key(u) for u in uris} - missing)
+    missing = {naming.vector_key(u) for u in uris[::7]}
+    index = FakeIndex({naming.vector_key(u) for u in uris} - missing)
     config = common.Config(vector_bucket="vectors", vector_index="images")
     out = tmp_path / "not_loaded.jsonl"
     account = accounting.account_run(info, index, config, lambda job_id: tmp_path / f"report-{job_id}", out)
@@ -75,7 +75,7 @@ def test_the_account_of_many_jobs_asks_getindex_once_in_one_pool(tmp_path, monke
     assert index.get_vectors_calls == 120 * 2  # 150 keys a job: two GetVectors of at most 100
     assert account["loaded"] == len(uris) - len(missing) and account["missing"] == len(missing)
     listed = [orjson.loads(line)["source_uri"] for line in out.read_bytes().splitlines()]
-    assert sorted(listed) == sorted(u for u in uris if common.vector_key(u) in missing)
+    assert sorted(listed) == sorted(u for u in uris if naming.vector_key(u) in missing)
 
 
 def test_no_index_yet_means_nothing_is_loaded(tmp_path):

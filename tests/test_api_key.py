@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-import common
+from batch_embeddings import naming
 from tests.conftest import World, make_role
 from tests.standins import stack as standins
 
@@ -61,7 +61,7 @@ def test_the_whole_flow_with_and_without_an_api_key(tls_stack, tmp_path, with_ke
         result = w.step(number, *args)
         assert result.returncode == 0, f"step {number}: {result.stdout}{result.stderr}"
     assert json.loads(result.stdout)[0]["source_uri"] == uris[7]
-    assert w.index_keys() == {common.vector_key(u) for u in uris}
+    assert w.index_keys() == {naming.vector_key(u) for u in uris}
 
     calls = emulator(tls_stack, "/_emulator/auth")["calls"]
     assert ON_BEDROCK <= {c["operation"] for c in calls}  # each of them was called

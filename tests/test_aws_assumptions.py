@@ -13,7 +13,7 @@ import pytest
 from botocore.stub import Stubber
 
 import common
-from batch_embeddings import jobs, manifests
+from batch_embeddings import jobs, manifests, naming, nova
 from tests.conftest import import_step
 from tests.standins import serve
 from tests.standins.faulty import BucketOwnerCheck, FaultyProxy
@@ -69,7 +69,7 @@ def manifest_lines(world) -> list[dict]:
 
 
 def uri_of(record: dict) -> str:
-    return common.image_uri(record)
+    return nova.image_uri(record)
 
 
 def jsonl_in_bucket(world) -> list[str]:
@@ -99,28 +99,28 @@ def wait_for(condition, what: str, timeout: float = 60):
 
 def test_record_ids_are_twelve_alphanumerics_of_the_uri_and_unique():
     uri = "s3://bucket/2024/photo 1.jpg"
-    rid = common.record_id(uri)
-    assert re.fullmatch(r"[A-Za-z0-9]{12}", rid) and rid == common.record_id(uri)
-    assert rid != common.record_id("s3://bucket/2024/photo 2.jpg")
-    others = {common.record_id(uri, attempt) for attempt in range(1, common.RECORD_ID_ATTEMPTS)}
-    assert rid not in others and len(others) == common.RECORD_ID_ATTEMPTS - 1
+    rid = naming.record_id(uri)
+    assert re.fullmatch(r"[A-Za-z0-9]{12}", rid) and rid == naming.record_id(uri)
+    assert rid != naming.record_id("s3://bucket/2024/photo 2.jpg")
+    others = {naming.record_id(uri, attempt) for attempt in range(1, naming.RECORD_ID_ATTEMPTS)}
+    assert rid not in others and len(others) == naming.RECORD_ID_ATTEMPTS - 1
     assert all(re.fullmatch(r"[A-Za-z0-9]{12}", other) for other in others)
     # Pinned: manifests written by an earlier version keep their ids (a resubmit finds its job by them).
-    assert [common.record_id("s3://b/k0"), common.record_id("s3://b/k0", 1), common.record_id("s3://b/k2", 1)] == \
+    assert [naming.record_id("s3://b/k0"), naming.record_id("s3://b/k0", 1), naming.record_id("s3://b/k2", 1)] == \
         ["TxqJcwUV8Hoh", "e0eGbs3Rc5c2", "bNrmQaEBGLOJ"]
-    assert common.vector_key(uri) == __import__("hashlib").sha256(uri.encode()).hexdigest()[:32]  # unchanged
+    assert naming.vector_key(uri) == __import__("hashlib").sha256(uri.encode()).hexdigest()[:32]  # unchanged
 
-    ids = common.RecordIds()
+    ids = naming.RecordIds()
     ids.used.add(rid)  # another image of the job took this URI's id
     second = ids.assign(uri)
-    assert second == common.record_id(uri, 1) and ids.collisions == 1
-    assert common.record_id_matches(second, uri) and common.record_id_matches(rid, uri)
-    assert not common.record_id_matches(common.record_id("s3://bucket/other.jpg"), uri)
-    assert not common.record_id_matches(None, uri)
+    assert second == naming.record_id(uri, 1) and ids.collisions == 1
+    assert naming.record_id_matches(second, uri) and naming.record_id_matches(rid, uri)
+    assert not naming.record_id_matches(naming.record_id("s3://bucket/other.jpg"), uri)
+    assert not naming.record_id_matches(None, uri)
 
 
 def create_in_process(world, monkeypatch) -> None:
-    """Step 1 in this process (so that a patched common.record_id applies), then the patches undone."""
+    """Step 1 in this process (so that a patched naming.record_id applies), then the patches undone."""
     for name in [k for k in os.environ if k.startswith("AWS_")]:
         monkeypatch.delenv(name)
     for name, value in world.env.items():
@@ -134,9 +134,9 @@ def test_ids_that_share_only_their_start_keep_their_first_id(world, monkeypatch)
     """01 keeps the first 8 bytes of each id to find a repeat: a repeat of those alone has the manifests written
     again with every id checked whole, and no image loses its first id."""
     uris = world.put_images([f"img-{i:03d}.png" for i in range(110)], prefix="2024/")
-    first_id = common.record_id
+    first_id = naming.record_id
     ids_of = {uri: f"SameHead{i:04d}" for i, uri in enumerate(uris)}
-    monkeypatch.setattr(common, "record_id",
+    monkeypatch.setattr(naming, "record_id",
                         lambda uri, attempt=0: ids_of[uri] if attempt == 0 else first_id(uri, attempt))
     rewritten = []
     write = manifests.write
@@ -152,19 +152,19 @@ def test_ids_that_share_only_their_start_keep_their_first_id(world, monkeypatch)
 
 def test_a_collision_in_a_job_takes_the_next_id_and_the_flow_loads_everything(world, monkeypatch):
     uris = world.put_images([f"img-{i:03d}.png" for i in range(110)], prefix="2024/")
-    first_id = common.record_id
+    first_id = naming.record_id
     # Every image's first id is the same: each after the first must take another one, deterministically.
-    monkeypatch.setattr(common, "record_id", lambda uri, attempt=0: "Collide" if attempt == 0 else first_id(uri, attempt))
+    monkeypatch.setattr(naming, "record_id", lambda uri, attempt=0: "Collide" if attempt == 0 else first_id(uri, attempt))
     create_in_process(world, monkeypatch)
     records = manifest_lines(world)
     ids = [r["recordId"] for r in records]
     assert len(set(ids)) == len(ids) == 110 and ids.count("Collide") == 1
-    assert all(rid == "Collide" or common.record_id_matches(rid, uri_of(r)) for rid, r in zip(ids, records))
+    assert all(rid == "Collide" or naming.record_id_matches(rid, uri_of(r)) for rid, r in zip(ids, records))
 
     assert world.step(2, "--wait", "--interval", "0.05", "--timeout", "60").returncode == 0
     loaded = world.step(3)
     assert loaded.returncode == 0, loaded.stdout + loaded.stderr
-    assert world.index_keys() == {common.vector_key(u) for u in uris}
+    assert world.index_keys() == {naming.vector_key(u) for u in uris}
     # "Collide" is no id of its image's URI: the cross-check reports that one line, and only it
     assert "! 1 output line(s) carry a recordId that 01 did not give their image" in loaded.stdout
 
@@ -183,9 +183,9 @@ def test_the_flow_with_record_ids_limited_to_12_alphanumerics(world):
     assert "carry a recordId" not in loaded.stdout
     failed = {a["source_uri"]: a for a in account(world)}
     assert set(failed) == set(uris[:3])
-    assert all(a["status"] == "failed" and a["error_code"] == "500" and a["recordId"] == common.record_id(u)
+    assert all(a["status"] == "failed" and a["error_code"] == "500" and a["recordId"] == naming.record_id(u)
                for u, a in failed.items())
-    assert world.index_keys() == {common.vector_key(u) for u in uris[3:]}
+    assert world.index_keys() == {naming.vector_key(u) for u in uris[3:]}
 
 
 def test_output_lines_join_their_images_by_uri_whatever_their_record_id(world):
@@ -199,7 +199,7 @@ def test_output_lines_join_their_images_by_uri_whatever_their_record_id(world):
     assert "Images loaded: 117, failed: 3, missing: 0" in loaded.stdout
     failed = {a["source_uri"]: a for a in account(world)}
     assert set(failed) == set(uris[:3]) and {a["error_code"] for a in failed.values()} == {"500"}
-    assert world.index_keys() == {common.vector_key(u) for u in uris[3:]}
+    assert world.index_keys() == {naming.vector_key(u) for u in uris[3:]}
 
 
 # ------------------------------------------------------------------------------- repeated clientRequestToken
@@ -223,7 +223,7 @@ def test_a_lost_answer_is_resubmitted_whatever_bedrock_answers_the_repeat(world,
     if answer == "ConflictException":  # the run carries on to the end with the job found
         assert world.step(2, "--wait", "--interval", "0.05", "--timeout", "60").returncode == 0
         assert world.step(3).returncode == 0
-        assert world.index_keys() == {common.vector_key(u) for u in uris}
+        assert world.index_keys() == {naming.vector_key(u) for u in uris}
 
 
 def _summary(name: str, token: str, arn_id: str) -> dict:
@@ -443,4 +443,4 @@ def test_output_present_while_in_progress_is_not_loaded_before_the_job_ends(worl
     loaded = world.step(3)
     assert loaded.returncode == 4, loaded.stdout + loaded.stderr
     assert "Images loaded: 30, failed: 0, missing: 120" in loaded.stdout
-    assert len(world.index_keys()) == 30 and world.index_keys() <= {common.vector_key(u) for u in uris}
+    assert len(world.index_keys()) == 30 and world.index_keys() <= {naming.vector_key(u) for u in uris}

@@ -8,7 +8,7 @@ import json
 import pytest
 
 import common
-from batch_embeddings import cost
+from batch_embeddings import cost, naming
 
 IMAGES = [f"img-{i:03d}.png" for i in range(120)]
 
@@ -124,4 +124,4 @@ def test_on_demand_retry_is_estimated_at_the_on_demand_price(world):
     assert ok.returncode == 0, ok.stdout + ok.stderr
     total, _ = expected(uris, 256, job_id_len=len("on-demand"), per_image=0.00006)
     assert f"Estimated cost of this run: {cost.usd(total)}" in ok.stdout
-    assert world.index_keys() == {common.vector_key(u) for u in uris}
+    assert world.index_keys() == {naming.vector_key(u) for u in uris}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import common
+from batch_embeddings import naming
 from tests.conftest import ROOT
 
 NESTED = [f"01/img_{i:03d}.jpg" for i in range(40)] + [f"02/deep/er/photo-{i}.PNG" for i in range(40)] + [
@@ -73,7 +74,7 @@ def test_four_steps_end_to_end(world):
     run_dir = world.run_dir()
     report = [json.loads(line) for line in (run_dir / f"load_report_{job['job_id']}.jsonl").read_text().splitlines()]
     assert [r["source_uri"] for r in report] == [broken_uri]
-    assert report[0]["recordId"] == common.record_id(broken_uri)
+    assert report[0]["recordId"] == naming.record_id(broken_uri)
     assert f"Images loaded: {len(good)}, failed: 1, missing: 0" in loaded.stdout
     account = world.account()
     assert [(a["source_uri"], a["status"]) for a in account] == [(broken_uri, "failed")]
@@ -86,7 +87,7 @@ def test_four_steps_end_to_end(world):
     assert [(r["source_uri"], r["error_code"], r["size"]) for r in rejected] == [(broken_uri, "400", 22)]
 
     index = world.index_metadata()
-    assert index == {common.vector_key(uri): {"source_uri": uri, "job_id": job["job_id"]} for uri in good}
+    assert index == {naming.vector_key(uri): {"source_uri": uri, "job_id": job["job_id"]} for uri in good}
 
     again = world.step(3, "--reload")  # loading twice overwrites, never duplicates
     assert again.returncode == 4

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-import common
+from batch_embeddings import naming
 from tests.conftest import ROOT, STEPS
 from tests.standins import serve
 from tests.standins.faulty import FaultyProxy
@@ -86,7 +86,7 @@ def test_network_failing_in_the_middle_of_the_listing(world, proxy):
 
     assert world.step(1).returncode == 0
     finish_run(world)
-    assert world.index_keys() == {common.vector_key(u) for u in uris}
+    assert world.index_keys() == {naming.vector_key(u) for u in uris}
 
 
 def test_network_failing_during_the_upload(world, proxy):
@@ -101,7 +101,7 @@ def test_network_failing_during_the_upload(world, proxy):
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming the submission" in resumed.stdout
     finish_run(world)
-    assert world.index_keys() == {common.vector_key(u) for u in uris}
+    assert world.index_keys() == {naming.vector_key(u) for u in uris}
 
 
 @pytest.mark.parametrize("forget_tokens", [False, True], ids=["token-remembered", "token-forgotten"])
@@ -148,7 +148,7 @@ def test_network_failing_in_the_middle_of_the_load(world, proxy):
     resumed = world.step(3)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"Resuming: {confirmed} vectors already confirmed" in resumed.stdout
-    assert world.index_keys() == {common.vector_key(u) for u in uris}
+    assert world.index_keys() == {naming.vector_key(u) for u in uris}
     assert world.vectors_accepted() == 1200  # the confirmed batch was not sent again
 
 
@@ -162,7 +162,7 @@ def test_credentials_expiring_mid_load(world, proxy):
     assert failed.returncode == 1
     assert "ExpiredToken" in one_line(failed) and "refresh your AWS credentials" in failed.stderr
     assert world.step(3).returncode == 0
-    assert world.index_keys() == {common.vector_key(u) for u in uris}
+    assert world.index_keys() == {naming.vector_key(u) for u in uris}
 
 
 def test_ctrl_c_during_the_load_then_resume(world):
@@ -182,7 +182,7 @@ def test_ctrl_c_during_the_load_then_resume(world):
     assert "interrupted" in err and "Traceback" not in err
     resumed = world.step(3)
     assert resumed.returncode == 0 and "Resuming: " in resumed.stdout
-    assert world.index_keys() == {common.vector_key(u) for u in uris}
+    assert world.index_keys() == {naming.vector_key(u) for u in uris}
 
 
 def test_a_truncated_last_line_is_accounted_for_and_retried(world):
@@ -207,7 +207,7 @@ def test_a_truncated_last_line_is_accounted_for_and_retried(world):
 
     retried = world.step(1, "--retry-failed", "--on-demand")
     assert retried.returncode == 0, retried.stderr
-    assert world.index_keys() == {common.vector_key(u) for u in uris}
+    assert world.index_keys() == {naming.vector_key(u) for u in uris}
 
 
 @pytest.mark.parametrize("final", ["Failed", "Expired"])
@@ -223,7 +223,7 @@ def test_a_job_that_produced_nothing_is_retried_whole(world, final):
     world.emulator("/_emulator/config", {"final_status": None})
     assert world.step(1, "--retry-failed").returncode == 0
     finish_run(world)
-    assert world.index_keys() == {common.vector_key(u) for u in uris}
+    assert world.index_keys() == {naming.vector_key(u) for u in uris}
 
 
 def test_throttled_submits_stay_queued_until_02_submits_them(world):
@@ -234,7 +234,7 @@ def test_throttled_submits_stay_queued_until_02_submits_them(world):
     assert "stays queued: ThrottlingException" in created.stdout
     assert not world.job_info()["jobs"][0].get("job_arn")
     finish_run(world)
-    assert world.index_keys() == {common.vector_key(u) for u in uris}
+    assert world.index_keys() == {naming.vector_key(u) for u in uris}
 
 
 def test_a_hand_edited_job_info_stops_01_without_touching_anything(world):
@@ -283,7 +283,7 @@ def test_a_stopped_job_loads_what_it_produced_and_lists_the_rest(world):
     assert f"Images loaded: {done}, failed: 0, missing: {150 - done}" in loaded.stdout
     account = world.account()
     assert all(a["status"] == "missing" and "Stopped" in a["error_message"] for a in account)
-    assert {a["source_uri"] for a in account} | {u for u in uris if common.vector_key(u) in world.index_keys()} \
+    assert {a["source_uri"] for a in account} | {u for u in uris if naming.vector_key(u) in world.index_keys()} \
         == set(uris)
 
 

@@ -25,7 +25,7 @@ import orjson
 import pytest
 
 import common
-from batch_embeddings import inventory, keyset, listing, selection
+from batch_embeddings import inventory, keyset, listing, naming, nova, selection
 from tests.standins import s3 as s3_standin
 from tests.conftest import ROOT
 from tests.test_listing import config_for, plan_and_write, plan_and_write_listing, written
@@ -123,7 +123,7 @@ def test_an_inventory_gives_the_same_manifests_as_listing(bucket, tmp_path, fmt)
         assert not list(work.glob("inventory-*"))  # the downloaded report files are gone
     assert results[0] == results[1]
     lines = [orjson.loads(line) for body in results[0][1].values() for line in body.splitlines()]
-    uris = {common.image_uri(line) for line in lines}
+    uris = {nova.image_uri(line) for line in lines}
     assert len(lines) == 117 and f"s3://{world.source_bucket}/2024/a/my photo+1.jpg" in uris
     assert f"s3://{world.source_bucket}/2024/a/café, \"quoted\".png" in uris
 
@@ -207,7 +207,7 @@ def test_listings_of_parts_merge_into_the_listing_of_the_whole(tmp_path):
                + [("2024/a/batch_input_20260101-000000.jsonl", 9, None), ("2024/c/batch_input_x.jsonl", 9, None),
                   ("2024/b/theirs.jsonl", 9, None)])
     rng.shuffle(objects)
-    indexed = keyset.KeySet.of([common.vector_key(f"s3://b/{key}") for key, _, _ in objects[::7]])
+    indexed = keyset.KeySet.of([naming.vector_key(f"s3://b/{key}") for key, _, _ in objects[::7]])
     config = types.SimpleNamespace(source_bucket="b")
     exclude = [(indexed, "already in the vector index")]
 

@@ -11,8 +11,7 @@ import urllib.request
 import orjson
 import pytest
 
-import common
-from batch_embeddings import keyset
+from batch_embeddings import keyset, naming
 
 
 def hex_keys(n: int, seed: int) -> list[str]:
@@ -41,7 +40,7 @@ def test_keys_of_another_shape_are_kept_aside():
     keys = keyset.KeySet.of(["manual-1", "ABCDEF" * 6, "a" * 32, "b" * 31])
     assert keys.foreign == {"manual-1", "ABCDEF" * 6, "b" * 31}
     assert "a" * 32 in keys and "manual-1" in keys and "c" * 32 not in keys
-    assert keyset.digest("s3://b/k.jpg").hex() == common.vector_key("s3://b/k.jpg")
+    assert keyset.digest("s3://b/k.jpg").hex() == naming.vector_key("s3://b/k.jpg")
 
 
 def test_an_empty_set_contains_nothing():
@@ -70,7 +69,7 @@ def test_index_keys_reads_every_page_of_every_segment(world, small_pages, lean):
     s3v.create_vector_bucket(vectorBucketName=world.vector_bucket)
     s3v.create_index(vectorBucketName=world.vector_bucket, indexName=world.vector_index, dataType="float32",
                      dimension=4, distanceMetric="cosine")
-    keys = [common.vector_key(f"s3://{world.source_bucket}/2024/img-{i}.jpg") for i in range(400)]
+    keys = [naming.vector_key(f"s3://{world.source_bucket}/2024/img-{i}.jpg") for i in range(400)]
     keys += [f"manual-{i}" for i in range(5)]
     for n in range(0, len(keys), 100):
         s3v.put_vectors(vectorBucketName=world.vector_bucket, indexName=world.vector_index,
@@ -97,7 +96,7 @@ def test_a_list_vectors_error_still_raises_with_the_lean_client(world):
 def test_a_list_vectors_page_is_read_the_same_on_either_path():
     """A compact page of 32-hex-digit keys is cut out with regular expressions; any other page goes through orjson,
     and both give the same keys and token."""
-    keys = [common.vector_key(f"s3://bucket/img-{i}.jpg") for i in range(5)]
+    keys = [naming.vector_key(f"s3://bucket/img-{i}.jpg") for i in range(5)]
 
     def parse(body: bytes) -> dict:
         response, parsed = {"status_code": 200, "body": body}, {}
@@ -180,7 +179,7 @@ def _standin_pages() -> list[bytes]:
     call("CreateVectorBucket", vectorBucketName="bucket")
     call("CreateIndex", vectorBucketName="bucket", indexName="index", dataType="float32", dimension=2,
          distanceMetric="cosine")
-    keys = [common.vector_key(f"s3://b/{i}.jpg") for i in range(7)]
+    keys = [naming.vector_key(f"s3://b/{i}.jpg") for i in range(7)]
     call("PutVectors", vectorBucketName="bucket", indexName="index",
          vectors=[{"key": k, "data": {"float32": [1.0, float(i)]}} for i, k in enumerate(keys)])
     first = call("ListVectors", vectorBucketName="bucket", indexName="index", maxResults=4)
@@ -189,7 +188,7 @@ def _standin_pages() -> list[bytes]:
     return [first, last]
 
 
-HEX = [common.vector_key(f"s3://bucket/2024/img-{i}.jpg") for i in range(4)]
+HEX = [naming.vector_key(f"s3://bucket/2024/img-{i}.jpg") for i in range(4)]
 STANDIN = _standin_pages()
 
 

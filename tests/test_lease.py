@@ -17,7 +17,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 import common
-from batch_embeddings import jobinfo, lease, selection
+from batch_embeddings import jobinfo, lease, naming, selection
 from tests.conftest import ROOT, STEPS
 
 A_FILE = "batch_job_info.json"
@@ -272,7 +272,7 @@ def test_a_racing_write_is_tried_again():
 def test_the_lease_is_neither_an_image_nor_a_manifest(key):
     assert lease.is_lease(key) and lease.key_for(key.rsplit("/", 1)[0] + "/" if "/" in key else "") == key
     assert selection.classify(key, 300)[0] is None  # not an image the model takes
-    assert not common.is_own_manifest(key) and not key.endswith(".jsonl")  # Bedrock reads every .jsonl
+    assert not naming.is_own_manifest(key) and not key.endswith(".jsonl")  # Bedrock reads every .jsonl
 
 
 def test_02_waiting_at_its_prompt_holds_no_lock_and_reads_the_file_again_after_y(world):

@@ -20,7 +20,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 import common
-from batch_embeddings import jobs, listing, manifests, selection
+from batch_embeddings import jobs, listing, manifests, nova, selection
 from tests.standins import s3 as s3_standin
 from tests.conftest import ROOT, STEPS, import_step
 
@@ -240,13 +240,13 @@ def test_the_order_of_the_listing_does_not_change_the_manifests(world, tmp_path)
 
 def test_manifests_written_with_a_few_files_open(world, tmp_path, monkeypatch):
     config = config_for(world, MIN_RECORDS_PER_JOB="5", MAX_RECORDS_PER_JOB="10", MAX_RECORDS_PER_FILE="4")
-    real, open_files = common.image_record, []
+    real, open_files = nova.image_record, []
 
     def counting(*args, **kwargs):
         open_files.append(len(os.listdir("/proc/self/fd")))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(common, "image_record", counting)
+    monkeypatch.setattr(nova, "image_record", counting)
     before = len(os.listdir("/proc/self/fd"))
     records = plan_and_write(synthetic(60, 10), config, tmp_path, tmp_path)
     assert len(records) >= 60 and all(len(r["manifests"]) == 3 for r in records[:60])  # 4 + 4 + 2 records
@@ -281,10 +281,10 @@ def test_hundreds_of_jobs_under_a_low_open_file_limit(world):
 
 
 class Fail:
-    """common.image_record that fails on its `at`-th call."""
+    """nova.image_record that fails on its `at`-th call."""
 
     def __init__(self, at: int, exc: BaseException):
-        self.at, self.exc, self.calls, self.real = at, exc, 0, common.image_record
+        self.at, self.exc, self.calls, self.real = at, exc, 0, nova.image_record
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
@@ -297,7 +297,7 @@ class Fail:
 def test_a_failure_while_writing_removes_every_manifest(world, tmp_path, monkeypatch, exc):
     config = config_for(world, MIN_RECORDS_PER_JOB="5", MAX_RECORDS_PER_JOB="10", MAX_RECORDS_PER_FILE="4")
     (tmp_path / "work").mkdir()
-    monkeypatch.setattr(common, "image_record", Fail(300, exc))
+    monkeypatch.setattr(nova, "image_record", Fail(300, exc))
     expected = KeyboardInterrupt if isinstance(exc, KeyboardInterrupt) else common.StepError
     with pytest.raises(expected) as raised:
         plan_and_write(synthetic(60, 10), config, tmp_path / "work", tmp_path)
@@ -313,7 +313,7 @@ def test_ctrl_c_while_writing_manifests_is_one_line_and_leaves_none(world, monke
     for name, value in {**world.env, "MIN_RECORDS_PER_JOB": "100", "MAX_RECORDS_PER_JOB": "200"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(world.cwd)
-    monkeypatch.setattr(common, "image_record", Fail(150, KeyboardInterrupt()))
+    monkeypatch.setattr(nova, "image_record", Fail(150, KeyboardInterrupt()))
     assert create_job.main(["--new-index"]) == common.EXIT_INTERRUPTED
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("interrupted")

@@ -16,7 +16,7 @@ import pytest
 from werkzeug.test import Client
 
 import common
-from batch_embeddings import loading, vectors
+from batch_embeddings import loading, naming, nova, vectors
 from tests.sending import FakeClock, send_parts
 from tests.standins import s3vectors
 
@@ -167,9 +167,9 @@ def test_loader_reads_the_vector_key_metadata_and_values_of_a_line(line):
     loader, batcher, report = loader_for()
     assert loader.line(line, "f", 0, len(line) + 1) is None
     record = orjson.loads(line)
-    uri = common.image_uri(record)
+    uri = nova.image_uri(record)
     sent = orjson.loads(batcher.flush({}).body)["vectors"]
-    assert [v["key"] for v in sent] == [common.vector_key(uri)]
+    assert [v["key"] for v in sent] == [naming.vector_key(uri)]
     assert sent[0]["metadata"] == {"source_uri": uri, "job_id": "job1"}
     expected = np.asarray(record["modelOutput"]["embeddings"][0]["embedding"], np.float32)
     assert np.array_equal(np.asarray(sent[0]["data"]["float32"], np.float32), expected)

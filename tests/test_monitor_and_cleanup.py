@@ -16,7 +16,7 @@ from collections import Counter
 import pytest
 
 import common
-from batch_embeddings import jobs, monitor
+from batch_embeddings import jobinfo, jobs, monitor
 from tests.conftest import ROOT, STEPS, import_step
 
 ACCOUNT = "123456789012"
@@ -82,7 +82,7 @@ def test_timeout_leaves_the_job_running(world):
     result = world.step(2, "--wait", "--interval", "0.1", "--timeout", "0.5")
     assert result.returncode == 3
     assert "Timed out after 0.5s" in result.stdout
-    assert status_of(world, job) not in common.TERMINAL_STATUSES
+    assert status_of(world, job) not in jobinfo.TERMINAL_STATUSES
 
 
 @pytest.mark.parametrize(
@@ -124,7 +124,7 @@ def test_ctrl_c_stops_monitoring_and_leaves_the_job_running(world):
     assert process.returncode == 130
     assert "Stopped monitoring; the job keeps running." in out + rest
     assert "Traceback" not in err
-    assert status_of(world, job) not in common.TERMINAL_STATUSES
+    assert status_of(world, job) not in jobinfo.TERMINAL_STATUSES
     assert (world.cwd / "batch_job_info.json").exists()
 
 

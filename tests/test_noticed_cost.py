@@ -8,7 +8,7 @@ import types
 import pytest
 
 import common
-from batch_embeddings import cost
+from batch_embeddings import cost, naming
 
 # Half a dollar an image and nothing for S3 Vectors: every total is exact in binary floating point.
 HALF_DOLLAR = common.Prices(per_image=0.5, on_demand_per_image=1.0, s3vectors_put_per_gb=0.0,
@@ -58,7 +58,7 @@ def test_a_non_ascii_key_is_counted_in_utf8_bytes(at):
 
 def test_the_printed_estimate_counts_every_byte_of_a_vector(capsys):
     uri = "s3://b/写真/café.jpg"
-    one = cost.vector_bytes(256, common.vector_key(uri), {"source_uri": uri, "job_id": cost.BATCH_JOB_ID})
+    one = cost.vector_bytes(256, naming.vector_key(uri), {"source_uri": uri, "job_id": cost.BATCH_JOB_ID})
     assert one == 4 * 256 + 32 + len("source_uri") + len(uri.encode("utf-8")) + len("job_id") + 12
     cost.guard([uri, uri], config(None))
     assert f"({2 * one:,} bytes) logical" in capsys.readouterr().out
@@ -67,7 +67,7 @@ def test_the_printed_estimate_counts_every_byte_of_a_vector(capsys):
 def test_an_on_demand_run_is_priced_and_described_as_on_demand(capsys):
     uri = "s3://b/1.jpg"
     est = cost.guard([uri], config(None), on_demand=True)
-    one = cost.vector_bytes(256, common.vector_key(uri), {"source_uri": uri, "job_id": cost.ON_DEMAND_JOB_ID})
+    one = cost.vector_bytes(256, naming.vector_key(uri), {"source_uri": uri, "job_id": cost.ON_DEMAND_JOB_ID})
     assert (est.images, est.on_demand, est.price_per_image, est.logical_bytes) == (1, True, 1.0, one)
     out = capsys.readouterr().out.splitlines()
     assert out[:2] == ["Estimated cost of this run: $1.00",

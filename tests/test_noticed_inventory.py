@@ -21,7 +21,7 @@ from botocore.response import StreamingBody
 from botocore.stub import Stubber
 
 import common
-from batch_embeddings import inventory, rejects
+from batch_embeddings import inventory, naming, rejects
 
 SCHEMA = "Bucket, Key, Size, ETag"
 BUCKET = "images"
@@ -52,7 +52,7 @@ def test_a_reports_etag_matches_the_listings(tmp_path):
                      ("2024/none.png", 5, None)]
     # The image failed for good on an earlier day, remembered with the ETag and size its listing gave.
     uri = common.s3_uri(BUCKET, "2024/bad.png")
-    remembered = {"source_uri": uri, "key": common.vector_key(uri), "etag": '"9b2cf535f27731c974343645a3985328"',
+    remembered = {"source_uri": uri, "key": naming.vector_key(uri), "etag": '"9b2cf535f27731c974343645a3985328"',
                   "size": 22}
     key, size, etag = found[0]
     assert rejects.unchanged(remembered, {"ETag": etag, "Size": size})  # left out, not paid for again

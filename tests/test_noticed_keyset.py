@@ -6,10 +6,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
-import common
-from batch_embeddings import keyset
+from batch_embeddings import keyset, naming
 
-OURS = [common.vector_key(f"s3://bucket/img-{i}.jpg") for i in range(3)]
+OURS = [naming.vector_key(f"s3://bucket/img-{i}.jpg") for i in range(3)]
 
 
 def from_page(page: dict) -> keyset.KeySet:
@@ -46,7 +45,7 @@ def test_a_longer_hex_key_on_a_page_is_kept_as_it_is():
 @pytest.mark.parametrize("read", ["page", "body", "text"])
 def test_upper_case_hex_keys_are_another_tools(read):
     uri = "s3://bucket/photo.jpg"
-    upper = common.vector_key(uri).upper()
+    upper = naming.vector_key(uri).upper()
     keys = [upper, OURS[0]]
     if read == "page":
         found = from_page({"vectors": [{"key": k} for k in keys]})
@@ -55,7 +54,7 @@ def test_upper_case_hex_keys_are_another_tools(read):
     else:
         found = keyset.KeySet.of(keys)
     assert not found.contains([keyset.digest(uri)])[0]  # 01 embeds the image: its own key is not in the index
-    assert common.vector_key(uri) not in found
+    assert naming.vector_key(uri) not in found
     assert upper in found and found.foreign == {upper}
     assert found.contains([keyset.digest("s3://bucket/img-0.jpg")])[0]
 
@@ -86,7 +85,7 @@ class SegmentedIndex:
 
 @pytest.mark.parametrize("segments", [1, 3, keyset.MAX_SEGMENTS])
 def test_index_keys_reads_every_page_of_every_segment(segments):
-    ours = [common.vector_key(f"s3://bucket/img-{i}.jpg") for i in range(200)]
+    ours = [naming.vector_key(f"s3://bucket/img-{i}.jpg") for i in range(200)]
     others = ["manual-1", "AB" * 16]
     index = SegmentedIndex(ours + others + ours[:5], per_page=7)  # a key listed twice is counted once
     found = keyset.index_keys(index, "vectors", "images", segments=segments)

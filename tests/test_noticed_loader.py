@@ -8,6 +8,7 @@ import json
 import os
 
 import common
+from batch_embeddings import naming
 from tests.conftest import import_step
 
 WAIT = ("--wait", "--interval", "0.05", "--timeout", "120")
@@ -58,7 +59,7 @@ def test_a_resumed_load_cuts_the_report_back_to_its_checkpoint(world, monkeypatc
     lines = [json.loads(line) for line in report.read_text().splitlines()]
     assert [line["source_uri"] for line in lines] == [bad]  # once, and every line whole
     assert [entry["source_uri"] for entry in world.account()] == [bad]
-    assert world.index_keys() == {common.vector_key(u) for u in uris}
+    assert world.index_keys() == {naming.vector_key(u) for u in uris}
 
 
 def test_a_checkpoint_of_another_vector_bucket_with_the_same_index_name_is_not_reused(world, monkeypatch, capsys):
@@ -75,6 +76,6 @@ def test_a_checkpoint_of_another_vector_bucket_with_the_same_index_name_is_not_r
     assert "Vectors Inserted: 100" in out
     s3v = world.client("s3vectors")
     found = s3v.get_vectors(vectorBucketName=other, indexName=world.vector_index,
-                            keys=[common.vector_key(u) for u in uris])["vectors"]
+                            keys=[naming.vector_key(u) for u in uris])["vectors"]
     assert len(found) == 100
     assert world.job_info()["jobs"][0]["load"]["vector_bucket"] == other

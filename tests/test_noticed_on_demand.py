@@ -28,7 +28,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 import common
-from batch_embeddings import ondemand, vectors
+from batch_embeddings import naming, nova, ondemand, vectors
 from tests.conftest import import_step
 
 
@@ -57,7 +57,7 @@ def test_a_throttled_invoke_model_is_tried_again_and_the_image_loaded(world, mon
     out = capsys.readouterr().out
     assert code == common.EXIT_OK, out
     assert "Images loaded: 12, failed: 0, missing: 0" in out
-    assert world.index_keys() == {common.vector_key(u) for u in uris}
+    assert world.index_keys() == {naming.vector_key(u) for u in uris}
     assert invoked(world) - before >= 12  # every image embedded (the throttled calls may not be counted)
 
 
@@ -72,7 +72,7 @@ def test_the_part_is_embedded_at_the_runs_dimension(world, monkeypatch, capsys):
     s3v = world.client("s3vectors")
     assert s3v.get_index(vectorBucketName=world.vector_bucket, indexName=world.vector_index)["index"]["dimension"] == 256
     got = s3v.get_vectors(vectorBucketName=world.vector_bucket, indexName=world.vector_index,
-                          keys=[common.vector_key(u) for u in uris], returnData=True)["vectors"]
+                          keys=[naming.vector_key(u) for u in uris], returnData=True)["vectors"]
     assert len(got) == 12 and {len(v["data"]["float32"]) for v in got} == {256}
 
 
@@ -119,7 +119,7 @@ def test_an_image_the_model_refuses_fails_alone(index_endpoint):
     uris = [f"s3://images/img-{i}.png" for i in range(3)]
     confirmed, failed = ondemand.embed_and_load([(uri, {"image": uri}) for uri in uris], config,
                                                 Refusing(throttled="never"), index_endpoint.client, 8)
-    assert confirmed == {common.vector_key(uris[0]), common.vector_key(uris[2])}
+    assert confirmed == {naming.vector_key(uris[0]), naming.vector_key(uris[2])}
     assert [(f["source_uri"], f["error_code"]) for f in failed] == [(uris[1], "ValidationException")]
 
 
@@ -173,12 +173,12 @@ class Model:
 
 def images(n: int, dimension: int = 8) -> list[tuple[str, dict]]:
     uris = [f"s3://images/2024/img-{i}.png" for i in range(n)]
-    return [(uri, common.image_request(uri, "png", "111122223333", dimension, "GENERIC_INDEX")) for uri in uris]
+    return [(uri, nova.image_request(uri, "png", "111122223333", dimension, "GENERIC_INDEX")) for uri in uris]
 
 
 def stored(index, uris) -> dict[str, tuple[list[float], dict]]:
     got = index.client.get_vectors(vectorBucketName="bucket", indexName="index",
-                                            keys=[common.vector_key(u) for u in uris], returnData=True,
+                                            keys=[naming.vector_key(u) for u in uris], returnData=True,
                                             returnMetadata=True)["vectors"]
     return {v["key"]: (v["data"]["float32"], v["metadata"]) for v in got}
 
@@ -237,8 +237,8 @@ def test_every_image_is_stored_as_the_model_embedded_it_with_its_uri(index, one_
     model = Model()
     confirmed, failed, sleeps = load(index, model, requests, index_ready=lambda: ready.append(1))
     uris = [uri for uri, _ in requests]
-    assert confirmed == {common.vector_key(u) for u in uris} and failed == [] and sleeps == []
-    assert stored(index, uris) == {common.vector_key(u): (embedding_of(u), {"source_uri": u,
+    assert confirmed == {naming.vector_key(u) for u in uris} and failed == [] and sleeps == []
+    assert stored(index, uris) == {naming.vector_key(u): (embedding_of(u), {"source_uri": u,
                                                                                     "job_id": "on-demand"})
                                             for u in uris}
     assert model.calls == ["img-0.png", "img-1.png", "img-2.png"] and model.models == {MODEL}
@@ -252,8 +252,8 @@ def test_a_model_timeout_is_tried_after_each_delay_and_then_fails_the_image(inde
     uris = [uri for uri, _ in images(3)]
     assert sleeps == [1.0, 2.0] + [1.0, 2.0, 4.0]
     assert model.calls.count("img-0.png") == 3 and model.calls.count("img-1.png") == 4
-    assert confirmed == {common.vector_key(uris[0]), common.vector_key(uris[2])}
-    assert failed == [{"source_uri": uris[1], "recordId": common.vector_key(uris[1]), "status": "failed",
+    assert confirmed == {naming.vector_key(uris[0]), naming.vector_key(uris[2])}
+    assert failed == [{"source_uri": uris[1], "recordId": naming.vector_key(uris[1]), "status": "failed",
                        "error_code": "ModelTimeoutException",
                        "error_message": "Model has timed out in processing the request"}]
 
@@ -263,8 +263,8 @@ def test_an_image_the_model_refuses_fails_alone_with_its_code_and_message(index,
     model = Model({"img-0.png": [error(code, "The provided image is not valid")]})
     confirmed, failed, sleeps = load(index, model, images(2))
     uri0, uri1 = (uri for uri, _ in images(2))
-    assert confirmed == {common.vector_key(uri1)} and sleeps == []
-    assert failed == [{"source_uri": uri0, "recordId": common.vector_key(uri0), "status": "failed",
+    assert confirmed == {naming.vector_key(uri1)} and sleeps == []
+    assert failed == [{"source_uri": uri0, "recordId": naming.vector_key(uri0), "status": "failed",
                        "error_code": code, "error_message": "The provided image is not valid"}]
 
 
@@ -299,7 +299,7 @@ def test_an_access_denied_about_the_image_is_that_images_failure(index, one_at_a
         answers["img-1.png"] = [error("AccessDeniedException", "Access denied to s3://images/2024/img-1.png")]
     confirmed, failed, _ = load(index, Model(answers), images(3))
     uris = [uri for uri, _ in images(3)]
-    assert common.vector_key(uris[2]) in confirmed
+    assert naming.vector_key(uris[2]) in confirmed
     assert [f["source_uri"] for f in failed] == ([uris[0]] if first is not None else []) + [uris[1]]
     assert failed[-1]["error_code"] == "AccessDeniedException"
 
@@ -313,21 +313,21 @@ def test_an_embedding_the_index_would_refuse_fails_its_image(index, one_at_a_tim
     kept = tmp_path / "kept.jsonl"
     confirmed, failed, _ = load(index, Model({"img-0.png": [answer]}), images(2), kept=kept)
     uri0, uri1 = (uri for uri, _ in images(2))
-    assert confirmed == {common.vector_key(uri1)}
-    assert failed == [{"source_uri": uri0, "recordId": common.vector_key(uri0), "status": "failed",
+    assert confirmed == {naming.vector_key(uri1)}
+    assert failed == [{"source_uri": uri0, "recordId": naming.vector_key(uri0), "status": "failed",
                        "error_code": "InvalidEmbedding", "error_message": message}]
     assert [json.loads(line)["source_uri"] for line in kept.read_bytes().splitlines()] == [uri1]  # not kept
 
 
 def test_a_vector_the_index_refuses_fails_its_image(index, one_at_a_time):
     uris = [uri for uri, _ in images(3)]
-    standin_options(index, refuse_keys=[common.vector_key(uris[1])])
+    standin_options(index, refuse_keys=[naming.vector_key(uris[1])])
     confirmed, failed, _ = load(index, Model(), images(3))
-    assert confirmed == {common.vector_key(uris[0]), common.vector_key(uris[2])}
+    assert confirmed == {naming.vector_key(uris[0]), naming.vector_key(uris[2])}
     (entry,) = failed
     assert (entry["source_uri"], entry["status"], entry["error_code"]) == (uris[1], "failed", "ValidationException")
     assert entry["error_message"].startswith("S3 Vectors refused the vector: ")
-    assert common.vector_key(uris[1]) in entry["error_message"]
+    assert naming.vector_key(uris[1]) in entry["error_message"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,11 +350,11 @@ def test_kept_embeddings_are_loaded_again_without_calling_the_model(index, one_a
     confirmed, failed, _ = load(index, model, images(4), kept=kept)
     uris = [uri for uri, _ in images(4)]
     assert model.calls == ["img-3.png"]  # only the image never embedded
-    assert confirmed == {common.vector_key(u) for u in uris} and failed == []
+    assert confirmed == {naming.vector_key(u) for u in uris} and failed == []
     assert capsys.readouterr().out == (f"3 of the 4 image(s) were embedded by an earlier try and kept in {kept}: "
                                        "loaded from there, without calling the model again\n")
     assert {k: v for k, (v, _) in stored(index, uris).items()} == \
-        {common.vector_key(u): embedding_of(u) for u in uris}
+        {naming.vector_key(u): embedding_of(u) for u in uris}
     assert len(kept.read_bytes().splitlines()) == 4  # kept until the run's folder goes (04)
 
 
@@ -377,12 +377,12 @@ def test_a_kept_embedding_the_index_would_refuse_fails_its_image_without_calling
     kept = tmp_path / ondemand.KEPT_NAME
     (uri, body), = images(1)
     zeros = ondemand.Kept(kept, 8)
-    zeros.add(common.vector_key(uri), uri, ondemand.request_digest(MODEL, body), [0.0] * 8)
+    zeros.add(naming.vector_key(uri), uri, ondemand.request_digest(MODEL, body), [0.0] * 8)
     zeros.close()
     model = Model()
     confirmed, failed, _ = load(index, model, [(uri, body)], kept=kept)
     assert model.calls == [] and confirmed == set()
-    assert failed == [{"source_uri": uri, "recordId": common.vector_key(uri), "status": "failed",
+    assert failed == [{"source_uri": uri, "recordId": naming.vector_key(uri), "status": "failed",
                        "error_code": "InvalidEmbedding",
                        "error_message": "embedding is all zeros, which a cosine index refuses"}]
 
@@ -435,7 +435,7 @@ def test_forgetting_some_images_rewrites_the_file_with_the_others(tmp_path):
 
 def part(tmp_path, n: int, dimension: int = 8, model_id: str | None = MODEL) -> dict:
     manifest = tmp_path / "batch_input_part.jsonl"
-    manifest.write_bytes(b"".join(orjson.dumps({"recordId": common.record_id(uri), "modelInput": body}) + b"\n"
+    manifest.write_bytes(b"".join(orjson.dumps({"recordId": naming.record_id(uri), "modelInput": body}) + b"\n"
                                   for uri, body in images(n, dimension)))
     job = {"job_name": "nova-mme-embedding-20261201-100000-od", "on_demand": True,
            "manifests": [{"local_path": str(manifest)}], "embedding_dimension": dimension}
@@ -456,7 +456,7 @@ def test_step_3_embeds_the_part_counts_it_and_lists_its_failures(index, one_at_a
     job = part(tmp_path, 4)
     uris = [uri for uri, _ in images(4)]
     index.client.put_vectors(vectorBucketName="bucket", indexName="index", vectors=[
-        {"key": common.vector_key(uris[0]), "data": {"float32": [1.0] * 8}}])  # loaded by an earlier step 3
+        {"key": naming.vector_key(uris[0]), "data": {"float32": [1.0] * 8}}])  # loaded by an earlier step 3
     model = Model({"img-2.png": [error("ValidationException", "The provided image is not valid")]})
     report = tmp_path / "load_report_od.jsonl"
     report.write_text("a report of an earlier --reload\n")
@@ -467,12 +467,12 @@ def test_step_3_embeds_the_part_counts_it_and_lists_its_failures(index, one_at_a
         "step 3): not embedded again\n"
         f"Embedding 3 image(s) on demand with {MODEL} (nova-mme-embedding-20261201-100000-od)\n"
         "✓ Embedded and loaded 2 image(s) on demand into index; 1 failed\n")
-    keys = {common.vector_key(u) for u in uris}
+    keys = {naming.vector_key(u) for u in uris}
     assert counts == {"total": 4, "success": 3, "error": 1, "inserted": 2,
-                      "confirmed_keys": keys - {common.vector_key(uris[2])}}
+                      "confirmed_keys": keys - {naming.vector_key(uris[2])}}
     assert job["load"] == {"finished": True, "counts": {"total": 4, "success": 3, "error": 1, "inserted": 2}}
     assert [json.loads(line) for line in report.read_text().splitlines()] == [
-        {"source_uri": uris[2], "recordId": common.vector_key(uris[2]), "status": "failed",
+        {"source_uri": uris[2], "recordId": naming.vector_key(uris[2]), "status": "failed",
          "error_code": "ValidationException", "error_message": "The provided image is not valid"}]
 
 
@@ -513,7 +513,7 @@ def test_the_kept_files_are_named_where_steps_3_and_4_look_for_them(tmp_path):
 def test_a_refusal_without_a_message_is_listed_with_an_empty_one(index, one_at_a_time):
     refusal = ClientError({"Error": {"Code": "ValidationException"}}, "InvokeModel")
     confirmed, failed, _ = load(index, Model({"img-0.png": [refusal]}), images(2))
-    assert failed == [{"source_uri": images(1)[0][0], "recordId": common.vector_key(images(1)[0][0]),
+    assert failed == [{"source_uri": images(1)[0][0], "recordId": naming.vector_key(images(1)[0][0]),
                        "status": "failed", "error_code": "ValidationException", "error_message": ""}]
     denied = ClientError({"Error": {"Code": "AccessDeniedException"}}, "InvokeModel")
     with pytest.raises(common.StepError, match="^AccessDeniedException:  — InvokeModel on "):
@@ -553,7 +553,7 @@ def test_vectors_go_to_the_index_in_as_many_requests_as_they_take(index, one_at_
     requests = images(5)
     confirmed, failed, _ = load(index, Model(), requests)
     uris = [uri for uri, _ in requests]
-    assert confirmed == {common.vector_key(u) for u in uris} and failed == []
+    assert confirmed == {naming.vector_key(u) for u in uris} and failed == []
     assert len(stored(index, uris)) == 5
 
 
@@ -594,13 +594,13 @@ def test_kept_embeddings_are_loaded_with_their_images_metadata(index, one_at_a_t
     requests = images(2)
     earlier = ondemand.Kept(kept, 8)
     for uri, body in requests:
-        earlier.add(common.vector_key(uri), uri, ondemand.request_digest(MODEL, body), embedding_of(uri))
+        earlier.add(naming.vector_key(uri), uri, ondemand.request_digest(MODEL, body), embedding_of(uri))
     earlier.close()
     model = Model()
     confirmed, failed, _ = load(index, model, requests, kept=kept)
     assert model.calls == [] and len(confirmed) == 2
     assert stored(index, [u for u, _ in requests]) == {
-        common.vector_key(u): (embedding_of(u), {"source_uri": u, "job_id": "on-demand"}) for u, _ in requests}
+        naming.vector_key(u): (embedding_of(u), {"source_uri": u, "job_id": "on-demand"}) for u, _ in requests}
 
 
 def test_a_retry_whose_images_all_failed_keeps_nothing(index, one_at_a_time, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batch_embeddings import accounting, ondemand, vectors
+from batch_embeddings import accounting, naming, ondemand, vectors
 import common
 from tests.conftest import import_step
 from tests.standins.embedding import embed_image
@@ -44,7 +44,7 @@ def test_a_day_with_fewer_images_than_a_job_takes_goes_on_demand(world):
     assert "Embedded and loaded 30 image(s) on demand" in loaded.stdout
     assert "Images loaded: 30, failed: 0, missing: 0" in loaded.stdout
     index = world.index_metadata()
-    assert index == {common.vector_key(u): {"source_uri": u, "job_id": "on-demand"} for u in uris}
+    assert index == {naming.vector_key(u): {"source_uri": u, "job_id": "on-demand"} for u in uris}
     assert world.vectors_accepted() == 30
     assert not list(world.run_dir().glob("load_report_*"))  # nothing failed: no report
     cleaned = world.step(4)
@@ -108,8 +108,8 @@ def test_a_remainder_that_would_cost_a_wave_is_embedded_by_step_3(world):
     assert entry["source_uri"] == bad and entry["status"] == "failed" and entry["error_code"] == "ValidationException"
     assert entry["job_name"].endswith("-on-demand")
     index = world.index_metadata()
-    assert set(index) == {common.vector_key(u) for u in uris}
-    assert {index[common.vector_key(u)]["job_id"] for u in uris if "/top-" in u} == {"on-demand"}
+    assert set(index) == {naming.vector_key(u) for u in uris}
+    assert {index[naming.vector_key(u)]["job_id"] for u in uris if "/top-" in u} == {"on-demand"}
     assert world.vectors_accepted() == 300
 
 
@@ -123,7 +123,7 @@ def test_a_part_stopped_half_way_embeds_only_what_the_index_lacks(world):
     info["jobs"][0].pop("load")
     (world.cwd / "batch_job_info.json").write_text(json.dumps(info))
     world.client("s3vectors").delete_vectors(vectorBucketName=world.vector_bucket, indexName=world.vector_index,
-                                             keys=[common.vector_key(u) for u in uris[:10]])
+                                             keys=[naming.vector_key(u) for u in uris[:10]])
     (world.run_dir() / ondemand.KEPT_NAME).unlink()  # the index is asked first, whatever is kept
     invoked = len([c for c in world.emulator("/_emulator/auth")["calls"] if c["operation"] == "InvokeModel"])
 
@@ -134,7 +134,7 @@ def test_a_part_stopped_half_way_embeds_only_what_the_index_lacks(world):
     assert "20 image(s) of" in again.stdout and "in the index already" in again.stdout
     assert "Embedded and loaded 10 image(s) on demand" in again.stdout
     assert "Images loaded: 30, failed: 0, missing: 0" in again.stdout
-    assert world.index_keys() == {common.vector_key(u) for u in uris}
+    assert world.index_keys() == {naming.vector_key(u) for u in uris}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,7 +193,7 @@ def test_a_model_timeout_is_tried_again_and_the_image_loaded(world, monkeypatch,
     assert "Images loaded: 30, failed: 0, missing: 0" in out
     assert sleeps == list(ondemand.TIMEOUT_RETRY_DELAYS[:2])  # two timeouts, two waits, then the embedding
     assert invoked(world) - before == 32
-    assert world.index_keys() == {common.vector_key(u) for u in uris}
+    assert world.index_keys() == {naming.vector_key(u) for u in uris}
     # Step 3's own settings reach the on-demand part; the index is asked with the client botocore retries.
     assert seen["rates"] == (900.0, 70.0)
     assert seen["reader_attempts"] > 1
@@ -213,7 +213,7 @@ def test_an_image_that_always_times_out_fails_alone(world, monkeypatch, capsys):
     (entry,) = not_loaded(world).values()
     assert entry["source_uri"] == uris[0] and entry["status"] == "failed"
     assert entry["error_code"] == "ModelTimeoutException" and "timed out" in entry["error_message"]
-    assert world.index_keys() == {common.vector_key(u) for u in uris[1:]}
+    assert world.index_keys() == {naming.vector_key(u) for u in uris[1:]}
 
 
 def test_an_image_the_model_may_not_read_fails_alone(world):
@@ -228,7 +228,7 @@ def test_an_image_the_model_may_not_read_fails_alone(world):
     assert set(failed) == {uris[3], uris[7]}
     assert failed[uris[3]]["error_code"] == "AccessDeniedException" and uris[3] in failed[uris[3]]["error_message"]
     assert failed[uris[7]]["error_code"] == "ValidationException" and uris[7] in failed[uris[7]]["error_message"]
-    assert world.index_keys() == {common.vector_key(u) for i, u in enumerate(uris) if i not in (3, 7)}
+    assert world.index_keys() == {naming.vector_key(u) for i, u in enumerate(uris) if i not in (3, 7)}
 
 
 def test_a_caller_refused_invoke_model_stops_the_step_with_one_line(world):
@@ -275,13 +275,13 @@ def assert_stored_as_the_model_gave(world, uris: list[str]) -> None:
     """The index holds each image's vector as the emulator's model embeds the image's bytes (float32)."""
     s3, s3v = world.client("s3"), world.client("s3vectors")
     got = s3v.get_vectors(vectorBucketName=world.vector_bucket, indexName=world.vector_index,
-                          keys=[common.vector_key(u) for u in uris], returnData=True)["vectors"]
+                          keys=[naming.vector_key(u) for u in uris], returnData=True)["vectors"]
     stored = {v["key"]: np.asarray(v["data"]["float32"], dtype=np.float32) for v in got}
     for uri in uris:
         bucket, key = common.parse_s3_uri(uri)
         image = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
         expected = np.asarray(embed_image(image, 256), dtype=np.float32)
-        np.testing.assert_array_equal(stored[common.vector_key(uri)], expected, err_msg=uri)
+        np.testing.assert_array_equal(stored[naming.vector_key(uri)], expected, err_msg=uri)
 
 
 def one_line(result) -> str:
@@ -312,7 +312,7 @@ def test_a_load_the_index_refused_is_run_again_without_calling_the_model(world):
     assert "30 of the 30 image(s) were embedded by an earlier try and kept in" in again.stdout
     assert "Embedded and loaded 30 image(s) on demand" in again.stdout
     assert "Images loaded: 30, failed: 0, missing: 0" in again.stdout
-    assert world.index_metadata() == {common.vector_key(u): {"source_uri": u, "job_id": "on-demand"} for u in uris}
+    assert world.index_metadata() == {naming.vector_key(u): {"source_uri": u, "job_id": "on-demand"} for u in uris}
     assert_stored_as_the_model_gave(world, uris)
     assert not list(world.run_dir().glob("load_report_*"))
 
@@ -344,7 +344,7 @@ def test_a_kept_line_cut_by_a_kill_is_embedded_again_alone(world, where):
     assert invoked(world) - before == 1
     assert "29 of the 30 image(s) were embedded by an earlier try" in again.stdout
     assert "Images loaded: 30, failed: 0, missing: 0" in again.stdout
-    assert world.index_keys() == {common.vector_key(u) for u in uris}
+    assert world.index_keys() == {naming.vector_key(u) for u in uris}
     assert_stored_as_the_model_gave(world, uris)
     # The image embedded again is kept whole after what was whole: read again, every image is there.
     assert json.loads(kept.read_bytes().splitlines()[-1])["source_uri"] == cut
@@ -357,7 +357,7 @@ def test_a_kept_embedding_the_index_refuses_is_still_that_images_failure(world):
     with put_vectors_denied(world):
         assert world.step(3).returncode == common.EXIT_ERROR
     before = invoked(world)
-    standin_config(world, refuse_keys=[common.vector_key(uris[5])])
+    standin_config(world, refuse_keys=[naming.vector_key(uris[5])])
     try:
         again = world.step(3)
     finally:
@@ -369,7 +369,7 @@ def test_a_kept_embedding_the_index_refuses_is_still_that_images_failure(world):
     assert entry["source_uri"] == uris[5] and entry["error_code"] == "ValidationException"
     assert "S3 Vectors refused the vector" in entry["error_message"]
     assert len(list(world.run_dir().glob("load_report_*"))) == 1  # it lists that image
-    assert world.index_keys() == {common.vector_key(u) for i, u in enumerate(uris) if i != 5}
+    assert world.index_keys() == {naming.vector_key(u) for i, u in enumerate(uris) if i != 5}
 
 
 def test_a_retry_on_demand_the_index_refused_is_run_again_without_calling_the_model(world):

@@ -19,7 +19,7 @@ import pytest
 from botocore.stub import Stubber
 
 import common
-from batch_embeddings import cost, preflight
+from batch_embeddings import cost, naming, preflight
 from tests.conftest import ROOT, STEPS
 
 ACCOUNT = "123456789012"
@@ -335,7 +335,7 @@ def test_retry_failed_names_every_file_it_reads(world):
     account.parent.mkdir(parents=True)
     account.write_text(json.dumps({"source_uri": uris[0], "status": "missing"}) + "\n")
     rejected = world.cwd / "failed_permanently.jsonl"
-    rejected.write_text(json.dumps({"source_uri": uris[1], "key": common.vector_key(uris[1]), "etag": "x", "size": 1,
+    rejected.write_text(json.dumps({"source_uri": uris[1], "key": naming.vector_key(uris[1]), "etag": "x", "size": 1,
                                     "failed_on": "2026-12-01"}) + "\n")
     shown = world.step(1, "--retry-failed", "--dry-run")
     assert f"Retrying the 2 image(s) the last runs did not load (from {account} and {rejected})" in shown.stdout

@@ -18,7 +18,7 @@ from html.parser import HTMLParser
 import pytest
 
 import common
-from batch_embeddings import results_page
+from batch_embeddings import naming, nova, results_page
 from tests import sample_images
 from tests.conftest import ROOT, STEPS, World, import_step, make_role
 from tests.standins.embedding import embed_image, embed_text
@@ -108,7 +108,7 @@ def test_a_local_copy_of_an_image_finds_it_first(loaded, tmp_path, key, local_na
     hits = query_json(loaded, "--image", str(local), "--top-k", "5")
     assert len(hits) == 5
     assert hits[0]["source_uri"] == uri_of(loaded, key)
-    assert hits[0]["key"] == common.vector_key(uri_of(loaded, key))
+    assert hits[0]["key"] == naming.vector_key(uri_of(loaded, key))
     assert hits[0]["distance"] == pytest.approx(0.0, abs=1e-5)
     assert hits[1]["distance"] > 0.5
 
@@ -129,7 +129,7 @@ def test_a_text_finds_the_nearest_images_in_order(loaded):
     for hit in hits:
         assert set(hit) == {"rank", "key", "distance", "source_uri", "metadata"}
         assert hit["metadata"] == {"source_uri": hit["source_uri"], "job_id": job_id}
-        assert hit["key"] == common.vector_key(hit["source_uri"])
+        assert hit["key"] == naming.vector_key(hit["source_uri"])
     assert [(str(h["rank"]), f"{h['distance']:.4f}", h["source_uri"]) for h in hits] == rows
 
     # The same ranking, worked out here from the images themselves: the query embedded the text at the index's size.
@@ -225,7 +225,7 @@ def _files(cwd):
     (cwd / "empty.png").write_bytes(b"")
     (cwd / "folder.png").mkdir()
     with open(cwd / "huge.png", "wb") as fh:  # sparse: no disk used
-        fh.truncate(common.MAX_IMAGE_BYTES + 1)
+        fh.truncate(nova.MAX_IMAGE_BYTES + 1)
     with open(cwd / "big.jpg", "wb") as fh:
         fh.truncate(19_000_000)
 

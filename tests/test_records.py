@@ -22,7 +22,7 @@ import orjson
 import pytest
 
 import common
-from batch_embeddings import forking, records, vectors
+from batch_embeddings import forking, naming, records, vectors
 
 DIMENSION = 256
 
@@ -33,7 +33,7 @@ def line(i: int, rng, *, text: str = "double", **changes) -> bytes:
     embedding = [float(v) for v in values]  # Python's float text; "float32": the shortest float32 text
     if text != "double":
         embedding = orjson.loads(orjson.dumps(values, option=orjson.OPT_SERIALIZE_NUMPY))
-    record = {"recordId": common.record_id(uri),
+    record = {"recordId": naming.record_id(uri),
               "modelInput": {"taskType": "SINGLE_EMBEDDING",
                              "singleEmbeddingParams": {"image": {"source": {"s3Location": {"uri": uri}}}}},
               "modelOutput": {"embeddings": [{"embeddingType": "IMAGE", "embedding": embedding}]}}

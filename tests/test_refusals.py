@@ -9,6 +9,7 @@ import time
 import pytest
 
 import common
+from batch_embeddings import nova
 
 
 def s3_keys(world, suffix: str = "") -> list[str]:
@@ -17,7 +18,7 @@ def s3_keys(world, suffix: str = "") -> list[str]:
 
 
 def manifest_uris(path) -> list[str]:
-    return [common.image_uri(json.loads(line)) for line in path.read_text().splitlines()]
+    return [nova.image_uri(json.loads(line)) for line in path.read_text().splitlines()]
 
 
 def test_force_while_a_job_of_the_replaced_run_runs_never_submits_its_images_again(world):

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 import common
-from batch_embeddings import vectors
+from batch_embeddings import naming, vectors
 from tests.sending import FakeClock
 
 MESSAGE = "Filterable metadata must have at most 2048 bytes"
@@ -162,7 +162,7 @@ def test_step_3_loads_around_a_refused_image_and_a_rerun_does_not_stop_on_it(wor
     assert world.step(2, "--wait", "--interval", "0.1", "--timeout", "120").returncode == 0
     bad = uris[137]
     url = world.stack.s3vectors_url
-    control(url, {"refuse_keys": [common.vector_key(bad)], "refused_keys_unnamed": unnamed})
+    control(url, {"refuse_keys": [naming.vector_key(bad)], "refused_keys_unnamed": unnamed})
     job_id = world.job_info()["jobs"][0]["job_id"]
 
     def report() -> list[str]:
@@ -179,8 +179,8 @@ def test_step_3_loads_around_a_refused_image_and_a_rerun_does_not_stop_on_it(wor
 
     out = loaded.stdout
     assert loaded.returncode == common.EXIT_INCOMPLETE, out + loaded.stderr
-    assert world.index_keys() == {common.vector_key(uri) for uri in uris if uri != bad}
-    message = f"Invalid record: {MESSAGE}" if unnamed else named(common.vector_key(bad))
+    assert world.index_keys() == {naming.vector_key(uri) for uri in uris if uri != bad}
+    message = f"Invalid record: {MESSAGE}" if unnamed else named(naming.vector_key(bad))
     assert f"! S3 Vectors refused the vector of {bad}: {message}" in out
     assert f"  {bad}: failed (ValidationException: S3 Vectors refused the vector: {message})" in out
     assert "Successful: 299" in out and "Errors: 1" in out and "Vectors Inserted: 299" in out

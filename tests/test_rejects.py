@@ -10,7 +10,7 @@ from datetime import date
 import pytest
 
 import common
-from batch_embeddings import rejects
+from batch_embeddings import naming, rejects
 from tests.conftest import import_step
 
 OWNER = "123456789012"
@@ -88,7 +88,7 @@ def test_a_passing_trouble_does_not_bury_the_image(tmp_path, code, message):
 def test_an_error_about_the_image_itself_is_remembered_with_its_etag_and_size(tmp_path, code, message):
     account = [failed("2024/bad.png", code, message), failed("2024/flaky.png", "500", "Internal server error")]
     kept = remember(tmp_path, account, {"2024/bad.png": ('"e1"', 22), "2024/flaky.png": ('"e2"', 5)})
-    assert kept == [{"source_uri": f"s3://{BUCKET}/2024/bad.png", "key": common.vector_key(f"s3://{BUCKET}/2024/bad.png"),
+    assert kept == [{"source_uri": f"s3://{BUCKET}/2024/bad.png", "key": naming.vector_key(f"s3://{BUCKET}/2024/bad.png"),
                      "etag": '"e1"', "size": 22, "error_code": code, "error_message": message,
                      "failed_on": date.today().isoformat()}]
 
@@ -100,7 +100,7 @@ def test_new_permanent_failures_are_added_to_those_remembered(tmp_path):
     assert [e["source_uri"] for e in first] == [f"s3://{BUCKET}/2024/old.png"]
     second = remember(tmp_path, [failed("2024/new.png", "400", "Unsupported image format")], objects)
     assert sorted(e["source_uri"] for e in second) == [f"s3://{BUCKET}/2024/new.png", f"s3://{BUCKET}/2024/old.png"]
-    assert rejects.load(tmp_path / rejects.FILE_NAME).keys() == {common.vector_key(e["source_uri"]) for e in second}
+    assert rejects.load(tmp_path / rejects.FILE_NAME).keys() == {naming.vector_key(e["source_uri"]) for e in second}
 
 
 def test_only_failed_images_about_themselves_are_remembered_and_a_gone_one_is_skipped():
@@ -114,7 +114,7 @@ def test_only_failed_images_about_themselves_are_remembered_and_a_gone_one_is_sk
     objects = {k: ('"e"', 3) for k in ("2024/missing.png", "2024/denied.png", "2024/flaky.png", "2024/bad.png")}
     found = rejects.remember(FakeS3(objects), OWNER, account, today=date(2026, 12, 1))
     uri = f"s3://{BUCKET}/2024/bad.png"
-    assert found == {common.vector_key(uri): {"source_uri": uri, "key": common.vector_key(uri), "etag": '"e"',
+    assert found == {naming.vector_key(uri): {"source_uri": uri, "key": naming.vector_key(uri), "etag": '"e"',
                                               "size": 3, "error_code": "ValidationException", "error_message": "",
                                               "failed_on": "2026-12-01"}}
 

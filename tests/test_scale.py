@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 import common
+from batch_embeddings import naming
 
 QUOTAS = {"MIN_RECORDS_PER_JOB": "100", "MAX_RECORDS_PER_JOB": "500", "MAX_RECORDS_PER_FILE": "250",
           "MAX_CONCURRENT_JOBS": "3", "ON_DEMAND_MAX_IMAGES": "0"}  # the remainder joins a job (see test_on_demand)
@@ -49,7 +50,7 @@ def test_a_run_larger_than_one_job_is_split_by_folder_and_loads_every_image_once
         # A job that had seen another job's manifest would have processed more records than its own.
         assert emulated[job["job_arn"]]["totalRecordCount"] == job["record_count"]
     assert "Images loaded: 1800, failed: 0, missing: 0" in loaded.stdout
-    assert world.index_keys() == {common.vector_key(uri) for uri in uris}
+    assert world.index_keys() == {naming.vector_key(uri) for uri in uris}
     assert world.vectors_accepted() == 1800  # each vector sent once
     assert world.step(4).returncode == 0
 
@@ -60,7 +61,7 @@ def test_a_run_larger_than_one_job_is_split_by_folder_and_loads_every_image_once
     assert "Left out 1800 image(s): already in the vector index" in day2.stdout
     assert [j["record_count"] for j in world.job_info()["jobs"]] == [150]
     run_all(world)
-    assert world.index_keys() == {common.vector_key(uri) for uri in uris + new}
+    assert world.index_keys() == {naming.vector_key(uri) for uri in uris + new}
     assert world.vectors_accepted() == 1950
 
 
