@@ -95,13 +95,13 @@ def checks(config: common.Config, invoke: bool) -> list[setup_check.Row]:
 
     if source.status == setup_check.OK:
         rows += show(attempt("S3 listing reader", lambda: setup_check.check_listing_reader(
-            s3, listing.lean(client("s3")), config.source_bucket, config.source_prefix, owner)))
+            s3, listing.fast_listing_client(client("s3")), config.source_bucket, config.source_prefix, owner)))
     else:
         rows += show(setup_check.unknown("S3 listing reader", "skipped: the source bucket cannot be listed"))
     store_rows = store if isinstance(store, list) else [store]
     if all(row.status == setup_check.OK for row in store_rows):
         rows += show(attempt("S3 Vectors page reader", lambda: setup_check.check_vector_reader(
-            s3v, keyset.lean(client("s3vectors")), config)))
+            s3v, keyset.fast_keys_client(client("s3vectors")), config)))
     else:
         rows += show(setup_check.unknown("S3 Vectors page reader", "skipped: the vector index cannot be read"))
     if invoke:

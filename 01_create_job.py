@@ -24,8 +24,9 @@ from pathlib import Path
 
 import orjson
 
-from batch_embeddings import accounting, cost, jobinfo, jobs, keyset, lease, listing as listing_module, manifests, naming, nova, ondemand, preflight, rejects, selection, vectors
 import common
+from batch_embeddings import (accounting, cost, failed_permanently, jobinfo, jobs, keyset, lease, listing, manifests,
+                              naming, nova, ondemand, preflight, selection, vectors)
 from common import StepError, ok
 
 SETTINGS = (
@@ -84,7 +85,7 @@ def parse_args(argv):
     return args
 
 
-def embed_on_demand(listing: selection.Listing, config: common.Config, owner: str, out_dir: Path) -> int:
+def embed_on_demand(chosen: selection.Listing, config: common.Config, owner: str, out_dir: Path) -> int:
     """Embed a few images with InvokeModel (the batch record's own request body) and load them like step 3."""
     if not (config.vector_bucket and config.vector_index):
         raise common.ConfigError("VECTOR_BUCKET and VECTOR_INDEX are needed to load images embedded on demand")
@@ -92,14 +93,14 @@ def embed_on_demand(listing: selection.Listing, config: common.Config, owner: st
     s3v = common.make_client("s3vectors", config)
     dimension = config.embedding_dimension
     vectors.ensure_index(s3v, config.vector_bucket, config.vector_index, dimension)
-    print(f"Embedding {listing.images} image(s) on demand with {config.model_id}")
+    print(f"Embedding {chosen.images} image(s) on demand with {config.model_id}")
     requests = ((uri, nova.image_request(uri, fmt, owner, dimension, config.embedding_purpose))
                 for uri, fmt in ((common.s3_uri(config.source_bucket, key), fmt)
-                                 for key, fmt in listing.images_in_order()))
+                                 for key, fmt in chosen.images_in_order()))
     loaded, failed = ondemand.embed_and_load(requests, config, runtime, s3v, dimension, forget_done=True,
                                              kept=ondemand.retry_kept_file(out_dir.parent))
     failed = [dict(f, job_name=ondemand.JOB_ID) for f in failed]
-    path = out_dir / accounting.ACCOUNT_NAME
+    path = out_dir / accounting.NOT_LOADED_NAME
     if failed:
         common.atomic_write(path, lambda fh: fh.write(b"".join(orjson.dumps(f) + b"\n" for f in failed)))
     ok(f"Embedded and loaded {len(loaded)} image(s) on demand into {config.vector_index}")
@@ -121,16 +122,16 @@ def index_keys(s3v, config: common.Config) -> keyset.KeySet:
     return keys
 
 
-def print_skipped(listing: selection.Listing, rejects_file: Path | None = None) -> None:
-    if listing.skipped:
-        print(f"Skipped {sum(listing.skipped.values())} object(s) that are not images the model takes:")
-        for reason, count in sorted(listing.skipped.items()):
+def print_skipped(chosen: selection.Listing, rejects_file: Path | None = None) -> None:
+    if chosen.skipped:
+        print(f"Skipped {sum(chosen.skipped.values())} object(s) that are not images the model takes:")
+        for reason, count in sorted(chosen.skipped.items()):
             print(f"  {reason}: {count}")
-            for key in listing.examples[reason]:
+            for key in chosen.examples[reason]:
                 print(f"    - {common.printable(key)}")
             if count > selection.EXAMPLES_PER_REASON:
                 print(f"    ... and {count - selection.EXAMPLES_PER_REASON} more")
-    for reason, n in sorted(listing.left_out.items()):
+    for reason, n in sorted(chosen.left_out.items()):
         more = f" — see {rejects_file}; --retry-failed tries them again" if reason.startswith("failed perm") else ""
         print(f"Left out {n} image(s) that {reason}{more}" if more else f"Left out {n} image(s): {reason}")
 
@@ -300,155 +301,84 @@ def run(argv) -> int:
 
 
 def create(args, config: common.Config) -> int:
-    prefix, input_uri = config.source_prefix, common.s3_uri(config.source_bucket, config.source_prefix)
+    """Step 1 as the article tells it: list the images, write the JSONL manifests, upload them, submit the jobs.
+
+    What it decides, in order: whether this machine may start a run on the prefix (one run at a time, lease.py);
+    whether an unfinished submission is resumed or a finished run replaced (previous_run); whether the run could be
+    paid for and loaded (check_before_paying); which images are left out (already_done: already in the index, in a
+    replaced run's job still running; failed for good, failed_permanently.py); and how the rest is split into jobs
+    and an on-demand part (jobs.plan_jobs), under the cost limit (cost.guard)."""
+    input_uri = common.s3_uri(config.source_bucket, config.source_prefix)
     sts = common.make_client("sts", config)
     s3 = common.make_client("s3", config)
     bedrock = common.make_client("bedrock", config)
     save = lambda info: jobinfo.save(config.job_info_file, info)  # noqa: E731
-    if not args.dry_run:  # one run at a time on the prefix, whatever machine or job-info file (lease.py)
-        jobinfo.claim(config.job_info_file, s3, config.source_bucket, prefix,
-                      common.bucket_owner(config, common.caller_account(sts)))
-        # Between its steps a run holds no lease: its jobs still running show it.
-        lease.refuse_other_runs(bedrock, config.source_bucket, prefix, jobinfo.job_ids(config.job_info_file))
-
     replaced, in_flight = None, set()
     if not args.dry_run:
+        claim_the_prefix(config, s3, sts, bedrock)
         unfinished, replaced, in_flight = previous_run(bedrock, config.job_info_file, args.force)
         if unfinished is not None:
             print(f"Resuming the submission of the run in {config.job_info_file}")
-            preflight.check_role(common.make_client("iam", config), config.role_arn,
-                                 common.caller_account(sts))
+            preflight.check_role(common.make_client("iam", config), config.role_arn, common.caller_account(sts))
             jobs.submit_ready(s3, bedrock, unfinished, jobinfo.in_job_region(config, unfinished), save,
                               config.quotas.max_concurrent_jobs)
             return finish(unfinished, config)
 
-    account = common.caller_account(sts)
-    owner = common.bucket_owner(config, account)
-    indexed = config.vector_bucket and config.vector_index
-    s3v = keyset.lean(common.make_client("s3vectors", config, max_pool_connections=keyset.THREADS + 2)) \
+    account_id = common.caller_account(sts)
+    owner = common.bucket_owner(config, account_id)
+    indexed = bool(config.vector_bucket and config.vector_index)
+    s3v = keyset.fast_keys_client(common.make_client("s3vectors", config, max_pool_connections=keyset.THREADS + 2)) \
         if indexed else None
     check_before_paying(s3, s3v, config, owner, args)
     if not args.dry_run:
-        preflight.check_role(common.make_client("iam", config), config.role_arn, account)
+        preflight.check_role(common.make_client("iam", config), config.role_arn, account_id)
 
-    rejects_file = rejects.file_for(config.job_info_file)
-    rejected = rejects.load(rejects_file)
+    rejects_file = failed_permanently.file_for(config.job_info_file)
+    rejected = failed_permanently.load(rejects_file)
     retry = None
     if args.retry_failed is not None:
-        account_path = Path(args.retry_failed) if args.retry_failed else accounting.latest_account(
-            config.job_info_file)
-        retry = accounting.read_account(account_path) if account_path else []
-        known = {entry["source_uri"] for entry in retry}
-        failed_for_good = [entry for entry in rejected.values() if entry["source_uri"] not in known]
-        retry += failed_for_good
+        retry = images_to_retry(args.retry_failed, config, rejected, rejects_file)
         if not retry:
             ok("Nothing to retry: the last run loaded every image and none failed permanently")
             return common.EXIT_OK
-        sources = [str(account_path)] if account_path else []
-        sources += [str(rejects_file)] if failed_for_good else []
-        print(f"Retrying the {len(retry)} image(s) the last runs did not load (from {' and '.join(sources)})")
         rejected = {}  # --retry-failed tries the permanently failed images again
-    exclude: list[tuple[keyset.KeySet, str]] = []
-    if retry is not None and not args.all and indexed:
-        keys = [naming.vector_key(entry["source_uri"]) for entry in retry]
-        exclude.append((keyset.KeySet.of(accounting.present_keys(s3v, config.vector_bucket, config.vector_index,
-                                                                  keys)), "already in the vector index"))
-    elif not args.all and indexed:
-        print(f"Checking which images are already in index {config.vector_index}")
-        exclude.append((index_keys(s3v, config), "already in the vector index"))
-    elif not args.all:  # a dry run only: a run needs them
-        print("VECTOR_BUCKET/VECTOR_INDEX not set: every image is planned (a run needs them: step 3 loads into them)")
-    if in_flight:
-        exclude.append((keyset.KeySet.of(in_flight), "in a job of the replaced run still running"))
+    exclude = already_done(args, config, s3v, retry, in_flight)
 
-    stamp = base = common.timestamp()
-    while (jobinfo.runs_folder(config.job_info_file) / stamp).exists():  # two runs within a second
-        stamp = f"{base}-{len(stamp) - len(base) + 2}"
+    stamp = new_run_stamp(config.job_info_file)
     run_dir = jobinfo.runs_folder(config.job_info_file) / stamp
     with tempfile.TemporaryDirectory(prefix="bedrock-batch-") as workdir:
-        if retry is not None:
-            listing = selection.list_images(selection.retry_objects(retry, config), config, exclude, Path(workdir), rejected)
-        elif args.inventory:
-            print(f"Reading the images under {input_uri} from the S3 Inventory report {args.inventory}")
-            listing = selection.list_inventory(s3, args.inventory, config, owner, exclude, Path(workdir), rejected)
-        else:
-            print(f"Listing images from {input_uri} (including subdirectories)")
-            lister = listing_module.lean(common.make_client("s3", config,
-                                                            max_pool_connections=listing_module.LIST_THREADS + 2))
-            objects = ((o["Key"], o["Size"], o.get("ETag")) for o in
-                       listing_module.list_objects(lister, config.source_bucket, config.source_prefix, owner))
-            listing = selection.list_images(objects, config, exclude, Path(workdir), rejected)
-        ok(f"Found {listing.images} images")
-        print_skipped(listing, rejects_file)
-        if listing.foreign:
-            raise StepError(
-                f"{common.s3_uri(config.source_bucket, min(listing.foreign))} is a .jsonl this tool did not create; "
-                f"Bedrock would read it as input of the job ({len(listing.foreign)} such file(s)) — move it out of "
-                f"{input_uri}", common.EXIT_REFUSED
-            )
-        if listing.images == 0 and listing.left_out:
+        chosen = choose_images(args, config, s3, owner, retry, exclude, Path(workdir), rejected)
+        ok(f"Found {chosen.images} images")
+        print_skipped(chosen, rejects_file)
+        refuse_foreign_manifests(chosen, config)
+        if chosen.images == 0 and chosen.left_out:
             ok("Nothing to do: no new images to embed")
             return common.EXIT_OK
-        if retry is not None and listing.images < config.quotas.min_records_per_job:
-            if not args.on_demand:
-                raise StepError(f"{listing.images} image(s) to retry, fewer than a batch job's minimum of "
-                                f"{config.quotas.min_records_per_job} — run 01_create_job.py --retry-failed "
-                                "--on-demand to embed them with InvokeModel", common.EXIT_REFUSED)
-            cost.guard((common.s3_uri(config.source_bucket, k) for k, _ in listing.images_in_order()), config,
-                       on_demand=True)
-            return embed_on_demand(listing, config, owner, jobinfo.runs_folder(config.job_info_file) / stamp)
-        if config.on_demand_max_images < listing.images < config.quotas.min_records_per_job:
+        if retry is not None and chosen.images < config.quotas.min_records_per_job:
+            return retry_on_demand(chosen, config, owner, run_dir, args.on_demand)
+        if config.on_demand_max_images < chosen.images < config.quotas.min_records_per_job:
             raise StepError(
-                f"found {listing.images} images to embed under {input_uri}; a batch job needs at least "
+                f"found {chosen.images} images to embed under {input_uri}; a batch job needs at least "
                 f"{config.quotas.min_records_per_job} — add images, use a larger prefix, or set "
-                f"ON_DEMAND_MAX_IMAGES={listing.images} to embed them on demand", common.EXIT_REFUSED
+                f"ON_DEMAND_MAX_IMAGES={chosen.images} to embed them on demand", common.EXIT_REFUSED
             )
-        can_root = lambda folder: bool(common.S3_URI_RE.fullmatch(common.s3_uri(config.source_bucket, folder)))  # noqa
-        plan = jobs.plan_jobs({f: tuple(c) for f, c in listing.counts.items()}, prefix, config.quotas, can_root,
-                              config.on_demand_max_images)
-        planned = plan.jobs + ([jobs.PlannedJob(prefix, plan.on_demand)] if plan.on_demand else [])
-        cost.guard((common.s3_uri(config.source_bucket, k) for k, _ in listing.images_in_order()), config)
-        print("Creating JSONL files")
-        manifest_dir = Path(workdir) if args.dry_run else run_dir
-        manifest_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            job_records = manifests.write(listing, planned, config, owner, stamp, manifest_dir)
-        except BaseException:
-            if not args.dry_run:
-                shutil.rmtree(run_dir, ignore_errors=True)
-            raise
-        if plan.on_demand:
-            mark_on_demand(job_records[-1], stamp)
-        for job in job_records:
-            for manifest in job["manifests"]:
-                print(f"Created {Path(manifest['local_path']).name} with {manifest['records']} records")
-        ok(f"Created JSONL with {listing.images} records")
+        planned, on_demand_part = plan_run(chosen, config)
+        cost.guard((common.s3_uri(config.source_bucket, k) for k, _ in chosen.images_in_order()), config)
+        job_records = write_manifests(chosen, planned, config, owner, stamp, Path(workdir) if args.dry_run else run_dir,
+                                      on_demand_part=on_demand_part, dry_run=args.dry_run)
         print_plan(job_records, config)
         if args.dry_run:
-            first = orjson.loads(Path(job_records[0]["manifests"][0]["local_path"]).read_bytes().split(b"\n", 1)[0])
-            common.banner("Dry run: nothing uploaded, no job submitted")
-            print(f"Model: {config.model_id}")
-            print(f"Output: {job_records[0]['output_s3_uri']}")
-            print(f"Role: {config.role_arn}")
-            print("Vector index: " + (f"{config.vector_index} in vector bucket {config.vector_bucket}" if indexed
-                                      else "not set (VECTOR_BUCKET, VECTOR_INDEX: a run needs them)"))
-            print(f"Records: {listing.images}")
-            print(f"First record: {orjson.dumps(first).decode()}")
+            print_dry_run(job_records, chosen.images, config)
             return common.EXIT_OK
 
     retire(replaced, config.job_info_file)
-    if listing.own_manifests:
-        print(f"Cleaning up old JSONL files from {input_uri}")
-        for key in listing.own_manifests:
-            common.delete_object(s3, config.source_bucket, key, owner)
-            print(f"Deleted: {common.printable(key)}")
-        ok(f"Cleaned up {len(listing.own_manifests)} old JSONL file(s)")
+    remove_old_manifests(s3, chosen.own_manifests, config, owner)
     info = {
         "version": 2,
         "region": config.region,
-        "account_id": account,
+        "account_id": account_id,
         "source_bucket": config.source_bucket,
-        "source_prefix": prefix,
+        "source_prefix": config.source_prefix,
         "result_bucket": config.result_bucket,
         "result_prefix": config.result_prefix,
         "created": common.now_iso(),
@@ -458,6 +388,154 @@ def create(args, config: common.Config) -> int:
     save(info)  # the whole run, queued, before anything is submitted
     jobs.submit_ready(s3, bedrock, info, config, save, config.quotas.max_concurrent_jobs)
     return finish(info, config)
+
+
+def claim_the_prefix(config: common.Config, s3, sts, bedrock) -> None:
+    """One run at a time on the prefix, whatever machine or job-info file (lease.py): the lease while the step
+    works; between its steps a run holds no lease, its jobs still running show it."""
+    prefix = config.source_prefix
+    jobinfo.claim(config.job_info_file, s3, config.source_bucket, prefix,
+                  common.bucket_owner(config, common.caller_account(sts)))
+    lease.refuse_other_runs(bedrock, config.source_bucket, prefix, jobinfo.job_ids(config.job_info_file))
+
+
+def images_to_retry(retry_failed: str, config: common.Config, rejected: dict, rejects_file: Path) -> list[dict]:
+    """--retry-failed: the images the last run did not load (its not_loaded.jsonl, or the file named) and those
+    that failed permanently."""
+    not_loaded_path = Path(retry_failed) if retry_failed else accounting.latest_not_loaded(config.job_info_file)
+    retry = accounting.read_not_loaded(not_loaded_path) if not_loaded_path else []
+    known = {entry["source_uri"] for entry in retry}
+    failed_for_good = [entry for entry in rejected.values() if entry["source_uri"] not in known]
+    retry += failed_for_good
+    if retry:
+        sources = [str(not_loaded_path)] if not_loaded_path else []
+        sources += [str(rejects_file)] if failed_for_good else []
+        print(f"Retrying the {len(retry)} image(s) the last runs did not load (from {' and '.join(sources)})")
+    return retry
+
+
+def already_done(args, config: common.Config, s3v, retry: list[dict] | None,
+                 in_flight: set[str]) -> list[tuple[keyset.KeySet, str]]:
+    """The vector keys to leave out, each set with the reason 01 gives: already in the index (unless --all), and
+    in a job of the replaced run that is still running."""
+    exclude: list[tuple[keyset.KeySet, str]] = []
+    if retry is not None and not args.all and s3v is not None:
+        keys = [naming.vector_key(entry["source_uri"]) for entry in retry]
+        exclude.append((keyset.KeySet.of(accounting.present_keys(s3v, config.vector_bucket, config.vector_index,
+                                                                  keys)), "already in the vector index"))
+    elif not args.all and s3v is not None:
+        print(f"Checking which images are already in index {config.vector_index}")
+        exclude.append((index_keys(s3v, config), "already in the vector index"))
+    elif not args.all:  # a dry run only: a run needs them
+        print("VECTOR_BUCKET/VECTOR_INDEX not set: every image is planned (a run needs them: step 3 loads into them)")
+    if in_flight:
+        exclude.append((keyset.KeySet.of(in_flight), "in a job of the replaced run still running"))
+    return exclude
+
+
+def new_run_stamp(job_info_file: Path) -> str:
+    """The run's stamp (its runs/<stamp>/ folder): the time, made unique when two runs start within a second."""
+    stamp = base = common.timestamp()
+    while (jobinfo.runs_folder(job_info_file) / stamp).exists():
+        stamp = f"{base}-{len(stamp) - len(base) + 2}"
+    return stamp
+
+
+def choose_images(args, config: common.Config, s3, owner: str, retry: list[dict] | None,
+                  exclude: list[tuple[keyset.KeySet, str]], workdir: Path, rejected: dict) -> selection.Listing:
+    """The run's images: those to retry, or those an S3 Inventory report lists, or those a listing of the prefix
+    finds; less what `exclude` and `rejected` leave out."""
+    if retry is not None:
+        return selection.list_images(selection.retry_objects(retry, config), config, exclude, workdir, rejected)
+    input_uri = common.s3_uri(config.source_bucket, config.source_prefix)
+    if args.inventory:
+        print(f"Reading the images under {input_uri} from the S3 Inventory report {args.inventory}")
+        return selection.list_inventory(s3, args.inventory, config, owner, exclude, workdir, rejected)
+    print(f"Listing images from {input_uri} (including subdirectories)")
+    client = common.make_client("s3", config, max_pool_connections=listing.LIST_THREADS + 2)
+    lister = listing.fast_listing_client(client)
+    objects = ((o["Key"], o["Size"], o.get("ETag")) for o in
+               listing.list_in_parallel(lister, config.source_bucket, config.source_prefix, owner))
+    return selection.list_images(objects, config, exclude, workdir, rejected)
+
+
+def refuse_foreign_manifests(images: selection.Listing, config: common.Config) -> None:
+    """Bedrock reads every .jsonl under a job's input folder: one this tool did not write stops the run."""
+    if images.foreign:
+        raise StepError(
+            f"{common.s3_uri(config.source_bucket, min(images.foreign))} is a .jsonl this tool did not create; "
+            f"Bedrock would read it as input of the job ({len(images.foreign)} such file(s)) — move it out of "
+            f"{common.s3_uri(config.source_bucket, config.source_prefix)}", common.EXIT_REFUSED
+        )
+
+
+def retry_on_demand(images: selection.Listing, config: common.Config, owner: str, run_dir: Path,
+                    on_demand: bool) -> int:
+    """Fewer images to retry than a job's minimum: embedded with InvokeModel when --on-demand says so."""
+    if not on_demand:
+        raise StepError(f"{images.images} image(s) to retry, fewer than a batch job's minimum of "
+                        f"{config.quotas.min_records_per_job} — run 01_create_job.py --retry-failed "
+                        "--on-demand to embed them with InvokeModel", common.EXIT_REFUSED)
+    cost.guard((common.s3_uri(config.source_bucket, k) for k, _ in images.images_in_order()), config,
+               on_demand=True)
+    return embed_on_demand(images, config, owner, run_dir)
+
+
+def plan_run(images: selection.Listing, config: common.Config) -> tuple[list[jobs.PlannedJob], bool]:
+    """The run's jobs over the folder tree (jobs.plan_jobs), and its on-demand part last when it has one (then
+    the second value is True)."""
+    can_root = lambda folder: bool(common.S3_URI_RE.fullmatch(common.s3_uri(config.source_bucket, folder)))  # noqa
+    plan = jobs.plan_jobs({f: tuple(c) for f, c in images.counts.items()}, config.source_prefix, config.quotas,
+                          can_root, config.on_demand_max_images)
+    if plan.on_demand:
+        return [*plan.jobs, jobs.PlannedJob(config.source_prefix, plan.on_demand)], True
+    return plan.jobs, False
+
+
+def write_manifests(images: selection.Listing, planned: list[jobs.PlannedJob], config: common.Config, owner: str,
+                    stamp: str, manifest_dir: Path, *, on_demand_part: bool, dry_run: bool) -> list[dict]:
+    """The JSONL manifests of every planned job, written into `manifest_dir` (the run's folder; a dry run's is
+    temporary); the last is the on-demand part when `on_demand_part`. The run's folder is removed again when
+    writing fails."""
+    print("Creating JSONL files")
+    manifest_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        job_records = manifests.write(images, planned, config, owner, stamp, manifest_dir)
+    except BaseException:
+        if not dry_run:
+            shutil.rmtree(manifest_dir, ignore_errors=True)
+        raise
+    if on_demand_part:
+        mark_on_demand(job_records[-1], stamp)
+    for job in job_records:
+        for manifest in job["manifests"]:
+            print(f"Created {Path(manifest['local_path']).name} with {manifest['records']} records")
+    ok(f"Created JSONL with {images.images} records")
+    return job_records
+
+
+def print_dry_run(job_records: list[dict], records: int, config: common.Config) -> None:
+    first = orjson.loads(Path(job_records[0]["manifests"][0]["local_path"]).read_bytes().split(b"\n", 1)[0])
+    common.banner("Dry run: nothing uploaded, no job submitted")
+    print(f"Model: {config.model_id}")
+    print(f"Output: {job_records[0]['output_s3_uri']}")
+    print(f"Role: {config.role_arn}")
+    print("Vector index: " + (f"{config.vector_index} in vector bucket {config.vector_bucket}"
+                              if config.vector_bucket and config.vector_index
+                              else "not set (VECTOR_BUCKET, VECTOR_INDEX: a run needs them)"))
+    print(f"Records: {records}")
+    print(f"First record: {orjson.dumps(first).decode()}")
+
+
+def remove_old_manifests(s3, keys: list[str], config: common.Config, owner: str) -> None:
+    """This tool's manifests a run before left under the prefix: Bedrock would read them as input again."""
+    if not keys:
+        return
+    print(f"Cleaning up old JSONL files from {common.s3_uri(config.source_bucket, config.source_prefix)}")
+    for key in keys:
+        common.delete_object(s3, config.source_bucket, key, owner)
+        print(f"Deleted: {common.printable(key)}")
+    ok(f"Cleaned up {len(keys)} old JSONL file(s)")
 
 
 def mark_on_demand(record: dict, stamp: str) -> None:

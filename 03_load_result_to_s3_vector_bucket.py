@@ -19,8 +19,9 @@ from pathlib import Path
 
 import orjson
 
-from batch_embeddings import accounting, jobinfo, jobs, loading, naming, ondemand, records, rejects, vectors
 import common
+from batch_embeddings import (accounting, failed_permanently, jobinfo, jobs, loading, naming, ondemand, records,
+                              vectors)
 from common import StepError, ok
 
 SETTINGS = ("AWS_REGION", "VECTOR_BUCKET", "VECTOR_INDEX", "JOB_INFO_FILE", "EXPECTED_BUCKET_OWNER")
@@ -59,7 +60,7 @@ def parse_args(argv):
 
 
 def output_files(s3, bucket: str, prefix: str, owner: str) -> list[dict]:
-    return [o for o in common.list_objects(s3, bucket, prefix, owner) if o["Key"].endswith(".jsonl.out")]
+    return [o for o in common.objects_under(s3, bucket, prefix, owner) if o["Key"].endswith(".jsonl.out")]
 
 
 def read_manifest(s3, bucket: str, key: str, owner: str) -> dict | None:
@@ -266,7 +267,7 @@ def load_run(args, config: common.Config) -> int:
     print(f"Vector Bucket: {config.vector_bucket}")
     print(f"Index Name: {config.vector_index}")
     run_dir = jobinfo.run_folder(config.job_info_file, info)
-    path = Path(args.report) if args.report else run_dir / accounting.ACCOUNT_NAME
+    path = Path(args.report) if args.report else run_dir / accounting.NOT_LOADED_NAME
     account = accounting.account_run(info, s3v, config, lambda job_id: report_file(config.job_info_file, info, job_id),
                                      path, confirmed)
     accounting.print_account(account)
@@ -292,15 +293,15 @@ def load_run(args, config: common.Config) -> int:
 
 def remember_rejects(s3, s3v, config: common.Config, owner: str, permanent: list[dict]) -> None:
     """Keep the images Bedrock rejected for good out of later runs, and forget those now in the index."""
-    path = rejects.file_for(config.job_info_file)
-    known = rejects.load(path)
-    found = rejects.remember(s3, owner, permanent)
+    path = failed_permanently.file_for(config.job_info_file)
+    known = failed_permanently.load(path)
+    found = failed_permanently.remember(s3, owner, permanent)
     loaded = accounting.present_keys(s3v, config.vector_bucket, config.vector_index, list(known)) if known else set()
     if not found and not loaded:
         return
     merged = {key: entry for key, entry in known.items() if key not in loaded}
     merged.update(found)
-    rejects.save(path, merged)
+    failed_permanently.save(path, merged)
     if found:
         print(f"{len(found)} image(s) failed permanently (Bedrock refused the image itself): later runs leave them "
               f"out while they are unchanged — see {path}")

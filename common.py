@@ -508,7 +508,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def list_objects(s3, bucket: str, prefix: str, owner: str) -> Iterator[dict]:
+def objects_under(s3, bucket: str, prefix: str, owner: str) -> Iterator[dict]:
     """Every object under `prefix`, sub-folders included, one page at a time."""
     paginator = s3.get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix, ExpectedBucketOwner=owner):

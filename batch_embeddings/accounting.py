@@ -17,23 +17,23 @@ from typing import Callable, Iterator
 import orjson
 
 import common
-from batch_embeddings import jobinfo, naming, nova, rejects
+from batch_embeddings import failed_permanently, jobinfo, naming, nova
 
 GET_VECTORS_KEYS = 100  # S3 Vectors' limit per GetVectors
 THREADS = 8
-ACCOUNT_NAME = "not_loaded.jsonl"
+NOT_LOADED_NAME = "not_loaded.jsonl"
 
 
 SHOWN = 10  # images named on the console; the file lists all
 
 
-def latest_account(job_info_file: Path) -> Path | None:
+def latest_not_loaded(job_info_file: Path) -> Path | None:
     """The newest run's account (`runs/<stamp>/not_loaded.jsonl`), or the one an earlier version wrote beside the
     job-info file; None when there is none."""
-    found = sorted(jobinfo.runs_folder(job_info_file).glob(f"*/{ACCOUNT_NAME}"))
+    found = sorted(jobinfo.runs_folder(job_info_file).glob(f"*/{NOT_LOADED_NAME}"))
     if found:
         return found[-1]
-    legacy = Path(job_info_file).resolve().parent / ACCOUNT_NAME
+    legacy = Path(job_info_file).resolve().parent / NOT_LOADED_NAME
     return legacy if legacy.exists() else None
 
 
@@ -176,7 +176,7 @@ def account_run(info: dict, s3v, config: common.Config, report_file: Callable[[s
                     counts["missing"] += 1
                 if len(totals["shown"]) < SHOWN:
                     totals["shown"].append(entry)
-                if entry["status"] == "failed" and rejects.is_permanent(entry["error_code"], entry["error_message"]):
+                if entry["status"] == "failed" and failed_permanently.is_permanent(entry["error_code"], entry["error_message"]):
                     permanent.append(entry)
                 yield entry
             if counts["failed"] < len(records):  # every record failed: the job's trouble, not each image's
@@ -202,7 +202,7 @@ def print_account(account: dict) -> None:
     print(f"Images loaded: {account['loaded']}, failed: {account['failed']}, missing: {account['missing']}")
 
 
-def read_account(path: Path) -> list[dict]:
+def read_not_loaded(path: Path) -> list[dict]:
     """The images a run did not load, from its account file."""
     try:
         with open(path, encoding="utf-8") as fh:

@@ -151,7 +151,7 @@ def page_keys(page: dict, packed: bytearray, foreign: set) -> str | None:
     return page.get("nextToken") or None
 
 
-def lean(s3v):
+def fast_keys_client(s3v):
     """The S3 Vectors client, with its ListVectors pages read for keys and paging only."""
     s3v.meta.events.register_first("before-parse.s3vectors.ListVectors", _parse_keys, unique_id="keyset-parse-keys")
     return s3v
@@ -159,7 +159,7 @@ def lean(s3v):
 
 def index_keys(s3v, bucket: str, index: str, segments: int = MAX_SEGMENTS) -> KeySet:
     """Every key in the index, read with `segments` ListVectors streams (THREADS at a time), every page of each
-    (`s3v` is best a `lean` client)."""
+    (`s3v` is best a `fast_keys_client`)."""
 
     def segment(i: int) -> tuple[bytearray, set[str]]:
         packed, foreign, token = bytearray(), set(), None

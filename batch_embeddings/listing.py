@@ -96,7 +96,7 @@ def _parse_lean(response_dict, customized_response_dict, **kwargs):
     response_dict["body"] = _EMPTY
 
 
-def lean(s3):
+def fast_listing_client(s3):
     """The S3 client, with its ListObjectsV2 pages read for Key, Size and ETag only (see the module's docstring)."""
     from botocore import handlers
 
@@ -129,7 +129,7 @@ def list_sequential(s3, bucket: str, prefix: str, owner: str) -> Iterator[dict]:
 _DONE = object()
 
 
-def list_objects(s3, bucket: str, prefix: str, owner: str, threads: int = LIST_THREADS,
+def list_in_parallel(s3, bucket: str, prefix: str, owner: str, threads: int = LIST_THREADS,
                  page_size: int | None = None, ahead: int = AHEAD_PAGES) -> Iterator[dict]:
     """Every object under `prefix` (sub-folders included), listed on `threads` threads; in no particular order.
     At most `ahead` pages are asked for or waiting beyond the one the caller is reading.

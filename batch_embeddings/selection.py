@@ -15,7 +15,8 @@ import numpy as np
 import orjson
 
 import common
-from batch_embeddings import forking, inventory, jobs, keyset, lease, listing as listing_module, naming, nova, rejects
+from batch_embeddings import failed_permanently, forking, inventory, jobs, keyset, lease, naming, nova
+from batch_embeddings import listing as listing_module
 from common import StepError
 
 EXAMPLES_PER_REASON = 5
@@ -132,7 +133,7 @@ def list_images(objects, config: common.Config, exclude: list[tuple[keyset.KeySe
                 for i in keep.nonzero()[0].tolist() if rejected else ():
                     entry = rejected.get(digests[i].hex())
                     _, _, size, etag = candidates[i]
-                    if entry and rejects.unchanged(entry, {"ETag": etag, "Size": size}):
+                    if entry and failed_permanently.unchanged(entry, {"ETag": etag, "Size": size}):
                         keep[i] = False
                         listing.left_out[f"failed permanently on {entry.get('failed_on', '?')}"] += 1
             for i in keep.nonzero()[0].tolist():

@@ -672,7 +672,7 @@ def _first_difference(reference: dict, fast: dict) -> str | None:
 
 
 def check_listing_reader(plain_s3, lean_s3, bucket: str, prefix: str, owner: str) -> Row:
-    """listing.lean's ListObjectsV2 reader against botocore's on the same pages: the first pages of the prefix with
+    """listing.fast_listing_client's ListObjectsV2 reader against botocore's on the same pages: the first pages of the prefix with
     and without a delimiter (01 lists folders both ways), PAGE_KEYS keys a page."""
     name = "S3 listing reader"
     compared = 0
@@ -705,7 +705,7 @@ def _vector_keys(page: dict) -> list[str]:
 
 
 def check_vector_reader(plain_s3v, lean_s3v, config: Config) -> Row:
-    """keyset.lean's ListVectors reader against botocore's on the same pages of the index, when it exists."""
+    """keyset.fast_keys_client's ListVectors reader against botocore's on the same pages of the index, when it exists."""
     from botocore.exceptions import ClientError
 
     name = "S3 Vectors page reader"

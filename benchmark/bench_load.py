@@ -330,7 +330,7 @@ def create_job(servers: Servers, data: Dataset) -> Job:
     job_id = naming.job_id_from_arn(arn)
     prefix = f"{RESULT_PREFIX}{job_id}/"
     # Replace the emulator's one-record output with the generated one.
-    for obj in common.list_objects(s3, RESULT_BUCKET, prefix, ACCOUNT_ID):
+    for obj in common.objects_under(s3, RESULT_BUCKET, prefix, ACCOUNT_ID):
         s3.delete_object(Bucket=RESULT_BUCKET, Key=obj["Key"])
     transfer = TransferConfig(multipart_threshold=8 * 1024 * 1024, multipart_chunksize=64 * 1024 * 1024,
                               max_concurrency=4)

@@ -113,7 +113,7 @@ def test_an_inventory_gives_the_same_manifests_as_listing(bucket, tmp_path, fmt)
         work.mkdir()
         out.mkdir()
         if name == "listed":
-            objects = listing.list_objects(listing.lean(s3), world.source_bucket, "2024/", "123456789012")
+            objects = listing.list_in_parallel(listing.fast_listing_client(s3), world.source_bucket, "2024/", "123456789012")
             records = plan_and_write(objects, config, work, out)
         else:
             found = selection.list_inventory(s3, uri, config, "123456789012", [], work, None)

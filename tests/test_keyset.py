@@ -79,7 +79,7 @@ def test_index_keys_reads_every_page_of_every_segment(world, small_pages, lean):
     s3v.meta.events.register("after-call.s3vectors.ListVectors",
                              lambda parsed, **_: pages.append(len(parsed.get("vectors", []))))
 
-    found = keyset.index_keys(keyset.lean(s3v) if lean else s3v, world.vector_bucket, world.vector_index)
+    found = keyset.index_keys(keyset.fast_keys_client(s3v) if lean else s3v, world.vector_bucket, world.vector_index)
 
     assert len(pages) > 2 * keyset.MAX_SEGMENTS and max(pages) < 400 / keyset.MAX_SEGMENTS  # several pages each
     assert len(found) == 405 and found.foreign == {f"manual-{i}" for i in range(5)}
@@ -88,7 +88,7 @@ def test_index_keys_reads_every_page_of_every_segment(world, small_pages, lean):
 
 
 def test_a_list_vectors_error_still_raises_with_the_lean_client(world):
-    s3v = keyset.lean(world.client("s3vectors"))
+    s3v = keyset.fast_keys_client(world.client("s3vectors"))
     with pytest.raises(s3v.exceptions.NotFoundException):
         keyset.index_keys(s3v, "no-such-bucket", "no-such-index", segments=2)
 
@@ -151,7 +151,7 @@ def _client_answering(body: bytes, lean: bool):
     s3v.meta.events.register(
         "before-send.s3vectors.ListVectors",
         lambda request, **_: AWSResponse(request.url, 200, {"Content-Type": "application/json"}, _Body(body)))
-    return keyset.lean(s3v) if lean else s3v
+    return keyset.fast_keys_client(s3v) if lean else s3v
 
 
 def _what_index_keys_takes(body: bytes, lean: bool) -> tuple[dict, set[str], str | None]:

@@ -47,14 +47,14 @@ def test_parallel_listing_equals_sequential_listing(world):
     put_empty(s3, world.source_bucket, TREE)
     calls = []
     s3.meta.events.register("before-parameter-build.s3.ListObjectsV2", lambda params, **_: calls.append(dict(params)))
-    lean = listing.lean(world.client("s3"))
+    lean = listing.fast_listing_client(world.client("s3"))
     lean.meta.events.register("before-parameter-build.s3.ListObjectsV2", lambda params, **_: calls.append(dict(params)))
     owner = "123456789012"
 
     sequential = list(listing.list_sequential(s3, world.source_bucket, "2024/", owner))
     assert len(sequential) == len(TREE) - 2 and all("LastModified" in o for o in sequential)
     calls.clear()
-    parallel = list(listing.list_objects(lean, world.source_bucket, "2024/", owner, threads=4, page_size=3))
+    parallel = list(listing.list_in_parallel(lean, world.source_bucket, "2024/", owner, threads=4, page_size=3))
 
     assert sorted((o["Key"], o["Size"]) for o in parallel) == [(o["Key"], o["Size"]) for o in sequential]
     assert all(set(o) == {"Key", "Size", "ETag"} for o in parallel)  # the unused fields were never parsed
@@ -70,7 +70,7 @@ def test_an_error_in_a_200_answer_is_still_an_error():
     """S3 may answer 200 with an <Error> body; the lean reading leaves it to botocore, which makes it a 500."""
     response = {"status_code": 200, "headers": {}, "body": b'<?xml version="1.0"?><Error><Code>InternalError</Code>'
                                                             b"<Message>We encountered an internal error</Message></Error>"}
-    s3 = listing.lean(__import__("boto3").client("s3", region_name="us-east-1"))
+    s3 = listing.fast_listing_client(__import__("boto3").client("s3", region_name="us-east-1"))
     model = s3.meta.service_model.operation_model("ListObjectsV2")
     customized = {}
     listing._parse_lean(response_dict=response, customized_response_dict=customized, operation_model=model)
@@ -119,7 +119,7 @@ def listing_threads() -> list[threading.Thread]:
 def test_a_failure_on_any_thread_ends_the_listing_and_every_thread():
     fake = FailingS3(fail_at=25)
     with pytest.raises(ClientError, match="boom"):
-        for _ in listing.list_objects(fake, "b", "p/", "123456789012", threads=4):
+        for _ in listing.list_in_parallel(fake, "b", "p/", "123456789012", threads=4):
             pass
     assert listing_threads() == []
     calls = fake.calls
@@ -128,7 +128,7 @@ def test_a_failure_on_any_thread_ends_the_listing_and_every_thread():
 
 def test_leaving_the_listing_early_stops_its_threads():
     fake = FailingS3(fail_at=-1)
-    objects = listing.list_objects(fake, "b", "p/", "123456789012", threads=4)
+    objects = listing.list_in_parallel(fake, "b", "p/", "123456789012", threads=4)
     next(objects)
     objects.close()  # what Ctrl-C in the consumer does
     assert listing_threads() == []
@@ -136,7 +136,7 @@ def test_leaving_the_listing_early_stops_its_threads():
 
 def test_a_slow_caller_keeps_at_most_ahead_pages_listed_and_waiting():
     fake = FailingS3(fail_at=-1)  # one folder whose pages never end: a single thread lists it, page after page
-    objects = listing.list_objects(fake, "b", "p/", "123456789012", threads=4, ahead=3)
+    objects = listing.list_in_parallel(fake, "b", "p/", "123456789012", threads=4, ahead=3)
     taken = []
     reader = threading.Thread(target=lambda: taken.extend(next(objects) for _ in range(5)), daemon=True)
     reader.start()

@@ -1,7 +1,7 @@
-"""The lean ListObjectsV2 reader (listing.lean) equals botocore's own parser, on the same bytes.
+"""The lean ListObjectsV2 reader (listing.fast_listing_client) equals botocore's own parser, on the same bytes.
 
 Every body goes through two S3 clients whose HTTP answer is that body: a plain one (botocore parses and decodes)
-and a `listing.lean` one. What 01 uses must come out the same: keys (decoded), sizes, ETags, the common prefixes,
+and a `listing.fast_listing_client` one. What 01 uses must come out the same: keys (decoded), sizes, ETags, the common prefixes,
 IsTruncated and NextContinuationToken. The bodies: the S3 API Reference's examples as printed, moto's answers,
 and generated pages in many orders of their top-level elements, pretty-printed and compact, with entities and
 URL-encoded keys. Element order is not part of the answer's form: real S3 writes the paging fields first, moto
@@ -115,7 +115,7 @@ class _Raw:
 def _client(lean: bool, body: bytes):
     s3 = boto3.client("s3", region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
     if lean:
-        listing.lean(s3)
+        listing.fast_listing_client(s3)
     s3.meta.events.register_first(
         "before-send.s3.ListObjectsV2",
         lambda request, **_: AWSResponse(request.url, 200, {"Content-Type": "application/xml"}, _Raw(body)))

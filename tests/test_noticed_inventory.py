@@ -21,7 +21,7 @@ from botocore.response import StreamingBody
 from botocore.stub import Stubber
 
 import common
-from batch_embeddings import inventory, naming, rejects
+from batch_embeddings import failed_permanently, inventory, naming
 
 SCHEMA = "Bucket, Key, Size, ETag"
 BUCKET = "images"
@@ -55,7 +55,7 @@ def test_a_reports_etag_matches_the_listings(tmp_path):
     remembered = {"source_uri": uri, "key": naming.vector_key(uri), "etag": '"9b2cf535f27731c974343645a3985328"',
                   "size": 22}
     key, size, etag = found[0]
-    assert rejects.unchanged(remembered, {"ETag": etag, "Size": size})  # left out, not paid for again
+    assert failed_permanently.unchanged(remembered, {"ETag": etag, "Size": size})  # left out, not paid for again
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def listed_within_bound(s3, prefix: str = "p/", bound: float = BOUND, **options)
 
     def read():
         try:
-            keys.extend(o["Key"] for o in listing.list_objects(s3, "b", prefix, "123456789012", **options))
+            keys.extend(o["Key"] for o in listing.list_in_parallel(s3, "b", prefix, "123456789012", **options))
         except BaseException as exc:
             failed.append(exc)
 
@@ -98,7 +98,7 @@ def test_an_object_without_a_size_reads_as_empty_as_botocore_reads_it():
 def test_a_client_made_lean_twice_lists_what_it_lists_once():
     body = (f"<ListBucketResult {NS}><Name>bucket</Name><Prefix>2024/</Prefix><IsTruncated>false</IsTruncated>"
             "<Contents><Key>2024/a.jpg</Key><Size>3</Size><ETag>&quot;e&quot;</ETag></Contents></ListBucketResult>")
-    twice = listing.lean(_client(True, body.encode()))
+    twice = listing.fast_listing_client(_client(True, body.encode()))
     assert used(twice.list_objects_v2(Bucket="bucket", Prefix="2024/"))["Contents"] == [("2024/a.jpg", 3, '"e"')]
 
 
@@ -115,7 +115,7 @@ def test_an_error_in_a_200_answer_to_another_call_of_a_lean_client_is_still_an_e
     s3 = boto3.client("s3", region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing",
                       config=Config(retries={"total_max_attempts": 1}))
     if lean:
-        listing.lean(s3)
+        listing.fast_listing_client(s3)
     answering(s3, "CopyObject", 200, b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
                                      b"<Message>We encountered an internal error. Please try again.</Message></Error>")
     with pytest.raises(ClientError) as caught:
@@ -221,7 +221,7 @@ def test_a_wait_for_a_folder_that_times_out_keeps_the_thread(monkeypatch):
 def test_the_listing_threads_are_named_and_never_keep_the_process_alive():
     """They are found by name (list-N) in a thread dump and by the tests that check they end; a listing abandoned
     without being closed does not keep Python from exiting."""
-    objects = listing.list_objects(TreeS3(folders=3, pages=40), "b", "p/", "123456789012", threads=3, ahead=1)
+    objects = listing.list_in_parallel(TreeS3(folders=3, pages=40), "b", "p/", "123456789012", threads=3, ahead=1)
     next(objects)
     running = [t for t in threading.enumerate() if t.name.startswith("list-")]
     assert sorted(t.name for t in running) == ["list-0", "list-1", "list-2"]

@@ -1,8 +1,8 @@
 """Mutation testing of the library modules, one module at a time, with mutmut (dev group).
 
-    uv run --locked python tools/mutation.py rejects cost          # these modules
-    uv run --locked python tools/mutation.py --all                 # every module of MODULES, smallest first
-    uv run --locked python tools/mutation.py rejects --show        # and print each surviving mutant's diff
+    uv run --locked python tools/mutation.py failed_permanently cost    # these modules
+    uv run --locked python tools/mutation.py --all                        # every module of MODULES, smallest first
+    uv run --locked python tools/mutation.py failed_permanently --show   # and print each surviving mutant's diff
     uv run --locked python tools/mutation.py cost --tests tests/test_cost.py   # against other tests
 
 Then, in $TMPDIR/bedrock-batch-mutation/<module>, `<checkout>/.venv/bin/mutmut show <mutant>` shows one mutant
@@ -37,7 +37,7 @@ PACKAGE = "batch_embeddings"  # the library's modules; daily_run.py is beside th
 
 # module -> the fast tests that exercise it in-process (test files, or single tests as pytest node ids).
 MODULES: dict[str, list[str]] = {
-    "rejects": ["tests/test_rejects.py"],
+    "failed_permanently": ["tests/test_failed_permanently.py"],
     "cost": ["tests/test_noticed_cost.py", "tests/test_cost.py::test_vector_bytes_counts_data_key_and_metadata",
              "tests/test_cost.py::test_estimate_of_a_million_images_at_3072_dimensions",
              "tests/test_cost.py::test_dollars_are_shown_to_the_cent_or_to_the_first_digits"],

@@ -10,7 +10,7 @@ from datetime import date
 import pytest
 
 import common
-from batch_embeddings import naming, rejects
+from batch_embeddings import failed_permanently, naming
 from tests.conftest import import_step
 
 OWNER = "123456789012"
@@ -53,9 +53,9 @@ def remember(tmp_path, account: list[dict], objects: dict[str, tuple[str, int]])
     step3 = import_step(3)
     config = types.SimpleNamespace(job_info_file=tmp_path / "batch_job_info.json", vector_bucket="vectors",
                                    vector_index="images")
-    permanent = [entry for entry in account if rejects.is_permanent(entry["error_code"], entry["error_message"])]
+    permanent = [entry for entry in account if failed_permanently.is_permanent(entry["error_code"], entry["error_message"])]
     step3.remember_rejects(FakeS3(objects), EmptyIndex(), config, OWNER, permanent)
-    path = tmp_path / rejects.FILE_NAME
+    path = tmp_path / failed_permanently.FILE_NAME
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
@@ -77,7 +77,7 @@ def test_a_passing_trouble_does_not_bury_the_image(tmp_path, code, message):
     failed_permanently.jsonl: the next run submits it again by itself."""
     account = [failed("2024/a.png", code, message)]
     assert remember(tmp_path, account, {"2024/a.png": ('"e1"', 10)}) == []
-    assert not rejects.is_permanent(code, message)
+    assert not failed_permanently.is_permanent(code, message)
 
 
 @pytest.mark.parametrize("code, message", [
@@ -100,11 +100,11 @@ def test_new_permanent_failures_are_added_to_those_remembered(tmp_path):
     assert [e["source_uri"] for e in first] == [f"s3://{BUCKET}/2024/old.png"]
     second = remember(tmp_path, [failed("2024/new.png", "400", "Unsupported image format")], objects)
     assert sorted(e["source_uri"] for e in second) == [f"s3://{BUCKET}/2024/new.png", f"s3://{BUCKET}/2024/old.png"]
-    assert rejects.load(tmp_path / rejects.FILE_NAME).keys() == {naming.vector_key(e["source_uri"]) for e in second}
+    assert failed_permanently.load(tmp_path / failed_permanently.FILE_NAME).keys() == {naming.vector_key(e["source_uri"]) for e in second}
 
 
 def test_only_failed_images_about_themselves_are_remembered_and_a_gone_one_is_skipped():
-    """rejects.remember on the account's lines: a missing image, a passing trouble and an image deleted since are
+    """failed_permanently.remember on the account's lines: a missing image, a passing trouble and an image deleted since are
     left out; the images after a deleted one are still remembered."""
     account = [failed("2024/gone.png", "400", "Unsupported image format"),
                dict(failed("2024/missing.png", "400", "Unsupported image format"), status="missing"),
@@ -112,7 +112,7 @@ def test_only_failed_images_about_themselves_are_remembered_and_a_gone_one_is_sk
                failed("2024/flaky.png", "500", "Internal server error"),
                {k: v for k, v in failed("2024/bad.png", "ValidationException", "").items() if k != "error_message"}]
     objects = {k: ('"e"', 3) for k in ("2024/missing.png", "2024/denied.png", "2024/flaky.png", "2024/bad.png")}
-    found = rejects.remember(FakeS3(objects), OWNER, account, today=date(2026, 12, 1))
+    found = failed_permanently.remember(FakeS3(objects), OWNER, account, today=date(2026, 12, 1))
     uri = f"s3://{BUCKET}/2024/bad.png"
     assert found == {naming.vector_key(uri): {"source_uri": uri, "key": naming.vector_key(uri), "etag": '"e"',
                                               "size": 3, "error_code": "ValidationException", "error_message": "",
@@ -121,18 +121,18 @@ def test_only_failed_images_about_themselves_are_remembered_and_a_gone_one_is_sk
 
 def test_a_remembered_image_is_left_out_only_while_unchanged():
     entry = {"source_uri": "s3://b/k", "key": "k", "etag": '"e1"', "size": 10}
-    assert rejects.unchanged(entry, {"Key": "k", "ETag": '"e1"', "Size": 10})
-    assert not rejects.unchanged(entry, {"Key": "k", "ETag": '"e2"', "Size": 10})  # rewritten, same size
-    assert not rejects.unchanged(entry, {"Key": "k", "ETag": '"e1"', "Size": 11})
+    assert failed_permanently.unchanged(entry, {"Key": "k", "ETag": '"e1"', "Size": 10})
+    assert not failed_permanently.unchanged(entry, {"Key": "k", "ETag": '"e2"', "Size": 10})  # rewritten, same size
+    assert not failed_permanently.unchanged(entry, {"Key": "k", "ETag": '"e1"', "Size": 11})
 
 
 @pytest.mark.parametrize("text", [b'{"key": "k"}\n', b'{"source_uri": "s3://b/k"}\n', b"[1, 2]\n", b"{not json\n",
                                   b'{"key": "k", "source_uri": 3}\n'])
 def test_a_damaged_file_is_one_line_and_exit_2(tmp_path, text):
-    path = tmp_path / rejects.FILE_NAME
+    path = tmp_path / failed_permanently.FILE_NAME
     path.write_bytes(b'{"key": "a", "source_uri": "s3://b/a"}\n\n' + text)
     with pytest.raises(common.StepError) as caught:
-        rejects.load(path)
+        failed_permanently.load(path)
     assert caught.value.exit_code == common.EXIT_USAGE
     assert str(caught.value).startswith(f"{path} is damaged (") and "\n" not in str(caught.value)
     assert "removing it tries those images again" in str(caught.value)
@@ -141,13 +141,13 @@ def test_a_damaged_file_is_one_line_and_exit_2(tmp_path, text):
 
 
 def test_the_file_reads_back_what_was_saved_and_an_empty_list_removes_it(tmp_path):
-    path = tmp_path / rejects.FILE_NAME
+    path = tmp_path / failed_permanently.FILE_NAME
     entries = {"a": {"key": "a", "source_uri": "s3://b/a", "etag": '"e"'},
                "b": {"key": "b", "source_uri": "s3://b/中文 b.png", "etag": None}}
-    rejects.save(path, entries)
-    assert rejects.load(path) == entries
+    failed_permanently.save(path, entries)
+    assert failed_permanently.load(path) == entries
     assert len(path.read_bytes().splitlines()) == 2  # one JSON line an image
-    rejects.save(path, {})
-    assert not path.exists() and rejects.load(path) == {}
-    rejects.save(path, {})  # nothing to remove: no error
-    assert rejects.file_for(tmp_path / "sub" / ".." / "batch_job_info.json") == tmp_path.resolve() / rejects.FILE_NAME
+    failed_permanently.save(path, {})
+    assert not path.exists() and failed_permanently.load(path) == {}
+    failed_permanently.save(path, {})  # nothing to remove: no error
+    assert failed_permanently.file_for(tmp_path / "sub" / ".." / "batch_job_info.json") == tmp_path.resolve() / failed_permanently.FILE_NAME
