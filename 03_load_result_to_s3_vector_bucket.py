@@ -20,8 +20,7 @@ from pathlib import Path
 import orjson
 
 import common
-from batch_embeddings import (accounting, failed_permanently, jobinfo, jobs, loading, naming, ondemand, records,
-                              vectors)
+from batch_embeddings import accounting, jobinfo, jobs, loading, naming, ondemand, records, vectors
 from common import StepError, ok
 
 SETTINGS = ("AWS_REGION", "VECTOR_BUCKET", "VECTOR_INDEX", "JOB_INFO_FILE", "EXPECTED_BUCKET_OWNER")
@@ -72,7 +71,12 @@ def read_manifest(s3, bucket: str, key: str, owner: str) -> dict | None:
 
 
 def load_job(job: dict, info: dict, clients, config: common.Config, args, limiter, workers) -> dict:
-    """Stream one job's output files into the index; returns the job's counts. Resumes from its checkpoint."""
+    """Stream one job's output files into the index; returns the job's counts.
+
+    Where it starts: at the job's checkpoint when that was made against this vector bucket and index (a file
+    done is skipped, a file begun is read from the byte after the last record the index confirmed), otherwise at
+    the beginning. Each batch the index confirms moves the checkpoint; what the index refuses and what cannot be
+    read go to the job's load report, which is cut back to the checkpoint on a resume."""
     s3, s3v, put_client, owner = clients
     job_id = naming.job_id_from_arn(job["job_arn"])
     print(f"Job Name: {job['job_name']}")
@@ -86,18 +90,9 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
     ok(f"Found {len(files)} output files")
 
     where = {"vector_bucket": config.vector_bucket, "vector_index": config.vector_index}
-    state = job.get("load") or {}
-    if state and {k: state.get(k) for k in where} != where:
-        made = f"{state.get('vector_bucket', '?')}/{state.get('vector_index', '?')}"
-        print(f"The load checkpoint of {job['job_name']} was made against {made}, not "
-              f"{config.vector_bucket}/{config.vector_index}: loading this job from the start")
-        job.pop("load")
-        state = {}
+    state = checkpoint_state(job, where)
     report_path = report_file(config.job_info_file, info, job_id)
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    report = open(report_path, "r+b" if state and report_path.exists() else "wb")
-    report.truncate(state.get("report_bytes", 0))
-    report.seek(0, 2)
+    report = open_report(report_path, state)
     if state:
         print(f"Resuming: {state.get('counts', {}).get('inserted', 0)} vectors already confirmed")
 
@@ -157,10 +152,7 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
         progress.close()
         raise
     progress.close()
-    report.writelines(orjson.dumps(entry) + b"\n" for entry in checkpoint.refused)
-    report.close()
-    if report_path.stat().st_size == 0:
-        report_path.unlink()  # nothing failed: no empty report
+    close_report(report, report_path, checkpoint.refused)
     with checkpoint.lock:
         checkpoint.state = dict(checkpoint.state, finished=True)
     checkpoint.save()
@@ -173,7 +165,44 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
     if loader.mismatched_ids:
         print(f"! {loader.mismatched_ids} output line(s) carry a recordId that 01 did not give their image; "
               "they were joined to their image by the URI in modelInput")
-    manifest = read_manifest(s3, result_bucket, f"{job_prefix}manifest.json.out", owner)
+    cross_check(read_manifest(s3, result_bucket, f"{job_prefix}manifest.json.out", owner), job, counts)
+    counts["confirmed_keys"] = checkpoint.confirmed_keys
+    return counts
+
+
+def checkpoint_state(job: dict, where: dict) -> dict:
+    """The job's load checkpoint, when it was made against the vector bucket and index of `where`; else {} (the
+    job is loaded from the start, and says why)."""
+    state = job.get("load") or {}
+    if state and {k: state.get(k) for k in where} != where:
+        made = f"{state.get('vector_bucket', '?')}/{state.get('vector_index', '?')}"
+        print(f"The load checkpoint of {job['job_name']} was made against {made}, not "
+              f"{where['vector_bucket']}/{where['vector_index']}: loading this job from the start")
+        job.pop("load")
+        return {}
+    return state
+
+
+def open_report(path: Path, state: dict):
+    """The job's load report, open for appending: cut back to what the checkpoint counted (the lines written
+    after it are written again), or new when the job is loaded from the start."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = open(path, "r+b" if state and path.exists() else "wb")
+    report.truncate(state.get("report_bytes", 0))
+    report.seek(0, 2)
+    return report
+
+
+def close_report(report, path: Path, refused: list[dict]) -> None:
+    """The vectors the index refused go last; a report with nothing in it is removed."""
+    report.writelines(orjson.dumps(entry) + b"\n" for entry in refused)
+    report.close()
+    if path.stat().st_size == 0:
+        path.unlink()
+
+
+def cross_check(manifest: dict | None, job: dict, counts: dict) -> None:
+    """The records read against the count Bedrock's manifest.json.out gives; a difference goes into `counts`."""
     if manifest is None:
         print("(manifest.json.out not found: counts not cross-checked)")
     elif manifest.get("totalRecordCount") not in (None, counts["total"]):
@@ -181,8 +210,6 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
                               f"records but the output holds {counts['total']}")
     else:
         ok("Counts match manifest.json.out")
-    counts["confirmed_keys"] = checkpoint.confirmed_keys
-    return counts
 
 
 def report_file(job_info_file: Path, info: dict, job_id: str) -> Path:
@@ -200,6 +227,13 @@ def run(argv) -> int:
 
 
 def load_run(args, config: common.Config) -> int:
+    """Step 3 as the article tells it: load every job's results into the index, then account for every image.
+
+    It refuses a run that has not ended (nothing is loaded from a job still running), and an index missing with
+    --no-create or of another dimension, before any checkpoint is touched. It loads the jobs whose status leaves
+    results (Completed, PartiallyCompleted, Stopped), then embeds and loads the run's on-demand part, then asks the
+    index which images are there (accounting.account_run): exit 4 when some are not, with the list 01
+    --retry-failed takes."""
     info = jobinfo.load(config.job_info_file)
     config = jobinfo.in_job_region(config, info)
     print(f"Loaded job info from {config.job_info_file}")
@@ -213,12 +247,7 @@ def load_run(args, config: common.Config) -> int:
     owner = common.bucket_owner(config, info["account_id"])
     # One run at a time on the source prefix, whatever machine or job-info file: held until the lock is released.
     jobinfo.claim(config.job_info_file, s3, info["source_bucket"], info.get("source_prefix", ""), owner)
-    state = jobs.refresh(bedrock, info)
-    running = [f"{job['job_name']} is queued" for job in state.queued]
-    running += [f"{job['job_name']} is {job['status']}" for job in state.running]
-    if running:
-        raise StepError(f"the run has not ended ({'; '.join(running[:3])}) — wait for it with "
-                        "02_monitor_job.py --wait", common.EXIT_REFUSED)
+    refuse_unfinished(jobs.refresh(bedrock, info))
     loadable = [job for job in info["jobs"] if job.get("status") in jobinfo.LOADABLE_STATUSES]
     dimension = max(int(job.get("embedding_dimension", config.embedding_dimension)) for job in info["jobs"])
     # Before any checkpoint is touched: a missing index refused (--no-create) or of another dimension changes nothing.
@@ -228,12 +257,7 @@ def load_run(args, config: common.Config) -> int:
     totals = {"total": 0, "success": 0, "error": 0, "inserted": 0}
     confirmed: set[str] = set()
     problems = []
-    processes = args.workers
-    if processes is None:
-        to_load = sum(int(job.get("record_count") or 0) for job in loadable if args.reload or not jobinfo.job_loaded(job))
-        cpus = os.cpu_count() or 1  # one CPU: the main process and a worker would take turns on it
-        processes = min(4, cpus) if cpus > 1 and to_load >= records.MIN_RECORDS else 0
-    with records.pool(processes) as workers:  # before any thread starts
+    with records.pool(worker_processes(args, loadable)) as workers:  # before any thread starts
         if workers is not None:
             print(f"Output lines are read in {workers.workers} worker processes")
         for job in loadable:
@@ -245,33 +269,18 @@ def load_run(args, config: common.Config) -> int:
             confirmed |= counts["confirmed_keys"]
             if "mismatch" in counts:
                 problems.append(counts["mismatch"])
-    # The run's on-demand part (images too few for a job of their own): embedded here and loaded like a job.
-    parts = [job for job in info["jobs"] if ondemand.is_part(job) and (args.reload or not jobinfo.job_loaded(job))]
-    if parts:
-        runtime = common.make_client("bedrock-runtime", config, max_pool_connections=ondemand.THREADS + 2)
-    for part in parts:
-        counts = ondemand.load_part(part, config, runtime, put_client,
-                                    report_file(config.job_info_file, info, part["job_name"]),
-                                    ondemand.kept_file(jobinfo.run_folder(config.job_info_file, info)), lambda: None,
-                                    limiter=limiter, reader=s3v)
-        jobinfo.save(config.job_info_file, info)
+    for counts in load_on_demand_parts(info, config, args.reload, put_client, s3v, limiter):
         for key in totals:
             totals[key] += counts.get(key, 0)
         confirmed |= counts["confirmed_keys"]
 
-    common.banner("Summary")
-    print(f"Total Records Processed: {totals['total']}")
-    print(f"Successful: {totals['success']}")
-    print(f"Errors: {totals['error']}")
-    print(f"Vectors Inserted: {totals['inserted']}")
-    print(f"Vector Bucket: {config.vector_bucket}")
-    print(f"Index Name: {config.vector_index}")
+    print_summary(totals, config)
     run_dir = jobinfo.run_folder(config.job_info_file, info)
     path = Path(args.report) if args.report else run_dir / accounting.NOT_LOADED_NAME
     account = accounting.account_run(info, s3v, config, lambda job_id: report_file(config.job_info_file, info, job_id),
                                      path, confirmed)
     accounting.print_account(account)
-    remember_rejects(s3, s3v, config, owner, account["permanent"])
+    accounting.remember_permanent_failures(s3, s3v, config, owner, account["permanent"])
     print(common.RULE)
     if account["failed"] or account["missing"]:
         accounting.print_not_loaded(account["shown"], path, account["failed"] + account["missing"])
@@ -291,20 +300,48 @@ def load_run(args, config: common.Config) -> int:
     return common.EXIT_OK if args.accept_failures else common.EXIT_INCOMPLETE
 
 
-def remember_rejects(s3, s3v, config: common.Config, owner: str, permanent: list[dict]) -> None:
-    """Keep the images Bedrock rejected for good out of later runs, and forget those now in the index."""
-    path = failed_permanently.file_for(config.job_info_file)
-    known = failed_permanently.load(path)
-    found = failed_permanently.remember(s3, owner, permanent)
-    loaded = accounting.present_keys(s3v, config.vector_bucket, config.vector_index, list(known)) if known else set()
-    if not found and not loaded:
+def refuse_unfinished(state: jobs.RunState) -> None:
+    """Nothing is loaded while a job of the run is queued or still running."""
+    running = [f"{job['job_name']} is queued" for job in state.queued]
+    running += [f"{job['job_name']} is {job['status']}" for job in state.running]
+    if running:
+        raise StepError(f"the run has not ended ({'; '.join(running[:3])}) — wait for it with "
+                        "02_monitor_job.py --wait", common.EXIT_REFUSED)
+
+
+def worker_processes(args, loadable: list[dict]) -> int:
+    """How many processes read output lines (--workers, or up to 4 when there are CPUs and lines enough)."""
+    if args.workers is not None:
+        return args.workers
+    to_load = sum(int(job.get("record_count") or 0) for job in loadable if args.reload or not jobinfo.job_loaded(job))
+    cpus = os.cpu_count() or 1  # one CPU: the main process and a worker would take turns on it
+    return min(4, cpus) if cpus > 1 and to_load >= records.MIN_RECORDS else 0
+
+
+def load_on_demand_parts(info: dict, config: common.Config, reload: bool, put_client, s3v, limiter):
+    """The run's on-demand part (images too few for a job of their own): embedded here and loaded like a job;
+    yields its counts."""
+    parts = [job for job in info["jobs"] if ondemand.is_part(job) and (reload or not jobinfo.job_loaded(job))]
+    if not parts:
         return
-    merged = {key: entry for key, entry in known.items() if key not in loaded}
-    merged.update(found)
-    failed_permanently.save(path, merged)
-    if found:
-        print(f"{len(found)} image(s) failed permanently (Bedrock refused the image itself): later runs leave them "
-              f"out while they are unchanged — see {path}")
+    runtime = common.make_client("bedrock-runtime", config, max_pool_connections=ondemand.THREADS + 2)
+    for part in parts:
+        counts = ondemand.load_part(part, config, runtime, put_client,
+                                    report_file(config.job_info_file, info, part["job_name"]),
+                                    ondemand.kept_file(jobinfo.run_folder(config.job_info_file, info)), lambda: None,
+                                    limiter=limiter, reader=s3v)
+        jobinfo.save(config.job_info_file, info)
+        yield counts
+
+
+def print_summary(totals: dict, config: common.Config) -> None:
+    common.banner("Summary")
+    print(f"Total Records Processed: {totals['total']}")
+    print(f"Successful: {totals['success']}")
+    print(f"Errors: {totals['error']}")
+    print(f"Vectors Inserted: {totals['inserted']}")
+    print(f"Vector Bucket: {config.vector_bucket}")
+    print(f"Index Name: {config.vector_index}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -215,3 +215,19 @@ def read_not_loaded(path: Path) -> list[dict]:
     if not all(isinstance(e, dict) and isinstance(e.get("source_uri"), str) for e in entries):
         raise common.StepError(f"{path} is malformed: every line needs a source_uri", common.EXIT_USAGE)
     return entries
+
+
+def remember_permanent_failures(s3, s3v, config: common.Config, owner: str, permanent: list[dict]) -> None:
+    """Keep the images Bedrock rejected for good out of later runs, and forget those now in the index."""
+    path = failed_permanently.file_for(config.job_info_file)
+    known = failed_permanently.load(path)
+    found = failed_permanently.remember(s3, owner, permanent)
+    loaded = present_keys(s3v, config.vector_bucket, config.vector_index, list(known)) if known else set()
+    if not found and not loaded:
+        return
+    merged = {key: entry for key, entry in known.items() if key not in loaded}
+    merged.update(found)
+    failed_permanently.save(path, merged)
+    if found:
+        print(f"{len(found)} image(s) failed permanently (Bedrock refused the image itself): later runs leave them "
+              f"out while they are unchanged — see {path}")

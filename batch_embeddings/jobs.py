@@ -185,6 +185,14 @@ class _Planner:
         return self.memo[key]
 
     def _best(self, folder: str, budget: int):
+        """The best plans of `folder`'s subtree within `budget` waves: (closed, opened). A closed plan places every
+        image; an opened one leaves images (`left`) for the jobs of an ancestor to take.
+
+        For each k, the number of jobs rooted at this folder (0 up to what its images need and the budget allows):
+        the larger sub-folders are planned below with the budget left (or taken whole when none is left), open
+        sub-plans pass their images up while this folder's jobs have room, the smallest sub-folders that fit are
+        taken whole, and a remainder too small for a job borrows from a sibling. Fewest jobs win, then fewest
+        waves."""
         q, cap, concurrent = self.quotas, self.cap, self.quotas.max_concurrent_jobs
         small, fitting, prefix, larger = self.kinds(folder)
         direct = self.tree[folder].images
@@ -195,32 +203,11 @@ class _Planner:
             below = budget - k
             if below == 0 and k == 0:
                 continue
-            # The larger sub-folders: planned below with the budget left, or taken whole when none is left.
-            chosen, whole, switch = [], [], []
-            for c in larger:
-                if below == 0:
-                    whole.append(c)
-                    continue
-                c_closed, c_open = self.best(c, below)
-                if k == 0:
-                    options = [o for o in (c_closed, c_open) if o is not None]
-                    pick = min(options, key=lambda o: (o.jobs + o.left / cap, o.left)) if options else None
-                else:
-                    pick = c_closed or c_open
-                    if c_closed is not None and c_open is not None and c_open.jobs < c_closed.jobs:
-                        switch.append((len(chosen), c_open))
-                if pick is None:
-                    whole.append(c)
-                else:
-                    chosen.append(pick)
+            chosen, whole, switch = self._plan_larger(larger, below, k)
             if k == 0 and whole:
                 continue
             must = forced + sum(o.left for o in chosen) + sum(self.totals[c] for c in whole)
-            # Sub-folders that save jobs by passing images up to this folder's jobs, while they have room.
-            for i, c_open in sorted(switch, key=lambda s: -(chosen[s[0]].jobs - s[1].jobs) / s[1].left):
-                if must + c_open.left <= k * cap:
-                    must += c_open.left
-                    chosen[i] = c_open
+            must = self._pass_up(chosen, switch, must, k * cap)
             sub_jobs = sum(o.jobs for o in chosen)
             sub_waves = max((o.waves for o in chosen), default=0)
             if k == 0:
@@ -262,6 +249,39 @@ class _Planner:
             if closed is None or (jobs, waves_needed) < (closed.jobs, closed.waves):
                 closed = _Option(jobs, 0, waves_needed, self._builder(folder, own, chosen, whole, taken, lend))
         return closed, opened
+
+    def _plan_larger(self, larger: list[str], below: int, k: int):
+        """The larger sub-folders: each planned below with `below` waves (`chosen`), or taken whole by this
+        folder's jobs when no plan fits or no wave is left (`whole`). With k jobs here, a sub-folder takes its
+        closed plan, and one whose open plan needs fewer jobs is listed in `switch` to pass images up instead."""
+        chosen, whole, switch = [], [], []
+        for c in larger:
+            if below == 0:
+                whole.append(c)
+                continue
+            c_closed, c_open = self.best(c, below)
+            if k == 0:
+                options = [o for o in (c_closed, c_open) if o is not None]
+                pick = min(options, key=lambda o: (o.jobs + o.left / self.cap, o.left)) if options else None
+            else:
+                pick = c_closed or c_open
+                if c_closed is not None and c_open is not None and c_open.jobs < c_closed.jobs:
+                    switch.append((len(chosen), c_open))
+            if pick is None:
+                whole.append(c)
+            else:
+                chosen.append(pick)
+        return chosen, whole, switch
+
+    @staticmethod
+    def _pass_up(chosen: list, switch: list, must: int, room: int) -> int:
+        """Sub-folders that save jobs by passing images up to this folder's jobs, while they have `room`, most
+        jobs saved per image first; returns the images this folder's jobs must take."""
+        for i, c_open in sorted(switch, key=lambda s: -(chosen[s[0]].jobs - s[1].jobs) / s[1].left):
+            if must + c_open.left <= room:
+                must += c_open.left
+                chosen[i] = c_open
+        return must
 
     def _builder(self, folder, own, chosen, whole, taken, lend):
         def build() -> tuple[list[PlannedJob], list[Allocation]]:

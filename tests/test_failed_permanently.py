@@ -10,8 +10,7 @@ from datetime import date
 import pytest
 
 import common
-from batch_embeddings import failed_permanently, naming
-from tests.conftest import import_step
+from batch_embeddings import accounting, failed_permanently, naming
 
 OWNER = "123456789012"
 BUCKET = "images"
@@ -50,11 +49,10 @@ def failed(key: str, code: str, message: str) -> dict:
 
 def remember(tmp_path, account: list[dict], objects: dict[str, tuple[str, int]]) -> list[dict]:
     """Step 3's end of run: the account's permanent failures written beside the job-info file; what the file holds."""
-    step3 = import_step(3)
     config = types.SimpleNamespace(job_info_file=tmp_path / "batch_job_info.json", vector_bucket="vectors",
                                    vector_index="images")
     permanent = [entry for entry in account if failed_permanently.is_permanent(entry["error_code"], entry["error_message"])]
-    step3.remember_rejects(FakeS3(objects), EmptyIndex(), config, OWNER, permanent)
+    accounting.remember_permanent_failures(FakeS3(objects), EmptyIndex(), config, OWNER, permanent)
     path = tmp_path / failed_permanently.FILE_NAME
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
