@@ -80,10 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=150, help="how many sample images (150)")
     parser.add_argument("--workdir", type=Path, help="folder for .env and the steps' files (a new temp folder)")
     parser.add_argument("--serve", action="store_true", help="keep the stand-ins running afterwards")
+    parser.add_argument("--step-seconds", type=float, default=0.5,
+                        help="seconds between two status changes of a job in the Bedrock stand-in (0.5)")
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bedrock-batch-local-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    running = standins.start(bedrock_options={"step_seconds": 0.5})
+    running = standins.start(bedrock_options={"step_seconds": args.step_seconds})
     try:
         env = setup(running, workdir, args.images)
         for step in STEPS:

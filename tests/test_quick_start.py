@@ -25,7 +25,7 @@ def test_local_run_with_serve_then_a_query_from_the_checkout(tmp_path):
     # A shell with some of the settings already set (another run's): the printed line must still win.
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, "SOURCE_BUCKET": "from-elsewhere"}
     local = subprocess.Popen([sys.executable, "-m", "tests.local_run", "--images", "120", "--workdir", str(tmp_path),
-                              "--serve"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              "--serve", "--step-seconds", "0.05"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         shown = wait_for_line(local, "Ctrl-C to stop.")
         assert "$ uv run 05_query_vectors.py a red sports car --top-k 5" in shown
