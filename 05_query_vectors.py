@@ -18,23 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import common
-from batch_embeddings import nova, results_page
+from batch_embeddings import nova, results_page, search
 from common import StepError, ok
 
 SETTINGS = ("AWS_REGION", "VECTOR_BUCKET", "VECTOR_INDEX", "MODEL_ID", "EMBEDDING_DIMENSION", "EXPECTED_BUCKET_OWNER")
 REQUIRED = ("VECTOR_BUCKET", "VECTOR_INDEX")
-TEXT_PURPOSE = "IMAGE_RETRIEVAL"  # text → image search over image embeddings (aws-facts.md)
-IMAGE_PURPOSE = "GENERIC_RETRIEVAL"  # image → image: both sides are images
 DEFAULT_TOP_K = 10  # QueryVectors takes topK >= 1; its maximum is the index's to say (100 at launch)
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4's limit for a pre-signed URL
 HTML_PRESIGN_SECONDS = 3600  # the page's thumbnails load through pre-signed links valid this long by default
 TEXT_LIMIT = "8K tokens"  # what the model reads of a text; past it, it cuts the end (truncationMode END)
-MAX_INVOKE_BODY_BYTES = 25_000_000  # botocore's bedrock-runtime model: InvokeModel body max
-BODY_ALLOWANCE = 1024  # the request around an inline image's base64
 
 
 class Parser(argparse.ArgumentParser):
@@ -65,8 +60,8 @@ def parse_args(argv):
     parser.add_argument("--open", action="store_true",
                         help="open the --html page in the default browser (when none opens, say where the page is)")
     parser.add_argument("--purpose", choices=common.EMBEDDING_PURPOSES, metavar="PURPOSE",
-                        help=f"embeddingPurpose of the query (default: {TEXT_PURPOSE} for a text, "
-                             f"{IMAGE_PURPOSE} for an image)")
+                        help=f"embeddingPurpose of the query (default: {search.TEXT_PURPOSE} for a text, "
+                             f"{search.IMAGE_PURPOSE} for an image)")
     common.add_settings(parser, SETTINGS)
     args = parser.parse_args(argv)
     if args.text is not None and args.image is not None:
@@ -91,172 +86,14 @@ def parse_args(argv):
     return args
 
 
-@dataclass(frozen=True)
-class Query:
-    """What to search by, checked (and a local image read) before any AWS call."""
-
-    label: str
-    purpose: str
-    text: str | None = None
-    image_uri: str | None = None
-    image_data: bytes | None = None
-    image_format: str | None = None
-    image_path: str | None = None
-
-    def request(self, dimension: int, owner: str | None) -> dict:
-        """The InvokeModel body."""
-        if self.text is not None:
-            return nova.text_request(self.text, dimension, self.purpose)
-        if self.image_uri is not None:
-            return nova.image_request(self.image_uri, self.image_format, owner, dimension, self.purpose)
-        return nova.image_bytes_request(self.image_data, self.image_format, dimension, self.purpose)
-
-
-def image_format(name: str, shown: str) -> str:
-    suffix = PurePosixPath(name).suffix.lower()
-    fmt = nova.IMAGE_FORMATS.get(suffix)
-    if fmt is None:
-        kind = f"'{suffix}'" if suffix else "(no extension)"
-        raise StepError(f"{shown}: unsupported image type {kind} — the model takes "
-                        f"{', '.join(nova.IMAGE_FORMATS)}", common.EXIT_USAGE)
-    return fmt
-
-
-def read_local_image(path: Path) -> tuple[bytes, str]:
-    """The bytes and format of a local image, refused when the model or an InvokeModel request cannot take it."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise StepError(f"{path}: no such file", common.EXIT_USAGE) from None
-    except OSError as exc:
-        raise StepError(f"{path}: {exc.strerror}", common.EXIT_USAGE) from None
-    if not path.is_file():
-        raise StepError(f"{path}: not a file", common.EXIT_USAGE)
-    fmt = image_format(path.name, str(path))
-    if size == 0:
-        raise StepError(f"{path}: the file is empty", common.EXIT_USAGE)
-    if size > nova.MAX_IMAGE_BYTES:
-        raise StepError(f"{path}: {size / 1e6:.1f} MB; the model takes images up to 50 MB", common.EXIT_USAGE)
-    if 4 * ((size + 2) // 3) + BODY_ALLOWANCE > MAX_INVOKE_BODY_BYTES:
-        raise StepError(f"{path}: {size / 1e6:.1f} MB is too large to send inline (base64 in InvokeModel's 25 MB "
-                        "request) — upload it to S3 and pass --image s3://bucket/key", common.EXIT_USAGE)
-    try:
-        return path.read_bytes(), fmt
-    except OSError as exc:
-        raise StepError(f"{path}: {exc.strerror}", common.EXIT_USAGE) from None
-
-
-def read_query(args) -> Query:
-    if args.text is not None:
-        return Query(f'text "{args.text}"', args.purpose or TEXT_PURPOSE, text=args.text)
-    purpose = args.purpose or IMAGE_PURPOSE
-    if args.image.startswith("s3://"):
-        bucket, key = common.parse_s3_uri(args.image)
-        if not common.BUCKET_RE.fullmatch(bucket) or not key or key.endswith("/"):
-            raise StepError(f"{args.image} is not an S3 object URI like s3://bucket/2024/photo.jpg", common.EXIT_USAGE)
-        fmt = image_format(key, args.image)
-        return Query(f"image {args.image}", purpose, image_uri=args.image, image_format=fmt)
-    path = Path(args.image).expanduser()
-    data, fmt = read_local_image(path)
-    return Query(f"image {path} ({len(data):,} bytes)", purpose, image_data=data, image_format=fmt,
-                 image_path=str(path))
-
-
-def parse_filter(raw: str | None) -> dict | None:
-    if raw is None:
-        return None
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise StepError(f"--filter is not valid JSON ({exc.msg} at character {exc.pos}): {raw}",
-                        common.EXIT_USAGE) from None
-    if not isinstance(value, dict) or not value:
-        raise StepError(f"--filter must be a non-empty JSON object like "
-                        f"'{{\"source_uri\": {{\"$eq\": \"s3://bucket/key.jpg\"}}}}', not {raw}", common.EXIT_USAGE)
-    return value
-
-
-def index_shape(s3v, bucket: str, index: str, configured: int) -> tuple[int, str]:
-    """The index's dimension and distance metric; the index decides the dimension the query is embedded at."""
-    try:
-        found = s3v.get_index(vectorBucketName=bucket, indexName=index)["index"]
-    except s3v.exceptions.NotFoundException as exc:
-        raise StepError(f"{common.describe_aws_error(exc)} — check VECTOR_BUCKET and VECTOR_INDEX, or load the "
-                        "index with 03_load_result_to_s3_vector_bucket.py") from None
-    dimension = found["dimension"]
-    if dimension not in common.DIMENSIONS:
-        raise StepError(f"index {index} in {bucket} holds {dimension}-dimension vectors, which Nova Multimodal "
-                        "Embeddings does not produce (256, 384, 1024, 3072) — is VECTOR_INDEX right?",
-                        common.EXIT_USAGE)
-    if dimension != configured:
-        raise StepError(f"index {index} in {bucket} holds {dimension}-dimension vectors but EMBEDDING_DIMENSION is "
-                        f"{configured} — set EMBEDDING_DIMENSION={dimension} (or --dimension {dimension})",
-                        common.EXIT_USAGE)
-    return dimension, found.get("distanceMetric", "?")
-
-
-def query_index(s3v, bucket: str, index: str, vector: list[float], top_k: int, flt: dict | None) -> list[dict]:
-    params = {"vectorBucketName": bucket, "indexName": index, "topK": top_k, "queryVector": {"float32": vector},
-              "returnMetadata": True, "returnDistance": True}
-    if flt is not None:
-        params["filter"] = flt
-    found: list[dict] = []
-    try:
-        for _ in range(top_k):  # every page holds at least one result: at most top_k pages
-            page = s3v.query_vectors(**params)
-            found.extend(page.get("vectors", []))
-            token = page.get("nextToken")
-            if not token or len(found) >= top_k:
-                break
-            params["nextToken"] = token  # the same query again, for the next page (S3 user guide)
-    except s3v.exceptions.ValidationException as exc:
-        if "topk" in exc.response.get("Error", {}).get("Message", "").lower():
-            raise StepError(f"the index refused --top-k {top_k}: {common.describe_aws_error(exc)} — use a smaller "
-                            "--top-k", common.EXIT_USAGE) from None
-        if flt is None:
-            raise
-        raise StepError(f"{common.describe_aws_error(exc)} — check --filter", common.EXIT_USAGE) from None
-    return found[:top_k]
-
-
-def to_hits(vectors: list[dict]) -> list[dict]:
-    hits = []
-    for rank, vector in enumerate(vectors, start=1):
-        metadata = vector.get("metadata") or {}
-        hits.append({"rank": rank, "key": vector["key"], "distance": vector.get("distance"),
-                     "source_uri": metadata.get("source_uri"), "metadata": metadata})
-    return hits
-
-
-def add_links(hits: list[dict], config: common.Config, seconds: int) -> None:
-    """A pre-signed GetObject link for each hit's image (made locally: no call, no check that the object exists)."""
-    clients = {}
-    for hit in hits:
-        uri = hit["source_uri"]
-        hit["url"] = None
-        if not isinstance(uri, str) or not uri.startswith("s3://"):
-            continue
-        bucket, key = common.parse_s3_uri(uri)
-        path_style = "." in bucket
-        if path_style not in clients:
-            clients[path_style] = common.make_presign_client(config, path_style=path_style)
-        hit["url"] = clients[path_style].generate_presigned_url(
-            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=seconds)
-
-
-def presign(config: common.Config, uri: str, seconds: int) -> str:
-    """A pre-signed GetObject link for an s3:// URI (made locally: no call)."""
-    bucket, key = common.parse_s3_uri(uri)
-    client = common.make_presign_client(config, path_style="." in bucket)
-    return client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=seconds)
-
-
-def write_page(path: Path, query: Query, hits: list[dict], config: common.Config, purpose: str, seconds: int) -> None:
+def write_page(path: Path, query: search.Query, hits: list[dict], config: common.Config, purpose: str,
+               seconds: int) -> None:
     """The results page (results_page.py), written atomically; the query image is shown too when it can be."""
     if query.text is not None:
         shown = results_page.QueryShown(text=query.text)
     elif query.image_uri is not None:
-        shown = results_page.QueryShown(image_name=query.image_uri, image_src=presign(config, query.image_uri, seconds))
+        shown = results_page.QueryShown(image_name=query.image_uri,
+                                        image_src=search.presign(config, query.image_uri, seconds))
     else:
         shown = results_page.QueryShown(image_name=query.image_path,
                                         image_src=results_page.data_uri(query.image_data, query.image_format))
@@ -284,8 +121,8 @@ def print_hits(hits: list[dict], top_k: int, filtered: bool, links: bool) -> Non
 def run(argv) -> int:
     args = parse_args(argv)
     config = common.load_config(args, REQUIRED)
-    flt = parse_filter(args.filter)
-    query = read_query(args)
+    flt = search.parse_filter(args.filter)
+    query = search.read_query(args.text, args.image, args.purpose)
 
     def say(line: str) -> None:  # --json prints nothing but the hits
         if not args.json:
@@ -296,7 +133,7 @@ def run(argv) -> int:
     say(f"Vector Bucket: {config.vector_bucket}")
 
     s3v = common.make_client("s3vectors", config)
-    dimension, metric = index_shape(s3v, config.vector_bucket, config.vector_index, config.embedding_dimension)
+    dimension, metric = search.index_shape(s3v, config.vector_bucket, config.vector_index, config.embedding_dimension)
     say(f"Index Name: {config.vector_index} ({dimension} dimensions, {metric})")
     say(f"Query: {query.label}")
     if flt is not None:
@@ -316,9 +153,9 @@ def run(argv) -> int:
         raise StepError(f"{config.model_id} answered a {len(vector)}-dimension embedding; the index takes {dimension}")
 
     say(f"Querying the top {args.top_k}")
-    hits = to_hits(query_index(s3v, config.vector_bucket, config.vector_index, vector, args.top_k, flt))
+    hits = search.to_hits(search.query_index(s3v, config.vector_bucket, config.vector_index, vector, args.top_k, flt))
     if args.presign is not None:
-        add_links(hits, config, args.presign)
+        search.add_links(hits, config, args.presign)
     if args.html is not None:
         page = Path(args.html).expanduser()
         write_page(page, query, hits, config, query.purpose, args.presign)

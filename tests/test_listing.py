@@ -24,7 +24,6 @@ from batch_embeddings import jobs, listing, manifests, nova, selection
 from tests.standins import s3 as s3_standin
 from tests.conftest import ROOT, STEPS, import_step
 
-create_job = import_step(1)
 
 
 def put_empty(s3, bucket: str, keys) -> None:
@@ -196,7 +195,7 @@ def test_sort_lines_merges_runs_a_few_files_at_a_time(tmp_path, monkeypatch):
 
 
 def config_for(world, **env) -> common.Config:
-    return common.load_config(argparse.Namespace(), create_job.REQUIRED, env={**world.env, **env})
+    return common.load_config(argparse.Namespace(), common.RUN_REQUIRED, env={**world.env, **env})
 
 
 def synthetic(folders: int, per_folder: int, seed: int = 0) -> list[dict]:
@@ -314,7 +313,7 @@ def test_ctrl_c_while_writing_manifests_is_one_line_and_leaves_none(world, monke
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(world.cwd)
     monkeypatch.setattr(nova, "image_record", Fail(150, KeyboardInterrupt()))
-    assert create_job.main(["--new-index"]) == common.EXIT_INTERRUPTED
+    assert import_step(1).main(["--new-index"]) == common.EXIT_INTERRUPTED  # step 1 as a user runs it
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("interrupted")
     assert not list(world.cwd.rglob("batch_input_*")) and not (world.cwd / "batch_job_info.json").exists()

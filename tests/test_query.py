@@ -18,7 +18,7 @@ from html.parser import HTMLParser
 import pytest
 
 import common
-from batch_embeddings import naming, nova, results_page
+from batch_embeddings import naming, nova, results_page, search
 from tests import sample_images
 from tests.conftest import ROOT, STEPS, World, import_step, make_role
 from tests.standins.embedding import embed_image, embed_text
@@ -193,25 +193,23 @@ def test_help():
 
 
 def test_the_request_bodies():
-    step = import_step(5)
-    text = step.read_query(step.parse_args(["a red sports car"]))
+    text = search.read_query("a red sports car")
     assert text.request(1024, None) == {
         "taskType": "SINGLE_EMBEDDING",
         "singleEmbeddingParams": {"embeddingPurpose": "IMAGE_RETRIEVAL", "embeddingDimension": 1024,
                                   "text": {"truncationMode": "END", "value": "a red sports car"}}}
-    s3_image = step.read_query(step.parse_args(["--image", "s3://my-bucket/2024/Cat.JPG"]))
+    s3_image = search.read_query(image="s3://my-bucket/2024/Cat.JPG")
     assert s3_image.request(256, "111122223333")["singleEmbeddingParams"] == {
         "embeddingPurpose": "GENERIC_RETRIEVAL", "embeddingDimension": 256,
         "image": {"format": "jpeg", "source": {"s3Location": {"uri": "s3://my-bucket/2024/Cat.JPG",
                                                               "bucketOwner": "111122223333"}}}}
-    override = step.read_query(step.parse_args(["cat", "--purpose", "TEXT_RETRIEVAL"]))
+    override = search.read_query("cat", purpose="TEXT_RETRIEVAL")
     assert override.request(256, None)["singleEmbeddingParams"]["embeddingPurpose"] == "TEXT_RETRIEVAL"
 
 
 def test_a_local_image_is_sent_inline(tmp_path):
-    step = import_step(5)
     (tmp_path / "a.webp").write_bytes(sample_images.webp(3))
-    query = step.read_query(step.parse_args(["--image", str(tmp_path / "a.webp")]))
+    query = search.read_query(image=str(tmp_path / "a.webp"))
     image = query.request(384, None)["singleEmbeddingParams"]["image"]
     assert image["format"] == "webp"
     assert base64.b64decode(image["source"]["bytes"]) == sample_images.webp(3)
