@@ -20,7 +20,7 @@ from pathlib import Path
 import orjson
 
 import common
-from batch_embeddings import accounting, jobinfo, jobs, loading, naming, ondemand, records, vectors
+from batch_embeddings import accounting, jobinfo, jobs, loading, naming, ondemand, pacing, records, streams, vectors
 from common import StepError, ok
 
 SETTINGS = ("AWS_REGION", "VECTOR_BUCKET", "VECTOR_INDEX", "JOB_INFO_FILE", "EXPECTED_BUCKET_OWNER")
@@ -118,7 +118,7 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
     print(f"Index Name: {config.vector_index}")
     print(f"Batch Size: up to {vectors.MAX_VECTORS_PER_PUT} vectors / 20 MiB per request, "
           f"paced to {args.vectors_per_second:g} vectors/s")
-    sender = vectors.PutVectorsSender(put_client, config.vector_bucket, config.vector_index, limiter,
+    sender = pacing.PutVectorsSender(put_client, config.vector_bucket, config.vector_index, limiter,
                                       threads=args.threads, on_done=on_done, give_up_after=args.retry_for)
     started = time.monotonic()
     try:
@@ -134,7 +134,7 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
             extra = {"Range": f"bytes={offset}-"} if offset else {}
             body = s3.get_object(Bucket=result_bucket, Key=key, ExpectedBucketOwner=owner, **extra)["Body"]
             counted = loader.counts["total"]
-            prefetch = vectors.Prefetch(body)
+            prefetch = streams.Prefetch(body)
             try:
                 for result, start, end in records.examined(prefetch, offset, job_id, dimension, workers):
                     batch = loader.take(result, key, start, end)
@@ -219,7 +219,7 @@ def report_file(job_info_file: Path, info: dict, job_id: str) -> Path:
 
 def run(argv) -> int:
     args = parse_args(argv)
-    vectors.keep_memory_flat()
+    pacing.keep_memory_flat()
     config = common.load_config(args, REQUIRED)
     common.banner("Bedrock Batch Inference - Load Results to Vector Bucket")
     with jobinfo.locked(config.job_info_file, "03_load_result_to_s3_vector_bucket.py", wait=args.wait_lock):
@@ -253,7 +253,7 @@ def load_run(args, config: common.Config) -> int:
     # Before any checkpoint is touched: a missing index refused (--no-create) or of another dimension changes nothing.
     vectors.ensure_index(s3v, config.vector_bucket, config.vector_index, dimension, create=not args.no_create)
 
-    limiter = vectors.RateLimiter(args.vectors_per_second, args.requests_per_second)
+    limiter = pacing.RateLimiter(args.vectors_per_second, args.requests_per_second)
     totals = {"total": 0, "success": 0, "error": 0, "inserted": 0}
     confirmed: set[str] = set()
     problems = []

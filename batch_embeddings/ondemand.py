@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import orjson
 
-from batch_embeddings import accounting, naming, nova, vectors
+from batch_embeddings import accounting, naming, nova, pacing, vectors
 import common
 
 JOB_ID = "on-demand"  # the `job_id` metadata of vectors embedded on demand
@@ -151,7 +151,7 @@ def part_records(job: dict) -> Iterator[tuple[str, dict]]:
 
 
 def embed_and_load(requests: Iterable[tuple[str, dict]], config: common.Config, runtime, s3v, dimension: int,
-                   index_ready: Callable[[], object] = lambda: None, *, limiter: vectors.RateLimiter | None = None,
+                   index_ready: Callable[[], object] = lambda: None, *, limiter: pacing.RateLimiter | None = None,
                    sleep: Callable[[float], None] = time.sleep, kept: Path | None = None,
                    forget_done: bool = False) -> tuple[set[str], list[dict]]:
     """Embed each (image URI, request body) with InvokeModel and put the vectors into the index.
@@ -246,14 +246,14 @@ def embed_and_load(requests: Iterable[tuple[str, dict]], config: common.Config, 
     confirmed: set[str] = set()
     failed: list[dict] = []
     if limiter is None:
-        limiter = vectors.RateLimiter(2500, 1000)
+        limiter = pacing.RateLimiter(2500, 1000)
 
     def done(batch: vectors.Batch) -> None:
         confirmed.update(batch.keys)
         failed.extend(failure(vector.source_uri, "ValidationException", f"S3 Vectors refused the vector: "
                               f"{vector.message}") for vector in batch.refused if vector.source_uri)
 
-    sender = vectors.PutVectorsSender(s3v, config.vector_bucket, config.vector_index, limiter, threads=2,
+    sender = pacing.PutVectorsSender(s3v, config.vector_bucket, config.vector_index, limiter, threads=2,
                                       on_done=done)
     batcher = vectors.Batcher(config.vector_bucket, config.vector_index)
     pool = ThreadPoolExecutor(THREADS)
@@ -292,7 +292,7 @@ def failure(uri: str, code: str, message: str) -> dict:
 
 
 def load_part(job: dict, config: common.Config, runtime, s3v, report: Path, kept: Path, index_ready, *,
-              limiter: vectors.RateLimiter | None = None, reader=None, sleep: Callable[[float], None] = time.sleep
+              limiter: pacing.RateLimiter | None = None, reader=None, sleep: Callable[[float], None] = time.sleep
               ) -> dict:
     """Step 3 for a run's on-demand part: embed and load its images, list the failures in `report` (a load
     report, as for a job; none when nothing failed), and mark the part loaded. Returns its counts like a job's.

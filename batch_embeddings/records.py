@@ -21,7 +21,7 @@ from typing import NamedTuple
 import orjson
 
 import common
-from batch_embeddings import forking, naming, nova, vectors
+from batch_embeddings import forking, naming, nova, streams, vectors
 from common import StepError
 
 OK, FAIL = "ok", "fail"
@@ -214,7 +214,7 @@ def examined(body, start: int, job_id: str, dimension: int,
     this process never touches a line on its own. Two chunks a worker are in flight (memory stays flat); a line
     longer than a slot is examined here, in its turn."""
     if workers is None:
-        for raw, line_start, end in vectors.read_lines(body, start):
+        for raw, line_start, end in streams.read_lines(body, start):
             yield examine(raw, job_id, dimension), line_start, end
         return
     shared, view, slots = workers.shared, memoryview(workers.shared), 2 * workers.workers

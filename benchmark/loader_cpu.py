@@ -47,6 +47,9 @@ def main(argv=None) -> int:
     # the library's loader, in the package (or, in the code of a revision before it, beside the steps)
     packaged = (args.code / "batch_embeddings" / "vectors.py").exists()
     vectors = importlib.import_module("batch_embeddings.vectors" if packaged else "vectors")
+    # read_lines: in streams.py, or in vectors.py in revisions before it
+    streams = importlib.import_module("batch_embeddings.streams") \
+        if (args.code / "batch_embeddings" / "streams.py").exists() else vectors
     if (args.code / "batch_embeddings" / "loading.py").exists():
         loading = importlib.import_module("batch_embeddings.loading")
     else:  # a revision whose Loader was in step 3
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
         batcher = vectors.Batcher("bucket", "index")
         loader = loading.Loader("job", args.dimension, batcher, io.BytesIO(), {})
         with open(args.file, "rb") as fh:
-            lines = vectors.read_lines(Limited(fh, args.records * 80_000))
+            lines = streams.read_lines(Limited(fh, args.records * 80_000))
             for raw, start, end in itertools.islice(lines, args.records):
                 loader.line(raw, "key", start, end)
 

@@ -6,7 +6,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from batch_embeddings import vectors
+from batch_embeddings import pacing, vectors
 
 
 class FakeClock:
@@ -38,7 +38,7 @@ def send_parts(client, parts, limiter, *, per_request=25, threads=1, clock: Fake
     done = []
     timing = {"sleep": clock.sleep, "clock": clock, "jitter": random.Random(0).random} if clock else \
         {"sleep": lambda s: time.sleep(min(s, 0.01))}
-    sender = vectors.PutVectorsSender(client, "bucket", "index", limiter, threads=threads, on_done=done.append,
+    sender = pacing.PutVectorsSender(client, "bucket", "index", limiter, threads=threads, on_done=done.append,
                                       max_backoff=max_backoff, **timing)
     batcher = vectors.Batcher("bucket", "index", max_vectors=per_request)
     for i, part in enumerate(parts):

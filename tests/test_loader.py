@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 import common
-from batch_embeddings import vectors
+from batch_embeddings import pacing, streams, vectors
 from tests.conftest import ROOT, STEPS
 from tests.sending import FakeClock, send_parts
 
@@ -98,10 +98,10 @@ def test_a_vector_larger_than_a_request_is_refused():
 
 def test_read_lines_gives_offsets_across_chunks_and_a_last_line_without_newline():
     data = b'{"a":1}\n{"b":22}\n\n{"c":333}'
-    lines = list(vectors.read_lines(io.BytesIO(data), chunk_size=3))
+    lines = list(streams.read_lines(io.BytesIO(data), chunk_size=3))
     assert lines == [(b'{"a":1}', 0, 8), (b'{"b":22}', 8, 17), (b"", 17, 18), (b'{"c":333}', 18, 27)]
     assert all(data[start:end].rstrip(b"\n") == line for line, start, end in lines)
-    resumed = list(vectors.read_lines(io.BytesIO(data[17:]), start=17, chunk_size=4))
+    resumed = list(streams.read_lines(io.BytesIO(data[17:]), start=17, chunk_size=4))
     assert resumed == lines[2:]
 
 
@@ -110,7 +110,7 @@ def test_read_lines_gives_offsets_across_chunks_and_a_last_line_without_newline(
 
 def test_rate_limiter_paces_vectors_and_backs_off_after_throttling():
     clock = FakeClock()
-    limiter = vectors.RateLimiter(2500, 1000, clock=clock, sleep=clock.sleep)
+    limiter = pacing.RateLimiter(2500, 1000, clock=clock, sleep=clock.sleep)
     for _ in range(50):
         limiter.acquire(500)
     assert clock.now == pytest.approx(50 * 500 / 2500 - 1.0)  # 25,000 vectors at 2,500/s, a second's worth at once
@@ -131,7 +131,7 @@ def test_a_stray_429_costs_the_pacer_a_fraction_of_a_second():
     of 5 % a second cost."""
     def load(throttle_at: set[int]) -> float:
         clock = FakeClock()
-        limiter = vectors.RateLimiter(2500, 1000, clock=clock, sleep=clock.sleep)
+        limiter = pacing.RateLimiter(2500, 1000, clock=clock, sleep=clock.sleep)
         for i in range(100):  # 50,000 vectors at 2,500/s: 19 s after the first second's burst
             limiter.acquire(500)
             if i in throttle_at:
@@ -145,7 +145,7 @@ def test_a_stray_429_costs_the_pacer_a_fraction_of_a_second():
 
 def test_the_rate_climbs_back_quickly_then_probes_past_the_rate_it_was_throttled_at():
     clock = FakeClock()
-    limiter = vectors.RateLimiter(2500, 1000, clock=clock, sleep=clock.sleep)
+    limiter = pacing.RateLimiter(2500, 1000, clock=clock, sleep=clock.sleep)
     limiter.acquire(1)
     clock.now += 0.1
     limiter.throttled()  # cut from 2,500
@@ -169,7 +169,7 @@ def test_a_limit_met_again_and_again_is_climbed_back_to_more_slowly():
     """A 429 met again on the way back (a quota shared with another writer, or smaller than the pacer was told)
     doubles the time to climb back, up to 16 s; a stray 429 after a quiet spell climbs back in 2 s again."""
     clock = FakeClock()
-    limiter = vectors.RateLimiter(2500, 1000, clock=clock, sleep=clock.sleep)
+    limiter = pacing.RateLimiter(2500, 1000, clock=clock, sleep=clock.sleep)
     limiter.throttled()
     assert limiter.recover == 2
     for expected in (4, 8, 16, 16):
@@ -189,7 +189,7 @@ def test_a_shared_quota_is_found_with_few_429s():
     500-vector requests, each 429 followed by the sender's mean first backoff. The pacer runs near the granted rate
     and meets a 429 every ten seconds or so (43 with a recovery of 5 % a second, 128 if the climb never slowed)."""
     clock = FakeClock()
-    limiter = vectors.RateLimiter(2500, 1000, clock=clock, sleep=clock.sleep)
+    limiter = pacing.RateLimiter(2500, 1000, clock=clock, sleep=clock.sleep)
     tokens, filled = 1250.0, 0.0
     sent = throttled = 0
     while clock.now < 240:
@@ -208,7 +208,7 @@ def test_a_shared_quota_is_found_with_few_429s():
 
 def test_429s_of_requests_paced_before_a_cut_cut_the_rate_once():
     clock = FakeClock()
-    limiter = vectors.RateLimiter(2500, 1000, clock=clock, sleep=clock.sleep)
+    limiter = pacing.RateLimiter(2500, 1000, clock=clock, sleep=clock.sleep)
     reserved = [limiter.acquire(500) for _ in range(4)]  # four requests in flight
     clock.now += 0.2
     for at in reserved:  # all four answered 429
@@ -226,7 +226,7 @@ def test_the_sender_tells_the_pacer_when_a_throttled_request_was_paced():
     from botocore.exceptions import ClientError
 
     clock = FakeClock()
-    limiter = vectors.RateLimiter(2500, 1000, clock=clock, sleep=clock.sleep)
+    limiter = pacing.RateLimiter(2500, 1000, clock=clock, sleep=clock.sleep)
     in_flight = threading.Barrier(3)
     calls = []
 
@@ -242,7 +242,7 @@ def test_the_sender_tells_the_pacer_when_a_throttled_request_was_paced():
                                    "ResponseMetadata": {"HTTPStatusCode": 429}}, "PutVectors")
             return {}
 
-    sender = vectors.PutVectorsSender(Client(), "bucket", "index", limiter, threads=3, on_done=lambda b: None,
+    sender = pacing.PutVectorsSender(Client(), "bucket", "index", limiter, threads=3, on_done=lambda b: None,
                                       sleep=lambda s: None, clock=clock)
     batcher = vectors.Batcher("bucket", "index", max_vectors=1)
     for i in range(3):
@@ -255,7 +255,7 @@ def test_the_sender_tells_the_pacer_when_a_throttled_request_was_paced():
 
 def test_rate_limiter_respects_requests_per_second():
     clock = FakeClock()
-    limiter = vectors.RateLimiter(1e9, 10, clock=clock, sleep=clock.sleep)
+    limiter = pacing.RateLimiter(1e9, 10, clock=clock, sleep=clock.sleep)
     for _ in range(10):
         limiter.acquire(1)
     assert clock.now == 0  # a second's worth of requests at once
@@ -279,7 +279,7 @@ def test_every_vector_lands_once_when_a_third_of_the_requests_fail(index_endpoin
     control(url, "/_standin/config", {"fault_rate": 0.3, "seed": 3})
     rng = random.Random(1)
     parts = [vectors.encode_vector(f"k{i:04d}", unit_vector(rng, 8), 8, {"n": i}) for i in range(1000)]
-    sender, done = send_parts(client, parts, vectors.RateLimiter(1e6, 1e4), threads=3)
+    sender, done = send_parts(client, parts, pacing.RateLimiter(1e6, 1e4), threads=3)
     stats = control(url, "/_standin/stats")["indexes"]["bucket/index"]
     assert stats["rejected_fault_429"] > 0 and stats["rejected_fault_503"] > 0
     assert stats["vectors"] == 1000 and stats["put_vectors_accepted"] == 1000  # each once, none dropped
@@ -292,7 +292,7 @@ def test_throttling_by_the_index_is_absorbed(index_endpoint):
     control(url, "/_standin/config", {"vectors_per_second": 400, "requests_per_second": 1000})
     rng = random.Random(2)
     parts = [vectors.encode_vector(f"k{i:04d}", unit_vector(rng, 8), 8, {}) for i in range(600)]
-    sender, _ = send_parts(client, parts, vectors.RateLimiter(4000, 1000), threads=3)  # told a quota 10x the real one
+    sender, _ = send_parts(client, parts, pacing.RateLimiter(4000, 1000), threads=3)  # told a quota 10x the real one
     stats = control(url, "/_standin/stats")["indexes"]["bucket/index"]
     assert stats["rejected_quota"] > 0 and sender.stats["throttled"] == stats["rejected_quota"]
     assert stats["vectors"] == 600 and stats["put_vectors_accepted"] == 600
@@ -302,7 +302,7 @@ def test_a_request_the_index_refuses_for_every_vector_stops_the_load_with_its_er
     client = index_endpoint.client
     parts = [vectors.encode_vector(f"k{i}", [0.5] * 4, 4, {}) for i in range(3)]  # the index takes 8 dimensions
     with pytest.raises(common.StepError) as raised:
-        send_parts(client, parts, vectors.RateLimiter(1e6, 1e4), threads=3)
+        send_parts(client, parts, pacing.RateLimiter(1e6, 1e4), threads=3)
     assert "ValidationException: vectors[0]: vector has 4 dimensions, the index has 8" in str(raised.value)
 
 

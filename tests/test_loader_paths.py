@@ -16,7 +16,7 @@ import pytest
 from werkzeug.test import Client
 
 import common
-from batch_embeddings import loading, naming, nova, vectors
+from batch_embeddings import loading, naming, nova, pacing, vectors
 from tests.sending import FakeClock, send_parts
 from tests.standins import s3vectors
 
@@ -244,7 +244,7 @@ def test_a_throttled_load_causes_a_bounded_number_of_429s(index_endpoint, monkey
     app.configure(vectors_per_second=400, requests_per_second=1000)  # the quota's clock is now the fake one
     # the pacer is told a quota 10x the real one: it must find the real one from the 429s, not hammer it
     # short backoffs, so that only the pacer keeps the 429s few
-    limiter = vectors.RateLimiter(4000, 1000, clock=clock, sleep=clock.sleep)
+    limiter = pacing.RateLimiter(4000, 1000, clock=clock, sleep=clock.sleep)
     sender, done = send_parts(client, unit_parts(3000), limiter, clock=clock, max_backoff=0.02)
     stats = index_stats(app)
     assert stats["vectors"] == 3000 and stats["put_vectors_accepted"] == 3000
@@ -256,7 +256,7 @@ def test_a_throttled_load_causes_a_bounded_number_of_429s(index_endpoint, monkey
 def test_a_request_answered_503_again_and_again_is_split_in_halves(index_endpoint):
     app, client = index_endpoint.app, index_endpoint.client
     app.configure(put_capacity_vectors=100)
-    sender, done = send_parts(client, unit_parts(1000), vectors.RateLimiter(1e6, 1e4), per_request=500,
+    sender, done = send_parts(client, unit_parts(1000), pacing.RateLimiter(1e6, 1e4), per_request=500,
                               clock=FakeClock(1000.0))
     stats = index_stats(app)
     assert stats["vectors"] == 1000 and stats["put_vectors_accepted"] == 1000  # each vector once
@@ -277,7 +277,7 @@ def test_a_single_503_is_retried_as_it_is(index_endpoint):
         if len(calls) == 2:
             app.configure(fault_rate=0.0)
 
-    sender = vectors.PutVectorsSender(client, "bucket", "index", vectors.RateLimiter(1e6, 1e4), threads=1,
+    sender = pacing.PutVectorsSender(client, "bucket", "index", pacing.RateLimiter(1e6, 1e4), threads=1,
                                       on_done=lambda b: None, sleep=recover)
     batcher = vectors.Batcher("bucket", "index")
     for part in unit_parts(10):
@@ -291,13 +291,13 @@ def test_a_batch_is_handed_on_only_when_a_sending_thread_is_free():
     """A body is up to 20 MiB: the sender holds one a thread, and the caller fills the next one meanwhile."""
     gate, sent = threading.Event(), []
 
-    class Held(vectors.PutVectorsSender):
+    class Held(pacing.PutVectorsSender):
         def send(self, batch):
             sent.append(batch.seq)
             gate.wait(30)
 
     client = types.SimpleNamespace(meta=types.SimpleNamespace(events=types.SimpleNamespace(register=lambda *a: None)))
-    sender = Held(client, "bucket", "index", vectors.RateLimiter(1e6, 1e4), threads=2, on_done=lambda b: None)
+    sender = Held(client, "bucket", "index", pacing.RateLimiter(1e6, 1e4), threads=2, on_done=lambda b: None)
     batches = [vectors.Batch(b"{}", 1, seq) for seq in range(3)]
     sender.submit(batches[0])
     sender.submit(batches[1])
@@ -312,7 +312,7 @@ def test_a_batch_is_handed_on_only_when_a_sending_thread_is_free():
 
 
 def quiet_send(client, parts):
-    return send_parts(client, parts, vectors.RateLimiter(1e6, 1e4), clock=FakeClock(1000.0))
+    return send_parts(client, parts, pacing.RateLimiter(1e6, 1e4), clock=FakeClock(1000.0))
 
 
 def test_402_stops_with_the_quota_named(index_endpoint):

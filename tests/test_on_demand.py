@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batch_embeddings import accounting, naming, ondemand, vectors
+from batch_embeddings import accounting, naming, ondemand, pacing
 import common
 from tests.conftest import import_step
 from tests.standins.embedding import embed_image
@@ -160,7 +160,7 @@ def load_in_process(world, monkeypatch, *args: str) -> tuple[int, list[float], d
     seen: dict = {}
     monkeypatch.setattr(ondemand, "load_part", functools.partial(ondemand.load_part, sleep=sleeps.append))
 
-    class Sender(vectors.PutVectorsSender):
+    class Sender(pacing.PutVectorsSender):
         def __init__(self, client, bucket, index, limiter, **kwargs):
             seen["rates"] = (limiter.max_rate, limiter.requests_per_second)
             super().__init__(client, bucket, index, limiter, **kwargs)
@@ -169,7 +169,7 @@ def load_in_process(world, monkeypatch, *args: str) -> tuple[int, list[float], d
         seen["reader_attempts"] = s3v.meta.config.retries["total_max_attempts"]
         return real(s3v, bucket, index, keys)
 
-    monkeypatch.setattr(vectors, "PutVectorsSender", Sender)
+    monkeypatch.setattr(pacing, "PutVectorsSender", Sender)
     monkeypatch.setattr(accounting, "present_keys", present_keys)
     code = step3.main(list(args))
     monkeypatch.undo()

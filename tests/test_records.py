@@ -22,7 +22,7 @@ import orjson
 import pytest
 
 import common
-from batch_embeddings import forking, naming, records, vectors
+from batch_embeddings import forking, naming, records, streams, vectors
 
 DIMENSION = 256
 
@@ -321,7 +321,7 @@ def test_a_recycled_buffer_is_written_again_and_others_stay_intact():
 
 def test_prefetch_reads_ahead_in_order_and_hands_on_errors():
     data = b"".join(b"line %d\n" % i for i in range(1000))
-    prefetch = vectors.Prefetch(io.BytesIO(data), block=100, depth=2)
+    prefetch = streams.Prefetch(io.BytesIO(data), block=100, depth=2)
     assert b"".join(iter(lambda: prefetch.read(), b"")) == data
     prefetch.close()
 
@@ -329,7 +329,7 @@ def test_prefetch_reads_ahead_in_order_and_hands_on_errors():
         def read(self, _n):
             raise ConnectionResetError("the connection dropped")
 
-    prefetch = vectors.Prefetch(Broken())
+    prefetch = streams.Prefetch(Broken())
     with pytest.raises(ConnectionResetError):
         prefetch.read()
     prefetch.close()

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 import common
-from batch_embeddings import naming, vectors
+from batch_embeddings import naming, pacing, vectors
 from tests.sending import FakeClock
 
 MESSAGE = "Filterable metadata must have at most 2048 bytes"
@@ -38,7 +38,7 @@ def named(key: str) -> str:
     ("Invalid record for key '", ["a"], None),
 ])
 def test_the_vector_a_message_names_is_found_among_the_requests_keys(message, keys, expected):
-    assert vectors.refused_position(message, keys) == expected
+    assert pacing.refused_position(message, keys) == expected
 
 
 # ------------------------------------------------------------------------------------------ the sender
@@ -60,7 +60,7 @@ def send(client, items, per_request: int):
     """Send (key, part) pairs in requests of `per_request`; returns (the sender, the batches done)."""
     done = []
     clock = FakeClock()
-    sender = vectors.PutVectorsSender(client, "bucket", "index", vectors.RateLimiter(1e6, 1e4), threads=2,
+    sender = pacing.PutVectorsSender(client, "bucket", "index", pacing.RateLimiter(1e6, 1e4), threads=2,
                                       on_done=done.append, sleep=clock.sleep, clock=clock)
     batcher = vectors.Batcher("bucket", "index", max_vectors=per_request)
     try:
