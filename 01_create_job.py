@@ -26,7 +26,7 @@ import orjson
 
 import common
 from batch_embeddings import (accounting, cost, failed_permanently, jobinfo, jobs, keyset, lease, listing, manifests,
-                              naming, nova, ondemand, preflight, selection, vectors)
+                              mirror, naming, nova, ondemand, pacing, preflight, selection, vectors)
 from common import StepError, ok
 
 SETTINGS = (
@@ -48,6 +48,7 @@ SETTINGS = (
     *common.QUOTA_SETTINGS,
     "ON_DEMAND_MAX_IMAGES",
     *common.COST_SETTINGS,
+    *common.MIRROR_SETTINGS,
 )
 REQUIRED = common.RUN_REQUIRED  # a run that step 3 could not load is never started
 DRY_RUN_REQUIRED = ("SOURCE_BUCKET", "RESULT_BUCKET", "ROLE_ARN")  # a dry run plans without the vector index
@@ -72,6 +73,15 @@ def parse_args(argv):
     parser.add_argument("--inventory", metavar="S3_URI",
                         help="read the objects from this S3 Inventory report (s3://bucket/.../manifest.json; CSV, "
                              "gzipped CSV or Parquet) instead of listing SOURCE_PREFIX")
+    parser.add_argument("--allow-mass-delete", action="store_true",
+                        help="delete the vectors of the images gone from SOURCE_PREFIX even when they are more than "
+                             "MAX_DELETE_FRACTION or MAX_DELETE_COUNT allow (once: the next run checks again)")
+    parser.add_argument("--no-delete", action="store_true",
+                        help="delete no vector this run, whatever is gone from SOURCE_PREFIX (MIRROR_DELETES=false: "
+                             "never)")
+    parser.add_argument("--reembed-without-etag", action="store_true",
+                        help="embed again the images whose vector records no ETag (written before vectors recorded "
+                             "one; by default they are taken as current)")
     parser.add_argument("--on-demand", action="store_true",
                         help="with --retry-failed: when they are fewer than a job's minimum, embed them with "
                              "InvokeModel and load them straight away")
@@ -97,8 +107,10 @@ def embed_on_demand(chosen: selection.Listing, config: common.Config, owner: str
     requests = ((uri, nova.image_request(uri, fmt, owner, dimension, config.embedding_purpose))
                 for uri, fmt in ((common.s3_uri(config.source_bucket, key), fmt)
                                  for key, fmt in chosen.images_in_order()))
+    provenance = mirror.Provenance({}, config.model_id, config.embedding_purpose, common.now_iso()[:10],
+                                   mirror.folder_of(config.job_info_file))  # a retry's images: ETags not known
     loaded, failed = ondemand.embed_and_load(requests, config, runtime, s3v, dimension, forget_done=True,
-                                             kept=ondemand.retry_kept_file(out_dir.parent))
+                                             kept=ondemand.retry_kept_file(out_dir.parent), provenance=provenance)
     failed = [dict(f, job_name=ondemand.JOB_ID) for f in failed]
     path = out_dir / accounting.NOT_LOADED_NAME
     if failed:
@@ -191,6 +203,7 @@ def retire(old: dict | None, path: Path) -> None:
             local = Path(manifest["local_path"])
             if naming.is_own_manifest(local.name):
                 local.unlink(missing_ok=True)
+        manifests.sources_path(job).unlink(missing_ok=True)
 
 
 def check_before_paying(s3, s3v, config: common.Config, owner: str, args) -> None:
@@ -342,16 +355,20 @@ def create(args, config: common.Config) -> int:
             ok("Nothing to retry: the last run loaded every image and none failed permanently")
             return common.EXIT_OK
         rejected = {}  # --retry-failed tries the permanently failed images again
-    exclude = already_done(args, config, s3v, retry, in_flight)
+    exclude, state = already_done(args, config, s3v, retry, in_flight)
 
     stamp = new_run_stamp(config.job_info_file)
     run_dir = jobinfo.runs_folder(config.job_info_file) / stamp
     with tempfile.TemporaryDirectory(prefix="bedrock-batch-") as workdir:
-        chosen = choose_images(args, config, s3, owner, retry, exclude, Path(workdir), rejected)
+        chosen = choose_images(args, config, s3, owner, retry, exclude, Path(workdir), rejected, state)
         ok(f"Found {chosen.images} images")
         print_skipped(chosen, rejects_file)
         refuse_foreign_manifests(chosen, config)
-        if chosen.images == 0 and chosen.left_out:
+        gone = images_gone(args, config, state, chosen)
+        print_mirror_counts(chosen, gone, state)
+        if chosen.images == 0:
+            if len(gone) and not args.dry_run:
+                delete_now(s3v, config, gone, run_dir)
             ok("Nothing to do: no new images to embed")
             return common.EXIT_OK
         if retry is not None and chosen.images < config.quotas.min_records_per_job:
@@ -366,6 +383,8 @@ def create(args, config: common.Config) -> int:
         cost.guard((common.s3_uri(config.source_bucket, k) for k, _ in chosen.images_in_order()), config)
         job_records = write_manifests(chosen, planned, config, owner, stamp, Path(workdir) if args.dry_run else run_dir,
                                       on_demand_part=on_demand_part, dry_run=args.dry_run)
+        if len(gone) and not args.dry_run:  # 03 deletes them after the run's loads
+            mirror.save_candidates(run_dir / mirror.TO_DELETE_NAME, gone)
         print_plan(job_records, config)
         if args.dry_run:
             print_dry_run(job_records, chosen.images, config)
@@ -385,6 +404,10 @@ def create(args, config: common.Config) -> int:
         "run": stamp,
         "jobs": job_records,
     }
+    if state is not None:
+        info["mirror"] = {"new": chosen.images - chosen.changed, "changed": chosen.changed,
+                          "unchanged": chosen.left_out.get("already in the vector index", 0), "to_delete": len(gone),
+                          "deleted": 0, "deletions_done": False}
     save(info)  # the whole run, queued, before anything is submitted
     jobs.submit_ready(s3, bedrock, info, config, save, config.quotas.max_concurrent_jobs)
     return finish(info, config)
@@ -415,22 +438,61 @@ def images_to_retry(retry_failed: str, config: common.Config, rejected: dict, re
 
 
 def already_done(args, config: common.Config, s3v, retry: list[dict] | None,
-                 in_flight: set[str]) -> list[tuple[keyset.KeySet, str]]:
-    """The vector keys to leave out, each set with the reason 01 gives: already in the index (unless --all), and
-    in a job of the replaced run that is still running."""
+                 in_flight: set[str]) -> tuple[list[tuple[keyset.KeySet, str]], mirror.IndexState | None]:
+    """The vector keys to leave out, each set with the reason 01 gives (a retry's images already in the index, and
+    those in a job of the replaced run that is still running); and what the index holds (mirror.py), against which
+    the listing tells new, changed and unchanged images apart and finds the images gone."""
     exclude: list[tuple[keyset.KeySet, str]] = []
+    state = None
     if retry is not None and not args.all and s3v is not None:
         keys = [naming.vector_key(entry["source_uri"]) for entry in retry]
         exclude.append((keyset.KeySet.of(accounting.present_keys(s3v, config.vector_bucket, config.vector_index,
                                                                   keys)), "already in the vector index"))
-    elif not args.all and s3v is not None:
+    elif retry is None and s3v is not None:
         print(f"Checking which images are already in index {config.vector_index}")
-        exclude.append((index_keys(s3v, config), "already in the vector index"))
+        state = mirror.read(s3v, config, index_keys(s3v, config), mirror.folder_of(config.job_info_file))
     elif not args.all:  # a dry run only: a run needs them
         print("VECTOR_BUCKET/VECTOR_INDEX not set: every image is planned (a run needs them: step 3 loads into them)")
     if in_flight:
         exclude.append((keyset.KeySet.of(in_flight), "in a job of the replaced run still running"))
-    return exclude
+    return exclude, state
+
+
+def images_gone(args, config: common.Config, state: mirror.IndexState | None, chosen: selection.Listing):
+    """The keys of this prefix's vectors whose image the listing (complete: it got here) did not find; none when
+    deletions are off. Too many of them stop the run before anything is paid for (exit 10), unless
+    --allow-mass-delete; a dry run only says so."""
+    if state is None or not config.mirror_deletes or args.no_delete:
+        return mirror.no_keys()
+    gone = mirror.deletions(state, chosen.seen)
+    refusal = mirror.guard(len(gone), int(state.ours.sum()), config, args.allow_mass_delete)
+    if refusal is not None:
+        if not args.dry_run:
+            mirror.refuse(refusal)
+        print(f"! A run would refuse: {refusal}")
+    return gone
+
+
+def print_mirror_counts(chosen: selection.Listing, gone, state: mirror.IndexState | None) -> None:
+    if state is None:
+        return
+    unchanged = chosen.left_out.get("already in the vector index", 0)
+    print(f"Against the index: {chosen.images - chosen.changed} new, {chosen.changed} changed, {unchanged} "
+          f"unchanged, {len(gone)} gone from the bucket (their vectors are deleted after the loads), "
+          f"{sum(chosen.left_out.values()) - unchanged} left out for other reasons")
+
+
+def delete_now(s3v, config: common.Config, gone, run_dir: Path) -> None:
+    """A day with no image to embed: the vectors of the images gone are deleted at once (there is no load to wait
+    for), listed in the run's folder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    keys = [key.hex() for key in gone.tolist()]
+    out = run_dir / mirror.DELETED_NAME
+    print(f"Deleting the vectors of {len(keys)} image(s) no longer under "
+          f"{common.s3_uri(config.source_bucket, config.source_prefix)}")
+    deleted = mirror.delete(s3v, config, keys, pacing.RateLimiter(2500, 1000), mirror.folder_of(config.job_info_file),
+                            out)
+    ok(f"Deleted {deleted} vector(s) of images no longer in the bucket (listed in {out})")
 
 
 def new_run_stamp(job_info_file: Path) -> str:
@@ -442,21 +504,23 @@ def new_run_stamp(job_info_file: Path) -> str:
 
 
 def choose_images(args, config: common.Config, s3, owner: str, retry: list[dict] | None,
-                  exclude: list[tuple[keyset.KeySet, str]], workdir: Path, rejected: dict) -> selection.Listing:
+                  exclude: list[tuple[keyset.KeySet, str]], workdir: Path, rejected: dict,
+                  state: mirror.IndexState | None) -> selection.Listing:
     """The run's images: those to retry, or those an S3 Inventory report lists, or those a listing of the prefix
-    finds; less what `exclude` and `rejected` leave out."""
+    finds; less what `exclude` and `rejected` leave out, and those the index holds unchanged (`state`)."""
     if retry is not None:
         return selection.list_images(selection.retry_objects(retry, config), config, exclude, workdir, rejected)
     input_uri = common.s3_uri(config.source_bucket, config.source_prefix)
+    compare = {"state": state, "reembed_unknown": args.reembed_without_etag, "everything": args.all}
     if args.inventory:
         print(f"Reading the images under {input_uri} from the S3 Inventory report {args.inventory}")
-        return selection.list_inventory(s3, args.inventory, config, owner, exclude, workdir, rejected)
+        return selection.list_inventory(s3, args.inventory, config, owner, exclude, workdir, rejected, **compare)
     print(f"Listing images from {input_uri} (including subdirectories)")
     client = common.make_client("s3", config, max_pool_connections=listing.LIST_THREADS + 2)
     lister = listing.fast_listing_client(client)
     objects = ((o["Key"], o["Size"], o.get("ETag")) for o in
                listing.list_in_parallel(lister, config.source_bucket, config.source_prefix, owner))
-    return selection.list_images(objects, config, exclude, workdir, rejected)
+    return selection.list_images(objects, config, exclude, workdir, rejected, **compare)
 
 
 def refuse_foreign_manifests(images: selection.Listing, config: common.Config) -> None:
@@ -540,7 +604,9 @@ def remove_old_manifests(s3, keys: list[str], config: common.Config, owner: str)
 
 def mark_on_demand(record: dict, stamp: str) -> None:
     """The run's on-demand part: a manifest like a job's, never uploaded nor submitted; step 3 embeds it."""
+    sources = manifests.sources_path(record)
     record.update(job_name=f"nova-mme-embedding-{stamp}-on-demand", on_demand=True)
+    sources.rename(manifests.sources_path(record))
 
 
 def finish(info: dict, config: common.Config) -> int:

@@ -12,6 +12,7 @@ runs/<stamp>/not_loaded.jsonl; images Bedrock rejected for good go to failed_per
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -20,7 +21,8 @@ from pathlib import Path
 import orjson
 
 import common
-from batch_embeddings import accounting, jobinfo, jobs, loading, naming, ondemand, pacing, records, streams, vectors
+from batch_embeddings import (accounting, jobinfo, jobs, loading, manifests, mirror, naming, ondemand, pacing, records,
+                              streams, vectors)
 from common import StepError, ok
 
 SETTINGS = ("AWS_REGION", "VECTOR_BUCKET", "VECTOR_INDEX", "JOB_INFO_FILE", "EXPECTED_BUCKET_OWNER")
@@ -100,9 +102,12 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
     checkpoint = loading.Checkpoint(info, job, config.job_info_file, where)
     batcher = vectors.Batcher(config.vector_bucket, config.vector_index)
     loader = loading.Loader(job_id, dimension, batcher, report, state)
+    loader.provenance = provenance_of(job, config)
     progress = loading.Progress(int(job.get("record_count") or 0), sys.stdout.isatty(), already=checkpoint.inserted)
 
     def on_done(batch: vectors.Batch) -> None:
+        refused = {vector.key for vector in batch.refused}
+        loader.provenance.written([key for key in batch.keys if key not in refused])  # before the checkpoint moves
         batcher.recycle(batch)
         checkpoint.confirm(batch)
         checkpoint.save()
@@ -168,6 +173,15 @@ def load_job(job: dict, info: dict, clients, config: common.Config, args, limite
     cross_check(read_manifest(s3, result_bucket, f"{job_prefix}manifest.json.out", owner), job, counts)
     counts["confirmed_keys"] = checkpoint.confirmed_keys
     return counts
+
+
+def provenance_of(job: dict, config: common.Config, today: bool = False) -> mirror.Provenance:
+    """What the job's vectors record of their images (the sources 01 listed), and the journal they go into. The
+    date: the job's (its batch ran after it was created), or today's for what is embedded on demand now."""
+    embedded = common.now_iso() if today or not job.get("created") else job["created"]
+    return mirror.Provenance(manifests.read_sources(job), job.get("model_id") or config.model_id,
+                             job.get("embedding_purpose") or config.embedding_purpose, embedded[:10],
+                             mirror.folder_of(config.job_info_file))
 
 
 def checkpoint_state(job: dict, where: dict) -> dict:
@@ -273,8 +287,9 @@ def load_run(args, config: common.Config) -> int:
         for key in totals:
             totals[key] += counts.get(key, 0)
         confirmed |= counts["confirmed_keys"]
+    delete_gone(info, config, s3v, limiter)  # after the day's loads
 
-    print_summary(totals, config)
+    print_summary(totals, config, info.get("mirror"))
     run_dir = jobinfo.run_folder(config.job_info_file, info)
     path = Path(args.report) if args.report else run_dir / accounting.NOT_LOADED_NAME
     account = accounting.account_run(info, s3v, config, lambda job_id: report_file(config.job_info_file, info, job_id),
@@ -329,13 +344,35 @@ def load_on_demand_parts(info: dict, config: common.Config, reload: bool, put_cl
         counts = ondemand.load_part(part, config, runtime, put_client,
                                     report_file(config.job_info_file, info, part["job_name"]),
                                     ondemand.kept_file(jobinfo.run_folder(config.job_info_file, info)), lambda: None,
-                                    limiter=limiter, reader=s3v)
+                                    limiter=limiter, reader=s3v, provenance=provenance_of(part, config, today=True))
         jobinfo.save(config.job_info_file, info)
         yield counts
 
 
-def print_summary(totals: dict, config: common.Config) -> None:
+def delete_gone(info: dict, config: common.Config, s3v, limiter) -> None:
+    """The vectors of images gone from the source prefix, which 01 listed in the run's folder: deleted now that
+    the run's vectors are loaded (once: a step 3 run again after it deletes nothing more)."""
+    plan = info.get("mirror") or {}
+    if not plan.get("to_delete") or plan.get("deletions_done"):
+        return
+    run_dir = jobinfo.run_folder(config.job_info_file, info)
+    source = dataclasses.replace(config, source_bucket=info["source_bucket"],
+                                 source_prefix=info.get("source_prefix", ""))
+    keys = mirror.load_candidates(run_dir / mirror.TO_DELETE_NAME)
+    out = run_dir / mirror.DELETED_NAME
+    print(f"Deleting the vectors of {len(keys)} image(s) no longer under {mirror.source_uri_prefix(source)}")
+    mirror.delete(s3v, source, keys, limiter, mirror.folder_of(config.job_info_file), out)
+    plan.update(deleted=sum(1 for _ in open(out, "rb")) if out.exists() else 0, deletions_done=True)
+    info["mirror"] = plan
+    jobinfo.save(config.job_info_file, info)
+    ok(f"Deleted {plan['deleted']} vector(s) of images no longer in the bucket (listed in {out})")
+
+
+def print_summary(totals: dict, config: common.Config, plan: dict | None = None) -> None:
     common.banner("Summary")
+    if plan:
+        print(f"Images: {plan.get('new', 0)} new, {plan.get('changed', 0)} changed (embedded again), "
+              f"{plan.get('deleted', 0)} deleted from the index")
     print(f"Total Records Processed: {totals['total']}")
     print(f"Successful: {totals['success']}")
     print(f"Errors: {totals['error']}")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import common
 from batch_embeddings import jobinfo, jobs, naming, ondemand
+from batch_embeddings import manifests as manifest_files
 from common import StepError, ok
 
 SETTINGS = ("AWS_REGION", "JOB_INFO_FILE", "EXPECTED_BUCKET_OWNER")
@@ -86,6 +87,12 @@ def remove(args, config: common.Config) -> int:
         if local.exists():
             local.unlink()
             ok(f"Deleted: {local.name}")
+            removed_local += 1
+    for job in info["jobs"]:  # the sources 01 listed beside the manifests (batch_embeddings/manifests.py)
+        sources = manifest_files.sources_path(job)
+        if sources.exists():
+            sources.unlink()
+            ok(f"Deleted: {sources.name}")
             removed_local += 1
     run_dir = jobinfo.run_folder(config.job_info_file, info)
     embedded = ondemand.kept_file(run_dir)  # the on-demand part's embeddings: loaded by 03 (or given up: --force)

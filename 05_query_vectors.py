@@ -53,7 +53,7 @@ def parse_args(argv):
     parser.add_argument("--presign", type=int, metavar="SECONDS",
                         help=f"add a pre-signed HTTPS link to each image, valid SECONDS (1-{MAX_PRESIGN_SECONDS})")
     parser.add_argument("--json", action="store_true",
-                        help="print only a JSON array of {rank, key, distance, source_uri, metadata, url}")
+                        help="print only a JSON array of {rank, key, distance, source_uri, embedded, metadata, url}")
     parser.add_argument("--html", metavar="FILE",
                         help="also write the hits as an HTML page of thumbnails to FILE (links valid --presign "
                              f"SECONDS, default {HTML_PRESIGN_SECONDS})")

@@ -34,6 +34,7 @@ EXIT_REFUSED = 6  # the run is not ready for this step (unfinished run, too few 
 EXIT_LOCKED = 7  # another step holds the lock on the job-info file
 EXIT_OVER_BUDGET = 8  # 01: the run's cost estimate is over MAX_RUN_COST_USD
 EXIT_CHECK_FAILED = 9  # 00: a check of the setup failed
+EXIT_MASS_DELETE = 10  # 01: it would delete more vectors than MAX_DELETE_FRACTION / MAX_DELETE_COUNT allow
 EXIT_INTERRUPTED = 130  # Ctrl-C: run the step again to continue
 EXIT_CODES_HELP = """exit status (the same for every step):
   0    done, or nothing to do
@@ -46,6 +47,7 @@ EXIT_CODES_HELP = """exit status (the same for every step):
   7    another step holds the lock on the job-info file (--wait-lock waits for it), or another run works on the same source prefix
   8    01: the run's cost estimate is over MAX_RUN_COST_USD
   9    00: a check of the setup failed (its ✗ line says what to fix)
+  10   01: it would delete more vectors than MAX_DELETE_FRACTION or MAX_DELETE_COUNT allow (--allow-mass-delete, once)
   130  interrupted (Ctrl-C): run the step again to continue"""
 
 
@@ -138,6 +140,13 @@ SETTINGS = {
         Setting("S3VECTORS_STORAGE_PRICE_PER_GB_MONTH_USD", "--storage-price-per-gb-month",
                 "S3 Vectors storage price per logical GB-month, USD", "0.06"),
         Setting("MAX_RUN_COST_USD", "--max-cost", "refuse a run whose cost estimate is over this many USD"),
+        # The index mirrors the bucket (mirror.py): vectors of images no longer under SOURCE_PREFIX are deleted.
+        Setting("MIRROR_DELETES", "--mirror-deletes", "true: delete the vectors of images gone from SOURCE_PREFIX; "
+                "false: the index only grows", "true"),
+        Setting("MAX_DELETE_FRACTION", "--max-delete-fraction", "refuse a run that would delete more than this "
+                "share of the prefix's vectors (0-1)", "0.1"),
+        Setting("MAX_DELETE_COUNT", "--max-delete-count", "refuse a run that would delete more vectors than this",
+                "10000"),
     )
 }
 # What a run needs from start to end: 03 loads into the vector index, so 01 (and daily_run.py) refuse to start a
@@ -149,6 +158,7 @@ QUOTA_SETTINGS = ("MIN_RECORDS_PER_JOB", "MAX_RECORDS_PER_FILE", "MAX_RECORDS_PE
 PRICE_SETTINGS = ("PRICE_PER_IMAGE_USD", "ON_DEMAND_PRICE_PER_IMAGE_USD", "S3VECTORS_PUT_PRICE_PER_GB_USD",
                   "S3VECTORS_STORAGE_PRICE_PER_GB_MONTH_USD")
 COST_SETTINGS = (*PRICE_SETTINGS, "MAX_RUN_COST_USD")
+MIRROR_SETTINGS = ("MIRROR_DELETES", "MAX_DELETE_FRACTION", "MAX_DELETE_COUNT")
 
 
 @dataclass(frozen=True)
@@ -194,6 +204,9 @@ class Config:
     on_demand_max_images: int = 100
     prices: Prices = field(default_factory=Prices)
     max_run_cost_usd: float | None = None
+    mirror_deletes: bool = True
+    max_delete_fraction: float = 0.1
+    max_delete_count: int = 10_000
 
 
 def _attr(env: str) -> str:
@@ -297,6 +310,9 @@ def load_config(args: argparse.Namespace, required: Iterable[str] = (), env: dic
         on_demand_max_images=int(raw["ON_DEMAND_MAX_IMAGES"]),
         prices=Prices(*(float(raw[name]) for name in PRICE_SETTINGS)),
         max_run_cost_usd=float(raw["MAX_RUN_COST_USD"]) if raw["MAX_RUN_COST_USD"] else None,
+        mirror_deletes=raw["MIRROR_DELETES"].strip().lower() == "true",
+        max_delete_fraction=float(raw["MAX_DELETE_FRACTION"]),
+        max_delete_count=int(raw["MAX_DELETE_COUNT"]),
     )
 
 
@@ -325,6 +341,16 @@ def _invalid(raw: dict[str, str | None]) -> list[str]:
             problems.append(f"{name}={raw[name]!r} must be a positive whole number")
     if not (raw["ON_DEMAND_MAX_IMAGES"] or "").isdigit():
         problems.append(f"ON_DEMAND_MAX_IMAGES={raw['ON_DEMAND_MAX_IMAGES']!r} must be a whole number (0: never)")
+    if raw["MIRROR_DELETES"].strip().lower() not in ("true", "false"):
+        problems.append(f"MIRROR_DELETES={raw['MIRROR_DELETES']!r} must be true or false")
+    try:
+        fraction = float(raw["MAX_DELETE_FRACTION"])
+    except ValueError:
+        fraction = -1.0
+    if not 0 <= fraction <= 1:  # nan fails both
+        problems.append(f"MAX_DELETE_FRACTION={raw['MAX_DELETE_FRACTION']!r} must be a share between 0 and 1 like 0.1")
+    if not raw["MAX_DELETE_COUNT"].strip().isdigit():
+        problems.append(f"MAX_DELETE_COUNT={raw['MAX_DELETE_COUNT']!r} must be a whole number")
     for name in COST_SETTINGS:
         if raw[name] is not None and not re.fullmatch(r"[0-9]+(\.[0-9]*)?|\.[0-9]+", raw[name].strip()):
             problems.append(f"{name}={raw[name]!r} must be an amount in USD like 0.00003")

@@ -45,6 +45,9 @@ def parse_args(argv):
     parser.add_argument("--new-index", action="store_true",
                         help="01 may start VECTOR_INDEX when it does not exist yet (the first run; without it a "
                              "missing index is refused, exit 6)")
+    parser.add_argument("--allow-mass-delete", action="store_true",
+                        help="01 deletes the vectors of the images gone from SOURCE_PREFIX even when they are more "
+                             "than MAX_DELETE_FRACTION or MAX_DELETE_COUNT allow (without it such a day exits 10)")
     jobinfo.lock_args(parser)
     common.add_settings(parser, SETTINGS)
     args = parser.parse_args(argv)
@@ -87,7 +90,8 @@ def run(argv) -> int:
             earlier = finish_run(args)
             if earlier not in (common.EXIT_OK, common.EXIT_INCOMPLETE):
                 return earlier
-        created = step(1, *(["--new-index"] if args.new_index else []))
+        created = step(1, *(["--new-index"] if args.new_index else []),
+                       *(["--allow-mass-delete"] if args.allow_mass_delete else []))
         if created != common.EXIT_OK:
             return created
         if not jobinfo.exists(path):

@@ -26,6 +26,10 @@ GB = 1024 ** 3
 FLOAT32_BYTES = 4
 BATCH_JOB_ID = "x" * 12  # a batch job id (the last part of its ARN) is 12 characters; 03 stores it as job_id
 ON_DEMAND_JOB_ID = "on-demand"  # what 01 --on-demand stores as job_id
+# What each vector records of its image besides source_uri and job_id (mirror.provenance), at a typical length: a
+# single-part ETag (32 hex digits), a size of 7 digits, the model id, the purpose, the date.
+PROVENANCE = {"etag": "x" * 32, "size": 1_234_567, "model_id": "amazon.nova-2-multimodal-embeddings-v1:0",
+              "purpose": "GENERIC_INDEX", "embedded": "2026-01-01"}
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ def estimate(source_uris: Iterable[str], dimension: int, prices: common.Prices, 
     first = next(uris, None)
     if first is None:
         return Estimate(0, on_demand, price, 0, prices)
-    fixed = vector_bytes(dimension, naming.vector_key(first), {"source_uri": "", "job_id": job_id})
+    fixed = vector_bytes(dimension, naming.vector_key(first), {"source_uri": "", "job_id": job_id, **PROVENANCE})
     images, uri_bytes = 1, len(first.encode("utf-8"))
     for uri in uris:
         images += 1

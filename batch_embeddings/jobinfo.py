@@ -248,8 +248,10 @@ RUN_FIELDS = {
     "created": (_STR, False),
     "run": (_STR, False),
     "account_file": (_STR, False),
+    "mirror": (_DICT, False),  # what 01 found against the index (mirror.py), and 03's deletions
     "jobs": (_LIST, True),
 }
+MIRROR_COUNTS = ("new", "changed", "unchanged", "to_delete", "deleted")
 JOB_FIELDS = {
     "job_name": (_STR, True),
     "input_folder": (_STR, True),
@@ -316,6 +318,11 @@ def problems(info) -> str:
         return found
     if not info["jobs"]:
         return "'jobs' is empty"
+    for name, value in (info.get("mirror") or {}).items():
+        if name == "deletions_done" and not isinstance(value, bool):
+            return "mirror.deletions_done is not true or false"
+        if name in MIRROR_COUNTS and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            return f"mirror.{name} is not a whole number"
     for i, job in enumerate(info["jobs"]):
         where = f"jobs[{i}]"
         found = _fields(job, JOB_FIELDS, where)

@@ -75,14 +75,29 @@ class KeySet:
 
     def contains(self, digests: list[bytes]) -> np.ndarray:
         """For each 16-byte key, whether it is in the set (a boolean array)."""
+        return self.positions(digests) >= 0
+
+    @property
+    def packed(self) -> np.ndarray:
+        """The 32-hex-digit keys as sorted 16-byte values (`positions` index into it)."""
+        return self._keys
+
+    def positions(self, digests: list[bytes]) -> np.ndarray:
+        """For each 16-byte key, its position in `packed`, or -1 when it is not in the set."""
         if not digests or not len(self._keys):
-            return np.zeros(len(digests), dtype=bool)
-        query = np.frombuffer(b"".join(digests), dtype=f"V{KEY_BYTES}")
+            return np.full(len(digests), -1, dtype=np.intp)
+        return self.positions_of(np.frombuffer(b"".join(digests), dtype=f"V{KEY_BYTES}"))
+
+    def positions_of(self, query: np.ndarray) -> np.ndarray:
+        """`positions` of keys given as an array of 16-byte values."""
+        if not len(query) or not len(self._keys):
+            return np.full(len(query), -1, dtype=np.intp)
+        query = np.ascontiguousarray(query)
         first = query.view(">u8")[::2].astype(np.uint64)
         order = np.argsort(first)  # searchsorted goes faster through sorted queries
         at = np.empty(len(first), dtype=np.intp)
         at[order] = np.searchsorted(self._first, first[order])
-        found = np.zeros(len(digests), dtype=bool)
+        found = np.full(len(query), -1, dtype=np.intp)
         n = len(self._keys)
         # Keys sharing their first 8 bytes are next to each other: look along the run (almost always length 1).
         pending = np.nonzero(at < n)[0]
@@ -91,7 +106,7 @@ class KeySet:
             same_first = self._first[pos] == first[pending]
             pending, pos = pending[same_first], pos[same_first]
             hit = self._keys[pos] == query[pending]
-            found[pending[hit]] = True
+            found[pending[hit]] = pos[hit]
             pending = pending[~hit]
             at[pending] += 1
             pending = pending[at[pending] < n]

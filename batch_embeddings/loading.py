@@ -30,6 +30,7 @@ class Loader:
         self.report = report
         self.counts = dict(start.get("counts") or {"total": 0, "success": 0, "error": 0, "inserted": 0})
         self.mismatched_ids = 0  # lines read by this process whose recordId is not their image's (only reported)
+        self.provenance = None  # a mirror.Provenance: what each vector records of its image besides its URI
 
     def mark(self, file_key: str, offset: int, counts: dict | None = None, done: bool = False) -> dict:
         """The position to resume from: the file and byte offset, the counts and the report's size there."""
@@ -53,6 +54,8 @@ class Loader:
             self.fail(*result[1:5], file_key, offset)
             return None
         _, key, part, _ = result
+        if self.provenance is not None:  # its metadata object closes the vector's: `...}}`
+            part = b"".join((part[:-2], self.provenance.suffix(key), b"}}"))
         self.counts["success"] += 1
         # A batch this vector closes ends just before this line: on resume, reading starts again here.
         return self.batcher.add(part, lambda: self.mark(file_key, start, before), key)

@@ -1,5 +1,7 @@
 """A run's manifests: the JSONL files of Nova Multimodal Embeddings requests that 01 writes for each planned job,
-split at Bedrock's per-file quotas with a few files open at once, and the clientRequestToken derived from them."""
+split at Bedrock's per-file quotas with a few files open at once, and the clientRequestToken derived from them.
+Beside each job's manifests, a local file of its images' sources (`sources_path`: each image's vector key, the
+ETag and size it was listed with, and whether it replaces a changed image) for 03 to record in the metadata."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import common
 from batch_embeddings import jobs, naming, nova
 from common import StepError
 
+SOURCES_SUFFIX = ".sources.jsonl"
 SEEN_ID_BYTES = 8  # of each image's recordId, kept while the manifests are written to find a repeat
 OPEN_MANIFESTS = 4  # manifest files open at once while writing, whatever the number of jobs
 
@@ -60,7 +63,7 @@ def write(listing, planned: list[jobs.PlannedJob], config: common.Config, owner:
     filled = [0] * len(planned)
     try:
         try:
-            for key, fmt in listing.images_in_order():
+            for key, fmt, etag, size, changed in listing.images_with_sources():
                 folder = key[: key.rfind("/") + 1]  # jobs.folder_of
                 index = seen[folder]
                 seen[folder] = index + 1
@@ -80,6 +83,8 @@ def write(listing, planned: list[jobs.PlannedJob], config: common.Config, owner:
                 record = nova.image_record(uri, fmt, owner, config.embedding_dimension, config.embedding_purpose,
                                              rid)
                 writer.write(orjson.dumps(record) + b"\n")
+                writer.source(orjson.dumps([naming.vector_key(uri), etag and etag.strip('"'),
+                                            size if etag else None, changed]) + b"\n")
             for writer in writers:
                 writer.flush()
         finally:
@@ -155,7 +160,16 @@ class ManifestWriter:
         self.manifest_dir, self.files = manifest_dir, files
         self.path: Path | None = None
         self.pending: list[bytes] = []  # lines not written yet
+        self.sources_path = (manifest_dir / f"{job['job_name']}{SOURCES_SUFFIX}").resolve()
+        self.sources: list[bytes] = []  # its sources' lines not written yet
+        self.sources_created = False
         self.records = self.bytes = 0
+
+    def source(self, line: bytes) -> None:
+        if not self.sources_created:
+            self.files.create(self.sources_path)
+            self.sources_created = True
+        self.sources.append(line)
 
     def write(self, line: bytes) -> None:
         if self.path is None or self.records >= self.quotas.max_records_per_file or \
@@ -172,6 +186,9 @@ class ManifestWriter:
         if self.pending:
             self.files.write(self.path, b"".join(self.pending))
             self.pending.clear()
+        if self.sources:
+            self.files.write(self.sources_path, b"".join(self.sources))
+            self.sources.clear()
 
     def open_next(self) -> None:
         if self.path is not None:
@@ -187,6 +204,21 @@ class ManifestWriter:
                                       "records": 0})
         self.files.create(self.path)
         self.records = self.bytes = 0
+
+
+def sources_path(job: dict) -> Path:
+    """The local file of the job's images' sources, beside its manifests."""
+    return Path(job["manifests"][0]["local_path"]).parent / f"{Path(job['job_name']).name}{SOURCES_SUFFIX}"
+
+
+def read_sources(job: dict) -> dict[str, tuple[str | None, int | None, bool]]:
+    """Vector key -> (ETag, size, changed) of the job's images; empty when the file is gone (a run of an earlier
+    version: its vectors get no ETag)."""
+    try:
+        with open(sources_path(job), "rb") as fh:
+            return {key: (etag, size, changed) for key, etag, size, changed in map(orjson.loads, fh)}
+    except FileNotFoundError:
+        return {}
 
 
 def token(job: dict) -> str:

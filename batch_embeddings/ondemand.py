@@ -26,8 +26,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import orjson
 
-from batch_embeddings import accounting, naming, nova, pacing, vectors
 import common
+from batch_embeddings import accounting, naming, nova, pacing, vectors
 
 JOB_ID = "on-demand"  # the `job_id` metadata of vectors embedded on demand
 THREADS = 4  # InvokeModel calls in flight
@@ -153,13 +153,14 @@ def part_records(job: dict) -> Iterator[tuple[str, dict]]:
 def embed_and_load(requests: Iterable[tuple[str, dict]], config: common.Config, runtime, s3v, dimension: int,
                    index_ready: Callable[[], object] = lambda: None, *, limiter: pacing.RateLimiter | None = None,
                    sleep: Callable[[float], None] = time.sleep, kept: Path | None = None,
-                   forget_done: bool = False) -> tuple[set[str], list[dict]]:
+                   forget_done: bool = False, provenance=None) -> tuple[set[str], list[dict]]:
     """Embed each (image URI, request body) with InvokeModel and put the vectors into the index.
 
     `kept`: the file the embeddings are kept in as they come (`Kept`); an image whose embedding for the same request
     is there already is loaded from it, without calling the model. `forget_done`: once the load has ended, drop the
     lines of these images from it (the index holds them, or their failure is returned) — for a file that outlives
-    the run.
+    the run. `provenance` (a mirror.Provenance): what each vector records of its image besides its URI, and the
+    journal of what the index confirmed.
 
     Returns the keys the index confirmed and the images that failed, as account entries (`source_uri`,
     `recordId`, `status`, `error_code`, `error_message`). `s3v` sends PutVectors (the sender paces and retries
@@ -212,7 +213,7 @@ def embed_and_load(requests: Iterable[tuple[str, dict]], config: common.Config, 
     def embed_one(item):
         (uri, body), digest = item
         key = naming.vector_key(uri)
-        metadata = {"source_uri": uri, "job_id": JOB_ID}
+        metadata = {"source_uri": uri, "job_id": JOB_ID, **(provenance.metadata(key) if provenance else {})}
         embedding = keep.get(key, digest) if keep is not None else None
         if embedding is not None:
             try:
@@ -249,6 +250,9 @@ def embed_and_load(requests: Iterable[tuple[str, dict]], config: common.Config, 
         limiter = pacing.RateLimiter(2500, 1000)
 
     def done(batch: vectors.Batch) -> None:
+        if provenance is not None:
+            refused = {vector.key for vector in batch.refused}
+            provenance.written([key for key in batch.keys if key not in refused])
         confirmed.update(batch.keys)
         failed.extend(failure(vector.source_uri, "ValidationException", f"S3 Vectors refused the vector: "
                               f"{vector.message}") for vector in batch.refused if vector.source_uri)
@@ -292,28 +296,31 @@ def failure(uri: str, code: str, message: str) -> dict:
 
 
 def load_part(job: dict, config: common.Config, runtime, s3v, report: Path, kept: Path, index_ready, *,
-              limiter: pacing.RateLimiter | None = None, reader=None, sleep: Callable[[float], None] = time.sleep
-              ) -> dict:
+              limiter: pacing.RateLimiter | None = None, reader=None, sleep: Callable[[float], None] = time.sleep,
+              provenance=None) -> dict:
     """Step 3 for a run's on-demand part: embed and load its images, list the failures in `report` (a load
     report, as for a job; none when nothing failed), and mark the part loaded. Returns its counts like a job's.
 
     `s3v` and `limiter` send the vectors as in `embed_and_load`; `reader` (default `s3v`) is the client, with
     botocore's retries, that asks the index which of the images it holds already (GetVectors). `kept` is the file
     the embeddings are kept in as they come (kept_file of the run's folder): a step 3 that did not finish loads
-    them from there again, without calling the model."""
+    them from there again, without calling the model. `provenance` as for `embed_and_load`."""
     dimension = int(job.get("embedding_dimension", config.embedding_dimension))
     config = dataclasses.replace(config, model_id=job.get("model_id") or config.model_id)
     requests = list(part_records(job))
+    changed = {key for key, (_, _, was_changed) in (provenance.sources if provenance else {}).items() if was_changed}
     keys = [naming.vector_key(uri) for uri, _ in requests]
-    # A step 3 stopped half-way (Ctrl-C, a lost connection) left some of them in the index: not paid for again.
-    loaded = accounting.present_keys(reader or s3v, config.vector_bucket, config.vector_index, keys)
+    # A step 3 stopped half-way (Ctrl-C, a lost connection) left some of them in the index: not paid for again. A
+    # changed image's old vector is there too: it is embedded again (from the kept file, if an earlier try did).
+    loaded = accounting.present_keys(reader or s3v, config.vector_bucket, config.vector_index,
+                                     [key for key in keys if key not in changed])
     if loaded:
         requests = [request for request, key in zip(requests, keys) if key not in loaded]
         print(f"{len(loaded)} image(s) of {job['job_name']} are in the index already (embedded by an earlier "
               "step 3): not embedded again")
     print(f"Embedding {len(requests)} image(s) on demand with {config.model_id} ({job['job_name']})")
     confirmed, failed = embed_and_load(requests, config, runtime, s3v, dimension, index_ready, limiter=limiter,
-                                       sleep=sleep, kept=kept)
+                                       sleep=sleep, kept=kept, provenance=provenance)
     embedded = len(confirmed)
     confirmed |= loaded
     if failed:

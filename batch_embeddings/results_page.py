@@ -57,6 +57,7 @@ main { padding: 1rem clamp(.5rem, 3vw, 2rem) 2rem; }
 .caption { padding: .5rem .6rem .65rem; font-size: .8rem; }
 .rank { font-weight: 700; }
 .distance { color: var(--muted); float: right; font-variant-numeric: tabular-nums; }
+.embedded { color: var(--muted); display: block; font-size: 0.85em; }
 .uri { display: block; clear: both; margin-top: .25rem; color: var(--ink); overflow-wrap: anywhere;
        word-break: break-all; font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: .74rem; }
 .empty { color: var(--muted); }
@@ -135,9 +136,11 @@ def _hit(hit: dict) -> str:
         frame = f'<div class="frame"><div class="none">No link for this image<br>{_e(shown)}</div></div>'
     distance = hit.get("distance")
     distance_text = "" if not isinstance(distance, (int, float)) else f"{distance:.4f}"
+    embedded = hit.get("embedded") if isinstance(hit.get("embedded"), str) else None
+    when = f'<span class="embedded">embedded {_e(embedded)}</span>' if embedded else ""
     return (f'<li class="hit">{frame}<div class="caption"><span class="rank">#{_e(hit.get("rank", ""))}</span>'
             f'<span class="distance" title="cosine distance (0 = same direction)">{_e(distance_text)}</span>'
-            f'<span class="uri">{_e(shown)}</span></div></li>')
+            f'<span class="uri">{_e(shown)}</span>{when}</div></li>')
 
 
 def render(query: QueryShown, hits: list[dict], *, index: str, bucket: str, model: str, purpose: str,

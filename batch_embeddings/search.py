@@ -152,7 +152,8 @@ def to_hits(vectors: list[dict]) -> list[dict]:
     for rank, vector in enumerate(vectors, start=1):
         metadata = vector.get("metadata") or {}
         hits.append({"rank": rank, "key": vector["key"], "distance": vector.get("distance"),
-                     "source_uri": metadata.get("source_uri"), "metadata": metadata})
+                     "source_uri": metadata.get("source_uri"), "embedded": metadata.get("embedded"),
+                     "metadata": metadata})
     return hits
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 
 import common
-from batch_embeddings import failed_permanently, forking, inventory, jobs, keyset, lease, naming, nova
+from batch_embeddings import failed_permanently, forking, inventory, jobs, keyset, lease, mirror, naming, nova
 from batch_embeddings import listing as listing_module
 from common import StepError
 
@@ -41,8 +41,10 @@ def classify(key: str, size: int) -> tuple[str | None, str | None]:
 class Listing:
     """Pass 1: what is under the prefix, with the images kept in a sorted temporary file (memory stays flat)."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, indexed: int = 0):
         self.path = workdir / "images.jsonl"
+        self.seen = np.zeros(indexed, dtype=bool)  # the index's keys (mirror.IndexState) whose image was listed
+        self.changed = 0  # images in the index whose object changed since (their ETag or size)
         self.counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # folder -> [images, manifest bytes]
         self.skipped: dict[str, int] = defaultdict(int)  # reason -> objects skipped for it
         self.examples: dict[str, list[str]] = defaultdict(list)  # reason -> the first few keys
@@ -53,6 +55,11 @@ class Listing:
 
     def images_in_order(self):
         """(key, image format) of every image, sorted: the same order whatever order the listing came in."""
+        for key, fmt, *_ in self.images_with_sources():
+            yield key, fmt
+
+    def images_with_sources(self):
+        """(key, image format, ETag or None, size, changed) of every image, in the order of images_in_order."""
         with open(self.path, "rb") as fh:
             for line in fh:
                 yield orjson.loads(line)
@@ -61,13 +68,17 @@ class Listing:
         """What another process hands back of its listing (its sorted file stays where it is)."""
         return {"path": self.path, "counts": dict(self.counts), "skipped": dict(self.skipped),
                 "examples": dict(self.examples), "own_manifests": self.own_manifests, "foreign": self.foreign,
-                "left_out": dict(self.left_out), "images": self.images}
+                "left_out": dict(self.left_out), "images": self.images, "changed": self.changed,
+                "seen": (np.packbits(self.seen).tobytes(), len(self.seen))}
 
     @classmethod
-    def merged(cls, parts: list[dict], workdir: Path) -> "Listing":
+    def merged(cls, parts: list[dict], workdir: Path, indexed: int = 0) -> "Listing":
         """One listing of several (`summary()`s of listings of parts of the input), its file merged in order."""
-        listing = cls(workdir)
+        listing = cls(workdir, indexed)
         for part in parts:
+            bits, n = part["seen"]
+            listing.seen |= np.unpackbits(np.frombuffer(bits, dtype=np.uint8), count=n).astype(bool)
+            listing.changed += part["changed"]
             for folder, (images, size) in part["counts"].items():
                 listing.counts[folder][0] += images
                 listing.counts[folder][1] += size
@@ -85,11 +96,17 @@ class Listing:
 
 
 def list_images(objects, config: common.Config, exclude: list[tuple[keyset.KeySet, str]], workdir: Path,
-                rejected: dict[str, dict] | None = None) -> Listing:
+                rejected: dict[str, dict] | None = None, state: mirror.IndexState | None = None,
+                reembed_unknown: bool = False, everything: bool = False) -> Listing:
     """Sort the objects, (key, size, ETag) triples in any order; images whose vector key is in one of the `exclude`
     sets are left out, counted by the reason paired with the set, and so are images that failed permanently
-    (`rejected`) while their object is unchanged."""
-    listing = Listing(workdir)
+    (`rejected`) while their object is unchanged.
+
+    With the index's `state`, an image whose vector is there is left out while its ETag and size are those the
+    vector records (or the vector records none and not `reembed_unknown`), and counted as changed otherwise (with
+    `everything`, none is left out); every indexed key whose image is listed is marked in `seen` (what is not
+    marked is gone from the prefix)."""
+    listing = Listing(workdir, len(state.keys.packed) if state is not None else 0)
 
     def skip(key: str, size: int) -> str | None:
         """The image format of an object that is not the common case, after counting it if it is skipped."""
@@ -122,9 +139,12 @@ def list_images(objects, config: common.Config, exclude: list[tuple[keyset.KeySe
                     if fmt is None and (fmt := skip(key, size)) is not None:
                         candidates.append((key, fmt, size, etag))
             keep = np.ones(len(candidates), dtype=bool)
-            if (exclude or rejected) and candidates:
+            changed = np.zeros(len(candidates), dtype=bool)
+            if (exclude or rejected or state is not None) and candidates:
                 # keyset.digest of each image's URI, inlined
                 digests = [sha256((uri + c[0]).encode()).digest()[:keyset.KEY_BYTES] for c in candidates]
+                if state is not None:
+                    changed = compare(state, digests, candidates, keep, listing, reembed_unknown, everything)
                 for keys, why in exclude:
                     hit = keys.contains(digests) & keep
                     if hit.any():
@@ -137,23 +157,46 @@ def list_images(objects, config: common.Config, exclude: list[tuple[keyset.KeySe
                         keep[i] = False
                         listing.left_out[f"failed permanently on {entry.get('failed_on', '?')}"] += 1
             for i in keep.nonzero()[0].tolist():
-                key, fmt, _, _ = candidates[i]
+                key, fmt, size, etag = candidates[i]
                 folder = jobs.folder_of(key)
                 listing.counts[folder][0] += 1
                 listing.counts[folder][1] += 400 + 2 * len(key.encode())  # a generous estimate of its manifest line
                 listing.images += 1
-                yield orjson.dumps([key, fmt]) + b"\n"
+                listing.changed += bool(changed[i])
+                yield orjson.dumps([key, fmt, etag, size, bool(changed[i])]) + b"\n"
 
     objects = iter(objects)
     listing_module.sort_lines(images(), listing.path)
     return listing
 
 
+def compare(state: mirror.IndexState, digests: list[bytes], candidates: list, keep: np.ndarray, listing: Listing,
+            reembed_unknown: bool, everything: bool = False) -> np.ndarray:
+    """Mark the listed images the index holds as seen; leave out (in `keep`) those whose vector records their ETag
+    and size as they are now; return which are changed."""
+    at = state.keys.positions_of(np.frombuffer(b"".join(digests), dtype=f"V{keyset.KEY_BYTES}"))
+    present = (at >= 0).nonzero()[0]
+    changed = np.zeros(len(candidates), dtype=bool)
+    if not len(present):
+        return changed
+    listing.seen[at[present]] = True
+    listed = np.fromiter((mirror.state_of(candidates[i][3], candidates[i][2]) for i in present.tolist()),
+                         dtype=np.uint64, count=len(present))
+    stored = state.states[at[present]]
+    same = (stored == listed) | (listed == mirror.UNKNOWN) | ((stored == mirror.UNKNOWN) & (not reembed_unknown))
+    changed[present[~same]] = True
+    if not everything:
+        keep[present[same]] = False
+        listing.left_out["already in the vector index"] += int(same.sum())
+    return changed
+
+
 _forked: dict = {}  # what list_inventory's worker processes inherit (the key sets are not copied)
 
 
 def list_inventory(s3, manifest_uri: str, config: common.Config, owner: str, exclude: list[tuple[keyset.KeySet, str]],
-                   workdir: Path, rejected: dict[str, dict] | None) -> Listing:
+                   workdir: Path, rejected: dict[str, dict] | None, state: mirror.IndexState | None = None,
+                   reembed_unknown: bool = False, everything: bool = False) -> Listing:
     """list_images over an S3 Inventory report: its data files downloaded, then read side by side in worker
     processes (one a CPU) forked with the index's keys, each into a sorted file; the files are merged in order.
     Without fork, or while this process runs threads (forking would copy a held lock), the files are read here,
@@ -166,7 +209,7 @@ def list_inventory(s3, manifest_uri: str, config: common.Config, owner: str, exc
     for folder in folders:
         folder.mkdir()
     _forked.update(paths=paths, folders=folders, manifest=manifest, config=config, exclude=exclude,
-                   rejected=rejected)
+                   rejected=rejected, state=state, reembed_unknown=reembed_unknown, everything=everything)
     try:
         if workers > 1 and forking.can_fork():
             pool = forking.executor(workers)
@@ -184,14 +227,15 @@ def list_inventory(s3, manifest_uri: str, config: common.Config, owner: str, exc
         _forked.clear()
     for path in paths:
         path.unlink(missing_ok=True)
-    return Listing.merged(parts, workdir)
+    return Listing.merged(parts, workdir, len(state.keys.packed) if state is not None else 0)
 
 
 def _list_data_file(n: int) -> dict:
     f = _forked
     objects = inventory.file_objects(f["paths"][n], f["manifest"], f["config"].source_bucket,
                                      f["config"].source_prefix)
-    return list_images(objects, f["config"], f["exclude"], f["folders"][n], f["rejected"]).summary()
+    return list_images(objects, f["config"], f["exclude"], f["folders"][n], f["rejected"], f["state"],
+                       f["reembed_unknown"], f["everything"]).summary()
 
 
 def retry_objects(entries: list[dict], config: common.Config):

@@ -25,6 +25,9 @@ import simdjson
 
 import common
 
+# Metadata keys a vector carries that nobody filters on (mirror.provenance): declared when an index is created, so
+# that they do not count against the 2 KB of filterable metadata a vector may hold.
+NON_FILTERABLE = ["etag", "size", "model_id", "purpose"]
 MAX_VECTORS_PER_PUT = 500
 MAX_REQUEST_BYTES = 20 * 1024 * 1024
 # Room left in a request for the envelope and for what botocore may add; the body itself is measured exactly.
@@ -56,7 +59,8 @@ def ensure_index(s3vectors, bucket: str, index: str, dimension: int, create: boo
               "refuses instead)")
         try:
             s3vectors.create_index(vectorBucketName=bucket, indexName=index, dataType="float32",
-                                   dimension=dimension, distanceMetric="cosine")
+                                   dimension=dimension, distanceMetric="cosine",
+                                   metadataConfiguration={"nonFilterableMetadataKeys": NON_FILTERABLE})
         except s3vectors.exceptions.ConflictException:
             pass
         return

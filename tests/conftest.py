@@ -207,3 +207,21 @@ def index_endpoint(monkeypatch):
                         distanceMetric="cosine")
     yield IndexEndpoint(app, served.url, client)
     served.stop()
+
+
+@pytest.fixture
+def proxy():
+    """A proxy in front of a stand-in that fails the requests `fail(method, path)` names ("refuse", ...)."""
+    from tests.standins import serve
+    from tests.standins.faulty import FaultyProxy
+
+    started = []
+
+    def start(target: str, fail) -> str:
+        served = serve(FaultyProxy(target, fail))
+        started.append(served)
+        return served.url
+
+    yield start
+    for served in started:
+        served.stop()

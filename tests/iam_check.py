@@ -265,7 +265,7 @@ def _s3vectors(operation: str, params: Mapping[str, Any], *, partition: str, acc
     if operation == "ListVectorBuckets":  # no resource type: the account's buckets
         return [("s3vectors:ListVectorBuckets", "*", {})]
     # CreateIndex is authorised on the Index resource (Service Authorization Reference).
-    on_index = {"CreateIndex", "GetIndex", "PutVectors", "GetVectors", "ListVectors", "QueryVectors"}
+    on_index = {"CreateIndex", "GetIndex", "PutVectors", "DeleteVectors", "GetVectors", "ListVectors", "QueryVectors"}
     if operation in on_bucket:
         return [(f"s3vectors:{operation}", bucket_arn(), {})]
     if operation in on_index:
@@ -273,6 +273,8 @@ def _s3vectors(operation: str, params: Mapping[str, Any], *, partition: str, acc
         if operation == "QueryVectors" and (params.get("filter") is not None or params.get("returnMetadata")):
             # Filtering or returning metadata reads the vectors: GetVectors is needed too.
             needs.append(("s3vectors:GetVectors", index_arn(), {}))
+        if operation == "ListVectors" and (params.get("returnMetadata") or params.get("returnData")):
+            needs.append(("s3vectors:GetVectors", index_arn(), {}))  # the same for a listing with metadata
         return needs
     raise KeyError(f"s3vectors:{operation}")
 

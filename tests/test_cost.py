@@ -11,13 +11,15 @@ import common
 from batch_embeddings import cost, naming
 
 IMAGES = [f"img-{i:03d}.png" for i in range(120)]
+# etag (32 hex digits), size (7 digits), model_id, purpose, embedded (a date): names and values
+PROVENANCE_BYTES = 4 + 32 + 4 + 7 + 8 + len("amazon.nova-2-multimodal-embeddings-v1:0") + 7 + 13 + 8 + 10
 
 
 def expected(uris: list[str], dimension: int, job_id_len: int = 12, per_image: float = 0.00003,
              put: float = 0.20, storage: float = 0.06) -> tuple[float, int]:
     """Worked out here, independently: 4 bytes a dimension + the key + metadata names and values."""
     logical = sum(4 * dimension + 32 + len("source_uri") + len(uri.encode()) + len("job_id") + job_id_len
-                  for uri in uris)
+                  + PROVENANCE_BYTES for uri in uris)
     gb = logical / 2 ** 30
     return len(uris) * per_image + gb * put + gb * storage, logical
 
@@ -32,11 +34,11 @@ def test_estimate_of_a_million_images_at_3072_dimensions():
     est = cost.estimate(uris, 3072, common.Prices())
     assert est.images == 1_000_000
     per_vector = 4 * 3072 + 32 + 10 + len("s3://nova-mme-demo-source-image/2024/00000000.jpg") + 6 + 12
-    assert est.logical_bytes == 1_000_000 * per_vector
+    assert est.logical_bytes == 1_000_000 * (per_vector + PROVENANCE_BYTES)
     assert est.embedding == pytest.approx(30.0)  # 1 M × $0.00003
     assert est.put == pytest.approx(est.logical_bytes / 2 ** 30 * 0.20)
     assert est.storage_month == pytest.approx(est.logical_bytes / 2 ** 30 * 0.06)
-    assert est.total == pytest.approx(30.0 + 11.51 * 0.26, rel=1e-3)  # 11.51 GB logical
+    assert est.total == pytest.approx(30.0 + 11.67 * 0.26, rel=1e-3)  # 11.67 GB logical
     on_demand = cost.estimate(["s3://b/a.png"], 256, common.Prices(), on_demand=True)
     assert on_demand.embedding == pytest.approx(0.00006)
 

@@ -82,12 +82,18 @@ def test_four_steps_end_to_end(world):
     assert f"  {broken_uri}: failed (400: " in loaded.stdout  # named on the console, with Bedrock's reason
     assert "retry them with 01_create_job.py --retry-failed" in loaded.stdout
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(
-        [f"load_report_{job['job_id']}.jsonl", "not_loaded.jsonl", job["manifests"][0]["s3_key"].rsplit("/")[-1]])
+        [f"load_report_{job['job_id']}.jsonl", "not_loaded.jsonl", job["manifests"][0]["s3_key"].rsplit("/")[-1],
+         f"{job['job_name']}.sources.jsonl"])
     rejected = [json.loads(line) for line in (world.cwd / "failed_permanently.jsonl").read_text().splitlines()]
     assert [(r["source_uri"], r["error_code"], r["size"]) for r in rejected] == [(broken_uri, "400", 22)]
 
     index = world.index_metadata()
-    assert index == {naming.vector_key(uri): {"source_uri": uri, "job_id": job["job_id"]} for uri in good}
+    listed = world.client("s3").list_objects_v2(Bucket=world.source_bucket)["Contents"]
+    objects = {f"s3://{world.source_bucket}/{o['Key']}": o for o in listed}
+    assert index == {naming.vector_key(uri): {
+        "source_uri": uri, "job_id": job["job_id"], "etag": objects[uri]["ETag"].strip('"'),
+        "size": objects[uri]["Size"], "model_id": job["model_id"], "purpose": "GENERIC_INDEX",
+        "embedded": job["created"][:10]} for uri in good}  # what each image was embedded from, with what, when
 
     again = world.step(3, "--reload")  # loading twice overwrites, never duplicates
     assert again.returncode == 4

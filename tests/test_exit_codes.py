@@ -31,7 +31,7 @@ def help_table() -> dict[int, str]:
 
 def test_the_readme_and_help_tables_are_one_table():
     assert readme_table() == help_table()
-    assert set(help_table()) == {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 130}
+    assert set(help_table()) == {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 130}
     for script in SCRIPTS:
         shown = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
                                env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
@@ -112,6 +112,13 @@ def case_9(world):
     return world.step(0, env={"SOURCE_BUCKET": "no-such-source-bucket"})
 
 
+def case_10(world):
+    images(world)
+    assert world.daily().returncode == 0
+    world.client("s3").delete_object(Bucket=world.source_bucket, Key="2024/a/img-000.png")
+    return world.step(1, env={"MAX_DELETE_COUNT": "0"})  # one image gone: more than none may be deleted
+
+
 def case_130(world):
     held_run(world)
     monitor = subprocess.Popen([sys.executable, str(ROOT / STEPS[2]), "--wait", "--interval", "0.05"],
@@ -123,7 +130,7 @@ def case_130(world):
 
 
 CASES = {0: case_0, 1: case_1, 2: case_2, 3: case_3, 4: case_4, 5: case_5, 6: case_6, 7: case_7, 8: case_8,
-         9: case_9, 130: case_130}
+         9: case_9, 10: case_10, 130: case_130}
 
 
 def test_every_documented_code_has_a_case():

@@ -14,24 +14,8 @@ import pytest
 
 from batch_embeddings import naming
 from tests.conftest import ROOT, STEPS
-from tests.standins import serve
-from tests.standins.faulty import FaultyProxy
 
 FAST_FAIL = {"AWS_MAX_ATTEMPTS": "2"}
-
-
-@pytest.fixture
-def proxy():
-    started = []
-
-    def start(target: str, fail) -> str:
-        served = serve(FaultyProxy(target, fail))
-        started.append(served)
-        return served.url
-
-    yield start
-    for served in started:
-        served.stop()
 
 
 def one_line(result) -> str:

@@ -195,7 +195,7 @@ def expected_caller_policy(account):
         {"Sid": "NameVectorBucketsForAMissingOne", "Effect": "Allow", "Action": "s3vectors:ListVectorBuckets",
          "Resource": "*"},
         {"Sid": "VectorIndex", "Effect": "Allow",
-         "Action": ["s3vectors:CreateIndex", "s3vectors:GetIndex", "s3vectors:PutVectors",
+         "Action": ["s3vectors:CreateIndex", "s3vectors:GetIndex", "s3vectors:PutVectors", "s3vectors:DeleteVectors",
                     "s3vectors:GetVectors", "s3vectors:ListVectors", "s3vectors:QueryVectors"],
          "Resource": f"{vector_bucket}/index/{SETTINGS['VECTOR_INDEX']}"},
         {"Sid": "WhoAmI", "Effect": "Allow", "Action": "sts:GetCallerIdentity", "Resource": "*"},

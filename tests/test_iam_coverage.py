@@ -58,6 +58,9 @@ def test_caller_and_role_policies_cover_every_call_of_the_four_steps(world):
         result = world.step(step, *args)
         assert result.returncode == 0, (step, result.stdout, result.stderr)
         outputs.append(result.stdout + result.stderr)
+    world.client("s3").delete_object(Bucket=world.source_bucket, Key="2024/a/img-1.png")
+    gone = world.step(1)  # a day with an image gone and none new: its vector deleted at once
+    assert gone.returncode == 0 and "Deleted 1 vector(s)" in gone.stdout, gone.stdout + gone.stderr
 
     # No credential in what the steps print (a pre-signed link is step 5's answer, not a log) or leave behind.
     assert not [o for o in outputs[:3] + outputs[-1:] if SECRET in o or TOKEN in o]
@@ -76,7 +79,8 @@ def test_caller_and_role_policies_cover_every_call_of_the_four_steps(world):
     assert {("sts", "GetCallerIdentity"), ("s3", "ListObjectsV2"), ("s3", "PutObject"),
             ("bedrock", "CreateModelInvocationJob"), ("bedrock", "GetModelInvocationJob"), ("s3", "GetObject"),
             ("s3vectors", "CreateIndex"), ("s3vectors", "PutVectors"), ("s3", "DeleteObject"),
-            ("s3vectors", "QueryVectors"), ("bedrock-runtime", "InvokeModel")} <= operations
+            ("s3vectors", "QueryVectors"), ("bedrock-runtime", "InvokeModel"), ("s3vectors", "DeleteVectors"),
+            ("s3vectors", "ListVectors"), ("s3vectors", "GetVectors")} <= operations
     assert denied(caller_policy, recorded) == []
 
     role_name = world.env["ROLE_NAME"]

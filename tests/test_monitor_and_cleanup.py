@@ -168,7 +168,7 @@ def test_04_refuses_until_the_results_are_loaded(world):
     cleaned = world.step(4)
     assert cleaned.returncode == 0, cleaned.stderr
     assert "(No S3 JSONL files left to remove)" in cleaned.stdout  # 02 removed it when the job ended
-    assert "Local files removed: 2" in cleaned.stdout
+    assert "Local files removed: 3" in cleaned.stdout  # the manifest, its sources, the job file
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -58,8 +58,10 @@ def test_a_non_ascii_key_is_counted_in_utf8_bytes(at):
 
 def test_the_printed_estimate_counts_every_byte_of_a_vector(capsys):
     uri = "s3://b/写真/café.jpg"
-    one = cost.vector_bytes(256, naming.vector_key(uri), {"source_uri": uri, "job_id": cost.BATCH_JOB_ID})
-    assert one == 4 * 256 + 32 + len("source_uri") + len(uri.encode("utf-8")) + len("job_id") + 12
+    one = cost.vector_bytes(256, naming.vector_key(uri), {"source_uri": uri, "job_id": cost.BATCH_JOB_ID,
+                                                          **cost.PROVENANCE})
+    assert one == 4 * 256 + 32 + len("source_uri") + len(uri.encode("utf-8")) + len("job_id") + 12 + \
+        4 + 32 + 4 + 7 + 8 + len("amazon.nova-2-multimodal-embeddings-v1:0") + 7 + 13 + 8 + 10  # the provenance
     cost.guard([uri, uri], config(None))
     assert f"({2 * one:,} bytes) logical" in capsys.readouterr().out
 
@@ -67,7 +69,8 @@ def test_the_printed_estimate_counts_every_byte_of_a_vector(capsys):
 def test_an_on_demand_run_is_priced_and_described_as_on_demand(capsys):
     uri = "s3://b/1.jpg"
     est = cost.guard([uri], config(None), on_demand=True)
-    one = cost.vector_bytes(256, naming.vector_key(uri), {"source_uri": uri, "job_id": cost.ON_DEMAND_JOB_ID})
+    one = cost.vector_bytes(256, naming.vector_key(uri), {"source_uri": uri, "job_id": cost.ON_DEMAND_JOB_ID,
+                                                          **cost.PROVENANCE})
     assert (est.images, est.on_demand, est.price_per_image, est.logical_bytes) == (1, True, 1.0, one)
     out = capsys.readouterr().out.splitlines()
     assert out[:2] == ["Estimated cost of this run: $1.00",
@@ -90,7 +93,8 @@ def test_the_estimate_lines_name_every_part_of_the_price():
     lines = cost.describe(est)
     assert est.logical_bytes == 1_000_000 * cost.vector_bytes(1024, "k" * 32, {"source_uri": "s3://bucket/2024/img-"
                                                                                              "0000000.jpg",
-                                                                               "job_id": "x" * 12})
+                                                                               "job_id": "x" * 12,
+                                                                               **cost.PROVENANCE})
     gb = est.logical_bytes / cost.GB
     assert lines[0] == f"Estimated cost of this run: {cost.usd(30 + gb * 0.2 + gb * 0.06)}"
     assert lines[1] == "  embedding, batch: 1,000,000 images × $0.00003 = $30.00"

@@ -381,3 +381,19 @@ def _job_answer(job_arn: str) -> dict:
     return {"jobArn": job_arn, "jobName": "j", "modelId": MODEL, "roleArn": ROLE, "submitTime": "2026-12-01T10:00:00Z",
             "inputDataConfig": {"s3InputDataConfig": {"s3Uri": "s3://src/2024/"}},
             "outputDataConfig": {"s3OutputDataConfig": {"s3Uri": "s3://out/output/"}}}
+
+
+PATH_ROLE = f"arn:aws:iam::{OWNER}:role/service-role/Batch"
+
+
+@pytest.mark.parametrize("role, code, message, refused", [
+    (ROLE, "ValidationException", f"Role {ROLE} cannot be assumed by Bedrock", True),
+    (ROLE, "ValidationException", "The role role/BedrockBatchRole does not trust bedrock.amazonaws.com", True),
+    (PATH_ROLE, "ValidationException", "The role role/Batch does not trust bedrock.amazonaws.com", True),
+    (ROLE, "AccessDeniedException", "User is not authorized to perform: iam:PassRole on resource", True),
+    (ROLE, "ValidationException", "Input file is not a valid JSONL", False),
+    (ROLE, "ThrottlingException", f"Rate exceeded for {ROLE}", False),
+])
+def test_a_submit_refused_for_the_role_is_told_from_other_refusals(role, code, message, refused):
+    exc = ClientError({"Error": {"Code": code, "Message": message}}, "CreateModelInvocationJob")
+    assert jobs.role_refused(exc, role) is refused

@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import urllib.request
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,9 @@ def test_a_day_with_fewer_images_than_a_job_takes_goes_on_demand(world):
     assert "Embedded and loaded 30 image(s) on demand" in loaded.stdout
     assert "Images loaded: 30, failed: 0, missing: 0" in loaded.stdout
     index = world.index_metadata()
-    assert index == {naming.vector_key(u): {"source_uri": u, "job_id": "on-demand"} for u in uris}
+    assert {k: (m["source_uri"], m["job_id"]) for k, m in index.items()} == {
+        naming.vector_key(u): (u, "on-demand") for u in uris}
+    assert {m["embedded"] for m in index.values()} == {date.today().isoformat()}  # embedded on the day it loads
     assert world.vectors_accepted() == 30
     assert not list(world.run_dir().glob("load_report_*"))  # nothing failed: no report
     cleaned = world.step(4)
@@ -312,7 +315,10 @@ def test_a_load_the_index_refused_is_run_again_without_calling_the_model(world):
     assert "30 of the 30 image(s) were embedded by an earlier try and kept in" in again.stdout
     assert "Embedded and loaded 30 image(s) on demand" in again.stdout
     assert "Images loaded: 30, failed: 0, missing: 0" in again.stdout
-    assert world.index_metadata() == {naming.vector_key(u): {"source_uri": u, "job_id": "on-demand"} for u in uris}
+    metadata = world.index_metadata()
+    assert {k: (m["source_uri"], m["job_id"]) for k, m in metadata.items()} == {
+        naming.vector_key(u): (u, "on-demand") for u in uris}
+    assert all(m["etag"] and m["size"] and m["embedded"] for m in metadata.values())  # what each was embedded from
     assert_stored_as_the_model_gave(world, uris)
     assert not list(world.run_dir().glob("load_report_*"))
 

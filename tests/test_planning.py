@@ -121,6 +121,39 @@ def test_a_folder_bedrock_cannot_take_never_roots_a_job():
     check(plan, folder_counts, quotas)
 
 
+def test_a_remainder_no_folder_can_take_joins_the_smallest_job_with_room():
+    """No plan keeps every job at a folder Bedrock takes (the run's folder is not one): the old way, every image
+    placed, the remainder in the smallest job that has room for it, which moves up to the run's folder."""
+    folder_counts = {"x y/a/": (300, 1), "x y/b/": (450, 1), "x y/c/": (30, 1)}
+    plan = jobs.plan_jobs(folder_counts, "x y/", QUOTAS, lambda f: f != "x y/")
+    assert summary(plan) == [("x y/", 330), ("x y/b/", 450)]
+    check(plan, folder_counts)
+
+
+def test_a_remainder_no_job_has_room_for_borrows_from_the_largest_to_make_its_own():
+    folder_counts = {"x y/a/": (490, 1), "x y/b/": (480, 1), "x y/c/": (30, 1)}
+    plan = jobs.plan_jobs(folder_counts, "x y/", QUOTAS, lambda f: f != "x y/")
+    assert summary(plan) == [("x y/", 100), ("x y/a/", 420), ("x y/b/", 480)]
+    lent = next(j for j in plan.jobs if j.root == "x y/").allocations
+    assert lent == [("x y/c/", 0, 30), ("x y/a/", 420, 490)]  # the last images of the largest job
+    check(plan, folder_counts)
+
+
+def test_no_image_plans_nothing_and_a_run_of_exactly_the_minimum_is_a_job():
+    empty = jobs.plan_jobs({"2024/": (0, 1)}, "2024/", QUOTAS, can_root_all, on_demand_max=100)
+    assert (empty.jobs, empty.on_demand, empty.max_concurrent, empty.waves()) == ([], [], 10, [])
+    exact = jobs.plan_jobs({"2024/a/": (100, 1)}, "2024/", QUOTAS, can_root_all, on_demand_max=100)
+    assert summary(exact) == [("2024/a/", 100)] and exact.on_demand == []  # a job, not InvokeModel at twice the price
+    below = jobs.plan_jobs({"2024/a/": (99, 1)}, "2024/", QUOTAS, can_root_all, on_demand_max=100)
+    assert (below.jobs, below.on_demand, below.max_concurrent) == ([], [("2024/a/", 0, 99)], 10)
+    check(below, {"2024/a/": (99, 1)}, on_demand_max=100)
+
+
+def test_an_on_demand_part_is_never_a_queued_job():
+    assert jobs.queued({"job_name": "n"}) and not jobs.queued({"job_name": "n", "on_demand": True})
+    assert not jobs.queued({"job_name": "n", "job_arn": "arn:aws:bedrock:us-east-1:1:model-invocation-job/x"})
+
+
 def test_sibling_folders_share_a_job_at_their_parent_when_that_saves_waves():
     # 3 at a time, 12 folders of 100 in two months: a job a folder would be 12 jobs in 4 waves. A month (600) is
     # more than a job takes: one day of it runs on its own, then a job at the month takes the other five.

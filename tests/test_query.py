@@ -126,9 +126,12 @@ def test_a_text_finds_the_nearest_images_in_order(loaded):
     assert [h["rank"] for h in hits] == list(range(1, top_k + 1))
     distances = [h["distance"] for h in hits]
     assert distances == sorted(distances)
+    created = loaded.job_info()["jobs"][0]["created"][:10]
     for hit in hits:
-        assert set(hit) == {"rank", "key", "distance", "source_uri", "metadata"}
-        assert hit["metadata"] == {"source_uri": hit["source_uri"], "job_id": job_id}
+        assert set(hit) == {"rank", "key", "distance", "source_uri", "embedded", "metadata"}
+        assert hit["embedded"] == created  # the date its image was embedded
+        assert {k: hit["metadata"][k] for k in ("source_uri", "job_id", "embedded")} == {
+            "source_uri": hit["source_uri"], "job_id": job_id, "embedded": created}
         assert hit["key"] == naming.vector_key(hit["source_uri"])
     assert [(str(h["rank"]), f"{h['distance']:.4f}", h["source_uri"]) for h in hits] == rows
 
