@@ -99,6 +99,9 @@ def test_a_day_with_changed_and_deleted_images_leaves_the_index_equal_to_the_buc
     assert {(line["key"], line["source_uri"]) for line in deleted_lines(world)} == {
         (naming.vector_key(uri), uri) for uri in gone}
     assert all(line["etag"] and line["deleted"] for line in deleted_lines(world))
+    quiet = day(world)  # what 03 loaded and deleted went into the journal: the cache still accounts for the index
+    assert quiet.returncode == 0 and "Nothing to do" in quiet.stdout, quiet.stdout + quiet.stderr
+    assert "ETags and sizes of the indexed images: from the local cache" in quiet.stdout
 
 
 def test_a_day_with_only_changes_embeds_them_on_demand_and_one_with_nothing_new_does_nothing(world):
@@ -243,10 +246,15 @@ def test_the_cache_with_its_journal_is_used_only_while_it_accounts_for_the_index
     by_key = dict(zip((k.hex() for k in today.packed.tolist()), found.states.tolist()))
     assert by_key == {new: 21, keys[0]: 22, keys[2]: 13, keys[3]: 14, keys[4]: 15}
 
-    stranger = keyset.KeySet(b"".join(bytes.fromhex(k) for k in [*keys, naming.vector_key("s3://src/p/x.png")]))
-    assert mirror._from_cache(tmp_path, config, stranger)[0] is None  # a key nobody journaled
-    lost = keyset.KeySet(b"".join(bytes.fromhex(k) for k in keys[1:]))
-    assert mirror._from_cache(tmp_path, config, lost)[0] is None  # a key gone that was not deleted by a step
+    stranger = keyset.KeySet(b"".join(bytes.fromhex(k) for k in [new, keys[0], *keys[2:],
+                                                                    naming.vector_key("s3://src/p/x.png")]))
+    assert mirror._from_cache(tmp_path, config, stranger) == (None, "the index holds 1 vector(s) the cache does not "
+                                                                    "know")  # written by another tool or folder
+    written_then_gone = keyset.KeySet(b"".join(bytes.fromhex(k) for k in keys))
+    assert mirror._from_cache(tmp_path, config, written_then_gone)[0] is None  # the journal's new key is not there
+    lost = keyset.KeySet(b"".join(bytes.fromhex(k) for k in [new, keys[0], keys[2], keys[3]]))
+    assert mirror._from_cache(tmp_path, config, lost) == (None, "vectors the cache knows are no longer in the "
+                                                                "index")  # keys[4] gone, deleted by no step
     other = common.Config(vector_bucket="vb", vector_index="other", source_bucket="src", source_prefix="p/")
     assert mirror._from_cache(tmp_path, other, state.keys)[1].endswith("of another index or source prefix")
 
