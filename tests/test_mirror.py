@@ -4,11 +4,13 @@ deleted only after a complete listing, only this prefix's, and never in bulk wit
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
 
 import numpy as np
+import orjson
 import pytest
 
 from batch_embeddings import keyset, mirror, naming
@@ -208,6 +210,39 @@ def test_vectors_without_an_etag_are_current_unless_asked_to_embed_them_again(wo
     again = world.step(1, "--reembed-without-etag", "--dry-run")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "Against the index: 0 new, 120 changed" in again.stdout
+
+
+def publish_inventory(world, extra_rows: list[list[str]]) -> str:
+    """An S3 Inventory report (CSV, versions: All) of the bucket as it is, plus `extra_rows`; its manifest's URI."""
+    s3 = world.client("s3")
+    listed = s3.list_objects_v2(Bucket=world.source_bucket).get("Contents", [])
+    rows = [[world.source_bucket, o["Key"], "v2", "true", "false", str(o["Size"]), "2026-12-01T00:00:00Z",
+             o["ETag"].strip('"'), "STANDARD"] for o in listed] + extra_rows
+    body = "".join(",".join(f'"{v}"' for v in row) + "\n" for row in rows).encode()
+    s3.put_object(Bucket=world.result_bucket, Key="inventory/data/part0.csv", Body=body)
+    manifest = {"sourceBucket": world.source_bucket, "destinationBucket": f"arn:aws:s3:::{world.result_bucket}",
+                "version": "2016-11-30", "creationTimestamp": "1764547200000", "fileFormat": "CSV",
+                "fileSchema": "Bucket, Key, VersionId, IsLatest, IsDeleteMarker, Size, LastModifiedDate, ETag, "
+                              "StorageClass",
+                "files": [{"key": "inventory/data/part0.csv", "size": len(body),
+                           "MD5checksum": hashlib.md5(body).hexdigest()}]}
+    s3.put_object(Bucket=world.result_bucket, Key="inventory/manifest.json", Body=orjson.dumps(manifest))
+    return f"s3://{world.result_bucket}/inventory/manifest.json"
+
+
+def test_a_delete_marker_in_an_inventory_of_a_versioned_bucket_is_a_deletion(world):
+    first_day(world)
+    remove(world, KEYS[0])  # in a versioned bucket: a delete marker over the old versions
+    uri = publish_inventory(world, [
+        [world.source_bucket, f"2024/{KEYS[0]}", "v9", "true", "true", "", "2026-12-01T00:00:00Z", "", ""],
+        [world.source_bucket, f"2024/{KEYS[0]}", "v1", "false", "false", "74", "2026-11-01T00:00:00Z", "x", "STANDARD"],
+        [world.source_bucket, f"2024/{KEYS[1]}", "v1", "false", "false", "9", "2026-11-01T00:00:00Z", "y", "STANDARD"],
+    ])
+    done = world.step(1, "--inventory", uri)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Against the index: 0 new, 0 changed, 119 unchanged, 1 gone" in done.stdout  # an old version is not news
+    assert [line["source_uri"] for line in deleted_lines(world)] == [f"s3://{world.source_bucket}/2024/{KEYS[0]}"]
+    assert_mirrors(world)
 
 
 def test_an_emptied_prefix_with_deletions_off_is_nothing_to_do_not_a_broken_job_file(world):
