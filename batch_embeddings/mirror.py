@@ -4,7 +4,7 @@ holds, and which vectors belong to images that are no longer under SOURCE_PREFIX
 Every vector this tool writes records its image's ETag and size in its metadata (`etag`, `size`, beside
 `source_uri`, `job_id`, `model_id`, `purpose` and the date `embedded`; see `provenance`). Reading that metadata for
 every vector every day would cost a ListVectors pass with metadata over the whole index, so 01 keeps a compact
-cache beside the job-info file (index_state.bin: each key's 16 bytes, an 8-byte digest of its ETag and size, and
+cache beside the job-info file (index_state.bin: each key's 16 bytes, a 4-byte digest of its ETag and size, and
 whether its source_uri is under SOURCE_PREFIX of SOURCE_BUCKET), and every step that writes or deletes vectors
 appends them to a journal (index_state.journal). 01 uses the cache (with the journal) only when it accounts for
 exactly the keys the index lists that day; otherwise it reads the index again, with metadata, and says which it
@@ -40,20 +40,21 @@ JOURNAL_NAME = "index_state.journal"
 TO_DELETE_NAME = "to_delete.keys"  # in the run's folder: the keys 03 deletes after its loads
 DELETED_NAME = "deleted.jsonl"  # in the run's folder: one line a deleted vector
 UNKNOWN = 0  # the state of a vector without an ETag (written before provenance), or of an object without one
-GONE = np.uint64(2 ** 64 - 1)  # in the journal: the key was deleted
+GONE = 0xFFFFFFFF  # in the journal: the key was deleted
 GET_BATCH = 100  # GetVectors keys a request
 DELETE_BATCH = 500  # DeleteVectors keys a request
-CHUNK = 1 << 20  # cache keys aligned with the index's at once
+CHUNK = 1 << 16  # cache keys aligned with the index's at once (more costs memory, not time)
 _MAGIC = b"bedrock-batch-embeddings index state 1\n"
-_RECORD = np.dtype([("key", f"V{keyset.KEY_BYTES}"), ("state", "<u8")])
+_RECORD = np.dtype([("key", f"V{keyset.KEY_BYTES}"), ("state", "<u4")])
+_STATE_BYTES = 4  # a 32-bit digest: two states of one image collide once in 4 billion changes
 
 
 def state_of(etag: str | None, size: int | None) -> int:
-    """A 64-bit digest of an object's ETag and size; UNKNOWN without an ETag."""
+    """A 32-bit digest of an object's ETag and size (CRC-32, never UNKNOWN or GONE); UNKNOWN without an ETag."""
     if not etag or size is None:
         return UNKNOWN
-    value = zlib.crc32(etag.strip('"').encode()) << 32 | (int(size) & 0xFFFFFFFF)
-    return min(max(value, 1), int(GONE) - 1)
+    value = zlib.crc32(b"%s\0%d" % (etag.strip('"').encode(), int(size)))
+    return min(max(value, 1), GONE - 1)
 
 
 def provenance(etag: str | None, size: int | None, model_id: str, purpose: str, embedded: str) -> dict:
@@ -98,12 +99,12 @@ class IndexState:
     """What the index holds, aligned with `keys.packed`: each vector's state and whether it is this prefix's."""
 
     keys: keyset.KeySet
-    states: np.ndarray  # uint64
+    states: np.ndarray  # uint32
     ours: np.ndarray  # bool
 
     @classmethod
     def empty(cls, keys: keyset.KeySet) -> IndexState:
-        return cls(keys, np.zeros(len(keys.packed), dtype=np.uint64), np.zeros(len(keys.packed), dtype=bool))
+        return cls(keys, np.zeros(len(keys.packed), dtype=np.uint32), np.zeros(len(keys.packed), dtype=bool))
 
 
 # ---------------------------------------------------------------------------------------------- the local cache
@@ -119,11 +120,11 @@ def save(folder: Path, config: common.Config, state: IndexState) -> None:
     packed = state.keys.packed
     header = orjson.dumps({**_identity(config), "count": len(packed)}) + b"\n"
 
-    def write(fh) -> None:
+    def write(fh) -> None:  # the arrays as they are in memory, without a copy
         fh.write(_MAGIC + header)
-        fh.write(packed.tobytes())
-        fh.write(state.states.astype("<u8").tobytes())
-        fh.write(state.ours.astype(np.uint8).tobytes())
+        fh.write(np.ascontiguousarray(packed).data)
+        fh.write(np.ascontiguousarray(state.states, dtype="<u4").data)
+        fh.write(np.ascontiguousarray(state.ours).view(np.uint8).data)
 
     common.atomic_write(Path(folder) / CACHE_NAME, write)
     (Path(folder) / JOURNAL_NAME).unlink(missing_ok=True)
@@ -133,7 +134,7 @@ def journal(folder: Path, keys: list[str], states: list[int]) -> None:
     """Append what a step wrote (a state) or deleted (GONE) to the journal, on disk before the step goes on."""
     records = np.zeros(len(keys), dtype=_RECORD)
     records["key"] = np.frombuffer(bytes.fromhex("".join(keys)), dtype=f"V{keyset.KEY_BYTES}")
-    records["state"] = np.asarray(states, dtype=np.uint64)
+    records["state"] = np.asarray(states, dtype=np.uint32)
     with open(Path(folder) / JOURNAL_NAME, "ab") as fh:
         fh.write(records.tobytes())
         fh.flush()
@@ -168,11 +169,13 @@ def _from_cache(folder: Path, config: common.Config, keys: keyset.KeySet) -> tup
     if {k: header.get(k) for k in ("vector_bucket", "vector_index", "source")} != _identity(config):
         return None, f"{path} is of another index or source prefix"
     n = header.get("count")
-    if not isinstance(n, int) or n < 0 or path.stat().st_size != offset + 25 * n:
+    width = keyset.KEY_BYTES + _STATE_BYTES + 1
+    if not isinstance(n, int) or n < 0 or path.stat().st_size != offset + width * n:
         return None, f"{path} is damaged"
     cached = np.memmap(path, dtype=f"V{keyset.KEY_BYTES}", mode="r", offset=offset, shape=(n,)) if n else []
-    cached_states = np.fromfile(path, dtype="<u8", count=n, offset=offset + 16 * n)
-    cached_ours = np.fromfile(path, dtype=np.uint8, count=n, offset=offset + 24 * n).astype(bool)
+    cached_states = np.fromfile(path, dtype="<u4", count=n, offset=offset + keyset.KEY_BYTES * n)
+    cached_ours = np.fromfile(path, dtype=np.uint8, count=n,
+                              offset=offset + (keyset.KEY_BYTES + _STATE_BYTES) * n).view(bool)
     state = IndexState.empty(keys)
     covered = np.zeros(len(keys.packed), dtype=bool)
     absent = []
@@ -238,7 +241,7 @@ def from_index(s3v, config: common.Config, keys: keyset.KeySet) -> IndexState:
             at = keys.positions_of(np.frombuffer(bytes(packed), dtype=f"V{keyset.KEY_BYTES}"))
             hit = at >= 0
             with lock:
-                state.states[at[hit]] = np.asarray(states, dtype=np.uint64)[hit]
+                state.states[at[hit]] = np.asarray(states, dtype=np.uint32)[hit]
                 state.ours[at[hit]] = np.asarray(ours, dtype=bool)[hit]
             token = page.get("nextToken")
             if not token:
@@ -258,6 +261,8 @@ def read(s3v, config: common.Config, keys: keyset.KeySet, folder: Path) -> Index
     state, why = _from_cache(folder, config, keys)
     if state is not None:
         print(f"  ETags and sizes of the indexed images: {why}")
+        if not (Path(folder) / JOURNAL_NAME).exists():
+            return state  # the cache as it is on disk
     else:
         print(f"  ETags and sizes of the indexed images: read from the index ({why})")
         state = from_index(s3v, config, keys)
@@ -320,7 +325,7 @@ def delete(s3v, config: common.Config, keys: list[str], limiter, folder: Path, o
                            keys=[entry["key"] for entry in pending])
         with open(out, "ab") as fh:
             fh.write(b"".join(orjson.dumps(entry) + b"\n" for entry in pending))
-        journal(folder, [entry["key"] for entry in pending], [int(GONE)] * len(pending))
+        journal(folder, [entry["key"] for entry in pending], [GONE] * len(pending))
         deleted += len(pending)
         pending.clear()
 

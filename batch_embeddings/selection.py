@@ -181,7 +181,7 @@ def compare(state: mirror.IndexState, digests: list[bytes], candidates: list, ke
         return changed
     listing.seen[at[present]] = True
     listed = np.fromiter((mirror.state_of(candidates[i][3], candidates[i][2]) for i in present.tolist()),
-                         dtype=np.uint64, count=len(present))
+                         dtype=np.uint32, count=len(present))
     stored = state.states[at[present]]
     same = (stored == listed) | (listed == mirror.UNKNOWN) | ((stored == mirror.UNKNOWN) & (not reembed_unknown))
     changed[present[~same]] = True

@@ -27,6 +27,7 @@ import json
 import os
 import re
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,10 @@ PAGE = 1000
 ROWS_PER_FILE = 1_000_000
 
 
+def etag_of(i: int) -> str:
+    return f"{i * 2654435761 % 2**32:032x}"
+
+
 class Layout:
     """N images under PREFIX in folders of F: images/d00000/img-00000.jpg ... (key order = index order)."""
 
@@ -83,15 +88,30 @@ class SyntheticAws:
 
     `answer(method, path, args, body)` -> (status, content type, bytes or a file to send)."""
 
-    def __init__(self, layout: Layout, indexed: int, latency: float, files: Path | None):
-        self.layout, self.indexed, self.latency, self.files = layout, indexed, latency, files
+    def __init__(self, layout: Layout, indexed: int, latency: float, files: Path | None, changed: float = 0.0,
+                 gone: float = 0.0):
+        self.layout, self.latency, self.files = layout, latency, files
         self.counts: Counter = Counter()
         # The index's keys, computed once before the server answers: S3 Vectors serves ListVectors from its own
-        # fleet, so what the server spends a page should not compete with 01 for this machine's two cores.
+        # fleet, so what the server spends a page should not compete with 01 for this machine's two cores. After
+        # the first `indexed` images come the vectors of `gone` (a share of them) images no longer in the bucket;
+        # every 1/`changed`-th indexed image records an ETag its object no longer has.
         prefix = f"s3://{SOURCE_BUCKET}/"
-        self.keys = np.array([hashlib.sha256((prefix + layout.key(i)).encode()).hexdigest()[:32].encode()
-                              for i in range(indexed)], dtype="S32")
+        self.gone = int(indexed * gone)
+        self.changed_every = round(1 / changed) if changed else 0
+        self.uris = [prefix + layout.key(i) for i in range(indexed)]
+        self.uris += [f"{prefix}{PREFIX}gone/img-{i:07d}.jpg" for i in range(self.gone)]
+        self.keys = np.array([hashlib.sha256(uri.encode()).hexdigest()[:32].encode() for uri in self.uris],
+                             dtype="S32")
+        self.indexed = len(self.keys)
         self.lock = threading.Lock()
+
+    def metadata(self, i: int) -> bytes:
+        """What a vector this tool wrote records of its image: the URI, the ETag and size it was listed with."""
+        etag = etag_of(i) if i < self.layout.images and not (self.changed_every and i % self.changed_every == 0) \
+            else "f" * 32
+        return b',"metadata":{"source_uri":"%s","etag":"%s","size":%d,"job_id":"bench"}' % (
+            self.uris[i].encode(), etag.encode(), Layout.size(i))
 
     def answer(self, method: str, path: str, args: dict, body: bytes):
         if path == "/_stats":
@@ -150,7 +170,7 @@ class SyntheticAws:
                 + f"<IsTruncated>{'true' if truncated else 'false'}</IsTruncated>"]
         for i in indexes:
             body.append(f"<Contents><Key>{lay.key(i)}</Key><LastModified>2026-11-30T12:00:00.000Z</LastModified>"
-                        f"<ETag>&quot;{i * 2654435761 % 2**32:032x}&quot;</ETag>"
+                        f"<ETag>&quot;{etag_of(i)}&quot;</ETag>"
                         f"<Size>{Layout.size(i)}</Size><StorageClass>STANDARD</StorageClass></Contents>")
         body += [f"<CommonPrefixes><Prefix>{p}</Prefix></CommonPrefixes>" for p in prefixes]
         body.append("</ListBucketResult>")
@@ -177,7 +197,11 @@ class SyntheticAws:
         start = int(body.get("nextToken") or index)  # images index, index + count, index + 2 count, ...
         picks = range(start, self.indexed, count)[:size]
         keys = self.keys[picks.start:picks.stop:picks.step].tolist() if picks else []
-        page = b'{"vectors":[' + b",".join(b'{"key":"%s"}' % key for key in keys) + b"]"
+        if body.get("returnMetadata"):
+            page = b'{"vectors":[' + b",".join(b'{"key":"%s"%s}' % (key, self.metadata(i))
+                                               for key, i in zip(keys, picks)) + b"]"
+        else:
+            page = b'{"vectors":[' + b",".join(b'{"key":"%s"}' % key for key in keys) + b"]"
         following = start + size * count
         if following < self.indexed:
             page += b',"nextToken":"%d"' % following
@@ -191,7 +215,7 @@ def serve_main(args) -> int:
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     app = SyntheticAws(Layout(args.images, args.folder_size), args.indexed, args.latency,
-                       Path(args.files) if args.files else None)
+                       Path(args.files) if args.files else None, args.changed, args.gone)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -238,7 +262,7 @@ def serve_main(args) -> int:
 
 def inventory(layout: Layout, fmt: str) -> Path:
     """A report of the layout (cached): <dir>/inv/manifest.json and its data files."""
-    folder = Path(tempfile.gettempdir()) / f"bench-plan-inventory-{layout.images}-{layout.folder_size}-{fmt}"
+    folder = Path(tempfile.gettempdir()) / f"bench-plan-inventory-etag-{layout.images}-{layout.folder_size}-{fmt}"
     manifest = folder / "inv" / "manifest.json"
     if manifest.exists():
         return folder
@@ -252,7 +276,7 @@ def inventory(layout: Layout, fmt: str) -> Path:
         if fmt == "csv.gz":
             with gzip.open(path, "wb", compresslevel=1) as out:
                 for i in range(first, last, 10_000):
-                    out.write("".join(f'"{SOURCE_BUCKET}","{layout.key(j)}","{Layout.size(j)}"\n'
+                    out.write("".join(f'"{SOURCE_BUCKET}","{layout.key(j)}","{Layout.size(j)}","{etag_of(j)}"\n'
                                       for j in range(i, min(i + 10_000, last))).encode())
         else:
             import duckdb
@@ -261,14 +285,15 @@ def inventory(layout: Layout, fmt: str) -> Path:
             con.execute(f"""COPY (SELECT '{SOURCE_BUCKET}' AS bucket,
                                  '{PREFIX}d' || lpad(CAST(i // {layout.folder_size} AS VARCHAR), 5, '0') || '/img-' ||
                                  lpad(CAST(i % {layout.folder_size} AS VARCHAR), 5, '0') || '.jpg' AS key,
-                                 20000 + i % 50000 AS size
+                                 20000 + i % 50000 AS size,
+                                 lpad(printf('%x', (i * 2654435761) % 4294967296), 32, '0') AS e_tag
                           FROM range({first}, {last}) t(i)) TO '{path}' (FORMAT PARQUET)""")
             con.close()
         files.append({"key": name, "size": path.stat().st_size,
                       "MD5checksum": hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()})
     doc = {"sourceBucket": SOURCE_BUCKET, "destinationBucket": f"arn:aws:s3:::{INVENTORY_BUCKET}",
            "version": "2016-11-30", "creationTimestamp": "1764547200000",
-           "fileFormat": "CSV" if fmt == "csv.gz" else "Parquet", "fileSchema": "Bucket, Key, Size", "files": files}
+           "fileFormat": "CSV" if fmt == "csv.gz" else "Parquet", "fileSchema": "Bucket, Key, Size, ETag", "files": files}
     manifest.write_text(json.dumps(doc))
     return folder
 
@@ -278,7 +303,8 @@ def inventory(layout: Layout, fmt: str) -> Path:
 
 def start_server(args, files: Path | None):
     cmd = [sys.executable, "-m", "benchmark.bench_plan", "--serve", "--images", str(args.images), "--folder-size",
-           str(args.folder_size), "--indexed", str(args.indexed), "--latency", str(args.latency)]
+           str(args.folder_size), "--indexed", str(args.indexed), "--latency", str(args.latency),
+           "--changed", str(args.changed), "--gone", str(args.gone)]
     if files:
         cmd += ["--files", str(files)]
     server = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -299,9 +325,9 @@ def env_for(url: str, workdir: Path) -> dict:
     return env
 
 
-def run_once(args, url: str, n: int) -> dict:
+def run_once(args, url: str, n: int, kept: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-plan-") as work:
-        workdir = Path(work)
+        workdir = kept or Path(work)  # kept: the index's cache (mirror.py) stays from one run to the next
         report = workdir / "launch.json"
         step = [str(STEP1)]
         if args.profile:  # cProfile of every thread of 01, written next to --profile's prefix
@@ -325,11 +351,14 @@ def run_once(args, url: str, n: int) -> dict:
     waves = re.search(r"(\d+) wave", out)
     found = re.search(r"Found (\d+) images", out)
     cpu = measured["utime"] + measured["stime"]
-    result = {"run": n, "wall_s": round(measured["seconds"], 1), "cpu_s": round(cpu, 1),
+    mirror = re.search(r"Against the index: (\d+) new, (\d+) changed, (\d+) unchanged, (\d+) gone", out)
+    result = {"run": n, "index_state": "cache" if "from the local cache" in out else "read",
+              "wall_s": round(measured["seconds"], 1), "cpu_s": round(cpu, 1),
               "peak_rss_mb": round(measured["maxrss_kb"] / 1024), "requests": requests,
               "images_to_embed": int(found.group(1)) if found else None,
               "jobs": int(jobs.group(1)) if jobs else None, "waves": int(waves.group(1)) if waves else None,
-              "cpu_s_per_1000_images": round(1000 * cpu / args.images, 4)}
+              "cpu_s_per_1000_images": round(1000 * cpu / args.images, 4),
+              "new_changed_unchanged_gone": [int(g) for g in mirror.groups()] if mirror else None}
     print(json.dumps(result), flush=True)
     return result
 
@@ -367,6 +396,11 @@ def main(argv=None) -> int:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to each ListObjectsV2 request")
     parser.add_argument("--inventory", choices=["csv.gz", "parquet"], help="read an S3 Inventory report instead")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--changed", type=float, default=0.0, help="share of the indexed images whose object changed")
+    parser.add_argument("--gone", type=float, default=0.0,
+                        help="vectors of images gone from the bucket, as a share of the indexed images")
+    parser.add_argument("--keep-cache", action="store_true",
+                        help="one work folder for every run: the first reads the index, the others its cache")
     parser.add_argument("--ulimit", type=int, default=256, help="open-file limit of 01 (0: leave as it is)")
     parser.add_argument("--parse-cost", action="store_true", help="measure CPU per 1,000 objects listed")
     parser.add_argument("--profile", metavar="PREFIX",
@@ -381,15 +415,20 @@ def main(argv=None) -> int:
     files = inventory(Layout(args.images, args.folder_size), args.inventory) if args.inventory else None
     print(f"# {' '.join(sys.argv)}\n# uptime: {os.popen('uptime').read().strip()}", flush=True)
     server, url = start_server(args, files)
+    kept = Path(tempfile.mkdtemp(prefix="bench-plan-kept-")) if args.keep_cache else None
     try:
-        results = [run_once(args, url, n + 1) for n in range(args.repeat)]
+        results = [run_once(args, url, n + 1, kept) for n in range(args.repeat + bool(kept))]
     finally:
         server.stdin.close()
         server.wait()
-    if len(results) > 1:
-        print(json.dumps({"median_wall_s": statistics.median(r["wall_s"] for r in results),
-                          "median_cpu_s": statistics.median(r["cpu_s"] for r in results),
-                          "median_peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in results)}))
+        if kept:
+            shutil.rmtree(kept, ignore_errors=True)
+    for kind in ("read", "cache"):
+        runs = [r for r in results if r["index_state"] == kind]
+        if len(runs) > 1:
+            print(json.dumps({"index_state": kind, "median_wall_s": statistics.median(r["wall_s"] for r in runs),
+                              "median_cpu_s": statistics.median(r["cpu_s"] for r in runs),
+                              "median_peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs)}))
     print(f"# uptime: {os.popen('uptime').read().strip()}")
     return 0
 

@@ -258,7 +258,7 @@ def test_an_emptied_prefix_with_deletions_off_is_nothing_to_do_not_a_broken_job_
 def state_for(keys: list[str], states: list[int], ours: list[bool]) -> mirror.IndexState:
     packed = keyset.KeySet(b"".join(bytes.fromhex(k) for k in keys))
     order = [keys.index(k.hex()) for k in packed.packed.tolist()]
-    return mirror.IndexState(packed, np.array([states[i] for i in order], dtype=np.uint64),
+    return mirror.IndexState(packed, np.array([states[i] for i in order], dtype=np.uint32),
                              np.array([ours[i] for i in order], dtype=bool))
 
 
@@ -274,7 +274,7 @@ def test_the_cache_with_its_journal_is_used_only_while_it_accounts_for_the_index
 
     new = naming.vector_key("s3://src/p/new.png")
     mirror.journal(tmp_path, [new, keys[0]], [21, 22])  # a new vector and a changed one
-    mirror.journal(tmp_path, [keys[1]], [int(mirror.GONE)])  # a deleted one
+    mirror.journal(tmp_path, [keys[1]], [mirror.GONE])  # a deleted one
     today = keyset.KeySet(b"".join(bytes.fromhex(k) for k in [new, *keys[0:1], *keys[2:]]))
     found, why = mirror._from_cache(tmp_path, config, today)
     assert why.startswith("from the local cache")
