@@ -7,8 +7,9 @@ vectors are nearest.
 
 A text is embedded with embeddingPurpose IMAGE_RETRIEVAL (text → image search), an image with GENERIC_RETRIEVAL;
 --purpose overrides. The index decides the dimension (GetIndex); EMBEDDING_DIMENSION must match it.
-A filter is an S3 Vectors metadata filter on `source_uri` or `job_id`, with $eq $ne $gt $gte $lt $lte $in $nin
-$exists $and $or, e.g. '{"source_uri": {"$in": ["s3://bucket/2024/a.jpg", "s3://bucket/2024/b.jpg"]}}'.
+A filter is an S3 Vectors metadata filter on `source_uri`, `job_id` or `embedded` (the date), with $eq $ne $gt $gte
+$lt $lte $in $nin $exists $and $or, e.g. '{"embedded": {"$eq": "2026-12-01"}}' or
+'{"source_uri": {"$in": ["s3://bucket/2024/a.jpg", "s3://bucket/2024/b.jpg"]}}'.
 --html writes the hits as a page of thumbnails (pre-signed links valid --presign SECONDS, default 3600).
 No hits is not an error (exit 0).
 """

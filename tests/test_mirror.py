@@ -74,7 +74,8 @@ def assert_mirrors(world, prefix: str = "2024/") -> None:
     assert set(held) == {naming.vector_key(uri) for uri in images}
     for uri, obj in images.items():
         metadata, vector = held[naming.vector_key(uri)]
-        assert (metadata["source_uri"], metadata["etag"], metadata["size"]) == (uri, obj["ETag"].strip('"'), obj["Size"])
+        assert (metadata["source_uri"], metadata["etag"], metadata["size"]) == (uri, obj["ETag"].strip('"'),
+                                                                                obj["Size"])
         data = s3_standin.read_object(world.source_bucket, obj["Key"])
         assert vector == pytest.approx(embedding.embed_image(data, 256), abs=1e-7)
 
