@@ -172,23 +172,25 @@ def _from_cache(folder: Path, config: common.Config, keys: keyset.KeySet) -> tup
     width = keyset.KEY_BYTES + _STATE_BYTES + 1
     if not isinstance(n, int) or n < 0 or path.stat().st_size != offset + width * n:
         return None, f"{path} is damaged"
-    cached = np.memmap(path, dtype=f"V{keyset.KEY_BYTES}", mode="r", offset=offset, shape=(n,)) if n else []
-    cached_states = np.fromfile(path, dtype="<u4", count=n, offset=offset + keyset.KEY_BYTES * n)
-    cached_ours = np.fromfile(path, dtype=np.uint8, count=n,
-                              offset=offset + (keyset.KEY_BYTES + _STATE_BYTES) * n).view(bool)
     state = IndexState.empty(keys)
     covered = np.zeros(len(keys.packed), dtype=bool)
     absent = []
-    for start in range(0, n, CHUNK):
-        chunk = np.array(cached[start:start + CHUNK])
-        at = keys.positions_of(chunk)
-        hit = at >= 0
-        state.states[at[hit]] = cached_states[start:start + CHUNK][hit]
-        state.ours[at[hit]] = cached_ours[start:start + CHUNK][hit]
-        covered[at[hit]] = True
-        if not hit.all():
-            absent.append(chunk[~hit])
-    del cached, cached_states, cached_ours
+    with open(path, "rb") as fh:  # a chunk at a time: the whole file in memory beside the index's keys costs 21 B a key
+        for start in range(0, n, CHUNK):
+            count = min(CHUNK, n - start)
+            fh.seek(offset + keyset.KEY_BYTES * start)
+            chunk = np.fromfile(fh, dtype=f"V{keyset.KEY_BYTES}", count=count)
+            fh.seek(offset + keyset.KEY_BYTES * n + _STATE_BYTES * start)
+            states = np.fromfile(fh, dtype="<u4", count=count)
+            fh.seek(offset + (keyset.KEY_BYTES + _STATE_BYTES) * n + start)
+            ours = np.fromfile(fh, dtype=np.uint8, count=count).view(bool)
+            at = keys.positions_of(chunk)
+            hit = at >= 0
+            state.states[at[hit]] = states[hit]
+            state.ours[at[hit]] = ours[hit]
+            covered[at[hit]] = True
+            if not hit.all():
+                absent.append(chunk[~hit])
     records = _journal(folder)
     deleted = records[records["state"] == GONE]
     written = records[records["state"] != GONE]
