@@ -3,10 +3,13 @@ upload them next to the images and submit Bedrock batch inference jobs.
 
     uv run 01_create_job.py [--dry-run] [--all] [--force] [--new-index] [--inventory s3://bucket/.../manifest.json]
 
-Images already in the vector index are left out (--all embeds everything again). More images than one job takes
-are split into several jobs by folder (see jobs.py); those the concurrent-job quota does not let start yet stay
-queued in batch_job_info.json, and 02_monitor_job.py --wait submits them as slots free up. A few images that
-would need a job of their own (up to ON_DEMAND_MAX_IMAGES) are left to step 3, which embeds them on demand.
+Images the vector index holds unchanged (same ETag and size) are left out, changed ones embedded again (--all embeds
+everything again); the vectors of images gone from the prefix are deleted after the run's loads, unless they are
+more than MAX_DELETE_FRACTION or MAX_DELETE_COUNT allow (exit 10; --allow-mass-delete once; see docs/mirror.md).
+More images than one job takes are split into several jobs by folder (see jobs.py); those the concurrent-job quota
+does not let start yet stay queued in batch_job_info.json, and 02_monitor_job.py --wait submits them as slots free
+up. A few images that would need a job of their own (up to ON_DEMAND_MAX_IMAGES) are left to step 3, which embeds
+them on demand.
 
 Before anything is uploaded: every setting step 3 needs is set (VECTOR_BUCKET, VECTOR_INDEX; --dry-run plans without
 them), the vector index exists (a missing one is named with the indexes the bucket holds; a new index is started

@@ -1,9 +1,11 @@
 """The daily run: the four steps in order, unattended, safe to start every day from cron.
 
-    uv run daily_run.py [--timeout SECONDS] [--interval SECONDS] [--wait-lock] [--new-index]
+    uv run daily_run.py [--timeout SECONDS] [--interval SECONDS] [--wait-lock] [--new-index] [--allow-mass-delete]
 
 1. A run left by an earlier day (batch_job_info.json still there) is finished first: 02 --wait, 03, 04.
-2. 01 embeds today's new images (none: "nothing to do", exit 0).
+2. 01 embeds today's new and changed images (none: "nothing to do", exit 0); the vectors of images gone are deleted
+   after the loads (more than MAX_DELETE_FRACTION or MAX_DELETE_COUNT: nothing is deleted or submitted, exit 10,
+   until a run with --allow-mass-delete).
 3. 02 --wait polls the jobs to their end (--timeout: give up waiting, exit 3; the next day's run goes on with
    them), 03 loads whatever they produced and names every image not loaded, 04 removes the run's manifests.
 Every image not loaded comes back by itself: the next day's 01 picks up the images that are missing from the
