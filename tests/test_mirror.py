@@ -8,12 +8,13 @@ import hashlib
 import json
 import re
 import subprocess
+from datetime import datetime, timezone
 
 import numpy as np
 import orjson
 import pytest
 
-from batch_embeddings import keyset, mirror, naming
+from batch_embeddings import keyset, mirror, naming, results_page
 from tests import sample_images
 from tests.conftest import ROOT
 from tests.standins import embedding
@@ -303,3 +304,13 @@ def test_the_cache_with_its_journal_is_used_only_while_it_accounts_for_the_index
 def test_an_images_state_is_its_etag_and_size(listed, stored, changed):
     assert (mirror.state_of(*listed) != mirror.state_of(*stored)) is changed
     assert mirror.state_of(None, 10) == mirror.UNKNOWN
+
+
+def test_the_results_page_shows_when_each_image_was_embedded():
+    hits = [{"rank": 1, "distance": 0.1, "source_uri": "s3://b/a.jpg", "embedded": "2026-12-01", "url": None},
+            {"rank": 2, "distance": 0.2, "source_uri": "s3://b/b.jpg", "embedded": None, "url": None}]
+    page = results_page.render(results_page.QueryShown(text="cat"), hits, index="i", bucket="b", model="m",
+                               purpose="GENERIC_RETRIEVAL", presign_seconds=3600,
+                               generated=datetime(2026, 12, 7, tzinfo=timezone.utc))
+    assert page.count('<span class="embedded">') == 1  # a vector written before the date was recorded shows none
+    assert '<span class="embedded">embedded 2026-12-01</span>' in page
