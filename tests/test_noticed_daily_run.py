@@ -252,8 +252,9 @@ def test_help_shows_the_documentation_the_options_and_the_exit_codes(monkeypatch
                    "missing index is refused, exit 6)"]:
         assert option in flat
     assert ("uv run daily_run.py [--timeout SECONDS] [--interval SECONDS] [--wait-lock] [--new-index] "
-            "1. A run left by an earlier day (batch_job_info.json still there) is finished first") in flat
-    assert "\n2. 01 embeds today's new images" in out  # the numbered list keeps its lines
+            "[--allow-mass-delete] 1. A run left by an earlier day (batch_job_info.json still there) is finished "
+            "first") in flat
+    assert "\n2. 01 embeds today's new and changed images" in out  # the numbered list keeps its lines
     assert "passes --new-index (01 gets it).\n\nexit status (the same for every step):\n  0    done" in out
     assert out.rstrip().endswith("130  interrupted (Ctrl-C): run the step again to continue")
 
