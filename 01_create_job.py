@@ -206,7 +206,9 @@ def retire(old: dict | None, path: Path) -> None:
             local = Path(manifest["local_path"])
             if naming.is_own_manifest(local.name):
                 local.unlink(missing_ok=True)
-        manifests.sources_path(job).unlink(missing_ok=True)
+        sources = manifests.sources_path(job)
+        if sources is not None:
+            sources.unlink(missing_ok=True)
 
 
 def check_before_paying(s3, s3v, config: common.Config, owner: str, args) -> None:

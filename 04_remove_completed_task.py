@@ -90,7 +90,7 @@ def remove(args, config: common.Config) -> int:
             removed_local += 1
     for job in info["jobs"]:  # the sources 01 listed beside the manifests (batch_embeddings/manifests.py)
         sources = manifest_files.sources_path(job)
-        if sources.exists():
+        if sources is not None and sources.exists():
             sources.unlink()
             ok(f"Deleted: {sources.name}")
             removed_local += 1

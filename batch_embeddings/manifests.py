@@ -206,16 +206,21 @@ class ManifestWriter:
         self.records = self.bytes = 0
 
 
-def sources_path(job: dict) -> Path:
-    """The local file of the job's images' sources, beside its manifests."""
+def sources_path(job: dict) -> Path | None:
+    """The local file of the job's images' sources, beside its manifests (None for a job without manifests)."""
+    if not job.get("manifests"):
+        return None
     return Path(job["manifests"][0]["local_path"]).parent / f"{Path(job['job_name']).name}{SOURCES_SUFFIX}"
 
 
 def read_sources(job: dict) -> dict[str, tuple[str | None, int | None, bool]]:
     """Vector key -> (ETag, size, changed) of the job's images; empty when the file is gone (a run of an earlier
     version: its vectors get no ETag)."""
+    path = sources_path(job)
+    if path is None:
+        return {}
     try:
-        with open(sources_path(job), "rb") as fh:
+        with open(path, "rb") as fh:
             return {key: (etag, size, changed) for key, etag, size, changed in map(orjson.loads, fh)}
     except FileNotFoundError:
         return {}
