@@ -362,7 +362,7 @@ def delete_gone(info: dict, config: common.Config, s3v, limiter) -> None:
     out = run_dir / mirror.DELETED_NAME
     print(f"Deleting the vectors of {len(keys)} image(s) no longer under {mirror.source_uri_prefix(source)}")
     mirror.delete(s3v, source, keys, limiter, mirror.folder_of(config.job_info_file), out)
-    plan.update(deleted=sum(1 for _ in open(out, "rb")) if out.exists() else 0, deletions_done=True)
+    plan.update(deleted=mirror.count_deleted(out), deletions_done=True)  # this run's and an interrupted one's
     info["mirror"] = plan
     jobinfo.save(config.job_info_file, info)
     ok(f"Deleted {plan['deleted']} vector(s) of images no longer in the bucket (listed in {out})")

@@ -346,5 +346,14 @@ def delete(s3v, config: common.Config, keys: list[str], limiter, folder: Path, o
     return deleted
 
 
+def count_deleted(out: Path) -> int:
+    """The vectors a run's deleted.jsonl lists."""
+    try:
+        with open(out, "rb") as fh:
+            return sum(1 for _ in fh)
+    except FileNotFoundError:
+        return 0
+
+
 def refuse(message: str) -> None:
     raise StepError(message, common.EXIT_MASS_DELETE)
