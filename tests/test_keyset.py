@@ -234,3 +234,38 @@ def test_the_lean_reader_gives_what_botocores_parser_gives(name, body, fast):
     assert token == (reference.get("nextToken") or None)
     if fast:
         assert "packedKeys" in page and "vectors" not in page
+
+
+def _meta(i: int, **extra) -> dict:
+    return {"source_uri": f"s3://bucket/2024/img-{i}.jpg", "etag": f"{i:032x}", "size": 1000 + i, "job_id": "j",
+            "embedded": "2026-12-01", **extra}
+
+
+# ListVectors with returnMetadata, in the form the API reference documents (vectors: key, data, metadata), as the
+# stand-in sends it, and in shapes the service may send as well.
+METADATA_PAGES = [
+    ("compact", _compact([{"key": HEX[i], "metadata": _meta(i)} for i in range(3)], nextToken="t")),
+    ("token first, pretty", json.dumps({"nextToken": "t", "vectors": [{"metadata": _meta(i), "key": HEX[i]}
+                                                                       for i in range(3)]}, indent=2).encode()),
+    ("with data", _compact([{"key": HEX[0], "data": {"float32": [0.5, 1.0]}, "metadata": _meta(0)}])),
+    ("escapes in the URI", b'{"vectors":[{"key":"' + HEX[1].encode() + b'","metadata":{"source_uri":'
+     b'"s3:\\/\\/bucket\\/2024\\/caf\\u00e9 \\"1\\".jpg","etag":"ab-3","size":7}}]}'),
+    ("a multipart ETag and no size", _compact([{"key": HEX[2], "metadata": {"source_uri": "s3://bucket/2024/x.jpg",
+                                                                           "etag": "0f-3"}}])),
+    ("no metadata", _compact([{"key": HEX[3]}, {"key": "manual-1", "metadata": _meta(9)}])),
+]
+
+
+@pytest.mark.parametrize("name, body", METADATA_PAGES, ids=[p[0] for p in METADATA_PAGES])
+def test_what_the_mirror_reads_of_a_page_with_metadata_is_what_botocore_parses(name, body):
+    """mirror.from_index reads ListVectors pages with metadata through the lean client: the vectors it hands on,
+    and what mirror makes of them (each key's state and whether it is this prefix's), are botocore's."""
+    from batch_embeddings import mirror
+
+    reference = _client_answering(body, lean=False).list_vectors(vectorBucketName="bucket", indexName="index",
+                                                                 returnMetadata=True)
+    lean = _client_answering(body, lean=True).list_vectors(vectorBucketName="bucket", indexName="index", returnMetadata=True)
+    assert lean.get("vectors", []) == reference.get("vectors", [])
+    assert (lean.get("nextToken") or None) == (reference.get("nextToken") or None)
+    prefix = "s3://bucket/2024/"
+    assert mirror._parse(lean.get("vectors", []), prefix) == mirror._parse(reference.get("vectors", []), prefix)
