@@ -1,6 +1,6 @@
 """A run's manifests: the JSONL files of Nova Multimodal Embeddings requests that 01 writes for each planned job,
 split at Bedrock's per-file quotas with a few files open at once, and the clientRequestToken derived from them.
-Beside each job's manifests, a local file of its images' sources (`sources_path`: each image's vector key, the
+Beside each job's manifests, a local file of its images' sources (`sources_path`: each image's S3 key, the
 ETag and size it was listed with, and whether it replaces a changed image) for 03 to record in the metadata."""
 
 from __future__ import annotations
@@ -83,8 +83,7 @@ def write(listing, planned: list[jobs.PlannedJob], config: common.Config, owner:
                 record = nova.image_record(uri, fmt, owner, config.embedding_dimension, config.embedding_purpose,
                                              rid)
                 writer.write(orjson.dumps(record) + b"\n")
-                writer.source(orjson.dumps([naming.vector_key(uri), etag and etag.strip('"'),
-                                            size if etag else None, changed]) + b"\n")
+                writer.source(orjson.dumps([key, etag and etag.strip('"'), size if etag else None, changed]) + b"\n")
             for writer in writers:
                 writer.flush()
         finally:
@@ -160,7 +159,7 @@ class ManifestWriter:
         self.manifest_dir, self.files = manifest_dir, files
         self.path: Path | None = None
         self.pending: list[bytes] = []  # lines not written yet
-        self.sources_path = (manifest_dir / f"{job['job_name']}{SOURCES_SUFFIX}").resolve()
+        self.sources_path = (manifest_dir / _sources_name(job)).resolve()
         self.sources: list[bytes] = []  # its sources' lines not written yet
         self.sources_created = False
         self.records = self.bytes = 0
@@ -210,18 +209,25 @@ def sources_path(job: dict) -> Path | None:
     """The local file of the job's images' sources, beside its manifests (None for a job without manifests)."""
     if not job.get("manifests"):
         return None
-    return Path(job["manifests"][0]["local_path"]).parent / f"{Path(job['job_name']).name}{SOURCES_SUFFIX}"
+    return Path(job["manifests"][0]["local_path"]).parent / _sources_name(job)
+
+
+def _sources_name(job: dict) -> str:
+    return f"{Path(job['job_name']).name}{SOURCES_SUFFIX}"
 
 
 def read_sources(job: dict) -> dict[str, tuple[str | None, int | None, bool]]:
     """Vector key -> (ETag, size, changed) of the job's images; empty when the file is gone (a run of an earlier
-    version: its vectors get no ETag)."""
+    version: its vectors get no ETag). The file names each image by its S3 key: the vector keys are worked out
+    here, a job at a time, not in 01's pass over every image."""
     path = sources_path(job)
     if path is None:
         return {}
+    bucket = common.parse_s3_uri(job["input_s3_uri"])[0]
     try:
         with open(path, "rb") as fh:
-            return {key: (etag, size, changed) for key, etag, size, changed in map(orjson.loads, fh)}
+            return {naming.vector_key(common.s3_uri(bucket, key)): (etag, size, changed)
+                    for key, etag, size, changed in map(orjson.loads, fh)}
     except FileNotFoundError:
         return {}
 
