@@ -495,8 +495,8 @@ def delete_now(s3v, config: common.Config, gone, run_dir: Path) -> None:
     out = run_dir / mirror.DELETED_NAME
     print(f"Deleting the vectors of {len(keys)} image(s) no longer under "
           f"{common.s3_uri(config.source_bucket, config.source_prefix)}")
-    deleted = mirror.delete(s3v, config, keys, pacing.RateLimiter(2500, 1000), mirror.folder_of(config.job_info_file),
-                            out)
+    deleted = mirror.delete(s3v, config, keys, pacing.RateLimiter.at_index_quota(),
+                            mirror.folder_of(config.job_info_file), out)
     ok(f"Deleted {deleted} vector(s) of images no longer in the bucket (listed in {out})")
 
 

@@ -40,8 +40,10 @@ def parse_args(argv):
                         help="where the images not loaded are listed (default: runs/<stamp>/not_loaded.jsonl)")
     parser.add_argument("--no-create", action="store_true",
                         help="refuse (exit 2) instead of creating a vector bucket or index that does not exist")
-    parser.add_argument("--vectors-per-second", type=float, default=2500, help="the index's write quota (2500)")
-    parser.add_argument("--requests-per-second", type=float, default=1000, help="the index's request quota (1000)")
+    parser.add_argument("--vectors-per-second", type=float, default=pacing.INDEX_VECTORS_PER_SECOND,
+                        help=f"the index's write quota ({pacing.INDEX_VECTORS_PER_SECOND})")
+    parser.add_argument("--requests-per-second", type=float, default=pacing.INDEX_REQUESTS_PER_SECOND,
+                        help=f"the index's request quota ({pacing.INDEX_REQUESTS_PER_SECOND})")
     parser.add_argument("--threads", type=int, default=3, help="PutVectors requests in flight (3)")
     parser.add_argument("--workers", type=int, metavar="N",
                         help="processes that turn output lines into requests (default: the number of CPUs, at most "

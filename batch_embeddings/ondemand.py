@@ -247,7 +247,7 @@ def embed_and_load(requests: Iterable[tuple[str, dict]], config: common.Config, 
     confirmed: set[str] = set()
     failed: list[dict] = []
     if limiter is None:
-        limiter = pacing.RateLimiter(2500, 1000)
+        limiter = pacing.RateLimiter.at_index_quota()
 
     def done(batch: vectors.Batch) -> None:
         if provenance is not None:

@@ -23,6 +23,10 @@ RETRYABLE_CODES = frozenset(
      "RequestTimeoutException", "SlowDown"}
 )
 
+# One index's write quota (S3 Vectors): vectors and Put/Delete requests a second.
+INDEX_VECTORS_PER_SECOND = 2500
+INDEX_REQUESTS_PER_SECOND = 1000
+
 
 class RateLimiter:
     """Paces requests to the index's write quota: vectors per second and requests per second.
@@ -65,6 +69,11 @@ class RateLimiter:
         climbed = (now - self.throttled_at) / self.recover - 1  # -1 at the cut, 0 once back at cut_from
         rate = self.cut_from * (1 + (1 - self.CUT) * climbed ** 3)
         return min(self.max_rate, max(self.max_rate * 0.05, rate))
+
+    @classmethod
+    def at_index_quota(cls) -> RateLimiter:
+        """Paced to one index's write quota."""
+        return cls(INDEX_VECTORS_PER_SECOND, INDEX_REQUESTS_PER_SECOND)
 
     def acquire(self, vectors: int) -> float:
         """Wait until sending `vectors` keeps the reserved backlog within the burst, then reserve them; returns

@@ -58,7 +58,7 @@ def run_once(url: str, n: int, number: int) -> dict:
     with tempfile.TemporaryDirectory() as work:
         started, cpu = time.monotonic(), time.process_time()
         deleted = mirror.delete(client, config, [naming.vector_key(uri) for uri in uris],
-                                pacing.RateLimiter(2500, 1000), Path(work), Path(work) / mirror.DELETED_NAME)
+                                pacing.RateLimiter.at_index_quota(), Path(work), Path(work) / mirror.DELETED_NAME)
         wall, cpu = time.monotonic() - started, time.process_time() - cpu
     stats = control(url, "stats")
     index = stats["indexes"][f"{BUCKET}/{INDEX}"]
