@@ -33,9 +33,12 @@ _names = itertools.count(1)
 
 
 def pytest_configure(config):
-    """Compile the project's modules once. The tests start the scripts some 700 times, and where
+    """Make the ~700 starts of a script the tests make cheap. Compile the project's modules once: where
     PYTHONDONTWRITEBYTECODE is set (as on the CI machine) each start would otherwise compile them all again
-    (0.17 CPU s a start). `uv sync --compile-bytecode` does the same for the installed packages (.ci/run)."""
+    (0.17 CPU s a start; `uv sync --compile-bytecode` does the same for the installed packages, .ci/run). And one
+    OpenBLAS thread: importing numpy otherwise starts one a core, which spin (0.11 CPU s a start of 01 or 03);
+    nothing here calls BLAS."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     compileall.compile_dir(ROOT, maxlevels=0, quiet=1)
     for package in ("batch_embeddings", "tests", "benchmark"):
         compileall.compile_dir(ROOT / package, quiet=1)
