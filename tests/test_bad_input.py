@@ -96,7 +96,7 @@ class _Denied(BaseHTTPRequestHandler):
 @pytest.fixture
 def denying_s3():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Denied)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)  # a stop waits 0.02 s, not 0.5
     thread.start()
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()

@@ -14,6 +14,9 @@ from typing import Callable
 from werkzeug.serving import WSGIRequestHandler, make_server
 
 
+POLL_SECONDS = 0.02  # how often a server's loop looks for a stop: socketserver's 0.5 s made each stop wait that long
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_request(self, *args, **kwargs) -> None:  # no access log on the console
         pass
@@ -29,7 +32,7 @@ def serve(app, host: str = "127.0.0.1", port: int = 0, ssl_context=None) -> Serv
     """Run a WSGI app on a loopback port in a daemon thread; returns its URL and a stop function.
     With an `ssl_context` (tests.standins.tls) it serves HTTPS."""
     server = make_server(host, port, app, threaded=True, request_handler=_QuietHandler, ssl_context=ssl_context)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(POLL_SECONDS,), daemon=True)
     thread.start()
 
     def stop() -> None:

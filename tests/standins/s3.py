@@ -29,6 +29,7 @@ from urllib.parse import parse_qs
 
 from werkzeug.serving import make_server
 
+from . import POLL_SECONDS
 from .bedrock import ROLE_KEY
 
 # The S3 API Reference's order (ListObjectsV2, "Examples"); anything else moto writes follows these.
@@ -135,7 +136,7 @@ class MotoS3:
         self.options = options or S3Options()
         app = wrap(DomainDispatcherApplication(create_backend_app), self.options)
         self._server = make_server(host, port, app, threaded=True, request_handler=MotoRequestHandler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(POLL_SECONDS,), daemon=True)
         self.url = f"http://{host}:{self._server.server_port}"
 
     def start(self) -> MotoS3:
