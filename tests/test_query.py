@@ -60,7 +60,7 @@ def uri_of(world: World, key: str) -> str:
 
 
 def image_bytes(world: World, key: str) -> bytes:
-    return world.client("s3").get_object(Bucket=world.source_bucket, Key=f"2024/{key}")["Body"].read()
+    return world.reader("s3").get_object(Bucket=world.source_bucket, Key=f"2024/{key}")["Body"].read()
 
 
 def query_json(world: World, *args: str, env: dict | None = None) -> list[dict]:
