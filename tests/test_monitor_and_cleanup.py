@@ -211,17 +211,17 @@ class FakeClock:
         time.sleep(0.2)  # the emulator's jobs move on in real time; the step only counts this clock
 
 
-def test_02_reads_a_hundred_jobs_with_a_few_list_calls(world, monkeypatch, capsys):
+def test_02_reads_many_jobs_with_a_few_list_calls(world, monkeypatch, capsys):
     world.env.update(ONE_IMAGE_JOBS, MAX_CONCURRENT_JOBS="500")
     world.emulator("/_emulator/config", {"min_records_per_job": 1, "max_concurrent_jobs": 500, "step_seconds": 0.02})
-    world.put_images([f"f{i:03d}/img.png" for i in range(105)], prefix="2024/")
+    world.put_images([f"f{i:03d}/img.png" for i in range(45)], prefix="2024/")
     created = world.step(1, timeout=900)
     assert created.returncode == 0, created.stdout[-2000:] + created.stderr
-    assert "Planned 105 job(s) in 1 wave(s)" in created.stdout
+    assert "Planned 45 job(s) in 1 wave(s)" in created.stdout
     assert all(job.get("job_arn") for job in world.job_info()["jobs"])
 
     step2 = import_step(2)
-    monkeypatch.setattr(monitor, "LIST_PAGE_SIZE", 25)  # 5 pages a poll: the paging is exercised
+    monkeypatch.setattr(monitor, "LIST_PAGE_SIZE", 9)  # 5 pages a poll: the paging is exercised
     calls = count_calls(monkeypatch)
     in_process(world, monkeypatch)
     clock = FakeClock()
@@ -231,18 +231,18 @@ def test_02_reads_a_hundred_jobs_with_a_few_list_calls(world, monkeypatch, capsy
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     polls = len(clock.sleeps) + 1
-    # One listing of 5 pages a poll instead of 105 GetModelInvocationJob; Get only once fewer than 4 jobs are left.
+    # One listing of 5 pages a poll instead of 45 GetModelInvocationJob; Get only once fewer than 4 jobs are left.
     assert calls["ListModelInvocationJobs"] % 5 == 0
     assert calls["ListModelInvocationJobs"] // 5 + (1 if calls["GetModelInvocationJob"] else 0) >= polls - 1
     assert calls["ListModelInvocationJobs"] + calls["GetModelInvocationJob"] <= 5 * polls
     assert calls["GetModelInvocationJob"] <= 3 * (polls - calls["ListModelInvocationJobs"] // 5)
-    blocks = out.split("Batch Inference Run: 105 jobs")[1:]
+    blocks = out.split("Batch Inference Run: 45 jobs")[1:]
     assert len(blocks) == polls
     last = blocks[-1].split("[Poll #")[0].splitlines()  # the block, from its title to its footer
     assert len(last) + 2 <= 30  # a screenful, with its first line (title) and the footer
-    assert "... and 86 more job(s)" in last  # 21 rows: the header, 19 jobs, this line
-    assert "Jobs: Completed 105" in last
-    assert "Overall progress: 100.0% (105/105 records)" in last
+    assert "... and 26 more job(s)" in last  # 21 rows: the header, 19 jobs, this line
+    assert "Jobs: Completed 45" in last
+    assert "Overall progress: 100.0% (45/45 records)" in last
     assert f"[Poll #{polls}] " in blocks[-1] and f"elapsed {monitor.elapsed_text(30 * (polls - 1))}" in blocks[-1]
     assert "\x1b[" not in out  # no cursor movement off a terminal
     assert {job["status"] for job in world.job_info()["jobs"]} == {"Completed"}
