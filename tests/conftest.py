@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
@@ -30,6 +30,7 @@ STEPS = {
     5: "05_query_vectors.py",
 }
 _names = itertools.count(1)
+_readers: dict[tuple[str, str], object] = {}  # (service, endpoint) -> client: World.reader
 
 
 def pytest_configure(config):
@@ -71,19 +72,19 @@ class World:
     vector_index: str
     role_arn: str
 
-    _readers: dict = field(default_factory=dict, repr=False)
-
     def client(self, service: str):
         """A new client of the stand-in that answers `service` for this world (a test may change it)."""
         return boto3.client(service, region_name=standins.REGION, endpoint_url=self.endpoint(service),
                             aws_access_key_id="testing", aws_secret_access_key="testing")
 
     def reader(self, service: str):
-        """A client of `service` made once for this world, for what the tests only read (a client costs 13 ms)."""
+        """A client of the stand-in that answers `service`, shared by every world of the session, for what the
+        fixtures and helpers do with it as it is (a client costs 13 ms); a test that changes a client makes its own
+        with `client`."""
         endpoint = self.endpoint(service)
-        if (service, endpoint) not in self._readers:
-            self._readers[service, endpoint] = self.client(service)
-        return self._readers[service, endpoint]
+        if (service, endpoint) not in _readers:
+            _readers[service, endpoint] = self.client(service)
+        return _readers[service, endpoint]
 
     def endpoint(self, service: str) -> str:
         return self.env["AWS_ENDPOINT_URL_" + service.upper().replace("-", "_")]
@@ -190,10 +191,10 @@ def world(stack, tmp_path) -> World:
         vector_index=f"images-{n}",
         role_arn="",
     )
-    s3 = w.client("s3")
+    s3 = w.reader("s3")
     s3.create_bucket(Bucket=w.source_bucket)
     s3.create_bucket(Bucket=w.result_bucket)
-    w.role_arn = make_role(w.client("iam"), f"BedrockBatchRole{n}", w.source_bucket, w.result_bucket)
+    w.role_arn = make_role(w.reader("iam"), f"BedrockBatchRole{n}", w.source_bucket, w.result_bucket)
     env.update(
         SOURCE_BUCKET=w.source_bucket,
         SOURCE_PREFIX="2024/",
