@@ -4,7 +4,8 @@ A WSGI app for AWS_ENDPOINT_URL_IAM: a SimulatePrincipalPolicy call is answered 
 passed to moto as it came (moto does not check signatures) and moto's answer is returned as it is.
 
 The simulation evaluates the principal's identity policies as moto holds them (a user's inline and attached
-policies and those of its groups; a role's inline and attached policies) with tests.iam_check, which models
+policies and those of its groups; a role's inline and attached policies, read from moto's store: its server runs
+in this process) with tests.iam_check, which models
 IAM's evaluation closely enough for this suite's policies (see its docstring for what it leaves out). The caller
 must itself be allowed iam:SimulatePrincipalPolicy on the principal: a call signed with an access key of an IAM
 user in moto is checked against that user's policies (AccessDenied, 403, otherwise); any other key is moto's
@@ -18,15 +19,14 @@ apart), never truncated.
 
 from __future__ import annotations
 
+import json
 import re
 import urllib.error
 import urllib.request
 import uuid
+from urllib.parse import unquote
 from xml.sax.saxutils import escape
 
-import boto3
-from botocore.config import Config
-from botocore.exceptions import ClientError
 from werkzeug.wrappers import Request, Response
 
 from tests.iam_check import is_allowed
@@ -43,11 +43,9 @@ class _Error(Exception):
 
 
 class IamSimulator:
-    def __init__(self, moto_url: str, region: str = "us-east-1"):
+    def __init__(self, moto_url: str, region: str = "us-east-1", account_id: str = "123456789012"):
         self.moto_url = moto_url.rstrip("/")
-        self.iam = boto3.client("iam", endpoint_url=self.moto_url, region_name=region,
-                                aws_access_key_id="testing", aws_secret_access_key="testing",
-                                config=Config(retries={"mode": "standard", "max_attempts": 2}))
+        self.account_id = account_id
         self.simulated: list[dict] = []  # each SimulatePrincipalPolicy call: principal, actions, resources
 
     def __call__(self, environ, start_response):
@@ -109,52 +107,63 @@ class IamSimulator:
                                "<MissingContextValues/></member>")
         return f"<EvaluationResults>{''.join(results)}</EvaluationResults><IsTruncated>false</IsTruncated>"
 
+    # The policies are read from moto's store in this process (moto's server answers from the same store): a
+    # simulation reads a dozen of them, which over HTTP took 60 ms of the 00 check's every call.
+
+    def _backend(self):
+        from moto.iam.models import iam_backends
+
+        return iam_backends[self.account_id]["global"]
+
     def _caller(self, request: Request) -> str | None:
         """The ARN of the IAM user whose access key signed the request, or None for moto's default caller."""
         found = _CREDENTIAL.search(request.headers.get("Authorization", ""))
         if not found or len(found.group(1)) < 16:  # shorter than an access key id ("testing"): moto's default
             return None
-        try:
-            user = self.iam.get_access_key_last_used(AccessKeyId=found.group(1)).get("UserName")
-        except ClientError:
-            return None
-        return self.iam.get_user(UserName=user)["User"]["Arn"] if user else None
+        for key in self._backend().get_all_access_keys_for_all_users():
+            if key.access_key_id == found.group(1):
+                return self._backend().get_user(key.user_name).arn
+        return None
 
     def _documents(self, principal: str) -> list[dict]:
+        from moto.iam.exceptions import NoSuchEntity, NotFoundException
+
         kind, _, name = principal.split(":", 5)[-1].partition("/")
         name = name.rsplit("/", 1)[-1]
-        iam = self.iam
+        backend = self._backend()
         try:
             if kind == "user":
-                documents = [iam.get_user_policy(UserName=name, PolicyName=p)["PolicyDocument"]
-                             for p in iam.list_user_policies(UserName=name)["PolicyNames"]]
-                attached = iam.list_attached_user_policies(UserName=name)["AttachedPolicies"]
-                for group in iam.list_groups_for_user(UserName=name)["Groups"]:
-                    g = group["GroupName"]
-                    documents += [iam.get_group_policy(GroupName=g, PolicyName=p)["PolicyDocument"]
-                                  for p in iam.list_group_policies(GroupName=g)["PolicyNames"]]
-                    attached += iam.list_attached_group_policies(GroupName=g)["AttachedPolicies"]
+                user = backend.get_user(name)
+                texts = list(user.policies.values())
+                attached = list(user.managed_policies.values())
+                for group in backend.get_groups_for_user(name):
+                    texts += list(group.policies.values())
+                    attached += list(group.managed_policies.values())
             elif kind == "role":
-                documents = [iam.get_role_policy(RoleName=name, PolicyName=p)["PolicyDocument"]
-                             for p in iam.list_role_policies(RoleName=name)["PolicyNames"]]
-                attached = iam.list_attached_role_policies(RoleName=name)["AttachedPolicies"]
+                role = backend.get_role(name)
+                texts, attached = list(role.policies.values()), list(role.managed_policies.values())
             else:
                 raise _Error("InvalidInput", f"{principal} is not the ARN of an IAM user or role", 400)
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] == "NoSuchEntity":
-                raise _Error("NoSuchEntity", f"The {kind} with name {name} cannot be found.", 404) from None
-            raise
-        for policy in attached:
-            version = iam.get_policy(PolicyArn=policy["PolicyArn"])["Policy"]["DefaultVersionId"]
-            documents.append(iam.get_policy_version(PolicyArn=policy["PolicyArn"],
-                                                    VersionId=version)["PolicyVersion"]["Document"])
-        return documents
+        except (NoSuchEntity, NotFoundException):  # moto's two ways of answering NoSuchEntity
+            raise _Error("NoSuchEntity", f"The {kind} with name {name} cannot be found.", 404) from None
+        texts += [backend.get_policy_version(policy.arn, policy.default_version_id).document for policy in attached]
+        return [_document(text) for text in texts]
 
     @staticmethod
     def _xml(operation: str, result: str) -> Response:
         return Response(f'<{operation}Response xmlns="{_NS}"><{operation}Result>{result}</{operation}Result>'
                         f"<ResponseMetadata><RequestId>{uuid.uuid4()}</RequestId></ResponseMetadata>"
                         f"</{operation}Response>", content_type="text/xml")
+
+
+def _document(text) -> dict:
+    """A policy document as moto keeps it: JSON text (URL-encoded when it came so), or already a dict."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return json.loads(unquote(text))
 
 
 def _members(form, name: str) -> list[str]:
@@ -166,5 +175,6 @@ def _members(form, name: str) -> list[str]:
 
 
 def make_app(moto_url: str, region: str = "us-east-1") -> IamSimulator:
-    """The WSGI app; serve it with tests.standins.serve and point AWS_ENDPOINT_URL_IAM at it."""
+    """The WSGI app for moto's server at `moto_url`, which runs in this process; serve it with
+    tests.standins.serve and point AWS_ENDPOINT_URL_IAM at it."""
     return IamSimulator(moto_url, region)
