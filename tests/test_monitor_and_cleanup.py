@@ -35,14 +35,14 @@ def status_of(world, job) -> str:
 
 
 def test_prompt_answered_y_on_a_terminal_polls_until_completed(world):
-    job = submit(world, step_seconds=1.0)  # still running when the prompt comes, even on a loaded machine
+    job = submit(world, hold_scheduled=True)  # still running when the prompt comes, until released below
     leader, follower = pty.openpty()
     process = subprocess.Popen([sys.executable, str(ROOT / STEPS[2]), "--interval", "0.2"], cwd=world.cwd,
                                env=world.env, stdin=follower, stdout=follower, stderr=follower, close_fds=True)
     os.close(follower)
     seen = b""
     deadline = time.monotonic() + 60
-    answered = False
+    answered = released = False
     while time.monotonic() < deadline:
         ready, _, _ = select.select([leader], [], [], 0.5)
         if ready:
@@ -56,6 +56,9 @@ def test_prompt_answered_y_on_a_terminal_polls_until_completed(world):
         if not answered and b"Monitor until completion? (y/n): " in seen:
             os.write(leader, b"y\n")
             answered = True
+        if not released and b"[Poll #2]" in seen:  # polled while it ran: now let it end
+            world.emulator("/_emulator/config", {"hold_scheduled": False})
+            released = True
         if process.poll() is not None and not ready:
             break
     process.wait(timeout=30)
