@@ -43,7 +43,7 @@ class _Error(Exception):
 
 
 class IamSimulator:
-    def __init__(self, moto_url: str, region: str = "us-east-1", account_id: str = "123456789012"):
+    def __init__(self, moto_url: str, account_id: str = "123456789012"):
         self.moto_url = moto_url.rstrip("/")
         self.account_id = account_id
         self.simulated: list[dict] = []  # each SimulatePrincipalPolicy call: principal, actions, resources
@@ -120,10 +120,13 @@ class IamSimulator:
         found = _CREDENTIAL.search(request.headers.get("Authorization", ""))
         if not found or len(found.group(1)) < 16:  # shorter than an access key id ("testing"): moto's default
             return None
-        for key in self._backend().get_all_access_keys_for_all_users():
-            if key.access_key_id == found.group(1):
-                return self._backend().get_user(key.user_name).arn
-        return None
+        from moto.iam.exceptions import NotFoundException
+
+        backend = self._backend()
+        try:
+            return backend.get_user(backend.get_access_key_last_used(found.group(1))["user_name"]).arn
+        except NotFoundException:  # a key moto does not know: its default caller
+            return None
 
     def _documents(self, principal: str) -> list[dict]:
         from moto.iam.exceptions import NoSuchEntity, NotFoundException
@@ -174,7 +177,7 @@ def _members(form, name: str) -> list[str]:
     return values
 
 
-def make_app(moto_url: str, region: str = "us-east-1") -> IamSimulator:
-    """The WSGI app for moto's server at `moto_url`, which runs in this process; serve it with
-    tests.standins.serve and point AWS_ENDPOINT_URL_IAM at it."""
-    return IamSimulator(moto_url, region)
+def make_app(moto_url: str, account_id: str = "123456789012") -> IamSimulator:
+    """The WSGI app for moto's server at `moto_url`, which runs in this process (its IAM of `account_id`); serve it
+    with tests.standins.serve and point AWS_ENDPOINT_URL_IAM at it."""
+    return IamSimulator(moto_url, account_id)

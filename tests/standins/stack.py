@@ -82,7 +82,7 @@ def start(bedrock_options: dict | None = None, s3vectors_options: dict | None = 
     # Service Quotas: the Bedrock batch quotas at the values the emulator enforces
     quotas = serve(servicequotas.make_app(region=REGION, account_id=ACCOUNT_ID,
                                           quotas=servicequotas.quotas_for(bedrock_options)))
-    iam = serve(iamsim.make_app(moto_url, region=REGION))  # moto's IAM, with SimulatePrincipalPolicy (00)
+    iam = serve(iamsim.make_app(moto_url, account_id=ACCOUNT_ID))  # moto's IAM, with SimulatePrincipalPolicy (00)
     env = aws_env(moto_url, emulator.url, vectors.url, quotas.url, iam.url)
     if certificates:
         env["AWS_CA_BUNDLE"] = str(certificates.ca_file)
